@@ -1,0 +1,17 @@
+//! Pure building blocks of fedpriv, shared by the coordinator and the site daemon.
+//!
+//! What it does: the wire format (versioned, size-capped messages and streamed tensor
+//! bodies), flat models and their safetensors form, differential privacy (clipping, secure
+//! Gaussian noise, Poisson sampling, RDP and PLD accountants, calibration), the budget
+//! rules, configuration parsing and validation, certificate identities, and the audit-log
+//! record format.
+//!
+//! What it does not do: no sockets, no async runtime, no file or database I/O in its core.
+//! Callers read bytes and pass them in; the binaries own every effect.
+
+pub mod dp;
+pub mod model;
+pub mod pki;
+pub mod wire;
+#[cfg(feature = "quic")]
+pub mod quic_io;

@@ -1,0 +1,10 @@
+//! The fedpriv coordinator: runs studies (rounds of federated training with differential
+//! privacy) for an ML team, over mutually authenticated QUIC, with a durable ledger of the
+//! privacy budget each study has spent.
+//!
+//! What it does not do: it never sees a site's records, and it cannot spend more of a site's
+//! budget than the site's own cap allows (each site enforces its cap in its own ledger).
+
+pub mod budget_cli;
+pub mod pki_cli;
+pub mod transport;
