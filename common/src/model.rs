@@ -252,8 +252,8 @@ impl FlatModel {
             views.push((name.to_owned(), view));
         }
         let order: Vec<&str> = self.spec.tensors.iter().map(|t| t.name.as_str()).collect();
-        let order = serde_json::to_string(&order)
-            .map_err(|e| SafetensorsError::Internal(e.to_string()))?;
+        let order =
+            serde_json::to_string(&order).map_err(|e| SafetensorsError::Internal(e.to_string()))?;
         let meta = std::collections::HashMap::from([(SAFETENSORS_ORDER_KEY.to_owned(), order)]);
         safetensors::serialize(views, Some(meta))
             .map_err(|e| SafetensorsError::Internal(e.to_string()))
@@ -267,7 +267,8 @@ impl FlatModel {
         bytes: &[u8],
         expected: Option<&ModelSpec>,
     ) -> Result<Self, SafetensorsError> {
-        let malformed = |e: safetensors::SafeTensorError| SafetensorsError::Malformed(e.to_string());
+        let malformed =
+            |e: safetensors::SafeTensorError| SafetensorsError::Malformed(e.to_string());
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(malformed)?;
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(malformed)?;
         let names = st.names();
@@ -303,8 +304,9 @@ impl FlatModel {
                     .and_then(|m| m.get(SAFETENSORS_ORDER_KEY))
                     .and_then(|s| serde_json::from_str(s).ok());
                 let order = match stored {
-                    Some(order) if order.len() == names.len()
-                        && order.iter().all(|n| names.contains(&n.as_str())) =>
+                    Some(order)
+                        if order.len() == names.len()
+                            && order.iter().all(|n| names.contains(&n.as_str())) =>
                     {
                         order
                     }
@@ -354,7 +356,10 @@ mod safetensors_tests {
         let m = FlatModel::new(spec.clone(), values).expect("valid");
         let bytes = m.to_safetensors_bytes().expect("writes");
         // Order survives without a spec (safetensors itself sorts by name).
-        assert_eq!(FlatModel::from_safetensors_bytes(&bytes, None), Ok(m.clone()));
+        assert_eq!(
+            FlatModel::from_safetensors_bytes(&bytes, None),
+            Ok(m.clone())
+        );
         assert_eq!(
             FlatModel::from_safetensors_bytes(&bytes, Some(&spec)),
             Ok(m.clone())
@@ -365,7 +370,10 @@ mod safetensors_tests {
         ])
         .expect("valid");
         let e = FlatModel::from_safetensors_bytes(&bytes, Some(&other)).expect_err("shape");
-        assert!(e.to_string().contains("\"z.weight\" has shape [2, 3]"), "{e}");
+        assert!(
+            e.to_string().contains("\"z.weight\" has shape [2, 3]"),
+            "{e}"
+        );
         let fewer = ModelSpec::new(vec![TensorSpec::new("a.bias", &[3])]).expect("valid");
         assert!(matches!(
             FlatModel::from_safetensors_bytes(&bytes, Some(&fewer)),

@@ -7,4 +7,7 @@
 
 pub mod budget_cli;
 pub mod pki_cli;
+pub mod round;
+pub mod store;
+pub mod strategy;
 pub mod transport;

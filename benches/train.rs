@@ -1,0 +1,139 @@
+//! Examples per second of a non-private SGD step against a DP-SGD step with per-example
+//! clipping, for the same model and batch, on one core. Prints one JSON object.
+//!
+//! Run: `RAYON_NUM_THREADS=1 cargo bench --bench train` (the bench sets the variable itself
+//! when it is unset: candle's CPU matmul reads it on every call and runs single-threaded
+//! at 1). `FEDPRIV_BENCH_SECONDS` sets the time per measurement (default 0.5).
+//!
+//! Measured, per model (logistic regression 30 -> 1 and an MLP 30 -> 64 -> 1, batch 256):
+//! - `train_local`: non-private minibatch SGD with candle autograd, the loop that
+//!   site-level DP-FedAvg runs (tensors built once per call, many steps);
+//! - `sgd_step`: one non-private autograd step per call, converting the flat model to
+//!   tensors and back each time, as `dp_sgd_step` does;
+//! - `dp_sgd_step`: per-example clipped gradients, summed, plus a noise vector (zeros here:
+//!   drawing the noise is `common::dp`'s cost, not this step's).
+//!
+//! The ratios are time per example of the clipped step over the non-private one.
+
+use std::time::Instant;
+
+use fedpriv_client::data::Dataset;
+use fedpriv_client::train::{dp_sgd_step, init_model, sgd_step, train_local, LocalTraining};
+use fedpriv_common::model::Architecture;
+
+const D: usize = 30;
+const BATCH: usize = 256;
+const BATCHES: usize = 8;
+const REPEATS: usize = 5;
+
+/// Synthetic, deterministic data: features uniform in [-1, 1], labels from a fixed linear
+/// rule. Only the shapes matter for speed.
+fn synthetic(n: usize) -> Dataset {
+    let mut state = 0x5EED_u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
+    };
+    let x: Vec<f32> = (0..n * D).map(|_| next()).collect();
+    let y = x
+        .chunks(D)
+        .map(|r| f32::from(r.iter().step_by(3).sum::<f32>() > 0.0))
+        .collect();
+    let names = (0..D).map(|i| format!("f{i}")).collect();
+    Dataset::new(x, y, names, "y".into()).expect("valid synthetic data")
+}
+
+/// Median over `REPEATS` runs of examples per second; `run` processes `per_call` examples.
+fn rate(seconds: f64, per_call: usize, mut run: impl FnMut()) -> f64 {
+    run(); // warm-up
+    let mut rates: Vec<f64> = (0..REPEATS)
+        .map(|_| {
+            let start = Instant::now();
+            let mut calls = 0usize;
+            while start.elapsed().as_secs_f64() < seconds {
+                run();
+                calls += 1;
+            }
+            (calls * per_call) as f64 / start.elapsed().as_secs_f64()
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates[REPEATS / 2]
+}
+
+fn main() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Safe in edition 2021, and no other thread exists yet.
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    let seconds: f64 = std::env::var("FEDPRIV_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.5);
+    let data = synthetic(BATCH * BATCHES);
+    let batches: Vec<Vec<usize>> = (0..BATCHES)
+        .map(|b| (b * BATCH..(b + 1) * BATCH).collect())
+        .collect();
+    let mut results = Vec::new();
+    for (label, arch) in [
+        ("logistic 30->1", Architecture::LogisticRegression),
+        ("mlp 30->64->1", Architecture::Mlp { hidden: 64 }),
+    ] {
+        let model = init_model(arch, D, 1, 1).expect("model");
+        let cfg = LocalTraining {
+            epochs: 1,
+            batch_size: BATCH,
+            learning_rate: 0.01,
+        };
+        let local = rate(seconds, data.n, || {
+            train_local(&model, arch, &data, &cfg, 0).expect("train_local");
+        });
+        let mut m = model.clone();
+        let mut b = 0;
+        let step = rate(seconds, BATCH, || {
+            sgd_step(&mut m, arch, &data, &batches[b % BATCHES], 0.01).expect("sgd_step");
+            b += 1;
+        });
+        let noise = vec![0f32; model.values.len()];
+        let mut m = model.clone();
+        let mut b = 0;
+        let clipped = rate(seconds, BATCH, || {
+            dp_sgd_step(
+                &mut m,
+                arch,
+                &data,
+                &batches[b % BATCHES],
+                1.0,
+                &noise,
+                BATCH as f64,
+                0.01,
+            )
+            .expect("dp_sgd_step");
+            b += 1;
+        });
+        results.push(serde_json::json!({
+            "model": label,
+            "batch": BATCH,
+            "examples_per_s": {
+                "train_local": local.round(),
+                "sgd_step": step.round(),
+                "dp_sgd_step": clipped.round(),
+            },
+            "clipped_cost_vs_train_local": (local / clipped * 100.0).round() / 100.0,
+            "clipped_cost_vs_sgd_step": (step / clipped * 100.0).round() / 100.0,
+        }));
+    }
+    let out = serde_json::json!({
+        "bench": "train",
+        "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+        "seconds_per_measurement": seconds,
+        "repeats": REPEATS,
+        "results": results,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&out).expect("JSON of plain values")
+    );
+}

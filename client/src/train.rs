@@ -1,0 +1,1192 @@
+//! Local training with candle on the CPU: the built-in models, plain minibatch SGD (the
+//! local step of site-level DP-FedAvg, whose caller clips and noises the delta), and the
+//! DP-SGD building blocks for record-level privacy (per-example clipped gradient sums).
+//!
+//! Loss per example, by head:
+//! - logistic regression and the MLP with one output: binary cross-entropy on the logit,
+//!   labels 0/1; with k >= 2 outputs: softmax cross-entropy, labels are class ids `0..k`;
+//! - linear regression: half the squared error, so the output gradient is the residual.
+//!   [`evaluate`] reports the mean squared error (and its root) instead.
+//!
+//! Tensors, in flat order: `linear.weight` [out, in], `linear.bias` [out]; for the MLP
+//! `hidden.weight` [hidden, in], `hidden.bias` [hidden], `out.weight` [out, hidden],
+//! `out.bias` [out]. The MLP's hidden activation is tanh.
+
+use candle_core::{Device, Tensor, Var};
+use fedpriv_common::model::{Architecture, FlatModel, ModelSpec, TensorSpec};
+
+use crate::data::{is_class_id, Dataset, SplitMix64};
+
+/// Each example's clipping factor is computed against its norm inflated by this relative
+/// margin. The norm comes from an f32 identity (`||a||^2 * ||g||^2`) whose rounding error is
+/// orders of magnitude smaller, so every clipped contribution is at most C, as the
+/// accountant assumes, and not C plus rounding.
+const CLIP_MARGIN: f64 = 1e-5;
+/// Rows per forward pass in [`evaluate`], bounding its memory on large sites.
+const EVAL_CHUNK: usize = 4096;
+
+/// Settings of non-private local training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalTraining {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f32,
+}
+
+/// Diagnostics of one per-example-clipped batch. Computed from patients' records: log them
+/// at the site, but releasing them costs privacy that the accountant does not count.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PerExampleStats {
+    /// Examples in the batch.
+    pub batch_n: usize,
+    /// Share of examples whose gradient norm exceeded the clip norm (0 for an empty batch).
+    pub clipped_fraction: f64,
+    /// Mean per-example gradient norm before clipping (0 for an empty batch).
+    pub mean_norm: f64,
+}
+
+/// Model quality on a dataset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    /// Mean cross-entropy (classification) or mean squared error (regression).
+    pub loss: f64,
+    /// Share of correct predictions (classification only).
+    pub accuracy: Option<f64>,
+    /// Root mean squared error (regression only), in the units of the labels as given.
+    pub rmse: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("model does not fit: {0}")]
+    Model(String),
+    #[error("the model takes {expected} features, the data has {got}")]
+    FeatureMismatch { expected: usize, got: usize },
+    #[error("batch of {batch_n} examples needs {expected} feature values and {batch_n} labels, got {got_x} and {got_y}")]
+    BatchShape {
+        batch_n: usize,
+        expected: usize,
+        got_x: usize,
+        got_y: usize,
+    },
+    #[error("label of example {index} does not fit the model ({expected})")]
+    InvalidLabel {
+        index: usize,
+        expected: &'static str,
+    },
+    #[error("noise has {got} values, the model has {expected}")]
+    NoiseLength { expected: usize, got: usize },
+    #[error("batch index {index} is out of range for {n} examples")]
+    IndexOutOfRange { index: usize, n: usize },
+    #[error("invalid setting: {0}")]
+    Config(String),
+    #[error("no examples")]
+    EmptyData,
+    #[error("training diverged: a parameter or gradient is not finite")]
+    NonFinite,
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// How outputs become predictions and losses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    Sigmoid,
+    Softmax(usize),
+    Identity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dims {
+    inputs: usize,
+    head: Head,
+}
+
+fn head_for(arch: Architecture, n_outputs: usize) -> Result<Head, TrainError> {
+    match (arch, n_outputs) {
+        (_, 0) => Err(TrainError::Model(
+            "a model needs at least one output".into(),
+        )),
+        (Architecture::LinearRegression, 1) => Ok(Head::Identity),
+        (Architecture::LinearRegression, k) => Err(TrainError::Model(format!(
+            "linear regression has one output, not {k}"
+        ))),
+        (_, 1) => Ok(Head::Sigmoid),
+        (_, k) => Ok(Head::Softmax(k)),
+    }
+}
+
+/// The tensor layout of `arch` for this input width and number of outputs (1 for binary
+/// classification and regression, k for k-class softmax).
+pub fn model_spec(
+    arch: Architecture,
+    n_features: usize,
+    n_outputs: usize,
+) -> Result<ModelSpec, TrainError> {
+    if n_features == 0 {
+        return Err(TrainError::Model("a model needs at least one input".into()));
+    }
+    head_for(arch, n_outputs)?;
+    let (i, o) = (n_features as u64, n_outputs as u64);
+    let tensors = match arch {
+        Architecture::Mlp { hidden: 0 } => {
+            return Err(TrainError::Model("an MLP needs hidden units".into()))
+        }
+        Architecture::Mlp { hidden } => {
+            let h = hidden as u64;
+            vec![
+                TensorSpec::new("hidden.weight", &[h, i]),
+                TensorSpec::new("hidden.bias", &[h]),
+                TensorSpec::new("out.weight", &[o, h]),
+                TensorSpec::new("out.bias", &[o]),
+            ]
+        }
+        Architecture::LogisticRegression | Architecture::LinearRegression => vec![
+            TensorSpec::new("linear.weight", &[o, i]),
+            TensorSpec::new("linear.bias", &[o]),
+        ],
+    };
+    ModelSpec::new(tensors).map_err(|e| TrainError::Model(e.to_string()))
+}
+
+/// A fresh model. Logistic and linear regression start at zero (their loss is convex); the
+/// MLP's weights are uniform in +-1/sqrt(fan_in) from a generator seeded by `seed` (a
+/// deterministic start every site can reproduce), its biases zero.
+pub fn init_model(
+    arch: Architecture,
+    n_features: usize,
+    n_outputs: usize,
+    seed: u64,
+) -> Result<FlatModel, TrainError> {
+    let spec = model_spec(arch, n_features, n_outputs)?;
+    let mut values = vec![0f32; spec.num_values()];
+    if let Architecture::Mlp { .. } = arch {
+        let mut rng = SplitMix64::new(seed);
+        for (name, shape, off, len) in spec.layout() {
+            if name.ends_with(".weight") {
+                let bound = 1.0 / (shape[1] as f64).sqrt();
+                for v in &mut values[off..off + len] {
+                    *v = ((rng.next_f64() * 2.0 - 1.0) * bound) as f32;
+                }
+            }
+        }
+    }
+    FlatModel::new(spec, values).map_err(|e| TrainError::Model(e.to_string()))
+}
+
+/// Checks that `model` is exactly an `arch` model and returns its dimensions.
+fn dims_of(model: &FlatModel, arch: Architecture) -> Result<Dims, TrainError> {
+    let width = |t: Option<&TensorSpec>, axis: usize| {
+        t.and_then(|t| t.shape.get(axis))
+            .and_then(|&v| usize::try_from(v).ok())
+            .ok_or_else(|| TrainError::Model(format!("tensors do not match a {arch:?} model")))
+    };
+    let inputs = width(model.spec.tensors.first(), 1)?;
+    let outputs = width(model.spec.tensors.last(), 0)?;
+    let expected = model_spec(arch, inputs, outputs)?;
+    if expected != model.spec {
+        return Err(TrainError::Model(format!(
+            "tensors {:?} do not match a {arch:?} model",
+            model.spec.tensors
+        )));
+    }
+    if model.values.len() != expected.num_values() {
+        return Err(TrainError::Model(format!(
+            "{} values for a spec of {}",
+            model.values.len(),
+            expected.num_values()
+        )));
+    }
+    Ok(Dims {
+        inputs,
+        head: head_for(arch, outputs)?,
+    })
+}
+
+fn check_labels(y: &[f32], head: Head) -> Result<(), TrainError> {
+    let (ok, expected): (fn(f32, usize) -> bool, _) = match head {
+        Head::Sigmoid => (is_class_id, "0 or 1"),
+        Head::Softmax(_) => (
+            is_class_id,
+            "an integer class id below the number of outputs",
+        ),
+        Head::Identity => (|v: f32, _| v.is_finite(), "a finite number"),
+    };
+    let k = match head {
+        Head::Softmax(k) => k,
+        _ => 2,
+    };
+    match y.iter().position(|&v| !ok(v, k)) {
+        Some(index) => Err(TrainError::InvalidLabel { index, expected }),
+        None => Ok(()),
+    }
+}
+
+fn check_data(dims: &Dims, data: &Dataset) -> Result<(), TrainError> {
+    if data.d != dims.inputs {
+        return Err(TrainError::FeatureMismatch {
+            expected: dims.inputs,
+            got: data.d,
+        });
+    }
+    if data.x.len() != data.n * data.d || data.y.len() != data.n {
+        return Err(TrainError::BatchShape {
+            batch_n: data.n,
+            expected: data.n * data.d,
+            got_x: data.x.len(),
+            got_y: data.y.len(),
+        });
+    }
+    check_labels(&data.y, dims.head)
+}
+
+// ---------------------------------------------------------------------------------------
+// candle plumbing
+
+/// The model's tensors, in spec order, with their shapes.
+fn param_tensors(model: &FlatModel, dev: &Device) -> candle_core::Result<Vec<Tensor>> {
+    model
+        .spec
+        .layout()
+        .map(|(_, shape, off, len)| {
+            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            Tensor::from_slice(&model.values[off..off + len], shape, dev)
+        })
+        .collect()
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// Logits `[n, outputs]`, and for the MLP the hidden activations `[n, hidden]`.
+fn forward(p: &[Tensor], x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    match p {
+        [w, b] => Ok((linear(x, w, b)?, None)),
+        [w1, b1, w2, b2] => {
+            let h = linear(x, w1, b1)?.tanh()?;
+            Ok((linear(&h, w2, b2)?, Some(h)))
+        }
+        _ => Err(candle_core::Error::Msg(
+            "unexpected number of tensors".into(),
+        )),
+    }
+}
+
+/// Labels as tensors: `[n]` values, and `[n, k]` one-hot rows for a softmax head.
+struct Targets {
+    y: Tensor,
+    onehot: Option<Tensor>,
+}
+
+impl Targets {
+    fn new(y: &[f32], head: Head, dev: &Device) -> candle_core::Result<Self> {
+        let onehot = match head {
+            Head::Softmax(k) => {
+                let mut m = vec![0f32; y.len() * k];
+                for (i, &c) in y.iter().enumerate() {
+                    m[i * k + c as usize] = 1.0;
+                }
+                Some(Tensor::from_vec(m, (y.len(), k), dev)?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            y: Tensor::from_slice(y, y.len(), dev)?,
+            onehot,
+        })
+    }
+
+    fn rows(&self, ids: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            y: self.y.index_select(ids, 0)?,
+            onehot: self
+                .onehot
+                .as_ref()
+                .map(|m| m.index_select(ids, 0))
+                .transpose()?,
+        })
+    }
+}
+
+/// Per-example losses `[n]` from differentiable ops, for autograd.
+fn per_example_loss(z: &Tensor, t: &Targets, head: Head) -> candle_core::Result<Tensor> {
+    match (head, &t.onehot) {
+        (Head::Softmax(_), Some(onehot)) => z.log_sum_exp(1)?.sub(&z.mul(onehot)?.sum(1)?),
+        (Head::Sigmoid, _) => {
+            // max(z, 0) - y z + ln(1 + e^-|z|): stable for any z. At z = 0 candle's
+            // derivatives of relu and abs are both 1, which still sums to sigmoid(0) - y.
+            let z = z.squeeze(1)?;
+            let soft = z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+            z.relu()?.sub(&t.y.mul(&z)?)?.add(&soft)
+        }
+        (Head::Identity, _) => z.squeeze(1)?.sub(&t.y)?.sqr()?.affine(0.5, 0.0),
+        (Head::Softmax(_), None) => Err(candle_core::Error::Msg("missing one-hot labels".into())),
+    }
+}
+
+/// d(loss_i)/d(logits_i) for every example, `[n, outputs]`, without autograd.
+fn output_grad(z: &Tensor, t: &Targets, head: Head) -> candle_core::Result<Tensor> {
+    let y = || t.y.unsqueeze(1);
+    match (head, &t.onehot) {
+        (Head::Sigmoid, _) => z.neg()?.exp()?.affine(1.0, 1.0)?.recip()?.sub(&y()?),
+        (Head::Softmax(_), Some(onehot)) => {
+            let e = z.broadcast_sub(&z.max_keepdim(1)?)?.exp()?;
+            e.broadcast_div(&e.sum_keepdim(1)?)?.sub(onehot)
+        }
+        (Head::Identity, _) => z.sub(&y()?),
+        (Head::Softmax(_), None) => Err(candle_core::Error::Msg("missing one-hot labels".into())),
+    }
+}
+
+/// One autograd SGD step on the mean loss of a batch; returns that loss.
+fn autograd_step(
+    vars: &[Var],
+    x: &Tensor,
+    t: &Targets,
+    head: Head,
+    lr: f64,
+) -> candle_core::Result<f32> {
+    let p: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (z, _) = forward(&p, x)?;
+    let loss = per_example_loss(&z, t, head)?.mean_all()?;
+    let grads = loss.backward()?;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            v.set(&v.as_tensor().sub(&g.affine(lr, 0.0)?)?)?;
+        }
+    }
+    loss.to_scalar::<f32>()
+}
+
+/// Model values from candle variables, checked finite.
+fn values_of(vars: &[Var], spec: &ModelSpec) -> Result<FlatModel, TrainError> {
+    let mut values = Vec::with_capacity(spec.num_values());
+    for v in vars {
+        values.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+    }
+    FlatModel::new(spec.clone(), values).map_err(|_| TrainError::NonFinite)
+}
+
+// ---------------------------------------------------------------------------------------
+// Non-private training
+
+fn check_lr(lr: f32) -> Result<(), TrainError> {
+    if lr.is_finite() && lr > 0.0 {
+        Ok(())
+    } else {
+        Err(TrainError::Config(format!(
+            "learning rate {lr} is not a positive number"
+        )))
+    }
+}
+
+/// Plain minibatch SGD on the mean loss, with candle autograd: `epochs` passes over the data
+/// in an order shuffled from `seed`, the last batch of a pass possibly smaller. Returns the
+/// trained model; the input model is not changed. Not private by itself: under site-level
+/// DP the caller clips and noises the delta.
+pub fn train_local(
+    model: &FlatModel,
+    arch: Architecture,
+    data: &Dataset,
+    cfg: &LocalTraining,
+    seed: u64,
+) -> Result<FlatModel, TrainError> {
+    let dims = dims_of(model, arch)?;
+    check_data(&dims, data)?;
+    check_lr(cfg.learning_rate)?;
+    if cfg.batch_size == 0 {
+        return Err(TrainError::Config("batch size is 0".into()));
+    }
+    if data.n == 0 {
+        return Err(TrainError::EmptyData);
+    }
+    if data.n > u32::MAX as usize {
+        return Err(TrainError::Config("more than 2^32 examples".into()));
+    }
+    let dev = Device::Cpu;
+    let vars = param_tensors(model, &dev)?
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let x = Tensor::from_slice(&data.x, (data.n, data.d), &dev)?;
+    let targets = Targets::new(&data.y, dims.head, &dev)?;
+    let mut order: Vec<u32> = (0..data.n as u32).collect();
+    let mut rng = SplitMix64::new(seed);
+    for _ in 0..cfg.epochs {
+        rng.shuffle(&mut order);
+        for batch in order.chunks(cfg.batch_size) {
+            let ids = Tensor::from_slice(batch, batch.len(), &dev)?;
+            let loss = autograd_step(
+                &vars,
+                &x.index_select(&ids, 0)?,
+                &targets.rows(&ids)?,
+                dims.head,
+                f64::from(cfg.learning_rate),
+            )?;
+            if !loss.is_finite() {
+                return Err(TrainError::NonFinite);
+            }
+        }
+    }
+    values_of(&vars, &model.spec)
+}
+
+/// One non-private SGD step (autograd, mean loss) on the rows `batch` of `data`, in place.
+/// Returns the batch's mean loss before the step. The same step [`train_local`] takes; here
+/// for benchmarks and for callers that drive their own loop.
+pub fn sgd_step(
+    model: &mut FlatModel,
+    arch: Architecture,
+    data: &Dataset,
+    batch: &[usize],
+    learning_rate: f32,
+) -> Result<f64, TrainError> {
+    let dims = dims_of(model, arch)?;
+    check_data(&dims, data)?;
+    check_lr(learning_rate)?;
+    if batch.is_empty() {
+        return Err(TrainError::EmptyData);
+    }
+    let (xb, yb) = gather(data, batch)?;
+    let dev = Device::Cpu;
+    let vars = param_tensors(model, &dev)?
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let x = Tensor::from_vec(xb, (batch.len(), data.d), &dev)?;
+    let targets = Targets::new(&yb, dims.head, &dev)?;
+    let loss = autograd_step(&vars, &x, &targets, dims.head, f64::from(learning_rate))?;
+    *model = values_of(&vars, &model.spec)?;
+    Ok(f64::from(loss))
+}
+
+/// Copies the rows `batch` of `data` out, checking the indices.
+fn gather(data: &Dataset, batch: &[usize]) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
+    let mut xb = Vec::with_capacity(batch.len() * data.d);
+    let mut yb = Vec::with_capacity(batch.len());
+    for &i in batch {
+        if i >= data.n {
+            return Err(TrainError::IndexOutOfRange {
+                index: i,
+                n: data.n,
+            });
+        }
+        xb.extend_from_slice(data.row(i));
+        yb.push(data.y[i]);
+    }
+    Ok((xb, yb))
+}
+
+// ---------------------------------------------------------------------------------------
+// DP-SGD building blocks
+
+/// The sum over a batch of each example's gradient clipped to L2 norm `clip`, flat in spec
+/// order, plus diagnostics.
+///
+/// No backward pass per example: for a linear layer `z = a W^T + b` the example's gradient
+/// is `g_i a_i^T` (weights) and `g_i` (bias), where `g_i` is the gradient of its loss with
+/// respect to `z_i`; its squared norm is `||g_i||^2 (||a_i||^2 + 1)`, computed without
+/// forming the outer product. For the MLP the output gradient is carried back through the
+/// tanh by hand (`delta_i = (g_i W2) * (1 - h_i^2)`) and the layers' squared norms add up.
+/// Each example's `(a_i, g_i)` is then scaled by `min(1, C / norm_i)` and every layer's sum
+/// is one matmul, `(s g)^T a`.
+///
+/// `x_batch` is `batch_n x d` row-major, `y_batch` has `batch_n` labels. An empty batch
+/// gives a zero sum.
+pub fn per_example_clipped_grad_sum(
+    model: &FlatModel,
+    arch: Architecture,
+    x_batch: &[f32],
+    y_batch: &[f32],
+    batch_n: usize,
+    clip: f64,
+) -> Result<(Vec<f32>, PerExampleStats), TrainError> {
+    let dims = dims_of(model, arch)?;
+    let expected = batch_n.checked_mul(dims.inputs);
+    if expected != Some(x_batch.len()) || y_batch.len() != batch_n {
+        return Err(TrainError::BatchShape {
+            batch_n,
+            expected: expected.unwrap_or(usize::MAX),
+            got_x: x_batch.len(),
+            got_y: y_batch.len(),
+        });
+    }
+    if !(clip.is_finite() && clip > 0.0) {
+        return Err(TrainError::Config(format!(
+            "clip norm {clip} is not a positive number"
+        )));
+    }
+    check_labels(y_batch, dims.head)?;
+    if batch_n == 0 {
+        return Ok((vec![0.0; model.values.len()], PerExampleStats::default()));
+    }
+    let dev = Device::Cpu;
+    let p = param_tensors(model, &dev)?;
+    let x = Tensor::from_slice(x_batch, (batch_n, dims.inputs), &dev)?;
+    let t = Targets::new(y_batch, dims.head, &dev)?;
+    let (z, h) = forward(&p, &x)?;
+    let g = output_grad(&z, &t, dims.head)?;
+    // (layer input, gradient at the layer's output), in spec order.
+    let layers = match (p.as_slice(), h) {
+        ([_, _, w2, _], Some(h)) => {
+            let delta = g.matmul(w2)?.mul(&h.sqr()?.affine(-1.0, 1.0)?)?;
+            vec![(x, delta), (h, g)]
+        }
+        _ => vec![(x, g)],
+    };
+    let mut norm_sq: Option<Tensor> = None;
+    for (a, g) in &layers {
+        let a_sq = a.sqr()?.sum_keepdim(1)?.affine(1.0, 1.0)?; // + 1 for the bias
+        let layer = g.sqr()?.sum_keepdim(1)?.mul(&a_sq)?;
+        norm_sq = Some(match norm_sq {
+            Some(s) => s.add(&layer)?,
+            None => layer,
+        });
+    }
+    let norm_sq = match norm_sq {
+        Some(s) => s.flatten_all()?.to_vec1::<f32>()?,
+        None => return Err(TrainError::Model("model has no layers".into())),
+    };
+    let mut scales = Vec::with_capacity(batch_n);
+    let (mut clipped, mut norm_total) = (0usize, 0f64);
+    for &sq in &norm_sq {
+        let norm = f64::from(sq).sqrt();
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite);
+        }
+        norm_total += norm;
+        let padded = norm * (1.0 + CLIP_MARGIN);
+        if padded > clip {
+            clipped += 1;
+            scales.push((clip / padded) as f32);
+        } else {
+            scales.push(1.0);
+        }
+    }
+    let s = Tensor::from_vec(scales, (batch_n, 1), &dev)?;
+    let mut sum = Vec::with_capacity(model.values.len());
+    for (a, g) in &layers {
+        let gs = g.broadcast_mul(&s)?;
+        sum.extend(gs.t()?.matmul(a)?.flatten_all()?.to_vec1::<f32>()?);
+        sum.extend(gs.sum(0)?.to_vec1::<f32>()?);
+    }
+    let stats = PerExampleStats {
+        batch_n,
+        clipped_fraction: clipped as f64 / batch_n as f64,
+        mean_norm: norm_total / batch_n as f64,
+    };
+    Ok((sum, stats))
+}
+
+/// One DP-SGD step on the rows `batch` of `data` (drawn by the caller's Poisson sampler):
+/// `theta -= lr * (sum of clipped per-example gradients + noise) / expected_batch`.
+///
+/// `noise` is one value per parameter, already scaled (N(0, sigma^2 C^2) each), from the
+/// caller's secure generator. Dividing by the expected batch size, not the drawn one, keeps
+/// the step's sensitivity fixed, as the accountant assumes; an empty batch still applies
+/// the noise. On error the model is left unchanged.
+#[allow(clippy::too_many_arguments)]
+pub fn dp_sgd_step(
+    model: &mut FlatModel,
+    arch: Architecture,
+    data: &Dataset,
+    batch: &[usize],
+    clip: f64,
+    noise: &[f32],
+    expected_batch: f64,
+    learning_rate: f32,
+) -> Result<PerExampleStats, TrainError> {
+    let dims = dims_of(model, arch)?;
+    if data.d != dims.inputs {
+        return Err(TrainError::FeatureMismatch {
+            expected: dims.inputs,
+            got: data.d,
+        });
+    }
+    if noise.len() != model.values.len() {
+        return Err(TrainError::NoiseLength {
+            expected: model.values.len(),
+            got: noise.len(),
+        });
+    }
+    if !(expected_batch.is_finite() && expected_batch > 0.0) {
+        return Err(TrainError::Config(format!(
+            "expected batch size {expected_batch} is not a positive number"
+        )));
+    }
+    check_lr(learning_rate)?;
+    let (xb, yb) = gather(data, batch)?;
+    let (sum, stats) = per_example_clipped_grad_sum(model, arch, &xb, &yb, batch.len(), clip)?;
+    let step = f64::from(learning_rate) / expected_batch;
+    let updated: Vec<f32> = model
+        .values
+        .iter()
+        .zip(sum.iter().zip(noise))
+        .map(|(&v, (&g, &e))| (f64::from(v) - step * (f64::from(g) + f64::from(e))) as f32)
+        .collect();
+    if updated.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::NonFinite);
+    }
+    model.values = updated;
+    Ok(stats)
+}
+
+// ---------------------------------------------------------------------------------------
+// Evaluation
+
+/// Loss and accuracy (classification) or loss and RMSE (regression) of `model` on `data`.
+pub fn evaluate(
+    model: &FlatModel,
+    arch: Architecture,
+    data: &Dataset,
+) -> Result<Metrics, TrainError> {
+    let dims = dims_of(model, arch)?;
+    check_data(&dims, data)?;
+    if data.n == 0 {
+        return Err(TrainError::EmptyData);
+    }
+    let dev = Device::Cpu;
+    let p = param_tensors(model, &dev)?;
+    let (mut loss, mut correct) = (0f64, 0usize);
+    for start in (0..data.n).step_by(EVAL_CHUNK) {
+        let rows = EVAL_CHUNK.min(data.n - start);
+        let x = &data.x[start * data.d..(start + rows) * data.d];
+        let x = Tensor::from_slice(x, (rows, data.d), &dev)?;
+        let z = forward(&p, &x)?.0.to_vec2::<f32>()?;
+        for (zi, &yi) in z.iter().zip(&data.y[start..start + rows]) {
+            let (l, ok) = example_loss(zi, yi, dims.head);
+            loss += l;
+            correct += usize::from(ok);
+        }
+    }
+    let n = data.n as f64;
+    let loss = loss / n;
+    if !loss.is_finite() {
+        return Err(TrainError::NonFinite);
+    }
+    Ok(match dims.head {
+        Head::Identity => Metrics {
+            loss,
+            accuracy: None,
+            rmse: Some(loss.sqrt()),
+        },
+        _ => Metrics {
+            loss,
+            accuracy: Some(correct as f64 / n),
+            rmse: None,
+        },
+    })
+}
+
+/// One example's evaluation loss (cross-entropy, or squared error) and whether the
+/// predicted class is right; in f64 so that the figures do not depend on batch order.
+fn example_loss(z: &[f32], y: f32, head: Head) -> (f64, bool) {
+    let y64 = f64::from(y);
+    match head {
+        Head::Sigmoid => {
+            let z = f64::from(z[0]);
+            let loss = z.max(0.0) - y64 * z + (-z.abs()).exp().ln_1p();
+            (loss, (z > 0.0) == (y > 0.5))
+        }
+        Head::Softmax(_) => {
+            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = f64::from(max)
+                + z.iter()
+                    .map(|&v| f64::from(v - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            let class = y as usize;
+            let argmax = z
+                .iter()
+                .enumerate()
+                .fold(0, |best, (i, &v)| if v > z[best] { i } else { best });
+            (lse - f64::from(z[class]), argmax == class)
+        }
+        Head::Identity => {
+            let r = f64::from(z[0]) - y64;
+            (r * r, false)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::data::{
+        load_csv, load_ranges, scale_features, train_test_split, ColumnSelection, LoadOptions,
+    };
+    use fedpriv_common::model::l2_norm;
+
+    const LOGISTIC: Architecture = Architecture::LogisticRegression;
+    const LINEAR: Architecture = Architecture::LinearRegression;
+    const MLP: Architecture = Architecture::Mlp { hidden: 5 };
+
+    /// A model of `arch` with every value random (zero-initialised models would make the
+    /// gradient test too easy).
+    fn random_model(arch: Architecture, d: usize, k: usize, seed: u64) -> FlatModel {
+        let mut m = init_model(arch, d, k, seed).unwrap();
+        let mut rng = SplitMix64::new(seed ^ 0xABCD);
+        for v in &mut m.values {
+            *v = (rng.next_f64() * 2.0 - 1.0) as f32;
+        }
+        m
+    }
+
+    /// A batch of `n` examples of `d` features with labels fit for `head`.
+    fn random_batch(
+        n: usize,
+        d: usize,
+        arch: Architecture,
+        k: usize,
+        seed: u64,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut rng = SplitMix64::new(seed);
+        let x = (0..n * d)
+            .map(|_| (rng.next_f64() * 4.0 - 2.0) as f32)
+            .collect();
+        let y = (0..n)
+            .map(|_| match (arch, k) {
+                (Architecture::LinearRegression, _) => (rng.next_f64() * 6.0 - 3.0) as f32,
+                (_, 1) => rng.below(2) as f32,
+                (_, k) => rng.below(k) as f32,
+            })
+            .collect();
+        (x, y)
+    }
+
+    /// Reference: the gradient of one example's loss by a full autograd backward pass.
+    fn autograd_grad(model: &FlatModel, arch: Architecture, x: &[f32], y: f32) -> Vec<f32> {
+        let dims = dims_of(model, arch).unwrap();
+        let dev = Device::Cpu;
+        let vars: Vec<Var> = param_tensors(model, &dev)
+            .unwrap()
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let p: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let xt = Tensor::from_slice(x, (1, x.len()), &dev).unwrap();
+        let t = Targets::new(&[y], dims.head, &dev).unwrap();
+        let (z, _) = forward(&p, &xt).unwrap();
+        let loss = per_example_loss(&z, &t, dims.head)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        vars.iter()
+            .flat_map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * scale,
+                "{what}: value {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    const CASES: [(Architecture, usize); 5] = [
+        (LOGISTIC, 1),
+        (LOGISTIC, 3),
+        (LINEAR, 1),
+        (MLP, 1),
+        (MLP, 3),
+    ];
+
+    #[test]
+    fn per_example_gradients_equal_one_example_backward_pass() {
+        let (n, d) = (9, 4);
+        for (case, &(arch, k)) in CASES.iter().enumerate() {
+            let model = random_model(arch, d, k, case as u64);
+            let (x, y) = random_batch(n, d, arch, k, 100 + case as u64);
+            let reference: Vec<Vec<f32>> = (0..n)
+                .map(|i| autograd_grad(&model, arch, &x[i * d..(i + 1) * d], y[i]))
+                .collect();
+            // One example at a time, no clipping: exactly that example's gradient.
+            for i in 0..n {
+                let (g, stats) = per_example_clipped_grad_sum(
+                    &model,
+                    arch,
+                    &x[i * d..(i + 1) * d],
+                    &y[i..=i],
+                    1,
+                    1e9,
+                )
+                .unwrap();
+                assert_close(
+                    &g,
+                    &reference[i],
+                    1e-5,
+                    &format!("{arch:?}/{k} example {i}"),
+                );
+                assert!(
+                    (stats.mean_norm - l2_norm(&reference[i])).abs()
+                        < 1e-4 * stats.mean_norm.max(1.0)
+                );
+            }
+            // The whole batch with a clip norm that bites on some examples.
+            let norms: Vec<f64> = reference.iter().map(|g| l2_norm(g)).collect();
+            let mut sorted = norms.clone();
+            sorted.sort_by(f64::total_cmp);
+            let clip = sorted[n / 2];
+            let mut want = vec![0f32; model.values.len()];
+            for (g, &norm) in reference.iter().zip(&norms) {
+                let s = (clip / norm).min(1.0) as f32;
+                for (w, v) in want.iter_mut().zip(g) {
+                    *w += s * v;
+                }
+            }
+            let (got, stats) = per_example_clipped_grad_sum(&model, arch, &x, &y, n, clip).unwrap();
+            assert_close(&got, &want, 1e-4, &format!("{arch:?}/{k} clipped sum"));
+            let mean = norms.iter().sum::<f64>() / n as f64;
+            assert!((stats.mean_norm - mean).abs() < 1e-4 * mean, "{arch:?}/{k}");
+            let over = norms
+                .iter()
+                .filter(|&&v| v * (1.0 + CLIP_MARGIN) > clip)
+                .count();
+            assert!((stats.clipped_fraction - over as f64 / n as f64).abs() < 1e-12);
+            assert_eq!(stats.batch_n, n);
+        }
+    }
+
+    #[test]
+    fn clipping_bounds_each_examples_contribution() {
+        let d = 6;
+        for (case, &(arch, k)) in CASES.iter().enumerate() {
+            let model = random_model(arch, d, k, 7 + case as u64);
+            let (mut x, y) = random_batch(20, d, arch, k, 300 + case as u64);
+            // Some far-out examples, so that norms span orders of magnitude.
+            for v in x.iter_mut().step_by(5) {
+                *v *= 1000.0;
+            }
+            for clip in [1e-3, 0.1, 1.0, 5.0] {
+                for i in 0..20 {
+                    let (g, _) = per_example_clipped_grad_sum(
+                        &model,
+                        arch,
+                        &x[i * d..(i + 1) * d],
+                        &y[i..=i],
+                        1,
+                        clip,
+                    )
+                    .unwrap();
+                    let norm = l2_norm(&g);
+                    assert!(
+                        norm <= clip * (1.0 + 1e-6),
+                        "{arch:?}/{k} clip {clip}: {norm}"
+                    );
+                }
+                // And the sum of 20 is within 20 C.
+                let (g, _) = per_example_clipped_grad_sum(&model, arch, &x, &y, 20, clip).unwrap();
+                assert!(l2_norm(&g) <= 20.0 * clip * (1.0 + 1e-6));
+            }
+        }
+    }
+
+    #[test]
+    fn empty_batch_gives_zero_sum() {
+        let model = random_model(MLP, 3, 1, 1);
+        let (g, stats) = per_example_clipped_grad_sum(&model, MLP, &[], &[], 0, 1.0).unwrap();
+        assert_eq!(g, vec![0.0; model.values.len()]);
+        assert_eq!(stats, PerExampleStats::default());
+    }
+
+    fn toy_dataset(arch: Architecture, k: usize, n: usize, d: usize) -> Dataset {
+        let (x, y) = random_batch(n, d, arch, k, 42);
+        Dataset::new(x, y, (0..d).map(|i| format!("f{i}")).collect(), "y".into()).unwrap()
+    }
+
+    #[test]
+    fn dp_sgd_step_applies_the_formula() {
+        let (arch, d) = (MLP, 3);
+        let data = toy_dataset(arch, 1, 10, d);
+        let model = random_model(arch, d, 1, 5);
+        let noise: Vec<f32> = (0..model.values.len())
+            .map(|i| (i as f32 - 10.0) * 0.01)
+            .collect();
+        let batch = [1usize, 4, 4, 9];
+        let (xb, yb) = gather(&data, &batch).unwrap();
+        let (sum, _) = per_example_clipped_grad_sum(&model, arch, &xb, &yb, 4, 0.5).unwrap();
+        let mut stepped = model.clone();
+        let stats = dp_sgd_step(&mut stepped, arch, &data, &batch, 0.5, &noise, 5.0, 0.1).unwrap();
+        assert_eq!(stats.batch_n, 4);
+        for j in 0..model.values.len() {
+            let want = model.values[j] - 0.1 * (sum[j] + noise[j]) / 5.0;
+            assert!((stepped.values[j] - want).abs() < 1e-6);
+        }
+        // An empty Poisson batch: no gradient, but the noise is still added.
+        let mut stepped = model.clone();
+        let stats = dp_sgd_step(&mut stepped, arch, &data, &[], 0.5, &noise, 5.0, 0.1).unwrap();
+        assert_eq!(stats.batch_n, 0);
+        for ((&before, &after), &e) in model.values.iter().zip(&stepped.values).zip(&noise) {
+            assert!((after - (before - 0.1 * e / 5.0)).abs() < 1e-6);
+        }
+        // Errors leave the model as it was.
+        let mut m = model.clone();
+        assert!(matches!(
+            dp_sgd_step(&mut m, arch, &data, &batch, 0.5, &noise[1..], 5.0, 0.1),
+            Err(TrainError::NoiseLength { .. })
+        ));
+        assert!(matches!(
+            dp_sgd_step(&mut m, arch, &data, &[10], 0.5, &noise, 5.0, 0.1),
+            Err(TrainError::IndexOutOfRange { index: 10, n: 10 })
+        ));
+        assert!(matches!(
+            dp_sgd_step(&mut m, arch, &data, &batch, 0.5, &noise, 0.0, 0.1),
+            Err(TrainError::Config(_))
+        ));
+        assert!(matches!(
+            dp_sgd_step(&mut m, arch, &data, &batch, -1.0, &noise, 5.0, 0.1),
+            Err(TrainError::Config(_))
+        ));
+        assert_eq!(m, model);
+    }
+
+    #[test]
+    fn shape_mismatches_are_errors() {
+        let model = init_model(LOGISTIC, 3, 1, 0).unwrap();
+        let data = toy_dataset(LOGISTIC, 1, 5, 2);
+        let cfg = LocalTraining {
+            epochs: 1,
+            batch_size: 2,
+            learning_rate: 0.1,
+        };
+        assert!(matches!(
+            train_local(&model, LOGISTIC, &data, &cfg, 0),
+            Err(TrainError::FeatureMismatch {
+                expected: 3,
+                got: 2
+            })
+        ));
+        assert!(matches!(
+            evaluate(&model, LOGISTIC, &data),
+            Err(TrainError::FeatureMismatch { .. })
+        ));
+        // A logistic model is not an MLP, nor an MLP of another width.
+        assert!(matches!(
+            evaluate(&model, MLP, &data),
+            Err(TrainError::Model(_))
+        ));
+        let mlp = init_model(MLP, 2, 1, 0).unwrap();
+        assert!(matches!(
+            evaluate(&mlp, Architecture::Mlp { hidden: 4 }, &data),
+            Err(TrainError::Model(_))
+        ));
+        // Values that do not match the spec.
+        let mut short = init_model(LOGISTIC, 2, 1, 0).unwrap();
+        short.values.pop();
+        assert!(matches!(
+            evaluate(&short, LOGISTIC, &data),
+            Err(TrainError::Model(_))
+        ));
+        // Batch slices that do not match batch_n.
+        let ok = init_model(LOGISTIC, 2, 1, 0).unwrap();
+        assert!(matches!(
+            per_example_clipped_grad_sum(&ok, LOGISTIC, &[1.0; 5], &[0.0; 3], 3, 1.0),
+            Err(TrainError::BatchShape { .. })
+        ));
+        // Labels that do not fit the head.
+        assert!(matches!(
+            per_example_clipped_grad_sum(&ok, LOGISTIC, &[1.0; 4], &[0.0, 2.0], 2, 1.0),
+            Err(TrainError::InvalidLabel { index: 1, .. })
+        ));
+        let three = init_model(LOGISTIC, 2, 3, 0).unwrap();
+        assert!(matches!(
+            per_example_clipped_grad_sum(&three, LOGISTIC, &[1.0; 2], &[3.0], 1, 1.0),
+            Err(TrainError::InvalidLabel { index: 0, .. })
+        ));
+        // Bad specs and settings.
+        assert!(init_model(LINEAR, 2, 2, 0).is_err());
+        assert!(init_model(LOGISTIC, 0, 1, 0).is_err());
+        assert!(init_model(Architecture::Mlp { hidden: 0 }, 2, 1, 0).is_err());
+        let bad = LocalTraining {
+            batch_size: 0,
+            ..cfg
+        };
+        assert!(matches!(
+            train_local(&ok, LOGISTIC, &data, &bad, 0),
+            Err(TrainError::Config(_))
+        ));
+        let bad = LocalTraining {
+            learning_rate: f32::NAN,
+            ..cfg
+        };
+        assert!(matches!(
+            train_local(&ok, LOGISTIC, &data, &bad, 0),
+            Err(TrainError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn init_model_layout_and_determinism() {
+        let m = init_model(LOGISTIC, 4, 1, 9).unwrap();
+        let names: Vec<&str> = m.spec.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["linear.weight", "linear.bias"]);
+        assert_eq!(m.spec.tensors[0].shape, vec![1, 4]);
+        assert!(m.values.iter().all(|&v| v == 0.0));
+        let a = init_model(Architecture::Mlp { hidden: 8 }, 4, 2, 9).unwrap();
+        let names: Vec<&str> = a.spec.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]
+        );
+        let shapes: Vec<Vec<u64>> = a.spec.tensors.iter().map(|t| t.shape.clone()).collect();
+        assert_eq!(shapes, vec![vec![8, 4], vec![8], vec![2, 8], vec![2]]);
+        assert_eq!(
+            a,
+            init_model(Architecture::Mlp { hidden: 8 }, 4, 2, 9).unwrap()
+        );
+        assert_ne!(
+            a,
+            init_model(Architecture::Mlp { hidden: 8 }, 4, 2, 10).unwrap()
+        );
+        let w = a.tensor("hidden.weight").unwrap();
+        assert!(w.iter().all(|v| v.abs() <= 0.5) && w.iter().any(|&v| v != 0.0));
+        assert!(a.tensor("hidden.bias").unwrap().iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn evaluate_matches_hand_computation() {
+        let names = || vec!["a".to_string(), "b".to_string()];
+        // Logistic: w = [1, -1], b = 0.5; logits 1.5 and -0.5, both labels 1.
+        let mut m = init_model(LOGISTIC, 2, 1, 0).unwrap();
+        m.values = vec![1.0, -1.0, 0.5];
+        let data = Dataset::new(
+            vec![1.0, 0.0, 0.0, 1.0],
+            vec![1.0, 1.0],
+            names(),
+            "y".into(),
+        )
+        .unwrap();
+        let got = evaluate(&m, LOGISTIC, &data).unwrap();
+        let want = ((1.0 + (-1.5f64).exp()).ln() + (1.0 + 0.5f64.exp()).ln()) / 2.0;
+        assert!((got.loss - want).abs() < 1e-6, "{} vs {want}", got.loss);
+        assert_eq!(got.accuracy, Some(0.5));
+        assert_eq!(got.rmse, None);
+        // Softmax over 3 classes: logits [1, 0, 0] (w rows are one-hot on feature a) for
+        // x = [1, 0]; label 0 is right, label 2 is wrong.
+        let mut m = init_model(LOGISTIC, 2, 3, 0).unwrap();
+        m.values = vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let data = Dataset::new(
+            vec![1.0, 0.0, 1.0, 0.0],
+            vec![0.0, 2.0],
+            names(),
+            "y".into(),
+        )
+        .unwrap();
+        let got = evaluate(&m, LOGISTIC, &data).unwrap();
+        let lse = (1f64.exp() + 2.0).ln();
+        assert!((got.loss - ((lse - 1.0) + lse) / 2.0).abs() < 1e-6);
+        assert_eq!(got.accuracy, Some(0.5));
+        // Linear regression: w = [2, 0], b = 1; predictions 3 and 5 for labels 3 and 4.
+        let mut m = init_model(LINEAR, 2, 1, 0).unwrap();
+        m.values = vec![2.0, 0.0, 1.0];
+        let data = Dataset::new(
+            vec![1.0, 7.0, 2.0, -7.0],
+            vec![3.0, 4.0],
+            names(),
+            "y".into(),
+        )
+        .unwrap();
+        let got = evaluate(&m, LINEAR, &data).unwrap();
+        assert!((got.loss - 0.5).abs() < 1e-9);
+        assert!((got.rmse.unwrap() - 0.5f64.sqrt()).abs() < 1e-9);
+        assert_eq!(got.accuracy, None);
+    }
+
+    fn breast_cancer() -> (Dataset, Dataset) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data");
+        let ranges = load_ranges(dir.join("breast_cancer_ranges.toml")).unwrap();
+        let selection = ColumnSelection {
+            features: ranges.features.keys().cloned().collect(),
+            label: "malignant".into(),
+        };
+        let mut data = load_csv(
+            dir.join("breast_cancer_wisconsin.csv"),
+            &selection,
+            &LoadOptions::binary(),
+        )
+        .unwrap();
+        let r = ranges.for_features(&data.feature_names).unwrap();
+        scale_features(&mut data, &r).unwrap();
+        train_test_split(&data, 0.2, 1).unwrap()
+    }
+
+    fn majority(data: &Dataset) -> f64 {
+        let pos = data.y.iter().filter(|&&v| v > 0.5).count() as f64 / data.n as f64;
+        pos.max(1.0 - pos)
+    }
+
+    #[test]
+    fn non_private_training_learns_breast_cancer() {
+        let (train, test) = breast_cancer();
+        let base = majority(&test);
+        let cfg = LocalTraining {
+            epochs: 10,
+            batch_size: 16,
+            learning_rate: 0.5,
+        };
+        for arch in [LOGISTIC, Architecture::Mlp { hidden: 16 }] {
+            let model = init_model(arch, train.d, 1, 3).unwrap();
+            let before = evaluate(&model, arch, &test).unwrap();
+            let trained = train_local(&model, arch, &train, &cfg, 4).unwrap();
+            let after = evaluate(&trained, arch, &test).unwrap();
+            let acc = after.accuracy.unwrap();
+            assert!(
+                acc > 0.93 && acc > base + 0.2,
+                "{arch:?}: {acc} (baseline {base})"
+            );
+            assert!(after.loss < before.loss);
+            // Deterministic given the seed.
+            assert_eq!(trained, train_local(&model, arch, &train, &cfg, 4).unwrap());
+        }
+    }
+
+    #[test]
+    fn sgd_step_lowers_the_batch_loss() {
+        let (train, _) = breast_cancer();
+        let mut model = init_model(LOGISTIC, train.d, 1, 0).unwrap();
+        let batch: Vec<usize> = (0..64).collect();
+        let first = sgd_step(&mut model, LOGISTIC, &train, &batch, 0.5).unwrap();
+        assert!(
+            (first - 2f64.ln()).abs() < 1e-5,
+            "zero model: loss ln 2, got {first}"
+        );
+        let second = sgd_step(&mut model, LOGISTIC, &train, &batch, 0.5).unwrap();
+        assert!(second < first);
+    }
+
+    #[test]
+    fn clipped_sgd_without_noise_learns_breast_cancer() {
+        // DP-SGD's mechanics with the noise switched off (a zero slice): clipping alone must
+        // not stop learning.
+        let (train, test) = breast_cancer();
+        let mut model = init_model(LOGISTIC, train.d, 1, 0).unwrap();
+        let zeros = vec![0f32; model.values.len()];
+        let mut rng = SplitMix64::new(11);
+        let expected = 32.0;
+        for _ in 0..150 {
+            let q = expected / train.n as f64;
+            let batch: Vec<usize> = (0..train.n).filter(|_| rng.next_f64() < q).collect();
+            dp_sgd_step(
+                &mut model, LOGISTIC, &train, &batch, 1.0, &zeros, expected, 1.0,
+            )
+            .unwrap();
+        }
+        let acc = evaluate(&model, LOGISTIC, &test).unwrap().accuracy.unwrap();
+        assert!(acc > 0.93, "{acc}");
+    }
+}

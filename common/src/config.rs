@@ -1,0 +1,498 @@
+//! Study configuration: raw TOML in, validated types out.
+//!
+//! Validation happens once, here; everything downstream takes [`StudyConfig`]. Privacy
+//! parameters have no defaults: a study that does not state its clip norm, noise (or target
+//! epsilon), budget and delta is refused. There is no setting that turns noise off.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dp::accountant::{self, AccountantKind};
+use crate::dp::{ClipNorm, Delta, Epsilon, NoiseMultiplier, SampleRate, SgmEvent};
+use crate::model::Architecture;
+use crate::pki::validate_name;
+
+/// A config that cannot be used, with the field at fault. The operator's fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid TOML: {0}")]
+    Parse(String),
+    #[error("{field}: {reason}")]
+    Field { field: &'static str, reason: String },
+}
+
+fn field(field: &'static str, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Field {
+        field,
+        reason: reason.to_string(),
+    }
+}
+
+/// What the model predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Label is 0 or 1.
+    Binary,
+    /// Label is any finite number.
+    Regression,
+}
+
+/// The unit of privacy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyUnit {
+    /// Each patient record (DP-SGD inside each site).
+    Record,
+    /// A whole site's contribution per round (DP-FedAvg).
+    Site,
+}
+
+/// Where site-level noise is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Each site noises its own clipped delta; the coordinator never sees it un-noised.
+    Local,
+    /// The coordinator noises the sum once (it is trusted with clipped deltas).
+    Central,
+}
+
+/// Server-side optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    FedAvg,
+    FedAdam,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    study: RawStudy,
+    data: RawData,
+    training: RawTraining,
+    privacy: RawPrivacy,
+    sites: RawSites,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStudy {
+    id: String,
+    model: Architecture,
+    rounds: u64,
+    min_sites: usize,
+    round_timeout_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData {
+    task: Task,
+    label: String,
+    features: Vec<String>,
+    /// Public value ranges used for scaling, one per feature.
+    ranges: BTreeMap<String, [f32; 2]>,
+    label_range: Option<[f32; 2]>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTraining {
+    strategy: Strategy,
+    local_epochs: Option<usize>,
+    batch_size: Option<usize>,
+    learning_rate: f32,
+    server_learning_rate: f32,
+    /// Record unit only: DP-SGD steps per round and expected Poisson batch size.
+    local_steps: Option<u64>,
+    expected_batch: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    unit: PrivacyUnit,
+    clip_norm: f64,
+    noise_multiplier: Option<f64>,
+    target_epsilon: Option<f64>,
+    placement: Option<Placement>,
+    site_sample_rate: Option<f64>,
+    epsilon: f64,
+    delta: f64,
+    accountant: Option<AccountantKind>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSites {
+    enrolled: Vec<String>,
+}
+
+/// How each site trains in a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LocalPlan {
+    /// Site unit: plain minibatch SGD, then the delta is clipped (and noised if local).
+    Sgd {
+        epochs: usize,
+        batch_size: usize,
+        learning_rate: f32,
+    },
+    /// Record unit: DP-SGD with Poisson batches of expected size `expected_batch`.
+    DpSgd {
+        steps: u64,
+        expected_batch: f64,
+        learning_rate: f32,
+    },
+}
+
+/// The privacy side of a study, validated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyPlan {
+    pub unit: PrivacyUnit,
+    pub placement: Placement,
+    pub clip_norm: ClipNorm,
+    pub noise_multiplier: NoiseMultiplier,
+    /// Site unit: rate at which sites are sampled each round (1 = every eligible site).
+    pub site_sample_rate: SampleRate,
+    pub epsilon: Epsilon,
+    pub delta: Delta,
+    pub accountant: AccountantKind,
+}
+
+/// The data contract every site must meet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataSpec {
+    pub task: Task,
+    pub label: String,
+    pub features: Vec<String>,
+    pub ranges: Vec<[f32; 2]>,
+    pub label_range: Option<[f32; 2]>,
+}
+
+/// A validated study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyConfig {
+    pub id: String,
+    pub model: Architecture,
+    pub rounds: u64,
+    pub min_sites: usize,
+    pub round_timeout_secs: u64,
+    pub data: DataSpec,
+    pub strategy: Strategy,
+    pub server_learning_rate: f32,
+    pub local: LocalPlan,
+    pub privacy: PrivacyPlan,
+    pub enrolled: Vec<String>,
+}
+
+impl StudyConfig {
+    /// Parses and validates a study's TOML.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: Raw) -> Result<Self, ConfigError> {
+        let s = raw.study;
+        validate_name(&s.id).map_err(|e| field("study.id", e))?;
+        if s.rounds == 0 {
+            return Err(field("study.rounds", "must be at least 1"));
+        }
+        if s.round_timeout_secs == 0 {
+            return Err(field("study.round_timeout_secs", "must be at least 1"));
+        }
+        if let Architecture::Mlp { hidden } = s.model {
+            if hidden == 0 || hidden > 65_536 {
+                return Err(field("study.model.hidden", "must be between 1 and 65536"));
+            }
+        }
+        if s.model == Architecture::LinearRegression && raw.data.task != Task::Regression
+            || s.model != Architecture::LinearRegression && raw.data.task == Task::Regression
+        {
+            return Err(field(
+                "study.model",
+                "linear_regression goes with task = \"regression\", the other models with \"binary\"",
+            ));
+        }
+
+        let mut enrolled = BTreeSet::new();
+        for site in &raw.sites.enrolled {
+            validate_name(site).map_err(|e| field("sites.enrolled", format!("{site:?}: {e}")))?;
+            if !enrolled.insert(site.clone()) {
+                return Err(field("sites.enrolled", format!("{site:?} is listed twice")));
+            }
+        }
+        if s.min_sites == 0 || s.min_sites > enrolled.len() {
+            return Err(field(
+                "study.min_sites",
+                format!("must be between 1 and the {} enrolled sites", enrolled.len()),
+            ));
+        }
+
+        let d = raw.data;
+        if d.features.is_empty() {
+            return Err(field("data.features", "at least one feature column is needed"));
+        }
+        let mut seen = BTreeSet::new();
+        for f in &d.features {
+            if !seen.insert(f) {
+                return Err(field("data.features", format!("{f:?} is listed twice")));
+            }
+        }
+        if seen.contains(&d.label) {
+            return Err(field("data.label", "the label cannot also be a feature"));
+        }
+        let mut ranges = Vec::with_capacity(d.features.len());
+        for f in &d.features {
+            let r = d
+                .ranges
+                .get(f)
+                .ok_or_else(|| field("data.ranges", format!("no public range for feature {f:?}")))?;
+            if !(r[0].is_finite() && r[1].is_finite() && r[0] < r[1]) {
+                return Err(field("data.ranges", format!("{f:?}: need finite lo < hi")));
+            }
+            ranges.push(*r);
+        }
+        if let Some(extra) = d.ranges.keys().find(|k| !seen.contains(k)) {
+            return Err(field("data.ranges", format!("{extra:?} is not a feature")));
+        }
+        if d.task == Task::Regression {
+            match d.label_range {
+                Some(r) if r[0].is_finite() && r[1].is_finite() && r[0] < r[1] => {}
+                _ => return Err(field("data.label_range", "regression needs a public label range [lo, hi]")),
+            }
+        }
+
+        let p = raw.privacy;
+        let t = raw.training;
+        let clip_norm = ClipNorm::new(p.clip_norm).map_err(|e| field("privacy.clip_norm", e))?;
+        let epsilon = Epsilon::new(p.epsilon).map_err(|e| field("privacy.epsilon", e))?;
+        let delta = Delta::new(p.delta).map_err(|e| field("privacy.delta", e))?;
+        let accountant = p.accountant.unwrap_or_default();
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return Err(field("training.learning_rate", "must be a positive number"));
+        }
+        if !(t.server_learning_rate.is_finite() && t.server_learning_rate > 0.0) {
+            return Err(field("training.server_learning_rate", "must be a positive number"));
+        }
+
+        let (placement, site_sample_rate, local) = match p.unit {
+            PrivacyUnit::Site => {
+                let placement = p
+                    .placement
+                    .ok_or_else(|| field("privacy.placement", "site unit needs placement = \"local\" or \"central\""))?;
+                let rate = p
+                    .site_sample_rate
+                    .ok_or_else(|| field("privacy.site_sample_rate", "site unit needs the per-round site sampling rate (1.0 = all sites)"))?;
+                let rate = SampleRate::new(rate).map_err(|e| field("privacy.site_sample_rate", e))?;
+                if placement == Placement::Local && rate.get() < 1.0 {
+                    return Err(field(
+                        "privacy.site_sample_rate",
+                        "local noise gets no amplification from sampling sites (the coordinator sees who took part): use 1.0",
+                    ));
+                }
+                if t.local_steps.is_some() || t.expected_batch.is_some() {
+                    return Err(field("training", "local_steps and expected_batch belong to the record unit"));
+                }
+                let epochs = t.local_epochs.ok_or_else(|| field("training.local_epochs", "required for the site unit"))?;
+                let batch_size = t.batch_size.ok_or_else(|| field("training.batch_size", "required for the site unit"))?;
+                if epochs == 0 || batch_size == 0 {
+                    return Err(field("training", "local_epochs and batch_size must be at least 1"));
+                }
+                (placement, rate, LocalPlan::Sgd { epochs, batch_size, learning_rate: t.learning_rate })
+            }
+            PrivacyUnit::Record => {
+                if p.placement.is_some() || p.site_sample_rate.is_some() {
+                    return Err(field("privacy", "placement and site_sample_rate belong to the site unit"));
+                }
+                if t.local_epochs.is_some() || t.batch_size.is_some() {
+                    return Err(field("training", "the record unit uses local_steps and expected_batch, not local_epochs and batch_size"));
+                }
+                let steps = t.local_steps.ok_or_else(|| field("training.local_steps", "required for the record unit"))?;
+                let expected_batch = t.expected_batch.ok_or_else(|| field("training.expected_batch", "required for the record unit"))?;
+                if steps == 0 {
+                    return Err(field("training.local_steps", "must be at least 1"));
+                }
+                if !(expected_batch.is_finite() && expected_batch >= 1.0) {
+                    return Err(field("training.expected_batch", "must be at least 1"));
+                }
+                let rate = SampleRate::new(1.0).map_err(|e| field("privacy", e))?;
+                (Placement::Local, rate, LocalPlan::DpSgd { steps, expected_batch, learning_rate: t.learning_rate })
+            }
+        };
+
+        let noise_multiplier = match (p.noise_multiplier, p.target_epsilon) {
+            (Some(n), None) => NoiseMultiplier::new(n).map_err(|e| field("privacy.noise_multiplier", e))?,
+            (None, Some(target)) => {
+                let target = Epsilon::new(target).map_err(|e| field("privacy.target_epsilon", e))?;
+                if target > epsilon {
+                    return Err(field("privacy.target_epsilon", "cannot exceed the study budget privacy.epsilon"));
+                }
+                if p.unit == PrivacyUnit::Record {
+                    return Err(field(
+                        "privacy.target_epsilon",
+                        "the record unit's sampling rate depends on each site's size; give noise_multiplier (plan it with `fedpriv-coordinator budget noise`)",
+                    ));
+                }
+                let scale = if placement == Placement::Local { 2.0 } else { 1.0 };
+                let effective = accountant::calibrate_noise(accountant, site_sample_rate, s.rounds, target, delta)
+                    .map_err(|e| field("privacy.target_epsilon", e))?;
+                NoiseMultiplier::new(effective.get() * scale).map_err(|e| field("privacy.target_epsilon", e))?
+            }
+            _ => return Err(field("privacy", "give exactly one of noise_multiplier and target_epsilon")),
+        };
+
+        Ok(Self {
+            id: s.id,
+            model: s.model,
+            rounds: s.rounds,
+            min_sites: s.min_sites,
+            round_timeout_secs: s.round_timeout_secs,
+            data: DataSpec {
+                task: d.task,
+                label: d.label,
+                features: d.features,
+                ranges,
+                label_range: d.label_range,
+            },
+            strategy: t.strategy,
+            server_learning_rate: t.server_learning_rate,
+            local,
+            privacy: PrivacyPlan {
+                unit: p.unit,
+                placement,
+                clip_norm,
+                noise_multiplier,
+                site_sample_rate,
+                epsilon,
+                delta,
+                accountant,
+            },
+            enrolled: enrolled.into_iter().collect(),
+        })
+    }
+
+    /// Number of model outputs.
+    pub fn n_outputs(&self) -> usize {
+        1
+    }
+}
+
+impl PrivacyPlan {
+    /// The mechanism one round costs a site, as the accountant must see it.
+    ///
+    /// - record unit: `steps` DP-SGD steps at q = expected_batch / records, noise sigma;
+    /// - site unit, local noise: the coordinator sees the site's own noised delta, whose
+    ///   sensitivity under replace-one adjacency is 2C, so the accountant gets sigma / 2;
+    /// - site unit, central noise: add/remove-one-site adjacency on the noised sum,
+    ///   sensitivity C, amplified by the site sampling rate.
+    ///
+    /// `records` is the site's reported record count (record unit only).
+    pub fn round_cost(&self, local: &LocalPlan, records: Option<u64>) -> Result<SgmEvent, String> {
+        let sigma = self.noise_multiplier.get();
+        match (self.unit, local) {
+            (PrivacyUnit::Record, LocalPlan::DpSgd { steps, expected_batch, .. }) => {
+                let n = records.ok_or("the site has not reported its record count")?;
+                if (n as f64) < *expected_batch {
+                    return Err(format!("the site has {n} records, fewer than the expected batch {expected_batch}"));
+                }
+                SgmEvent::new(expected_batch / n as f64, sigma, *steps).map_err(|e| e.to_string())
+            }
+            (PrivacyUnit::Site, _) => {
+                let s = if self.placement == Placement::Local { sigma / 2.0 } else { sigma };
+                SgmEvent::new(self.site_sample_rate.get(), s, 1).map_err(|e| e.to_string())
+            }
+            (PrivacyUnit::Record, _) => Err("record unit without a DP-SGD plan".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const SITE_TOML: &str = r#"
+[study]
+id = "bc"
+model = { kind = "logistic_regression" }
+rounds = 10
+min_sites = 2
+round_timeout_secs = 30
+
+[data]
+task = "binary"
+label = "malignant"
+features = ["a", "b"]
+ranges = { a = [0.0, 10.0], b = [-1.0, 1.0] }
+
+[training]
+strategy = "fedavg"
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.1
+server_learning_rate = 1.0
+
+[privacy]
+unit = "site"
+placement = "local"
+site_sample_rate = 1.0
+clip_norm = 1.0
+noise_multiplier = 1.0
+epsilon = 8.0
+delta = 1e-5
+
+[sites]
+enrolled = ["st-marys", "general", "north"]
+"#;
+
+    #[test]
+    fn valid_site_study_parses() {
+        let c = StudyConfig::from_toml(SITE_TOML).expect("valid");
+        assert_eq!(c.enrolled.len(), 3);
+        assert_eq!(c.privacy.accountant, AccountantKind::Pld);
+        let cost = c.privacy.round_cost(&c.local, None).expect("cost");
+        assert!((cost.sigma.get() - 0.5).abs() < 1e-12 && cost.steps == 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("delta = 1e-5", "delta = 1.5", "privacy.delta"),
+            ("clip_norm = 1.0", "clip_norm = -1.0", "privacy.clip_norm"),
+            ("min_sites = 2", "min_sites = 4", "study.min_sites"),
+            ("noise_multiplier = 1.0", "", "privacy"),
+            ("noise_multiplier = 1.0", "noise_multiplier = 1.0\ntarget_epsilon = 2.0", "privacy"),
+            ("b = [-1.0, 1.0]", "b = [1.0, -1.0]", "data.ranges"),
+            ("\"north\"]", "\"north\", \"general\"]", "sites.enrolled"),
+            ("site_sample_rate = 1.0", "site_sample_rate = 0.5", "privacy.site_sample_rate"),
+        ];
+        for (from, to, want) in cases {
+            let text = SITE_TOML.replace(from, to);
+            match StudyConfig::from_toml(&text) {
+                Err(ConfigError::Field { field, .. }) => assert_eq!(field, want, "{to}"),
+                other => panic!("{to}: expected a {want} error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_privacy_fields_are_refused() {
+        let text = SITE_TOML.replace("delta = 1e-5", "delta = 1e-5\nnoise = false");
+        assert!(matches!(StudyConfig::from_toml(&text), Err(ConfigError::Parse(m)) if m.contains("noise")));
+        let text = SITE_TOML.replace("epsilon = 8.0\n", "");
+        assert!(matches!(StudyConfig::from_toml(&text), Err(ConfigError::Parse(m)) if m.contains("epsilon")));
+    }
+
+    #[test]
+    fn target_epsilon_calibrates_noise_for_the_planned_rounds() {
+        let text = SITE_TOML.replace("noise_multiplier = 1.0", "target_epsilon = 4.0");
+        let c = StudyConfig::from_toml(&text).expect("valid");
+        let cost = c.privacy.round_cost(&c.local, None).expect("cost");
+        let events = vec![cost; 10];
+        let eps = accountant::epsilon(c.privacy.accountant, &events, c.privacy.delta).expect("eps");
+        assert!(eps <= 4.0 && eps > 3.9, "{eps}");
+    }
+}

@@ -1,0 +1,496 @@
+//! The round state machine of one study. Pure: it never awaits, opens a socket, touches a
+//! file or reads the clock. Time (`now_ms`) and the noise source are arguments; the network
+//! layer feeds it [`Input`]s and carries out the [`Action`]s it returns, in order.
+//!
+//! A round goes: choose the sites that can afford it, emit [`Action::RecordSpend`], and only
+//! after the store confirms with [`Input::SpendCommitted`] emit the [`Action::SendTask`]s. Then
+//! collect updates (each checked and folded into one accumulator as it arrives) until all
+//! chosen sites answered or the deadline passed; aggregate if at least `min_sites` updates
+//! arrived, else abort. Spends are never refunded, whatever happens after they are recorded.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use fedpriv_common::config::{LocalPlan, Placement, PrivacyUnit, StudyConfig};
+use fedpriv_common::dp::accountant::{self, AccountError};
+use fedpriv_common::dp::noise::NoiseSource;
+use fedpriv_common::dp::sampling::poisson_sample;
+use fedpriv_common::dp::SgmEvent;
+use fedpriv_common::model::{l2_norm, ModelSpec};
+use fedpriv_common::protocol::{DeclineReason, Task};
+use fedpriv_common::wire::{Dtype, TensorHeader};
+
+use crate::strategy::{self, ServerOptimizer};
+
+/// Something that happened, as the network layer or the store saw it.
+#[derive(Debug)]
+pub enum Input {
+    /// A site is connected and can train for this study (`records`: its record count).
+    SiteReady { site: String, records: u64 },
+    /// A site's connection is gone.
+    SiteGone { site: String },
+    /// The store durably committed the spend of `round`.
+    SpendCommitted { round: u64 },
+    /// A complete update from a site (the transport already checked its shape).
+    Update { site: String, round: u64, values: Vec<f32> },
+    /// A site will not do a round.
+    Declined { site: String, round: u64, reason: DeclineReason },
+    /// Time passed.
+    Tick,
+}
+
+/// What the network layer and the store must do, in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Durably record these sites' spend for `round`, then answer `SpendCommitted`.
+    RecordSpend { round: u64, entries: Vec<SpendEntry> },
+    /// Send a task with the global model to a site.
+    SendTask { site: String, task: Task, model: Arc<Vec<f32>> },
+    /// An update was folded into the round's aggregate.
+    UpdateAccepted { site: String, round: u64, norm: f64 },
+    /// An update was refused; the round goes on without it.
+    UpdateRejected { site: String, round: u64, reason: String },
+    /// A site declined; for `OverSiteCap` it takes no further part.
+    SiteDeclined { site: String, round: u64, reason: DeclineReason },
+    /// A new model version: store it and its lineage. `epsilon` is the study's spend so far.
+    Checkpoint { round: u64, model: Arc<Vec<f32>>, contributors: Vec<String>, epsilon: f64 },
+    /// The round ended without a model (too few updates); its spend stands.
+    RoundAborted { round: u64, reason: String },
+    /// The study is over; tell the sites.
+    StudyEnded { reason: String },
+}
+
+/// One site's charge for one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpendEntry {
+    pub site: String,
+    pub event: SgmEvent,
+    /// The site's epsilon after this round, from the accountant over all its events.
+    pub epsilon_after: f64,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Idle,
+    AwaitingSpend {
+        round: u64,
+        selected: Vec<String>,
+        charged: BTreeMap<String, SgmEvent>,
+    },
+    Collecting {
+        round: u64,
+        selected: BTreeSet<String>,
+        outstanding: BTreeSet<String>,
+        received: Vec<String>,
+        sum: Vec<f32>,
+        deadline_ms: u64,
+    },
+    Finished,
+}
+
+/// The state of one study's rounds.
+pub struct StudyEngine {
+    cfg: Arc<StudyConfig>,
+    spec: ModelSpec,
+    global: Arc<Vec<f32>>,
+    /// Number of the next round to start (rounds are numbered from 1).
+    next_round: u64,
+    spent: BTreeMap<String, Vec<SgmEvent>>,
+    records: BTreeMap<String, u64>,
+    ready: BTreeSet<String>,
+    /// Sites that reached their own cap: they take no further part.
+    retired: BTreeSet<String>,
+    phase: Phase,
+    optimizer: Box<dyn ServerOptimizer>,
+    eps_cache: HashMap<Vec<(u64, u64, u64)>, f64>,
+    end_reason: Option<String>,
+    /// When enough sites for a round first were ready, while others may still connect.
+    gathering_since: Option<u64>,
+}
+
+/// How long a round waits for the remaining enrolled sites once `min_sites` are ready.
+pub const GATHER_MS: u64 = 2000;
+
+impl std::fmt::Debug for StudyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StudyEngine")
+            .field("study", &self.cfg.id)
+            .field("next_round", &self.next_round)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a study stands, for status displays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub next_round: u64,
+    pub epsilon: f64,
+    pub finished: Option<String>,
+}
+
+fn key(events: &[SgmEvent]) -> Vec<(u64, u64, u64)> {
+    events.iter().map(|e| (e.q.get().to_bits(), e.sigma.get().to_bits(), e.steps)).collect()
+}
+
+impl StudyEngine {
+    /// A study at the start, or resumed: `global` is the last completed model, `next_round`
+    /// one past the highest round that was ever reserved, `spent` every recorded spend.
+    pub fn new(
+        cfg: Arc<StudyConfig>,
+        spec: ModelSpec,
+        global: Vec<f32>,
+        next_round: u64,
+        spent: BTreeMap<String, Vec<SgmEvent>>,
+        records: BTreeMap<String, u64>,
+    ) -> Self {
+        let dim = global.len();
+        let optimizer = strategy::for_study(cfg.strategy, cfg.server_learning_rate, dim);
+        Self {
+            cfg,
+            spec,
+            global: Arc::new(global),
+            next_round: next_round.max(1),
+            spent,
+            records,
+            ready: BTreeSet::new(),
+            retired: BTreeSet::new(),
+            phase: Phase::Idle,
+            optimizer,
+            eps_cache: HashMap::new(),
+            end_reason: None,
+            gathering_since: None,
+        }
+    }
+
+    pub fn config(&self) -> &StudyConfig {
+        &self.cfg
+    }
+
+    pub fn global(&self) -> &Arc<Vec<f32>> {
+        &self.global
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// The round now in progress, if any.
+    pub fn current_round(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::AwaitingSpend { round, .. } | Phase::Collecting { round, .. } => Some(*round),
+            _ => None,
+        }
+    }
+
+    /// Record counts the sites reported (record unit).
+    pub fn records(&self) -> &BTreeMap<String, u64> {
+        &self.records
+    }
+
+    /// Whether `site` has a task outstanding in the current round.
+    pub fn expects_update(&self, site: &str, round: u64) -> bool {
+        matches!(&self.phase, Phase::Collecting { round: r, outstanding, .. } if *r == round && outstanding.contains(site))
+    }
+
+    pub fn epsilon_of(&mut self, events: &[SgmEvent]) -> Result<f64, AccountError> {
+        let k = key(events);
+        if let Some(e) = self.eps_cache.get(&k) {
+            return Ok(*e);
+        }
+        let e = accountant::epsilon(self.cfg.privacy.accountant, events, self.cfg.privacy.delta)?;
+        self.eps_cache.insert(k, e);
+        Ok(e)
+    }
+
+    /// The study's epsilon: the worst site's (sites hold disjoint patients).
+    pub fn study_epsilon(&mut self) -> f64 {
+        let all: Vec<Vec<SgmEvent>> = self.spent.values().cloned().collect();
+        all.iter()
+            .map(|ev| self.epsilon_of(ev).unwrap_or(f64::INFINITY))
+            .fold(0.0, f64::max)
+    }
+
+    pub fn progress(&mut self) -> Progress {
+        Progress {
+            next_round: self.next_round,
+            epsilon: self.study_epsilon(),
+            finished: self.end_reason.clone(),
+        }
+    }
+
+    /// Feeds one input; returns what to do, in order.
+    pub fn handle(&mut self, input: Input, now_ms: u64, noise: &mut NoiseSource) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.is_finished() {
+            if let Input::Update { site, round, .. } = input {
+                out.push(Action::UpdateRejected { site, round, reason: "the study has ended".into() });
+            }
+            return out;
+        }
+        // An overdue round closes before anything that arrived after its deadline counts.
+        if let Phase::Collecting { deadline_ms, .. } = &self.phase {
+            if now_ms >= *deadline_ms {
+                self.close_round(noise, &mut out);
+            }
+        }
+        match input {
+            Input::SiteReady { site, records } => {
+                if self.cfg.enrolled.contains(&site) {
+                    self.ready.insert(site.clone());
+                    self.records.insert(site, records);
+                }
+            }
+            Input::SiteGone { site } => {
+                self.ready.remove(&site);
+                if let Phase::Collecting { outstanding, .. } = &mut self.phase {
+                    outstanding.remove(&site);
+                }
+            }
+            Input::SpendCommitted { round } => self.on_spend_committed(round, now_ms, &mut out),
+            Input::Update { site, round, values } => self.on_update(site, round, values, &mut out),
+            Input::Declined { site, round, reason } => {
+                if matches!(reason, DeclineReason::OverSiteCap { .. } | DeclineReason::DeltaTooLarge { .. } | DeclineReason::StudyNotAllowed) {
+                    self.retired.insert(site.clone());
+                }
+                if let Phase::Collecting { round: r, outstanding, .. } = &mut self.phase {
+                    if *r == round {
+                        outstanding.remove(&site);
+                    }
+                }
+                out.push(Action::SiteDeclined { site, round, reason });
+            }
+            Input::Tick => {}
+        }
+        self.advance(now_ms, noise, &mut out);
+        out
+    }
+
+    /// Closes the round when it is complete or overdue, and starts the next when it can.
+    fn advance(&mut self, now_ms: u64, noise: &mut NoiseSource, out: &mut Vec<Action>) {
+        if let Phase::Collecting { outstanding, deadline_ms, .. } = &self.phase {
+            if outstanding.is_empty() || now_ms >= *deadline_ms {
+                self.close_round(noise, out);
+            }
+        }
+        if matches!(self.phase, Phase::Idle) {
+            self.try_start_round(now_ms, noise, out);
+        }
+    }
+
+    fn finish(&mut self, reason: String, out: &mut Vec<Action>) {
+        self.phase = Phase::Finished;
+        self.end_reason = Some(reason.clone());
+        out.push(Action::StudyEnded { reason });
+    }
+
+    fn try_start_round(&mut self, now_ms: u64, noise: &mut NoiseSource, out: &mut Vec<Action>) {
+        let round = self.next_round;
+        if round > self.cfg.rounds {
+            let reason = format!("all {} planned rounds are done", self.cfg.rounds);
+            return self.finish(reason, out);
+        }
+        // Which enrolled sites could still pay for this round, whether connected or not.
+        let mut affordable: BTreeMap<String, (SgmEvent, f64)> = BTreeMap::new();
+        let budget = self.cfg.privacy.epsilon.get();
+        let enrolled = self.cfg.enrolled.clone();
+        let active: Vec<String> = enrolled.iter().filter(|s| !self.retired.contains(*s)).cloned().collect();
+        for site in &active {
+            let records = self.records.get(site).copied();
+            let cost = match self.cfg.privacy.round_cost(&self.cfg.local, records) {
+                Ok(c) => c,
+                // A site whose size we do not know yet cannot be priced; it may be later.
+                Err(_) if records.is_none() => continue,
+                Err(_) => continue,
+            };
+            let mut events = self.spent.get(site).cloned().unwrap_or_default();
+            events.push(cost);
+            match self.epsilon_of(&events) {
+                Ok(e) if e <= budget => {
+                    affordable.insert(site.clone(), (cost, e));
+                }
+                _ => {}
+            }
+        }
+        let unpriced = enrolled
+            .iter()
+            .filter(|s| !self.retired.contains(*s) && !self.records.contains_key(*s))
+            .count();
+        let record_unit = self.cfg.privacy.unit == PrivacyUnit::Record;
+        let could_join = affordable.len() + if record_unit { unpriced } else { 0 };
+        if could_join < self.cfg.min_sites {
+            let reason = format!(
+                "budget exhausted: {} site(s) can afford round {round} within epsilon {budget}, the study needs {}",
+                affordable.len(),
+                self.cfg.min_sites
+            );
+            return self.finish(reason, out);
+        }
+        let candidates: Vec<String> = affordable.keys().filter(|s| self.ready.contains(*s)).cloned().collect();
+        if candidates.len() < self.cfg.min_sites {
+            self.gathering_since = None;
+            return; // wait for more sites to connect
+        }
+        // Enough sites: give the others a moment to connect before starting without them.
+        if candidates.len() < affordable.len() {
+            let since = *self.gathering_since.get_or_insert(now_ms);
+            if now_ms < since.saturating_add(GATHER_MS.min(self.cfg.round_timeout_secs * 1000)) {
+                return;
+            }
+        }
+        self.gathering_since = None;
+        let q = self.cfg.privacy.site_sample_rate.get();
+        let central_sampled = self.cfg.privacy.unit == PrivacyUnit::Site
+            && self.cfg.privacy.placement == Placement::Central
+            && q < 1.0;
+        let selected: Vec<String> = if central_sampled {
+            poisson_sample(candidates.len(), q, noise.rng()).into_iter().map(|i| candidates[i].clone()).collect()
+        } else {
+            candidates
+        };
+        // With sampled sites the amplified guarantee charges every site that could have been
+        // sampled; otherwise only the sites that take part pay.
+        let charged: BTreeMap<String, SgmEvent> = affordable
+            .iter()
+            .filter(|(s, _)| central_sampled || selected.contains(s))
+            .map(|(s, (c, _))| (s.clone(), *c))
+            .collect();
+        let entries = charged
+            .iter()
+            .map(|(s, c)| SpendEntry { site: s.clone(), event: *c, epsilon_after: affordable[s].1 })
+            .collect();
+        self.next_round += 1;
+        out.push(Action::RecordSpend { round, entries });
+        self.phase = Phase::AwaitingSpend { round, selected, charged };
+    }
+
+    fn on_spend_committed(&mut self, committed: u64, now_ms: u64, out: &mut Vec<Action>) {
+        let Phase::AwaitingSpend { round, selected, charged } = &mut self.phase else {
+            return;
+        };
+        if *round != committed {
+            return;
+        }
+        let (round, selected, charged) = (*round, std::mem::take(selected), std::mem::take(charged));
+        for (site, ev) in &charged {
+            self.spent.entry(site.clone()).or_default().push(*ev);
+        }
+        let header = TensorHeader::for_spec(&self.spec, Dtype::F32);
+        let p = &self.cfg.privacy;
+        for site in &selected {
+            let Some(cost) = charged.get(site) else { continue };
+            let task = Task {
+                study: self.cfg.id.clone(),
+                round,
+                header: header.clone(),
+                cost: *cost,
+                clip_norm: p.clip_norm.get(),
+                noise_multiplier: p.noise_multiplier.get(),
+                unit: p.unit,
+                placement: p.placement,
+                local: self.cfg.local.clone(),
+                delta: p.delta.get(),
+            };
+            out.push(Action::SendTask { site: site.clone(), task, model: Arc::clone(&self.global) });
+        }
+        let outstanding: BTreeSet<String> = selected.iter().cloned().collect();
+        self.phase = Phase::Collecting {
+            round,
+            selected: outstanding.clone(),
+            outstanding,
+            received: Vec::new(),
+            sum: vec![0.0; self.global.len()],
+            deadline_ms: now_ms.saturating_add(self.cfg.round_timeout_secs.saturating_mul(1000)),
+        };
+    }
+
+    /// Largest norm an honest update can have: C for a clipped delta, plus what the noise
+    /// explains (a d-dimensional Gaussian's norm is about sigma C sqrt(d), with a sub-unit
+    /// standard deviation; 8 more sigmas of slack).
+    fn norm_bound(&self) -> f64 {
+        let p = &self.cfg.privacy;
+        let (c, sigma, d) = (p.clip_norm.get(), p.noise_multiplier.get(), self.global.len() as f64);
+        let noise = sigma * c * (d.sqrt() + 8.0);
+        match (&self.cfg.local, p.unit, p.placement) {
+            (_, PrivacyUnit::Site, Placement::Central) => c * (1.0 + 1e-5),
+            (_, PrivacyUnit::Site, Placement::Local) => c + noise,
+            (LocalPlan::DpSgd { steps, expected_batch, learning_rate }, PrivacyUnit::Record, _) => {
+                // Each step moves by lr * (clipped sum + noise) / B; a Poisson batch is
+                // rarely above 3B for the batch sizes DP-SGD uses, so allow 3C per step.
+                f64::from(*learning_rate) * *steps as f64 * (3.0 * c + noise / expected_batch)
+            }
+            _ => 0.0,
+        }
+    }
+
+    fn on_update(&mut self, site: String, round: u64, values: Vec<f32>, out: &mut Vec<Action>) {
+        let bound = self.norm_bound();
+        let Phase::Collecting { round: current, selected, outstanding, received, sum, .. } = &mut self.phase else {
+            out.push(Action::UpdateRejected { site, round, reason: "no round is collecting updates".into() });
+            return;
+        };
+        let reject = |reason: String| Action::UpdateRejected { site: site.clone(), round, reason };
+        if round != *current {
+            return out.push(reject(format!("update for round {round}, but round {current} is collecting")));
+        }
+        if !selected.contains(&site) {
+            return out.push(reject("the site was not chosen for this round".into()));
+        }
+        if received.contains(&site) {
+            return out.push(reject("duplicate update for this round".into()));
+        }
+        if !outstanding.contains(&site) {
+            return out.push(reject("the site already left this round".into()));
+        }
+        if values.len() != sum.len() {
+            return out.push(reject(format!("{} values, the model has {}", values.len(), sum.len())));
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return out.push(reject(format!("value {i} is not finite")));
+        }
+        let norm = l2_norm(&values);
+        if norm > bound {
+            return out.push(reject(format!("norm {norm:.3} exceeds what clipping and noise allow ({bound:.3})")));
+        }
+        for (s, v) in sum.iter_mut().zip(&values) {
+            *s += v;
+        }
+        outstanding.remove(&site);
+        received.push(site.clone());
+        out.push(Action::UpdateAccepted { site, round, norm });
+    }
+
+    fn close_round(&mut self, noise: &mut NoiseSource, out: &mut Vec<Action>) {
+        let Phase::Collecting { round, selected, received, sum, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return;
+        };
+        if received.len() < self.cfg.min_sites {
+            out.push(Action::RoundAborted {
+                round,
+                reason: format!("{} of {} update(s) arrived, the study needs {}", received.len(), selected.len(), self.cfg.min_sites),
+            });
+            return;
+        }
+        let p = &self.cfg.privacy;
+        let mut sum = sum;
+        let denom = if p.unit == PrivacyUnit::Site && p.placement == Placement::Central {
+            // Noise once on the sum, and a denominator fixed before any data was seen.
+            noise.add_gaussian(&mut sum, p.noise_multiplier.get() * p.clip_norm.get(), 1);
+            selected.len().max(1)
+        } else {
+            received.len()
+        };
+        let inv = 1.0 / denom as f32;
+        sum.iter_mut().for_each(|v| *v *= inv);
+        let mut global = (*self.global).clone();
+        self.optimizer.apply(&mut global, &sum);
+        self.global = Arc::new(global);
+        let epsilon = self.study_epsilon();
+        let mut contributors = received;
+        contributors.sort();
+        out.push(Action::Checkpoint { round, model: Arc::clone(&self.global), contributors, epsilon });
+    }
+}
+
+#[cfg(test)]
+mod tests;

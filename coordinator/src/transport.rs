@@ -1,0 +1,145 @@
+//! The coordinator's QUIC endpoint: accepting sites, operators and auditors whose identity
+//! comes from their certificate (see [`fedpriv_common::pki`]).
+//!
+//! Thin glue: TLS verification (CA, expiry, CRLs) happens inside rustls during the
+//! handshake; [`accept`] then reads the identity from the verified certificate and refuses,
+//! with a close code and reason the peer can log, anything that carries none. The shared
+//! stream helpers (`send_message`, `recv_frame`, `recv_tensor_body`) live in
+//! [`fedpriv_common::quic_io`] and are re-exported here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use fedpriv_common::pki::{self, Identity, Role};
+use fedpriv_common::wire::CloseCode;
+
+pub use fedpriv_common::quic_io::{
+    self, close, describe_close, recv_end, recv_frame, recv_tensor_body, send_message, StreamError,
+    TransportLimits,
+};
+
+/// A connection whose certificate carried a valid fedpriv identity.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedPeer {
+    pub identity: Identity,
+    pub conn: quinn::Connection,
+}
+
+impl AuthenticatedPeer {
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+}
+
+/// A connection attempt that was refused, and why (already logged; the peer was told).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedPeer {
+    pub addr: SocketAddr,
+    pub reason: String,
+}
+
+impl std::fmt::Display for RefusedPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refused peer {}: {}", self.addr, self.reason)
+    }
+}
+
+/// The endpoint could not be set up (our configuration's fault).
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("config error: TLS configuration unusable for QUIC: {0}")]
+    Tls(String),
+    #[error("config error: {0}")]
+    Limits(String),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the coordinator's endpoint. `tls` should come from [`pki::server_config`]
+/// (client certificates required, TLS 1.3, fedpriv ALPN). Needs a tokio runtime.
+pub fn make_server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    limits: &TransportLimits,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
+        .map_err(|e| EndpointError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(
+        limits.transport_config().map_err(EndpointError::Limits)?,
+    ));
+    // Sites always dial out; nothing here ever migrates, so refuse migration outright.
+    config.migration(false);
+    quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
+}
+
+/// Completes the handshake of an incoming connection and reads the peer's identity from its
+/// verified certificate. Refusals are logged (warn) with the address and reason, and the
+/// peer gets a close code: TLS failures (no certificate, unknown CA, expired, revoked,
+/// other protocol version) as the TLS alert, missing or ill-formed identities as
+/// [`CloseCode::NotAuthenticated`].
+pub async fn accept(incoming: quinn::Incoming) -> Result<AuthenticatedPeer, RefusedPeer> {
+    let addr = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            return Err(refused(
+                addr,
+                format!("TLS handshake failed: {}", describe_close(&e)),
+            ))
+        }
+    };
+    if let Err(e) = quic_io::check_negotiated_alpn(&conn) {
+        close(&conn, CloseCode::BadVersion, &e.to_string());
+        return Err(refused(addr, e.to_string()));
+    }
+    let Some(leaf) = quic_io::peer_leaf_cert(&conn) else {
+        // rustls requires a client certificate, so this is our bug if it ever happens.
+        let reason = "no client certificate after the handshake";
+        close(&conn, CloseCode::NotAuthenticated, reason);
+        return Err(refused(addr, reason.to_owned()));
+    };
+    match pki::identity_from_cert(&leaf) {
+        Ok(identity) => {
+            tracing::info!(peer = %addr, %identity, "peer authenticated");
+            Ok(AuthenticatedPeer { identity, conn })
+        }
+        Err(e) => {
+            let reason = format!("no valid fedpriv identity: {e}");
+            close(&conn, CloseCode::NotAuthenticated, &reason);
+            Err(refused(addr, reason))
+        }
+    }
+}
+
+fn refused(addr: SocketAddr, reason: String) -> RefusedPeer {
+    tracing::warn!(peer = %addr, %reason, "refused peer");
+    RefusedPeer { addr, reason }
+}
+
+/// Refuses `peer` unless its certificate grants `role`: closes the connection with
+/// [`CloseCode::RoleNotAllowed`] and logs. For a per-request check that keeps the
+/// connection, use [`pki::check_role`].
+pub fn require_role(peer: &AuthenticatedPeer, role: Role) -> Result<(), RefusedPeer> {
+    pki::check_role(&peer.identity, role)
+        .map_err(|e| refuse(peer, CloseCode::RoleNotAllowed, &e.to_string()))
+}
+
+/// Refuses `peer` if a name it stated in a message (e.g. a hello) is not the one in its
+/// certificate: closes the connection with [`CloseCode::IdentityMismatch`] and logs.
+pub fn require_claim(peer: &AuthenticatedPeer, claimed: &str) -> Result<(), RefusedPeer> {
+    pki::check_claim(&peer.identity, claimed)
+        .map_err(|e| refuse(peer, CloseCode::IdentityMismatch, &e.to_string()))
+}
+
+/// Closes `peer`'s connection with `code` and `reason`, logs, and returns the refusal.
+pub fn refuse(peer: &AuthenticatedPeer, code: CloseCode, reason: &str) -> RefusedPeer {
+    close(&peer.conn, code, reason);
+    refused(
+        peer.remote_address(),
+        format!("{}: {reason}", peer.identity),
+    )
+}
