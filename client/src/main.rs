@@ -1,1 +1,97 @@
-fn main() {}
+//! `fedpriv-client`: the hospital site's daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fedpriv_client::config::SiteConfig;
+use fedpriv_client::daemon;
+use fedpriv_client::store::SiteLedger;
+
+/// fedpriv site daemon: trains on this site's data and sends only clipped, noised updates.
+///
+/// Run it next to the data with a site config (TOML): `fedpriv-client run --config
+/// site.toml`. It only dials out to the coordinator; it never listens. `ledger` shows what
+/// this site has spent of its own privacy cap.
+#[derive(Debug, Parser)]
+#[command(name = "fedpriv-client", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Connect to the coordinator and serve tasks until SIGTERM or Ctrl-C.
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// This site's own privacy ledger: every round it paid for, and its epsilon per study.
+    Ledger {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn run(config: PathBuf) -> Result<(), String> {
+    let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            let _ = tx.send(true);
+        });
+        daemon::run(cfg, rx).await.map_err(|e| e.to_string())
+    })
+}
+
+fn ledger(config: PathBuf) -> Result<(), String> {
+    let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let ledger = SiteLedger::open(cfg.state_dir.join("site-ledger.db")).map_err(|e| e.to_string())?;
+    for study in ledger.studies().map_err(|e| e.to_string())? {
+        let spends = ledger.spends(&study).map_err(|e| e.to_string())?;
+        let cap = cfg.studies.get(&study).map(|s| s.epsilon_cap.get().to_string()).unwrap_or_else(|| "none (not configured)".into());
+        println!("study {study}: {} round(s) paid, cap epsilon {cap} at delta <= {}", spends.len(), cfg.max_delta);
+        for s in spends {
+            println!("  round {:>4}: q {:.4} sigma {:.4} steps {}", s.round, s.event.q.get(), s.event.sigma.get(), s.event.steps);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run { config } => run(config),
+        Command::Ledger { config } => ledger(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("error: {reason}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -376,8 +376,8 @@ fn sgm_event(r: &Row<'_>, at: usize) -> rusqlite::Result<SgmEvent> {
     })
 }
 
-// ---- Opening a state database. The same code is in coordinator/src/store.rs (the crates share
-// ---- no I/O code: `common` is pure); keep the two copies in step.
+// ---- Opening a state database. The same code is in coordinator/src/store.rs (the
+// ---- crates share no I/O code: `common` is pure); keep the two copies in step.
 
 /// What identifies one kind of state database.
 #[derive(Debug)]
@@ -659,6 +659,26 @@ mod tests {
             assert_eq!(eps, want);
             assert!(eps > 0.0);
         }
+    }
+
+    #[test]
+    fn spend_is_visible_without_a_clean_close() {
+        let (_dir, path, mut ledger) = fresh();
+        ledger
+            .record_spend("s1", 0, ev(0.1, 1.0, 3), "coord", 1)
+            .expect("spend");
+        // As after a crash: no close, no checkpoint; the commit lives in the WAL.
+        std::mem::forget(ledger);
+        let ledger = SiteLedger::open(&path).expect("reopen");
+        assert_eq!(ledger.events("s1").expect("events"), vec![ev(0.1, 1.0, 3)]);
+        assert!(matches!(
+            ledger_after_crash_replay(&path),
+            Err(StoreError::AlreadySpent { round: 0, .. })
+        ));
+    }
+
+    fn ledger_after_crash_replay(path: &Path) -> Result<(), StoreError> {
+        SiteLedger::open(path)?.record_spend("s1", 0, ev(0.1, 1.0, 3), "coord", 2)
     }
 
     #[test]

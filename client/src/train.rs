@@ -204,39 +204,42 @@ fn dims_of(model: &FlatModel, arch: Architecture) -> Result<Dims, TrainError> {
 }
 
 fn check_labels(y: &[f32], head: Head) -> Result<(), TrainError> {
-    let (ok, expected): (fn(f32, usize) -> bool, _) = match head {
-        Head::Sigmoid => (is_class_id, "0 or 1"),
-        Head::Softmax(_) => (
-            is_class_id,
-            "an integer class id below the number of outputs",
-        ),
-        Head::Identity => (|v: f32, _| v.is_finite(), "a finite number"),
+    let (classes, expected) = match head {
+        Head::Sigmoid => (2, "0 or 1"),
+        Head::Softmax(k) => (k, "an integer class id below the number of outputs"),
+        Head::Identity => (0, "a finite number"),
     };
-    let k = match head {
-        Head::Softmax(k) => k,
-        _ => 2,
+    let ok = |v: f32| match head {
+        Head::Identity => v.is_finite(),
+        _ => is_class_id(v, classes),
     };
-    match y.iter().position(|&v| !ok(v, k)) {
+    match y.iter().position(|&v| !ok(v)) {
         Some(index) => Err(TrainError::InvalidLabel { index, expected }),
         None => Ok(()),
     }
 }
 
-fn check_data(dims: &Dims, data: &Dataset) -> Result<(), TrainError> {
+/// Checks that `data` is well formed and as wide as the model (not its labels).
+fn check_shape(dims: &Dims, data: &Dataset) -> Result<(), TrainError> {
     if data.d != dims.inputs {
         return Err(TrainError::FeatureMismatch {
             expected: dims.inputs,
             got: data.d,
         });
     }
-    if data.x.len() != data.n * data.d || data.y.len() != data.n {
+    if data.n.checked_mul(data.d) != Some(data.x.len()) || data.y.len() != data.n {
         return Err(TrainError::BatchShape {
             batch_n: data.n,
-            expected: data.n * data.d,
+            expected: data.n.saturating_mul(data.d),
             got_x: data.x.len(),
             got_y: data.y.len(),
         });
     }
+    Ok(())
+}
+
+fn check_data(dims: &Dims, data: &Dataset) -> Result<(), TrainError> {
+    check_shape(dims, data)?;
     check_labels(&data.y, dims.head)
 }
 
@@ -443,12 +446,13 @@ pub fn sgd_step(
     learning_rate: f32,
 ) -> Result<f64, TrainError> {
     let dims = dims_of(model, arch)?;
-    check_data(&dims, data)?;
+    check_shape(&dims, data)?;
     check_lr(learning_rate)?;
     if batch.is_empty() {
         return Err(TrainError::EmptyData);
     }
     let (xb, yb) = gather(data, batch)?;
+    check_labels(&yb, dims.head)?;
     let dev = Device::Cpu;
     let vars = param_tensors(model, &dev)?
         .iter()
@@ -598,12 +602,7 @@ pub fn dp_sgd_step(
     learning_rate: f32,
 ) -> Result<PerExampleStats, TrainError> {
     let dims = dims_of(model, arch)?;
-    if data.d != dims.inputs {
-        return Err(TrainError::FeatureMismatch {
-            expected: dims.inputs,
-            got: data.d,
-        });
-    }
+    check_shape(&dims, data)?;
     if noise.len() != model.values.len() {
         return Err(TrainError::NoiseLength {
             expected: model.values.len(),

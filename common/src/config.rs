@@ -77,11 +77,30 @@ struct Raw {
     sites: RawSites,
 }
 
+/// The TOML spelling of a model: `{ kind = "logistic_regression" }`, `{ kind = "mlp", hidden = 32 }`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+enum RawModel {
+    LogisticRegression,
+    LinearRegression,
+    Mlp { hidden: usize },
+}
+
+impl From<RawModel> for Architecture {
+    fn from(m: RawModel) -> Self {
+        match m {
+            RawModel::LogisticRegression => Architecture::LogisticRegression,
+            RawModel::LinearRegression => Architecture::LinearRegression,
+            RawModel::Mlp { hidden } => Architecture::Mlp { hidden },
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStudy {
     id: String,
-    model: Architecture,
+    model: RawModel,
     rounds: u64,
     min_sites: usize,
     round_timeout_secs: u64,
@@ -197,6 +216,7 @@ impl StudyConfig {
 
     fn validate(raw: Raw) -> Result<Self, ConfigError> {
         let s = raw.study;
+        let model = Architecture::from(s.model);
         validate_name(&s.id).map_err(|e| field("study.id", e))?;
         if s.rounds == 0 {
             return Err(field("study.rounds", "must be at least 1"));
@@ -204,13 +224,13 @@ impl StudyConfig {
         if s.round_timeout_secs == 0 {
             return Err(field("study.round_timeout_secs", "must be at least 1"));
         }
-        if let Architecture::Mlp { hidden } = s.model {
+        if let Architecture::Mlp { hidden } = model {
             if hidden == 0 || hidden > 65_536 {
                 return Err(field("study.model.hidden", "must be between 1 and 65536"));
             }
         }
-        if s.model == Architecture::LinearRegression && raw.data.task != Task::Regression
-            || s.model != Architecture::LinearRegression && raw.data.task == Task::Regression
+        if model == Architecture::LinearRegression && raw.data.task != Task::Regression
+            || model != Architecture::LinearRegression && raw.data.task == Task::Regression
         {
             return Err(field(
                 "study.model",
@@ -347,7 +367,7 @@ impl StudyConfig {
 
         Ok(Self {
             id: s.id,
-            model: s.model,
+            model,
             rounds: s.rounds,
             min_sites: s.min_sites,
             round_timeout_secs: s.round_timeout_secs,
@@ -392,21 +412,34 @@ impl PrivacyPlan {
     ///
     /// `records` is the site's reported record count (record unit only).
     pub fn round_cost(&self, local: &LocalPlan, records: Option<u64>) -> Result<SgmEvent, String> {
-        let sigma = self.noise_multiplier.get();
-        match (self.unit, local) {
-            (PrivacyUnit::Record, LocalPlan::DpSgd { steps, expected_batch, .. }) => {
-                let n = records.ok_or("the site has not reported its record count")?;
-                if (n as f64) < *expected_batch {
-                    return Err(format!("the site has {n} records, fewer than the expected batch {expected_batch}"));
-                }
-                SgmEvent::new(expected_batch / n as f64, sigma, *steps).map_err(|e| e.to_string())
+        round_cost(self.unit, self.placement, self.noise_multiplier.get(), self.site_sample_rate.get(), local, records)
+    }
+}
+
+/// The mechanism one round costs a site (see [`PrivacyPlan::round_cost`]). Sites compute it
+/// themselves from the task's parameters and their own record count, so a coordinator
+/// cannot under-report what a round costs them.
+pub fn round_cost(
+    unit: PrivacyUnit,
+    placement: Placement,
+    sigma: f64,
+    site_sample_rate: f64,
+    local: &LocalPlan,
+    records: Option<u64>,
+) -> Result<SgmEvent, String> {
+    match (unit, local) {
+        (PrivacyUnit::Record, LocalPlan::DpSgd { steps, expected_batch, .. }) => {
+            let n = records.ok_or("the site has not reported its record count")?;
+            if (n as f64) < *expected_batch {
+                return Err(format!("the site has {n} records, fewer than the expected batch {expected_batch}"));
             }
-            (PrivacyUnit::Site, _) => {
-                let s = if self.placement == Placement::Local { sigma / 2.0 } else { sigma };
-                SgmEvent::new(self.site_sample_rate.get(), s, 1).map_err(|e| e.to_string())
-            }
-            (PrivacyUnit::Record, _) => Err("record unit without a DP-SGD plan".into()),
+            SgmEvent::new(expected_batch / n as f64, sigma, *steps).map_err(|e| e.to_string())
         }
+        (PrivacyUnit::Site, LocalPlan::Sgd { .. }) => {
+            let s = if placement == Placement::Local { sigma / 2.0 } else { sigma };
+            SgmEvent::new(site_sample_rate, s, 1).map_err(|e| e.to_string())
+        }
+        _ => Err("the local training plan does not match the privacy unit".into()),
     }
 }
 

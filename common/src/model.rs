@@ -19,8 +19,10 @@ pub const MAX_RANK: usize = 8;
 
 /// The built-in model families a study can name. Input width and number of outputs come
 /// from the data the study declares, not from here.
+///
+/// Serialised as a plain enum (the wire format is not self-describing); the study TOML
+/// spells it `model = { kind = "mlp", hidden = 32 }` through the config module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
 pub enum Architecture {
     /// Binary (one output, sigmoid) or multi-class (softmax) logistic regression.
     LogisticRegression,

@@ -99,3 +99,28 @@ pub enum CoordinatorMessage {
     /// Sent before the coordinator closes the connection on purpose.
     Refused { reason: String },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DataSpec, Task as DataTask};
+    use crate::wire::{decode_frame, encode_frame};
+
+    #[test]
+    fn every_message_round_trips_through_the_wire_format() {
+        let ann = StudyAnnouncement {
+            study: "bc".into(),
+            model: Architecture::Mlp { hidden: 4 },
+            data: DataSpec { task: DataTask::Binary, label: "y".into(), features: vec!["a".into()], ranges: vec![[0.0, 1.0]], label_range: None },
+            unit: PrivacyUnit::Record,
+            placement: Placement::Local,
+            delta: 1e-5,
+        };
+        let welcome = CoordinatorMessage::Welcome { version: PROTOCOL_VERSION, studies: vec![ann] };
+        let bytes = encode_frame(&welcome).expect("encodes");
+        assert_eq!(decode_frame::<CoordinatorMessage>(&bytes).expect("decodes"), welcome);
+        let decline = SiteMessage::Decline { study: "bc".into(), round: 3, reason: DeclineReason::OverSiteCap { epsilon_after: 2.5, cap: 2.0 } };
+        let bytes = encode_frame(&decline).expect("encodes");
+        assert_eq!(decode_frame::<SiteMessage>(&bytes).expect("decodes"), decline);
+    }
+}

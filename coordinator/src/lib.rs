@@ -8,6 +8,7 @@
 pub mod budget_cli;
 pub mod pki_cli;
 pub mod round;
+pub mod server;
 pub mod store;
 pub mod strategy;
 pub mod transport;

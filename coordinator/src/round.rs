@@ -171,6 +171,12 @@ impl StudyEngine {
         &self.global
     }
 
+    /// Ends the study from outside (it ended before a restart, or its ledger failed).
+    pub fn mark_ended(&mut self, reason: &str) {
+        self.phase = Phase::Finished;
+        self.end_reason = Some(reason.to_string());
+    }
+
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Finished)
     }

@@ -689,8 +689,8 @@ fn constraint(e: rusqlite::Error, msg: impl FnOnce() -> String) -> StoreError {
     }
 }
 
-// ---- Opening a state database. The same code is in client/src/store.rs (the crates share
-// ---- no I/O code: `common` is pure); keep the two copies in step.
+// ---- Opening a state database. The same code is in client/src/store.rs (the
+// ---- crates share no I/O code: `common` is pure); keep the two copies in step.
 
 /// What identifies one kind of state database.
 #[derive(Debug)]
@@ -999,6 +999,25 @@ mod tests {
             Some((0, "model-0.safetensors".to_string(), SHA.to_string()))
         );
         assert!(store.study("nope").expect("query").is_none());
+    }
+
+    #[test]
+    fn spend_is_visible_without_a_clean_close() {
+        let (_dir, path, mut store) = fresh();
+        store
+            .record_spend("s1", 0, &[("a".into(), ev(0.1, 1.0, 3), 0.2)], 1)
+            .expect("spend");
+        // As after a crash: no close, no checkpoint; the commit lives in the WAL.
+        std::mem::forget(store);
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(
+            store.site_events("s1", "a").expect("events"),
+            vec![ev(0.1, 1.0, 3)]
+        );
+        assert_eq!(
+            store.rounds("s1").expect("rounds")[0].status,
+            RoundStatus::Reserved
+        );
     }
 
     #[test]

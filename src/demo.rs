@@ -1,0 +1,240 @@
+//! The demo federation, shared by `examples/hospitals.rs` and the end-to-end tests: a
+//! throw-away PKI, the breast-cancer data split across three hospitals (uneven, non-IID),
+//! one coordinator and three site daemons on loopback QUIC with mutual TLS, a study run to
+//! its budget, and a held-out test set to score every model version.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedpriv_client::config::SiteConfig;
+use fedpriv_client::data::{self, ColumnSelection, Dataset, LoadOptions};
+use fedpriv_client::train::{self, LocalTraining};
+use fedpriv_common::arch;
+use fedpriv_common::config::StudyConfig;
+use fedpriv_common::model::{Architecture, FlatModel};
+use fedpriv_common::pki::{self, Identity, Role};
+use fedpriv_coordinator::server::{self, Notification, Options};
+use tokio::sync::{mpsc, watch};
+
+/// The hospitals of the demo.
+pub const SITES: [&str; 3] = ["st-marys", "general", "childrens"];
+
+/// Where the bundled data lives (relative to the workspace root).
+pub fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join("data")
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// `record` (DP-SGD at each site, the default) or `site` (DP-FedAvg, local noise).
+    pub unit: String,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub rounds: u64,
+    pub seed: u64,
+    /// Uneven, label-skewed split (true) or an even IID one.
+    pub non_iid: bool,
+    /// A site's own cap, applied to every site.
+    pub site_cap: f64,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self { unit: "record".into(), epsilon: 2.0, delta: 1e-5, rounds: 40, seed: 42, non_iid: true, site_cap: 10.0 }
+    }
+}
+
+/// One completed round as the demo saw it.
+#[derive(Debug, Clone)]
+pub struct RoundReport {
+    pub round: u64,
+    pub sites: Vec<String>,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub epsilon: f64,
+    pub budget: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub rounds: Vec<RoundReport>,
+    pub end_reason: String,
+    pub final_accuracy: f64,
+    pub state_dir: PathBuf,
+    pub site_state_dirs: Vec<PathBuf>,
+    pub study_id: String,
+}
+
+type DemoResult<T> = Result<T, String>;
+
+fn s<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+/// The bundled breast-cancer data: every feature, scaled by its public range.
+pub fn breast_cancer() -> DemoResult<(Dataset, Vec<String>, Vec<[f32; 2]>)> {
+    let ranges = data::load_ranges(data_dir().join("breast_cancer_ranges.toml")).map_err(s)?;
+    let features: Vec<String> = ranges.features.keys().cloned().collect();
+    let sel = ColumnSelection { features: features.clone(), label: "malignant".into() };
+    let ds = data::load_csv(data_dir().join("breast_cancer_wisconsin.csv"), &sel, &LoadOptions::binary()).map_err(s)?;
+    let fr = ranges.for_features(&features).map_err(s)?;
+    let bounds = fr.iter().map(|r| [r.lo(), r.hi()]).collect();
+    Ok((ds, features, bounds))
+}
+
+/// Scales a dataset by the declared ranges, as every site does.
+pub fn scaled(mut ds: Dataset, bounds: &[[f32; 2]]) -> DemoResult<Dataset> {
+    let fr = bounds.iter().map(|b| data::FeatureRange::new(f64::from(b[0]), f64::from(b[1]))).collect::<Result<Vec<_>, _>>().map_err(s)?;
+    data::scale_features(&mut ds, &fr).map_err(s)?;
+    Ok(ds)
+}
+
+/// The train shards (one per site, unscaled, as CSV files would hold them) and the scaled
+/// held-out test set.
+pub fn split(opts: &DemoOptions) -> DemoResult<(Vec<Dataset>, Dataset, Vec<String>, Vec<[f32; 2]>)> {
+    let (ds, features, bounds) = breast_cancer()?;
+    let (train, test) = data::train_test_split(&ds, 0.2, opts.seed).map_err(s)?;
+    let shards = if opts.non_iid {
+        data::split_non_iid(&train, &[0.5, 0.3, 0.2], 0.6, opts.seed).map_err(s)?
+    } else {
+        data::split_iid(&train, SITES.len(), opts.seed).map_err(s)?
+    };
+    Ok((shards, scaled(test, &bounds)?, features, bounds))
+}
+
+/// The study's TOML. The hyperparameters are the README's recommended defaults, chosen
+/// before looking at test results.
+pub fn study_toml(opts: &DemoOptions, features: &[String], bounds: &[[f32; 2]]) -> String {
+    let ranges: Vec<String> = features.iter().zip(bounds).map(|(f, b)| format!("{f} = [{:?}, {:?}]", b[0], b[1])).collect();
+    let enrolled: Vec<String> = SITES.iter().map(|s| format!("{s:?}")).collect();
+    let (training, privacy) = match opts.unit.as_str() {
+        "site" => (
+            "strategy = \"fedavg\"\nlocal_epochs = 2\nbatch_size = 16\nlearning_rate = 0.5\nserver_learning_rate = 1.0".to_string(),
+            "unit = \"site\"\nplacement = \"local\"\nsite_sample_rate = 1.0\nclip_norm = 1.0".to_string(),
+        ),
+        _ => (
+            "strategy = \"fedavg\"\nlocal_steps = 10\nexpected_batch = 32.0\nlearning_rate = 1.0\nserver_learning_rate = 1.0".to_string(),
+            "unit = \"record\"\nclip_norm = 1.0\nnoise_multiplier = 1.1".to_string(),
+        ),
+    };
+    let noise = if opts.unit == "site" { format!("target_epsilon = {:?}", opts.epsilon) } else { String::new() };
+    format!(
+        "[study]\nid = \"breast-cancer-demo\"\nmodel = {{ kind = \"logistic_regression\" }}\nrounds = {}\nmin_sites = 2\nround_timeout_secs = 60\n\n\
+         [data]\ntask = \"binary\"\nlabel = \"malignant\"\nfeatures = [{}]\nranges = {{ {} }}\n\n\
+         [training]\n{training}\n\n[privacy]\n{privacy}\n{noise}\nepsilon = {:?}\ndelta = {:?}\naccountant = \"pld\"\n\n[sites]\nenrolled = [{}]\n",
+        opts.rounds,
+        features.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", "),
+        ranges.join(", "),
+        opts.epsilon,
+        opts.delta,
+        enrolled.join(", ")
+    )
+}
+
+fn write(path: &Path, bytes: &[u8]) -> DemoResult<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(s)?;
+    }
+    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A free UDP port on loopback (the coordinator binds it right after).
+fn free_port() -> DemoResult<u16> {
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).map_err(s)?;
+    Ok(sock.local_addr().map_err(s)?.port())
+}
+
+/// Creates the PKI, the site folders and configs; returns the server TLS config and the
+/// site configs.
+fn setup(root: &Path, opts: &DemoOptions, shards: &[Dataset], addr: SocketAddr) -> DemoResult<(rustls::ServerConfig, Vec<SiteConfig>)> {
+    let ca = pki::generate_ca("fedpriv demo CA", 2).map_err(s)?;
+    let server_cert = pki::issue_server_cert(&ca, &["localhost".to_string()], &[addr.ip()], 2).map_err(s)?;
+    let tls = pki::server_config(ca.cert_pem.as_bytes(), server_cert.cert_pem.as_bytes(), server_cert.key_pem.as_bytes(), &[]).map_err(s)?;
+    let mut sites = Vec::new();
+    for (name, shard) in SITES.iter().zip(shards) {
+        let dir = root.join(name);
+        let id = Identity::new(Role::Site, *name).map_err(s)?;
+        let cert = pki::issue_identity_cert(&ca, &id, 2).map_err(s)?;
+        write(&dir.join("ca.pem"), ca.cert_pem.as_bytes())?;
+        write(&dir.join("site.pem"), cert.cert_pem.as_bytes())?;
+        write(&dir.join("site.key"), cert.key_pem.as_bytes())?;
+        data::write_csv(shard, dir.join("patients.csv")).map_err(s)?;
+        let toml = format!(
+            "[site]\nname = \"{name}\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n[coordinator]\naddress = \"{addr}\"\nserver_name = \"localhost\"\n\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n[studies.breast-cancer-demo]\ndata = \"patients.csv\"\nepsilon_cap = {:?}\n",
+            opts.site_cap
+        );
+        write(&dir.join("site.toml"), toml.as_bytes())?;
+        sites.push(SiteConfig::load(&dir.join("site.toml")).map_err(s)?);
+    }
+    Ok((tls, sites))
+}
+
+/// Runs the demo federation in `root`; `on_round` sees every completed round as it happens.
+pub async fn run(root: &Path, opts: &DemoOptions, mut on_round: impl FnMut(&RoundReport)) -> DemoResult<DemoReport> {
+    let (shards, test, features, bounds) = split(opts)?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let (tls, sites) = setup(root, opts, &shards, addr)?;
+    let toml = study_toml(opts, &features, &bounds);
+    let cfg = StudyConfig::from_toml(&toml).map_err(|e| format!("demo study config: {e}"))?;
+    let arch_kind = cfg.model;
+    let spec = arch::model_spec(arch_kind, features.len(), 1).map_err(s)?;
+    let state_dir = root.join("coordinator");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (note_tx, mut note_rx) = mpsc::unbounded_channel();
+    let study_id = cfg.id.clone();
+    let server_opts = Options { listen: addr, state_dir: state_dir.clone(), tls, studies: vec![(cfg, toml)], max_concurrent_uploads: 2 };
+    let coordinator = tokio::spawn(server::run(server_opts, stop_rx.clone(), Some(note_tx), false));
+    let site_state_dirs = sites.iter().map(|c| c.state_dir.clone()).collect();
+    let daemons: Vec<_> = sites.into_iter().map(|c| tokio::spawn(fedpriv_client::daemon::run(c, stop_rx.clone()))).collect();
+
+    let mut rounds = Vec::new();
+    let end_reason = loop {
+        let note = tokio::time::timeout(Duration::from_secs(300), note_rx.recv()).await.map_err(|_| "no progress for 5 minutes".to_string())?;
+        match note {
+            Some(Notification::RoundCompleted { round, model, contributors, epsilon, budget, .. }) => {
+                let m = FlatModel::new(spec.clone(), model.to_vec()).map_err(s)?;
+                let metrics = train::evaluate(&m, arch_kind, &test).map_err(s)?;
+                let r = RoundReport { round, sites: contributors, loss: metrics.loss, accuracy: metrics.accuracy.unwrap_or(f64::NAN), epsilon, budget };
+                on_round(&r);
+                rounds.push(r);
+            }
+            Some(Notification::RoundAborted { round, reason, .. }) => tracing::warn!(round, %reason, "round aborted"),
+            Some(Notification::StudyEnded { reason, .. }) => break reason,
+            None => return Err("the coordinator stopped unexpectedly".into()),
+        }
+    };
+    let _ = stop_tx.send(true);
+    for d in daemons {
+        d.await.map_err(s)?.map_err(s)?;
+    }
+    coordinator.await.map_err(s)?.map_err(s)?;
+    let final_accuracy = rounds.last().map(|r| r.accuracy).unwrap_or(f64::NAN);
+    Ok(DemoReport { rounds, end_reason, final_accuracy, state_dir, site_state_dirs, study_id })
+}
+
+/// The same federation without privacy: FedAvg of plain local SGD, same rounds and split.
+pub fn non_private_baseline(opts: &DemoOptions, rounds: u64) -> DemoResult<f64> {
+    let (shards, test, _features, bounds) = split(opts)?;
+    let arch_kind = Architecture::LogisticRegression;
+    let mut global = arch::init_model(arch_kind, test.d, 1, 0).map_err(s)?;
+    let shards: Vec<Dataset> = shards.into_iter().map(|d| scaled(d, &bounds)).collect::<Result<_, _>>()?;
+    let local = LocalTraining { epochs: 1, batch_size: 32, learning_rate: 0.5 };
+    for r in 0..rounds.max(1) {
+        let mut sum = vec![0f32; global.values.len()];
+        for (i, shard) in shards.iter().enumerate() {
+            let trained = train::train_local(&global, arch_kind, shard, &local, opts.seed ^ (r * 31 + i as u64)).map_err(s)?;
+            for ((acc, a), b) in sum.iter_mut().zip(&trained.values).zip(&global.values) {
+                *acc += a - b;
+            }
+        }
+        let k = shards.len() as f32;
+        for (g, d) in global.values.iter_mut().zip(&sum) {
+            *g += d / k;
+        }
+    }
+    Ok(train::evaluate(&global, arch_kind, &test).map_err(s)?.accuracy.unwrap_or(f64::NAN))
+}
