@@ -32,10 +32,19 @@ struct Args {
 async fn main() -> Result<(), String> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let opts = DemoOptions { unit: args.unit, epsilon: args.epsilon, rounds: args.rounds, seed: args.seed, non_iid: !args.iid, ..DemoOptions::default() };
+    let opts = DemoOptions {
+        unit: args.unit,
+        epsilon: args.epsilon,
+        rounds: args.rounds,
+        seed: args.seed,
+        non_iid: !args.iid,
+        ..DemoOptions::default()
+    };
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     println!(
         "fedpriv demo: 3 hospitals, breast-cancer data ({} split), privacy unit {}, budget epsilon {} at delta {}",
@@ -44,7 +53,10 @@ async fn main() -> Result<(), String> {
         opts.epsilon,
         opts.delta
     );
-    println!("{:>5}  {:<28} {:>8} {:>9} {:>9} {:>11}", "round", "sites", "loss", "accuracy", "epsilon", "budget left");
+    println!(
+        "{:>5}  {:<28} {:>8} {:>9} {:>9} {:>11}",
+        "round", "sites", "loss", "accuracy", "epsilon", "budget left"
+    );
     let report = demo::run(dir.path(), &opts, |r| {
         println!(
             "{:>5}  {:<28} {:>8.4} {:>8.1}% {:>9.4} {:>11.4}",

@@ -22,7 +22,9 @@ pub const SITES: [&str; 3] = ["st-marys", "general", "childrens"];
 
 /// Where the bundled data lives (relative to the workspace root).
 pub fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join("data")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join("data")
 }
 
 /// What to run.
@@ -42,7 +44,15 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        Self { unit: "record".into(), epsilon: 2.0, delta: 1e-5, rounds: 40, seed: 42, non_iid: true, site_cap: 10.0 }
+        Self {
+            unit: "record".into(),
+            epsilon: 2.0,
+            delta: 1e-5,
+            rounds: 40,
+            seed: 42,
+            non_iid: true,
+            site_cap: 10.0,
+        }
     }
 }
 
@@ -78,8 +88,16 @@ fn s<E: std::fmt::Display>(e: E) -> String {
 pub fn breast_cancer() -> DemoResult<(Dataset, Vec<String>, Vec<[f32; 2]>)> {
     let ranges = data::load_ranges(data_dir().join("breast_cancer_ranges.toml")).map_err(s)?;
     let features: Vec<String> = ranges.features.keys().cloned().collect();
-    let sel = ColumnSelection { features: features.clone(), label: "malignant".into() };
-    let ds = data::load_csv(data_dir().join("breast_cancer_wisconsin.csv"), &sel, &LoadOptions::binary()).map_err(s)?;
+    let sel = ColumnSelection {
+        features: features.clone(),
+        label: "malignant".into(),
+    };
+    let ds = data::load_csv(
+        data_dir().join("breast_cancer_wisconsin.csv"),
+        &sel,
+        &LoadOptions::binary(),
+    )
+    .map_err(s)?;
     let fr = ranges.for_features(&features).map_err(s)?;
     let bounds = fr.iter().map(|r| [r.lo(), r.hi()]).collect();
     Ok((ds, features, bounds))
@@ -87,14 +105,29 @@ pub fn breast_cancer() -> DemoResult<(Dataset, Vec<String>, Vec<[f32; 2]>)> {
 
 /// Scales a dataset by the declared ranges, as every site does.
 pub fn scaled(mut ds: Dataset, bounds: &[[f32; 2]]) -> DemoResult<Dataset> {
-    let fr = bounds.iter().map(|b| data::FeatureRange::new(f64::from(b[0]), f64::from(b[1]))).collect::<Result<Vec<_>, _>>().map_err(s)?;
+    let fr = bounds
+        .iter()
+        .map(|b| data::FeatureRange::new(f64::from(b[0]), f64::from(b[1])))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(s)?;
     data::scale_features(&mut ds, &fr).map_err(s)?;
     Ok(ds)
 }
 
-/// The train shards (one per site, unscaled, as CSV files would hold them) and the scaled
-/// held-out test set.
-pub fn split(opts: &DemoOptions) -> DemoResult<(Vec<Dataset>, Dataset, Vec<String>, Vec<[f32; 2]>)> {
+/// The train shards (one per site, unscaled, as CSV files would hold them), the scaled
+/// held-out test set, and the feature names with their public ranges.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub shards: Vec<Dataset>,
+    pub test: Dataset,
+    pub features: Vec<String>,
+    pub bounds: Vec<[f32; 2]>,
+}
+
+/// Splits the bundled data as `opts` says.
+pub fn split(
+    opts: &DemoOptions,
+) -> DemoResult<Split> {
     let (ds, features, bounds) = breast_cancer()?;
     let (train, test) = data::train_test_split(&ds, 0.2, opts.seed).map_err(s)?;
     let shards = if opts.non_iid {
@@ -102,13 +135,17 @@ pub fn split(opts: &DemoOptions) -> DemoResult<(Vec<Dataset>, Dataset, Vec<Strin
     } else {
         data::split_iid(&train, SITES.len(), opts.seed).map_err(s)?
     };
-    Ok((shards, scaled(test, &bounds)?, features, bounds))
+    Ok(Split { shards, test: scaled(test, &bounds)?, features, bounds })
 }
 
 /// The study's TOML. The hyperparameters are the README's recommended defaults, chosen
 /// before looking at test results.
 pub fn study_toml(opts: &DemoOptions, features: &[String], bounds: &[[f32; 2]]) -> String {
-    let ranges: Vec<String> = features.iter().zip(bounds).map(|(f, b)| format!("{f} = [{:?}, {:?}]", b[0], b[1])).collect();
+    let ranges: Vec<String> = features
+        .iter()
+        .zip(bounds)
+        .map(|(f, b)| format!("{f} = [{:?}, {:?}]", b[0], b[1]))
+        .collect();
     let enrolled: Vec<String> = SITES.iter().map(|s| format!("{s:?}")).collect();
     let (training, privacy) = match opts.unit.as_str() {
         "site" => (
@@ -116,11 +153,15 @@ pub fn study_toml(opts: &DemoOptions, features: &[String], bounds: &[[f32; 2]]) 
             "unit = \"site\"\nplacement = \"local\"\nsite_sample_rate = 1.0\nclip_norm = 1.0".to_string(),
         ),
         _ => (
-            "strategy = \"fedavg\"\nlocal_steps = 10\nexpected_batch = 32.0\nlearning_rate = 1.0\nserver_learning_rate = 1.0".to_string(),
-            "unit = \"record\"\nclip_norm = 1.0\nnoise_multiplier = 1.1".to_string(),
+            "strategy = \"fedavg\"\nlocal_steps = 5\nexpected_batch = 16.0\nlearning_rate = 1.0\nserver_learning_rate = 1.0".to_string(),
+            "unit = \"record\"\nclip_norm = 1.0\nnoise_multiplier = 2.5".to_string(),
         ),
     };
-    let noise = if opts.unit == "site" { format!("target_epsilon = {:?}", opts.epsilon) } else { String::new() };
+    let noise = if opts.unit == "site" {
+        format!("target_epsilon = {:?}", opts.epsilon)
+    } else {
+        String::new()
+    };
     format!(
         "[study]\nid = \"breast-cancer-demo\"\nmodel = {{ kind = \"logistic_regression\" }}\nrounds = {}\nmin_sites = 2\nround_timeout_secs = 60\n\n\
          [data]\ntask = \"binary\"\nlabel = \"malignant\"\nfeatures = [{}]\nranges = {{ {} }}\n\n\
@@ -149,10 +190,22 @@ fn free_port() -> DemoResult<u16> {
 
 /// Creates the PKI, the site folders and configs; returns the server TLS config and the
 /// site configs.
-fn setup(root: &Path, opts: &DemoOptions, shards: &[Dataset], addr: SocketAddr) -> DemoResult<(rustls::ServerConfig, Vec<SiteConfig>)> {
+fn setup(
+    root: &Path,
+    opts: &DemoOptions,
+    shards: &[Dataset],
+    addr: SocketAddr,
+) -> DemoResult<(rustls::ServerConfig, Vec<SiteConfig>)> {
     let ca = pki::generate_ca("fedpriv demo CA", 2).map_err(s)?;
-    let server_cert = pki::issue_server_cert(&ca, &["localhost".to_string()], &[addr.ip()], 2).map_err(s)?;
-    let tls = pki::server_config(ca.cert_pem.as_bytes(), server_cert.cert_pem.as_bytes(), server_cert.key_pem.as_bytes(), &[]).map_err(s)?;
+    let server_cert =
+        pki::issue_server_cert(&ca, &["localhost".to_string()], &[addr.ip()], 2).map_err(s)?;
+    let tls = pki::server_config(
+        ca.cert_pem.as_bytes(),
+        server_cert.cert_pem.as_bytes(),
+        server_cert.key_pem.as_bytes(),
+        &[],
+    )
+    .map_err(s)?;
     let mut sites = Vec::new();
     for (name, shard) in SITES.iter().zip(shards) {
         let dir = root.join(name);
@@ -174,8 +227,12 @@ fn setup(root: &Path, opts: &DemoOptions, shards: &[Dataset], addr: SocketAddr) 
 }
 
 /// Runs the demo federation in `root`; `on_round` sees every completed round as it happens.
-pub async fn run(root: &Path, opts: &DemoOptions, mut on_round: impl FnMut(&RoundReport)) -> DemoResult<DemoReport> {
-    let (shards, test, features, bounds) = split(opts)?;
+pub async fn run(
+    root: &Path,
+    opts: &DemoOptions,
+    mut on_round: impl FnMut(&RoundReport),
+) -> DemoResult<DemoReport> {
+    let Split { shards, test, features, bounds } = split(opts)?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let (tls, sites) = setup(root, opts, &shards, addr)?;
     let toml = study_toml(opts, &features, &bounds);
@@ -186,23 +243,55 @@ pub async fn run(root: &Path, opts: &DemoOptions, mut on_round: impl FnMut(&Roun
     let (stop_tx, stop_rx) = watch::channel(false);
     let (note_tx, mut note_rx) = mpsc::unbounded_channel();
     let study_id = cfg.id.clone();
-    let server_opts = Options { listen: addr, state_dir: state_dir.clone(), tls, studies: vec![(cfg, toml)], max_concurrent_uploads: 2 };
-    let coordinator = tokio::spawn(server::run(server_opts, stop_rx.clone(), Some(note_tx), false));
+    let server_opts = Options {
+        listen: addr,
+        state_dir: state_dir.clone(),
+        tls,
+        studies: vec![(cfg, toml)],
+        max_concurrent_uploads: 2,
+    };
+    let coordinator = tokio::spawn(server::run(
+        server_opts,
+        stop_rx.clone(),
+        Some(note_tx),
+        false,
+    ));
     let site_state_dirs = sites.iter().map(|c| c.state_dir.clone()).collect();
-    let daemons: Vec<_> = sites.into_iter().map(|c| tokio::spawn(fedpriv_client::daemon::run(c, stop_rx.clone()))).collect();
+    let daemons: Vec<_> = sites
+        .into_iter()
+        .map(|c| tokio::spawn(fedpriv_client::daemon::run(c, stop_rx.clone())))
+        .collect();
 
     let mut rounds = Vec::new();
     let end_reason = loop {
-        let note = tokio::time::timeout(Duration::from_secs(300), note_rx.recv()).await.map_err(|_| "no progress for 5 minutes".to_string())?;
+        let note = tokio::time::timeout(Duration::from_secs(300), note_rx.recv())
+            .await
+            .map_err(|_| "no progress for 5 minutes".to_string())?;
         match note {
-            Some(Notification::RoundCompleted { round, model, contributors, epsilon, budget, .. }) => {
+            Some(Notification::RoundCompleted {
+                round,
+                model,
+                contributors,
+                epsilon,
+                budget,
+                ..
+            }) => {
                 let m = FlatModel::new(spec.clone(), model.to_vec()).map_err(s)?;
                 let metrics = train::evaluate(&m, arch_kind, &test).map_err(s)?;
-                let r = RoundReport { round, sites: contributors, loss: metrics.loss, accuracy: metrics.accuracy.unwrap_or(f64::NAN), epsilon, budget };
+                let r = RoundReport {
+                    round,
+                    sites: contributors,
+                    loss: metrics.loss,
+                    accuracy: metrics.accuracy.unwrap_or(f64::NAN),
+                    epsilon,
+                    budget,
+                };
                 on_round(&r);
                 rounds.push(r);
             }
-            Some(Notification::RoundAborted { round, reason, .. }) => tracing::warn!(round, %reason, "round aborted"),
+            Some(Notification::RoundAborted { round, reason, .. }) => {
+                tracing::warn!(round, %reason, "round aborted")
+            }
             Some(Notification::StudyEnded { reason, .. }) => break reason,
             None => return Err("the coordinator stopped unexpectedly".into()),
         }
@@ -213,20 +302,41 @@ pub async fn run(root: &Path, opts: &DemoOptions, mut on_round: impl FnMut(&Roun
     }
     coordinator.await.map_err(s)?.map_err(s)?;
     let final_accuracy = rounds.last().map(|r| r.accuracy).unwrap_or(f64::NAN);
-    Ok(DemoReport { rounds, end_reason, final_accuracy, state_dir, site_state_dirs, study_id })
+    Ok(DemoReport {
+        rounds,
+        end_reason,
+        final_accuracy,
+        state_dir,
+        site_state_dirs,
+        study_id,
+    })
 }
 
 /// The same federation without privacy: FedAvg of plain local SGD, same rounds and split.
 pub fn non_private_baseline(opts: &DemoOptions, rounds: u64) -> DemoResult<f64> {
-    let (shards, test, _features, bounds) = split(opts)?;
+    let Split { shards, test, bounds, .. } = split(opts)?;
     let arch_kind = Architecture::LogisticRegression;
     let mut global = arch::init_model(arch_kind, test.d, 1, 0).map_err(s)?;
-    let shards: Vec<Dataset> = shards.into_iter().map(|d| scaled(d, &bounds)).collect::<Result<_, _>>()?;
-    let local = LocalTraining { epochs: 1, batch_size: 32, learning_rate: 0.5 };
+    let shards: Vec<Dataset> = shards
+        .into_iter()
+        .map(|d| scaled(d, &bounds))
+        .collect::<Result<_, _>>()?;
+    let local = LocalTraining {
+        epochs: 1,
+        batch_size: 32,
+        learning_rate: 0.5,
+    };
     for r in 0..rounds.max(1) {
         let mut sum = vec![0f32; global.values.len()];
         for (i, shard) in shards.iter().enumerate() {
-            let trained = train::train_local(&global, arch_kind, shard, &local, opts.seed ^ (r * 31 + i as u64)).map_err(s)?;
+            let trained = train::train_local(
+                &global,
+                arch_kind,
+                shard,
+                &local,
+                opts.seed ^ (r * 31 + i as u64),
+            )
+            .map_err(s)?;
             for ((acc, a), b) in sum.iter_mut().zip(&trained.values).zip(&global.values) {
                 *acc += a - b;
             }
@@ -236,5 +346,8 @@ pub fn non_private_baseline(opts: &DemoOptions, rounds: u64) -> DemoResult<f64> 
             *g += d / k;
         }
     }
-    Ok(train::evaluate(&global, arch_kind, &test).map_err(s)?.accuracy.unwrap_or(f64::NAN))
+    Ok(train::evaluate(&global, arch_kind, &test)
+        .map_err(s)?
+        .accuracy
+        .unwrap_or(f64::NAN))
 }

@@ -19,7 +19,10 @@ pub enum SiteConfigError {
 }
 
 fn field(f: impl Into<String>, reason: impl std::fmt::Display) -> SiteConfigError {
-    SiteConfigError::Field { field: f.into(), reason: reason.to_string() }
+    SiteConfigError::Field {
+        field: f.into(),
+        reason: reason.to_string(),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,7 +92,8 @@ pub struct SiteConfig {
 
 impl SiteConfig {
     pub fn load(path: &Path) -> Result<Self, SiteConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| SiteConfigError::Parse(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SiteConfigError::Parse(format!("{}: {e}", path.display())))?;
         Self::from_toml(&text, path.parent().unwrap_or(Path::new(".")))
     }
 
@@ -103,14 +107,24 @@ impl SiteConfig {
             .parse()
             .map_err(|e| field("coordinator.address", format!("{e} (expected IP:port)")))?;
         if raw.coordinator.server_name.is_empty() {
-            return Err(field("coordinator.server_name", "must name the coordinator's certificate (e.g. localhost)"));
+            return Err(field(
+                "coordinator.server_name",
+                "must name the coordinator's certificate (e.g. localhost)",
+            ));
         }
         let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let mut studies = BTreeMap::new();
         for (id, s) in raw.studies {
             validate_name(&id).map_err(|e| field(format!("studies.{id}"), e))?;
-            let epsilon_cap = Epsilon::new(s.epsilon_cap).map_err(|e| field(format!("studies.{id}.epsilon_cap"), e))?;
-            studies.insert(id, SiteStudy { data: abs(s.data), epsilon_cap });
+            let epsilon_cap = Epsilon::new(s.epsilon_cap)
+                .map_err(|e| field(format!("studies.{id}.epsilon_cap"), e))?;
+            studies.insert(
+                id,
+                SiteStudy {
+                    data: abs(s.data),
+                    epsilon_cap,
+                },
+            );
         }
         Ok(Self {
             name: raw.site.name,
@@ -162,10 +176,17 @@ epsilon_cap = 3.0
     #[test]
     fn errors_name_the_field() {
         let bad = TOML.replace("epsilon_cap = 3.0", "epsilon_cap = 0.0");
-        assert!(matches!(SiteConfig::from_toml(&bad, Path::new("/")), Err(SiteConfigError::Field { field, .. }) if field == "studies.bc.epsilon_cap"));
+        assert!(
+            matches!(SiteConfig::from_toml(&bad, Path::new("/")), Err(SiteConfigError::Field { field, .. }) if field == "studies.bc.epsilon_cap")
+        );
         let bad = TOML.replace("max_delta = 1e-5", "max_delta = 2.0");
-        assert!(matches!(SiteConfig::from_toml(&bad, Path::new("/")), Err(SiteConfigError::Field { field, .. }) if field == "site.max_delta"));
+        assert!(
+            matches!(SiteConfig::from_toml(&bad, Path::new("/")), Err(SiteConfigError::Field { field, .. }) if field == "site.max_delta")
+        );
         let bad = TOML.replace("[tls]", "[tls]\ninsecure = true");
-        assert!(matches!(SiteConfig::from_toml(&bad, Path::new("/")), Err(SiteConfigError::Parse(_))));
+        assert!(matches!(
+            SiteConfig::from_toml(&bad, Path::new("/")),
+            Err(SiteConfigError::Parse(_))
+        ));
     }
 }

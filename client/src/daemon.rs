@@ -44,16 +44,35 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, DaemonError> {
 
 /// Runs until `shutdown` turns true.
 pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| DaemonError::Config(format!("{}: {e}", cfg.state_dir.display())))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|e| DaemonError::Config(format!("{}: {e}", cfg.state_dir.display())))?;
     let ledger = SiteLedger::open(cfg.state_dir.join("site-ledger.db"))?;
-    let tls = pki::client_config(&read(&cfg.ca)?, &read(&cfg.cert)?, &read(&cfg.key)?).map_err(|e| DaemonError::Config(e.to_string()))?;
-    let endpoint = transport::client_endpoint(tls, transport::bind_addr_for(cfg.coordinator), &TransportLimits::site())?;
+    let tls = pki::client_config(&read(&cfg.ca)?, &read(&cfg.cert)?, &read(&cfg.key)?)
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
+    let endpoint = transport::client_endpoint(
+        tls,
+        transport::bind_addr_for(cfg.coordinator),
+        &TransportLimits::site(),
+    )?;
     let noise = NoiseSource::from_os().map_err(|e| DaemonError::Internal(e.to_string()))?;
     let (addr, server_name, name) = (cfg.coordinator, cfg.server_name.clone(), cfg.name.clone());
-    let state = Arc::new(Mutex::new(SiteState { cfg, ledger, noise, studies: BTreeMap::new() }));
+    let state = Arc::new(Mutex::new(SiteState {
+        cfg,
+        ledger,
+        noise,
+        studies: BTreeMap::new(),
+    }));
     let mut backoff = Backoff::default();
     loop {
-        let conn = match transport::connect_with_backoff(&endpoint, addr, &server_name, &mut backoff, &mut shutdown).await {
+        let conn = match transport::connect_with_backoff(
+            &endpoint,
+            addr,
+            &server_name,
+            &mut backoff,
+            &mut shutdown,
+        )
+        .await
+        {
             Ok(c) => c,
             Err(DialError::Shutdown) => break,
             Err(e) => return Err(e.into()),
@@ -74,7 +93,10 @@ pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result
 
 /// Serves one connection; returns why it ended.
 async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteState>>) -> String {
-    let hello = SiteMessage::Hello { version: PROTOCOL_VERSION, claimed_site: name.to_string() };
+    let hello = SiteMessage::Hello {
+        version: PROTOCOL_VERSION,
+        claimed_site: name.to_string(),
+    };
     if let Err(e) = quic_io::send_message(conn, &hello, None).await {
         return format!("hello failed: {e}");
     }
@@ -94,13 +116,17 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
         match msg {
             CoordinatorMessage::Welcome { version, studies } => {
                 if version != PROTOCOL_VERSION {
-                    return format!("coordinator speaks protocol {version}, this site {PROTOCOL_VERSION}");
+                    return format!(
+                        "coordinator speaks protocol {version}, this site {PROTOCOL_VERSION}"
+                    );
                 }
                 for ann in studies {
                     let study = ann.study.clone();
                     let st = Arc::clone(state);
                     let prepared = tokio::task::spawn_blocking(move || {
-                        let guard = st.lock().map_err(|_| DeclineReason::Internal("state lock poisoned".into()))?;
+                        let guard = st
+                            .lock()
+                            .map_err(|_| DeclineReason::Internal("state lock poisoned".into()))?;
                         site::prepare_study(&guard.cfg, &ann)
                     })
                     .await
@@ -125,25 +151,37 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                 }
             }
             CoordinatorMessage::Task(task) => {
-                let study = state.lock().ok().and_then(|g| g.studies.get(&task.study).cloned());
+                let study = state
+                    .lock()
+                    .ok()
+                    .and_then(|g| g.studies.get(&task.study).cloned());
                 let Some(study) = study else {
-                    let reply = SiteMessage::Decline { study: task.study.clone(), round: task.round, reason: DeclineReason::StudyNotAllowed };
+                    let reply = SiteMessage::Decline {
+                        study: task.study.clone(),
+                        round: task.round,
+                        reason: DeclineReason::StudyNotAllowed,
+                    };
                     let _ = quic_io::send_message(conn, &reply, None).await;
                     continue;
                 };
                 let mut global = vec![0f32; study.spec.num_values()];
-                if let Err(e) = quic_io::recv_tensor_body(&mut recv, &task.header, &study.spec, |off, chunk| {
-                    global[off..off + chunk.len()].copy_from_slice(chunk);
-                })
-                .await
+                if let Err(e) =
+                    quic_io::recv_tensor_body(&mut recv, &task.header, &study.spec, |off, chunk| {
+                        global[off..off + chunk.len()].copy_from_slice(chunk);
+                    })
+                    .await
                 {
                     tracing::warn!(error = %e, "task body refused");
                     continue;
                 }
                 let (st, t, coord) = (Arc::clone(state), task.clone(), coordinator.clone());
                 let outcome = tokio::task::spawn_blocking(move || {
-                    let mut guard = st.lock().map_err(|_| DeclineReason::Internal("state lock poisoned".into()))?;
-                    let SiteState { cfg, ledger, noise, .. } = &mut *guard;
+                    let mut guard = st
+                        .lock()
+                        .map_err(|_| DeclineReason::Internal("state lock poisoned".into()))?;
+                    let SiteState {
+                        cfg, ledger, noise, ..
+                    } = &mut *guard;
                     site::run_task(cfg, &study, ledger, noise, &t, global, &coord)
                 })
                 .await
@@ -151,20 +189,43 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                 let sent = match outcome {
                     Ok(update) => {
                         tracing::info!(study = %task.study, round = task.round, "update trained, noised and sent");
-                        let header = TensorHeader::for_spec(&task_spec(state, &task.study), Dtype::F32);
-                        quic_io::send_message(conn, &SiteMessage::Update { study: task.study.clone(), round: task.round, header }, Some(&update)).await
+                        let header =
+                            TensorHeader::for_spec(&task_spec(state, &task.study), Dtype::F32);
+                        quic_io::send_message(
+                            conn,
+                            &SiteMessage::Update {
+                                study: task.study.clone(),
+                                round: task.round,
+                                header,
+                            },
+                            Some(&update),
+                        )
+                        .await
                     }
                     Err(reason) => {
                         tracing::warn!(study = %task.study, round = task.round, %reason, "declined the round");
-                        quic_io::send_message(conn, &SiteMessage::Decline { study: task.study.clone(), round: task.round, reason }, None).await
+                        quic_io::send_message(
+                            conn,
+                            &SiteMessage::Decline {
+                                study: task.study.clone(),
+                                round: task.round,
+                                reason,
+                            },
+                            None,
+                        )
+                        .await
                     }
                 };
                 if let Err(e) = sent {
                     return format!("send failed: {e}");
                 }
             }
-            CoordinatorMessage::StudyEnded { study, reason } => tracing::info!(%study, %reason, "study ended"),
-            CoordinatorMessage::Refused { reason } => return format!("refused by the coordinator: {reason}"),
+            CoordinatorMessage::StudyEnded { study, reason } => {
+                tracing::info!(%study, %reason, "study ended")
+            }
+            CoordinatorMessage::Refused { reason } => {
+                return format!("refused by the coordinator: {reason}")
+            }
         }
     }
 }
@@ -174,5 +235,7 @@ fn task_spec(state: &Arc<Mutex<SiteState>>, study: &str) -> fedpriv_common::mode
         .lock()
         .ok()
         .and_then(|g| g.studies.get(study).map(|s| s.spec.clone()))
-        .unwrap_or(fedpriv_common::model::ModelSpec { tensors: Vec::new() })
+        .unwrap_or(fedpriv_common::model::ModelSpec {
+            tensors: Vec::new(),
+        })
 }

@@ -65,13 +65,28 @@ fn run(config: PathBuf) -> Result<(), String> {
 
 fn ledger(config: PathBuf) -> Result<(), String> {
     let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
-    let ledger = SiteLedger::open(cfg.state_dir.join("site-ledger.db")).map_err(|e| e.to_string())?;
+    let ledger =
+        SiteLedger::open(cfg.state_dir.join("site-ledger.db")).map_err(|e| e.to_string())?;
     for study in ledger.studies().map_err(|e| e.to_string())? {
         let spends = ledger.spends(&study).map_err(|e| e.to_string())?;
-        let cap = cfg.studies.get(&study).map(|s| s.epsilon_cap.get().to_string()).unwrap_or_else(|| "none (not configured)".into());
-        println!("study {study}: {} round(s) paid, cap epsilon {cap} at delta <= {}", spends.len(), cfg.max_delta);
+        let cap = cfg
+            .studies
+            .get(&study)
+            .map(|s| s.epsilon_cap.get().to_string())
+            .unwrap_or_else(|| "none (not configured)".into());
+        println!(
+            "study {study}: {} round(s) paid, cap epsilon {cap} at delta <= {}",
+            spends.len(),
+            cfg.max_delta
+        );
         for s in spends {
-            println!("  round {:>4}: q {:.4} sigma {:.4} steps {}", s.round, s.event.q.get(), s.event.sigma.get(), s.event.steps);
+            println!(
+                "  round {:>4}: q {:.4} sigma {:.4} steps {}",
+                s.round,
+                s.event.q.get(),
+                s.event.sigma.get(),
+                s.event.steps
+            );
         }
     }
     Ok(())
@@ -80,7 +95,9 @@ fn ledger(config: PathBuf) -> Result<(), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {

@@ -34,14 +34,23 @@ pub struct PreparedStudy {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Loads only the study's feature and label columns and scales them by the study's public
 /// ranges (no statistic of the site's patients leaves the site or shapes the scaling).
-pub fn load_study_data(ann: &StudyAnnouncement, path: &std::path::Path) -> Result<Dataset, DeclineReason> {
+pub fn load_study_data(
+    ann: &StudyAnnouncement,
+    path: &std::path::Path,
+) -> Result<Dataset, DeclineReason> {
     let unavailable = |e: &dyn std::fmt::Display| DeclineReason::DataUnavailable(e.to_string());
-    let selection = ColumnSelection { features: ann.data.features.clone(), label: ann.data.label.clone() };
+    let selection = ColumnSelection {
+        features: ann.data.features.clone(),
+        label: ann.data.label.clone(),
+    };
     let options = match ann.data.task {
         TaskKind::Binary => LoadOptions::binary(),
         TaskKind::Regression => LoadOptions::regression(),
@@ -63,22 +72,43 @@ pub fn load_study_data(ann: &StudyAnnouncement, path: &std::path::Path) -> Resul
 }
 
 /// Accepts or refuses a study the coordinator announced.
-pub fn prepare_study(cfg: &SiteConfig, ann: &StudyAnnouncement) -> Result<PreparedStudy, DeclineReason> {
-    let local = cfg.studies.get(&ann.study).cloned().ok_or(DeclineReason::StudyNotAllowed)?;
+pub fn prepare_study(
+    cfg: &SiteConfig,
+    ann: &StudyAnnouncement,
+) -> Result<PreparedStudy, DeclineReason> {
+    let local = cfg
+        .studies
+        .get(&ann.study)
+        .cloned()
+        .ok_or(DeclineReason::StudyNotAllowed)?;
     if ann.delta > cfg.max_delta.get() {
-        return Err(DeclineReason::DeltaTooLarge { delta: ann.delta, max: cfg.max_delta.get() });
+        return Err(DeclineReason::DeltaTooLarge {
+            delta: ann.delta,
+            max: cfg.max_delta.get(),
+        });
     }
-    let spec = arch::model_spec(ann.model, ann.data.features.len(), 1).map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
+    let spec = arch::model_spec(ann.model, ann.data.features.len(), 1)
+        .map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
     let data = load_study_data(ann, &local.data)?;
     if data.n == 0 {
-        return Err(DeclineReason::DataUnavailable("the data file has no records".into()));
+        return Err(DeclineReason::DataUnavailable(
+            "the data file has no records".into(),
+        ));
     }
     // Record-level DP means little when delta is not well below 1/n: one record could be
     // given away outright with probability delta.
     if ann.unit == PrivacyUnit::Record && ann.delta >= 1.0 / data.n as f64 {
-        return Err(DeclineReason::DeltaTooLarge { delta: ann.delta, max: 1.0 / data.n as f64 });
+        return Err(DeclineReason::DeltaTooLarge {
+            delta: ann.delta,
+            max: 1.0 / data.n as f64,
+        });
     }
-    Ok(PreparedStudy { announcement: ann.clone(), spec, data, local })
+    Ok(PreparedStudy {
+        announcement: ann.clone(),
+        spec,
+        data,
+        local,
+    })
 }
 
 /// Checks a task, records its cost in the site's ledger, trains and returns the update to
@@ -94,31 +124,64 @@ pub fn run_task(
 ) -> Result<Vec<f32>, DeclineReason> {
     let ann = &study.announcement;
     let mismatch = |m: &str| Err(DeclineReason::TaskMismatch(m.to_string()));
-    if task.unit != ann.unit || task.placement != ann.placement || task.delta.to_bits() != ann.delta.to_bits() {
+    if task.unit != ann.unit
+        || task.placement != ann.placement
+        || task.delta.to_bits() != ann.delta.to_bits()
+    {
         return mismatch("privacy unit, noise placement or delta differ from the announced study");
     }
     if task.delta > cfg.max_delta.get() {
-        return Err(DeclineReason::DeltaTooLarge { delta: task.delta, max: cfg.max_delta.get() });
+        return Err(DeclineReason::DeltaTooLarge {
+            delta: task.delta,
+            max: cfg.max_delta.get(),
+        });
     }
     match (&task.local, ann.unit) {
-        (LocalPlan::Sgd { .. }, PrivacyUnit::Site) | (LocalPlan::DpSgd { .. }, PrivacyUnit::Record) => {}
+        (LocalPlan::Sgd { .. }, PrivacyUnit::Site)
+        | (LocalPlan::DpSgd { .. }, PrivacyUnit::Record) => {}
         _ => return mismatch("the training plan does not fit the privacy unit"),
     }
     // The site prices the round itself; a coordinator that under-reports is refused.
-    let sample_rate = if ann.placement == Placement::Central { task.cost.q.get() } else { 1.0 };
-    let own = round_cost(ann.unit, ann.placement, task.noise_multiplier, sample_rate, &task.local, Some(study.data.n as u64))
-        .map_err(DeclineReason::TaskMismatch)?;
+    let sample_rate = if ann.placement == Placement::Central {
+        task.cost.q.get()
+    } else {
+        1.0
+    };
+    let own = round_cost(
+        ann.unit,
+        ann.placement,
+        task.noise_multiplier,
+        sample_rate,
+        &task.local,
+        Some(study.data.n as u64),
+    )
+    .map_err(DeclineReason::TaskMismatch)?;
     if own != task.cost {
         return mismatch("the coordinator's price of the round differs from the site's own");
     }
-    let clip = ClipNorm::new(task.clip_norm).map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
-    let model = FlatModel::new(study.spec.clone(), global).map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
+    let clip =
+        ClipNorm::new(task.clip_norm).map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
+    let model = FlatModel::new(study.spec.clone(), global)
+        .map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
     let delta_t = Delta::new(task.delta).map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
 
-    let cap = Cap { epsilon: study.local.epsilon_cap, delta: delta_t, accountant: cfg.accountant };
-    match ledger.record_spend_within_cap(&task.study, task.round, own, coordinator, &cap, unix_now()) {
+    let cap = Cap {
+        epsilon: study.local.epsilon_cap,
+        delta: delta_t,
+        accountant: cfg.accountant,
+    };
+    match ledger.record_spend_within_cap(
+        &task.study,
+        task.round,
+        own,
+        coordinator,
+        &cap,
+        unix_now(),
+    ) {
         Ok(_) => {}
-        Err(StoreError::OverCap { epsilon_after, cap, .. }) => return Err(DeclineReason::OverSiteCap { epsilon_after, cap }),
+        Err(StoreError::OverCap {
+            epsilon_after, cap, ..
+        }) => return Err(DeclineReason::OverSiteCap { epsilon_after, cap }),
         Err(StoreError::AlreadySpent { .. }) => return Err(DeclineReason::AlreadySpent),
         Err(e) => return Err(DeclineReason::Internal(format!("site ledger: {e}"))),
     }
@@ -126,10 +189,19 @@ pub fn run_task(
     let internal = |e: &dyn std::fmt::Display| DeclineReason::Internal(e.to_string());
     let sigma_c = task.noise_multiplier * clip.get();
     let update = match &task.local {
-        LocalPlan::Sgd { epochs, batch_size, learning_rate } => {
+        LocalPlan::Sgd {
+            epochs,
+            batch_size,
+            learning_rate,
+        } => {
             let seed = noise.rng().next_u64();
-            let cfg = LocalTraining { epochs: *epochs, batch_size: *batch_size, learning_rate: *learning_rate };
-            let trained = train::train_local(&model, ann.model, &study.data, &cfg, seed).map_err(|e| internal(&e))?;
+            let cfg = LocalTraining {
+                epochs: *epochs,
+                batch_size: *batch_size,
+                learning_rate: *learning_rate,
+            };
+            let trained = train::train_local(&model, ann.model, &study.data, &cfg, seed)
+                .map_err(|e| internal(&e))?;
             let mut d = delta(&trained.values, &model.values);
             clip_l2(&mut d, clip);
             if ann.placement == Placement::Local {
@@ -137,20 +209,35 @@ pub fn run_task(
             }
             d
         }
-        LocalPlan::DpSgd { steps, expected_batch, learning_rate } => {
+        LocalPlan::DpSgd {
+            steps,
+            expected_batch,
+            learning_rate,
+        } => {
             let mut m = model.clone();
             let q = expected_batch / study.data.n as f64;
             for _ in 0..*steps {
                 let batch = poisson_sample(study.data.n, q, noise.rng());
                 let z = noise.gaussian(m.values.len(), sigma_c);
-                train::dp_sgd_step(&mut m, ann.model, &study.data, &batch, clip.get(), &z, *expected_batch, *learning_rate)
-                    .map_err(|e| internal(&e))?;
+                train::dp_sgd_step(
+                    &mut m,
+                    ann.model,
+                    &study.data,
+                    &batch,
+                    clip.get(),
+                    &z,
+                    *expected_batch,
+                    *learning_rate,
+                )
+                .map_err(|e| internal(&e))?;
             }
             delta(&m.values, &model.values)
         }
     };
     if update.iter().any(|v| !v.is_finite()) {
-        return Err(DeclineReason::Internal("training produced a non-finite update".into()));
+        return Err(DeclineReason::Internal(
+            "training produced a non-finite update".into(),
+        ));
     }
     Ok(update)
 }

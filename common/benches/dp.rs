@@ -14,7 +14,10 @@ fn accountants(c: &mut Criterion) {
     let delta = Delta::new(1e-5).expect("valid");
     let mut g = c.benchmark_group("accountant_q0.01_s1_T10000");
     g.measurement_time(Duration::from_secs(5));
-    for kind in [accountant::AccountantKind::Rdp, accountant::AccountantKind::Pld] {
+    for kind in [
+        accountant::AccountantKind::Rdp,
+        accountant::AccountantKind::Pld,
+    ] {
         g.bench_function(kind.as_str(), |b| {
             b.iter(|| accountant::epsilon(kind, &ev, delta).expect("finite"))
         });

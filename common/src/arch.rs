@@ -6,7 +6,11 @@ use crate::model::{Architecture, FlatModel, ModelError, ModelSpec, SpecError, Te
 
 /// The tensor layout of `arch` for this input width and number of outputs (1 for binary
 /// classification and regression).
-pub fn model_spec(arch: Architecture, n_features: usize, n_outputs: usize) -> Result<ModelSpec, SpecError> {
+pub fn model_spec(
+    arch: Architecture,
+    n_features: usize,
+    n_outputs: usize,
+) -> Result<ModelSpec, SpecError> {
     if n_features == 0 || n_outputs == 0 {
         return Err(SpecError::Empty);
     }
@@ -46,7 +50,12 @@ impl SplitMix64 {
 
 /// A fresh model. Logistic and linear regression start at zero (their loss is convex); the
 /// MLP's weights are uniform in +-1/sqrt(fan_in) from `seed`, its biases zero.
-pub fn init_model(arch: Architecture, n_features: usize, n_outputs: usize, seed: u64) -> Result<FlatModel, ModelError> {
+pub fn init_model(
+    arch: Architecture,
+    n_features: usize,
+    n_outputs: usize,
+    seed: u64,
+) -> Result<FlatModel, ModelError> {
     let spec = model_spec(arch, n_features, n_outputs)?;
     let mut values = vec![0f32; spec.num_values()];
     if let Architecture::Mlp { .. } = arch {
@@ -73,8 +82,14 @@ mod tests {
         assert_eq!(s.num_values(), 31);
         let m = init_model(Architecture::Mlp { hidden: 8 }, 4, 1, 7).expect("model");
         assert_eq!(m.values.len(), 8 * 4 + 8 + 8 + 1);
-        assert!(m.values[..32].iter().all(|v| v.abs() <= 0.5) && m.values[..32].iter().any(|v| *v != 0.0));
-        assert_eq!(m, init_model(Architecture::Mlp { hidden: 8 }, 4, 1, 7).expect("model"));
+        assert!(
+            m.values[..32].iter().all(|v| v.abs() <= 0.5)
+                && m.values[..32].iter().any(|v| *v != 0.0)
+        );
+        assert_eq!(
+            m,
+            init_model(Architecture::Mlp { hidden: 8 }, 4, 1, 7).expect("model")
+        );
         assert!(model_spec(Architecture::LinearRegression, 0, 1).is_err());
     }
 }

@@ -248,13 +248,19 @@ impl StudyConfig {
         if s.min_sites == 0 || s.min_sites > enrolled.len() {
             return Err(field(
                 "study.min_sites",
-                format!("must be between 1 and the {} enrolled sites", enrolled.len()),
+                format!(
+                    "must be between 1 and the {} enrolled sites",
+                    enrolled.len()
+                ),
             ));
         }
 
         let d = raw.data;
         if d.features.is_empty() {
-            return Err(field("data.features", "at least one feature column is needed"));
+            return Err(field(
+                "data.features",
+                "at least one feature column is needed",
+            ));
         }
         let mut seen = BTreeSet::new();
         for f in &d.features {
@@ -267,10 +273,9 @@ impl StudyConfig {
         }
         let mut ranges = Vec::with_capacity(d.features.len());
         for f in &d.features {
-            let r = d
-                .ranges
-                .get(f)
-                .ok_or_else(|| field("data.ranges", format!("no public range for feature {f:?}")))?;
+            let r = d.ranges.get(f).ok_or_else(|| {
+                field("data.ranges", format!("no public range for feature {f:?}"))
+            })?;
             if !(r[0].is_finite() && r[1].is_finite() && r[0] < r[1]) {
                 return Err(field("data.ranges", format!("{f:?}: need finite lo < hi")));
             }
@@ -282,7 +287,12 @@ impl StudyConfig {
         if d.task == Task::Regression {
             match d.label_range {
                 Some(r) if r[0].is_finite() && r[1].is_finite() && r[0] < r[1] => {}
-                _ => return Err(field("data.label_range", "regression needs a public label range [lo, hi]")),
+                _ => {
+                    return Err(field(
+                        "data.label_range",
+                        "regression needs a public label range [lo, hi]",
+                    ))
+                }
             }
         }
 
@@ -296,18 +306,28 @@ impl StudyConfig {
             return Err(field("training.learning_rate", "must be a positive number"));
         }
         if !(t.server_learning_rate.is_finite() && t.server_learning_rate > 0.0) {
-            return Err(field("training.server_learning_rate", "must be a positive number"));
+            return Err(field(
+                "training.server_learning_rate",
+                "must be a positive number",
+            ));
         }
 
         let (placement, site_sample_rate, local) = match p.unit {
             PrivacyUnit::Site => {
-                let placement = p
-                    .placement
-                    .ok_or_else(|| field("privacy.placement", "site unit needs placement = \"local\" or \"central\""))?;
-                let rate = p
-                    .site_sample_rate
-                    .ok_or_else(|| field("privacy.site_sample_rate", "site unit needs the per-round site sampling rate (1.0 = all sites)"))?;
-                let rate = SampleRate::new(rate).map_err(|e| field("privacy.site_sample_rate", e))?;
+                let placement = p.placement.ok_or_else(|| {
+                    field(
+                        "privacy.placement",
+                        "site unit needs placement = \"local\" or \"central\"",
+                    )
+                })?;
+                let rate = p.site_sample_rate.ok_or_else(|| {
+                    field(
+                        "privacy.site_sample_rate",
+                        "site unit needs the per-round site sampling rate (1.0 = all sites)",
+                    )
+                })?;
+                let rate =
+                    SampleRate::new(rate).map_err(|e| field("privacy.site_sample_rate", e))?;
                 if placement == Placement::Local && rate.get() < 1.0 {
                     return Err(field(
                         "privacy.site_sample_rate",
@@ -315,24 +335,49 @@ impl StudyConfig {
                     ));
                 }
                 if t.local_steps.is_some() || t.expected_batch.is_some() {
-                    return Err(field("training", "local_steps and expected_batch belong to the record unit"));
+                    return Err(field(
+                        "training",
+                        "local_steps and expected_batch belong to the record unit",
+                    ));
                 }
-                let epochs = t.local_epochs.ok_or_else(|| field("training.local_epochs", "required for the site unit"))?;
-                let batch_size = t.batch_size.ok_or_else(|| field("training.batch_size", "required for the site unit"))?;
+                let epochs = t
+                    .local_epochs
+                    .ok_or_else(|| field("training.local_epochs", "required for the site unit"))?;
+                let batch_size = t
+                    .batch_size
+                    .ok_or_else(|| field("training.batch_size", "required for the site unit"))?;
                 if epochs == 0 || batch_size == 0 {
-                    return Err(field("training", "local_epochs and batch_size must be at least 1"));
+                    return Err(field(
+                        "training",
+                        "local_epochs and batch_size must be at least 1",
+                    ));
                 }
-                (placement, rate, LocalPlan::Sgd { epochs, batch_size, learning_rate: t.learning_rate })
+                (
+                    placement,
+                    rate,
+                    LocalPlan::Sgd {
+                        epochs,
+                        batch_size,
+                        learning_rate: t.learning_rate,
+                    },
+                )
             }
             PrivacyUnit::Record => {
                 if p.placement.is_some() || p.site_sample_rate.is_some() {
-                    return Err(field("privacy", "placement and site_sample_rate belong to the site unit"));
+                    return Err(field(
+                        "privacy",
+                        "placement and site_sample_rate belong to the site unit",
+                    ));
                 }
                 if t.local_epochs.is_some() || t.batch_size.is_some() {
                     return Err(field("training", "the record unit uses local_steps and expected_batch, not local_epochs and batch_size"));
                 }
-                let steps = t.local_steps.ok_or_else(|| field("training.local_steps", "required for the record unit"))?;
-                let expected_batch = t.expected_batch.ok_or_else(|| field("training.expected_batch", "required for the record unit"))?;
+                let steps = t
+                    .local_steps
+                    .ok_or_else(|| field("training.local_steps", "required for the record unit"))?;
+                let expected_batch = t.expected_batch.ok_or_else(|| {
+                    field("training.expected_batch", "required for the record unit")
+                })?;
                 if steps == 0 {
                     return Err(field("training.local_steps", "must be at least 1"));
                 }
@@ -340,16 +385,30 @@ impl StudyConfig {
                     return Err(field("training.expected_batch", "must be at least 1"));
                 }
                 let rate = SampleRate::new(1.0).map_err(|e| field("privacy", e))?;
-                (Placement::Local, rate, LocalPlan::DpSgd { steps, expected_batch, learning_rate: t.learning_rate })
+                (
+                    Placement::Local,
+                    rate,
+                    LocalPlan::DpSgd {
+                        steps,
+                        expected_batch,
+                        learning_rate: t.learning_rate,
+                    },
+                )
             }
         };
 
         let noise_multiplier = match (p.noise_multiplier, p.target_epsilon) {
-            (Some(n), None) => NoiseMultiplier::new(n).map_err(|e| field("privacy.noise_multiplier", e))?,
+            (Some(n), None) => {
+                NoiseMultiplier::new(n).map_err(|e| field("privacy.noise_multiplier", e))?
+            }
             (None, Some(target)) => {
-                let target = Epsilon::new(target).map_err(|e| field("privacy.target_epsilon", e))?;
+                let target =
+                    Epsilon::new(target).map_err(|e| field("privacy.target_epsilon", e))?;
                 if target > epsilon {
-                    return Err(field("privacy.target_epsilon", "cannot exceed the study budget privacy.epsilon"));
+                    return Err(field(
+                        "privacy.target_epsilon",
+                        "cannot exceed the study budget privacy.epsilon",
+                    ));
                 }
                 if p.unit == PrivacyUnit::Record {
                     return Err(field(
@@ -357,12 +416,28 @@ impl StudyConfig {
                         "the record unit's sampling rate depends on each site's size; give noise_multiplier (plan it with `fedpriv-coordinator budget noise`)",
                     ));
                 }
-                let scale = if placement == Placement::Local { 2.0 } else { 1.0 };
-                let effective = accountant::calibrate_noise(accountant, site_sample_rate, s.rounds, target, delta)
-                    .map_err(|e| field("privacy.target_epsilon", e))?;
-                NoiseMultiplier::new(effective.get() * scale).map_err(|e| field("privacy.target_epsilon", e))?
+                let scale = if placement == Placement::Local {
+                    2.0
+                } else {
+                    1.0
+                };
+                let effective = accountant::calibrate_noise(
+                    accountant,
+                    site_sample_rate,
+                    s.rounds,
+                    target,
+                    delta,
+                )
+                .map_err(|e| field("privacy.target_epsilon", e))?;
+                NoiseMultiplier::new(effective.get() * scale)
+                    .map_err(|e| field("privacy.target_epsilon", e))?
             }
-            _ => return Err(field("privacy", "give exactly one of noise_multiplier and target_epsilon")),
+            _ => {
+                return Err(field(
+                    "privacy",
+                    "give exactly one of noise_multiplier and target_epsilon",
+                ))
+            }
         };
 
         Ok(Self {
@@ -412,7 +487,14 @@ impl PrivacyPlan {
     ///
     /// `records` is the site's reported record count (record unit only).
     pub fn round_cost(&self, local: &LocalPlan, records: Option<u64>) -> Result<SgmEvent, String> {
-        round_cost(self.unit, self.placement, self.noise_multiplier.get(), self.site_sample_rate.get(), local, records)
+        round_cost(
+            self.unit,
+            self.placement,
+            self.noise_multiplier.get(),
+            self.site_sample_rate.get(),
+            local,
+            records,
+        )
     }
 }
 
@@ -428,15 +510,28 @@ pub fn round_cost(
     records: Option<u64>,
 ) -> Result<SgmEvent, String> {
     match (unit, local) {
-        (PrivacyUnit::Record, LocalPlan::DpSgd { steps, expected_batch, .. }) => {
+        (
+            PrivacyUnit::Record,
+            LocalPlan::DpSgd {
+                steps,
+                expected_batch,
+                ..
+            },
+        ) => {
             let n = records.ok_or("the site has not reported its record count")?;
             if (n as f64) < *expected_batch {
-                return Err(format!("the site has {n} records, fewer than the expected batch {expected_batch}"));
+                return Err(format!(
+                    "the site has {n} records, fewer than the expected batch {expected_batch}"
+                ));
             }
             SgmEvent::new(expected_batch / n as f64, sigma, *steps).map_err(|e| e.to_string())
         }
         (PrivacyUnit::Site, LocalPlan::Sgd { .. }) => {
-            let s = if placement == Placement::Local { sigma / 2.0 } else { sigma };
+            let s = if placement == Placement::Local {
+                sigma / 2.0
+            } else {
+                sigma
+            };
             SgmEvent::new(site_sample_rate, s, 1).map_err(|e| e.to_string())
         }
         _ => Err("the local training plan does not match the privacy unit".into()),
@@ -497,10 +592,18 @@ enrolled = ["st-marys", "general", "north"]
             ("clip_norm = 1.0", "clip_norm = -1.0", "privacy.clip_norm"),
             ("min_sites = 2", "min_sites = 4", "study.min_sites"),
             ("noise_multiplier = 1.0", "", "privacy"),
-            ("noise_multiplier = 1.0", "noise_multiplier = 1.0\ntarget_epsilon = 2.0", "privacy"),
+            (
+                "noise_multiplier = 1.0",
+                "noise_multiplier = 1.0\ntarget_epsilon = 2.0",
+                "privacy",
+            ),
             ("b = [-1.0, 1.0]", "b = [1.0, -1.0]", "data.ranges"),
             ("\"north\"]", "\"north\", \"general\"]", "sites.enrolled"),
-            ("site_sample_rate = 1.0", "site_sample_rate = 0.5", "privacy.site_sample_rate"),
+            (
+                "site_sample_rate = 1.0",
+                "site_sample_rate = 0.5",
+                "privacy.site_sample_rate",
+            ),
         ];
         for (from, to, want) in cases {
             let text = SITE_TOML.replace(from, to);
@@ -514,9 +617,13 @@ enrolled = ["st-marys", "general", "north"]
     #[test]
     fn unknown_keys_and_missing_privacy_fields_are_refused() {
         let text = SITE_TOML.replace("delta = 1e-5", "delta = 1e-5\nnoise = false");
-        assert!(matches!(StudyConfig::from_toml(&text), Err(ConfigError::Parse(m)) if m.contains("noise")));
+        assert!(
+            matches!(StudyConfig::from_toml(&text), Err(ConfigError::Parse(m)) if m.contains("noise"))
+        );
         let text = SITE_TOML.replace("epsilon = 8.0\n", "");
-        assert!(matches!(StudyConfig::from_toml(&text), Err(ConfigError::Parse(m)) if m.contains("epsilon")));
+        assert!(
+            matches!(StudyConfig::from_toml(&text), Err(ConfigError::Parse(m)) if m.contains("epsilon"))
+        );
     }
 
     #[test]

@@ -13,8 +13,8 @@ pub mod arch;
 pub mod config;
 pub mod dp;
 pub mod model;
-pub mod protocol;
 pub mod pki;
-pub mod wire;
+pub mod protocol;
 #[cfg(feature = "quic")]
 pub mod quic_io;
+pub mod wire;

@@ -49,7 +49,9 @@ impl TensorSpec {
 
     /// Number of values, or `None` on overflow.
     pub fn numel(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 }
 
@@ -193,7 +195,11 @@ pub fn l2_norm(values: &[f32]) -> f64 {
 
 /// `after - before`, element by element. Panics if the lengths differ (a bug, not input).
 pub fn delta(after: &[f32], before: &[f32]) -> Vec<f32> {
-    assert_eq!(after.len(), before.len(), "delta of vectors of different lengths");
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "delta of vectors of different lengths"
+    );
     after.iter().zip(before).map(|(a, b)| a - b).collect()
 }
 
@@ -420,7 +426,10 @@ mod tests {
 
     #[test]
     fn spec_limits_are_enforced() {
-        let ok = ModelSpec::new(vec![TensorSpec::new("w", &[3, 2]), TensorSpec::new("b", &[2])]);
+        let ok = ModelSpec::new(vec![
+            TensorSpec::new("w", &[3, 2]),
+            TensorSpec::new("b", &[2]),
+        ]);
         assert_eq!(ok.expect("valid").num_values(), 8);
         let dup = ModelSpec::new(vec![TensorSpec::new("w", &[1]), TensorSpec::new("w", &[1])]);
         assert!(matches!(dup, Err(SpecError::DuplicateName(_))));
@@ -436,7 +445,10 @@ mod tests {
         let spec = ModelSpec::new(vec![TensorSpec::new("w", &[2])]).expect("valid");
         assert!(matches!(
             FlatModel::new(spec.clone(), vec![1.0]),
-            Err(ModelError::Length { expected: 2, got: 1 })
+            Err(ModelError::Length {
+                expected: 2,
+                got: 1
+            })
         ));
         assert_eq!(
             FlatModel::new(spec.clone(), vec![1.0, f32::NAN]),
@@ -447,4 +459,3 @@ mod tests {
         assert_eq!(m.tensor("w"), Some(&[3.0f32, 4.0][..]));
     }
 }
-

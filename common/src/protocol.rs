@@ -67,7 +67,9 @@ impl std::fmt::Display for DeclineReason {
                 write!(f, "the round would take the site to epsilon {epsilon_after:.4}, over its cap of {cap}")
             }
             Self::AlreadySpent => f.write_str("the site already paid for this round"),
-            Self::DeltaTooLarge { delta, max } => write!(f, "study delta {delta} is above the site's maximum {max}"),
+            Self::DeltaTooLarge { delta, max } => {
+                write!(f, "study delta {delta} is above the site's maximum {max}")
+            }
             Self::StudyNotAllowed => f.write_str("the site does not take part in this study"),
             Self::TaskMismatch(m) => write!(f, "task does not match the study: {m}"),
             Self::DataUnavailable(m) => write!(f, "data unavailable: {m}"),
@@ -79,25 +81,50 @@ impl std::fmt::Display for DeclineReason {
 /// Site to coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SiteMessage {
-    Hello { version: u32, claimed_site: String },
+    Hello {
+        version: u32,
+        claimed_site: String,
+    },
     /// The site can take part; `records` is its record count (treated as public).
-    Ready { study: String, records: u64 },
+    Ready {
+        study: String,
+        records: u64,
+    },
     /// The site cannot take part at all.
-    Unable { study: String, reason: DeclineReason },
+    Unable {
+        study: String,
+        reason: DeclineReason,
+    },
     /// The site's noised update; the values follow as the tensor body.
-    Update { study: String, round: u64, header: TensorHeader },
-    Decline { study: String, round: u64, reason: DeclineReason },
+    Update {
+        study: String,
+        round: u64,
+        header: TensorHeader,
+    },
+    Decline {
+        study: String,
+        round: u64,
+        reason: DeclineReason,
+    },
 }
 
 /// Coordinator to site.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CoordinatorMessage {
-    Welcome { version: u32, studies: Vec<StudyAnnouncement> },
+    Welcome {
+        version: u32,
+        studies: Vec<StudyAnnouncement>,
+    },
     /// Followed by the global model as the tensor body.
     Task(Task),
-    StudyEnded { study: String, reason: String },
+    StudyEnded {
+        study: String,
+        reason: String,
+    },
     /// Sent before the coordinator closes the connection on purpose.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 #[cfg(test)]
@@ -111,16 +138,38 @@ mod tests {
         let ann = StudyAnnouncement {
             study: "bc".into(),
             model: Architecture::Mlp { hidden: 4 },
-            data: DataSpec { task: DataTask::Binary, label: "y".into(), features: vec!["a".into()], ranges: vec![[0.0, 1.0]], label_range: None },
+            data: DataSpec {
+                task: DataTask::Binary,
+                label: "y".into(),
+                features: vec!["a".into()],
+                ranges: vec![[0.0, 1.0]],
+                label_range: None,
+            },
             unit: PrivacyUnit::Record,
             placement: Placement::Local,
             delta: 1e-5,
         };
-        let welcome = CoordinatorMessage::Welcome { version: PROTOCOL_VERSION, studies: vec![ann] };
+        let welcome = CoordinatorMessage::Welcome {
+            version: PROTOCOL_VERSION,
+            studies: vec![ann],
+        };
         let bytes = encode_frame(&welcome).expect("encodes");
-        assert_eq!(decode_frame::<CoordinatorMessage>(&bytes).expect("decodes"), welcome);
-        let decline = SiteMessage::Decline { study: "bc".into(), round: 3, reason: DeclineReason::OverSiteCap { epsilon_after: 2.5, cap: 2.0 } };
+        assert_eq!(
+            decode_frame::<CoordinatorMessage>(&bytes).expect("decodes"),
+            welcome
+        );
+        let decline = SiteMessage::Decline {
+            study: "bc".into(),
+            round: 3,
+            reason: DeclineReason::OverSiteCap {
+                epsilon_after: 2.5,
+                cap: 2.0,
+            },
+        };
         let bytes = encode_frame(&decline).expect("encodes");
-        assert_eq!(decode_frame::<SiteMessage>(&bytes).expect("decodes"), decline);
+        assert_eq!(
+            decode_frame::<SiteMessage>(&bytes).expect("decodes"),
+            decline
+        );
     }
 }

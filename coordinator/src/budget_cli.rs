@@ -61,7 +61,12 @@ pub struct Common {
 pub fn run(cmd: &BudgetCommand) -> Result<String, String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     match cmd {
-        BudgetCommand::Epsilon { sample_rate, noise_multiplier, steps, common } => {
+        BudgetCommand::Epsilon {
+            sample_rate,
+            noise_multiplier,
+            steps,
+            common,
+        } => {
             let delta = Delta::new(common.delta).map_err(|e| err(&e))?;
             let ev = SgmEvent::new(*sample_rate, *noise_multiplier, *steps).map_err(|e| err(&e))?;
             let eps = accountant::epsilon(common.accountant, &[ev], delta).map_err(|e| err(&e))?;
@@ -76,12 +81,18 @@ pub fn run(cmd: &BudgetCommand) -> Result<String, String> {
                 )
             })
         }
-        BudgetCommand::Steps { sample_rate, noise_multiplier, epsilon, common } => {
+        BudgetCommand::Steps {
+            sample_rate,
+            noise_multiplier,
+            epsilon,
+            common,
+        } => {
             let delta = Delta::new(common.delta).map_err(|e| err(&e))?;
             let q = SampleRate::new(*sample_rate).map_err(|e| err(&e))?;
             let s = NoiseMultiplier::new(*noise_multiplier).map_err(|e| err(&e))?;
             let budget = Epsilon::new(*epsilon).map_err(|e| err(&e))?;
-            let t = accountant::max_steps(common.accountant, &[], q, s, budget, delta).map_err(|e| err(&e))?;
+            let t = accountant::max_steps(common.accountant, &[], q, s, budget, delta)
+                .map_err(|e| err(&e))?;
             let capped = t >= accountant::MAX_STEPS;
             Ok(if common.json {
                 json!({"steps": t, "capped": capped, "accountant": common.accountant.as_str(), "delta": common.delta,
@@ -96,11 +107,17 @@ pub fn run(cmd: &BudgetCommand) -> Result<String, String> {
                 )
             })
         }
-        BudgetCommand::Noise { sample_rate, steps, epsilon, common } => {
+        BudgetCommand::Noise {
+            sample_rate,
+            steps,
+            epsilon,
+            common,
+        } => {
             let delta = Delta::new(common.delta).map_err(|e| err(&e))?;
             let q = SampleRate::new(*sample_rate).map_err(|e| err(&e))?;
             let target = Epsilon::new(*epsilon).map_err(|e| err(&e))?;
-            let s = accountant::calibrate_noise(common.accountant, q, *steps, target, delta).map_err(|e| err(&e))?;
+            let s = accountant::calibrate_noise(common.accountant, q, *steps, target, delta)
+                .map_err(|e| err(&e))?;
             Ok(if common.json {
                 json!({"noise_multiplier": s.get(), "accountant": common.accountant.as_str(), "delta": common.delta,
                        "epsilon": epsilon, "sample_rate": sample_rate, "steps": steps})

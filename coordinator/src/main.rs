@@ -99,7 +99,14 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn run_studies(studies: &[PathBuf], state: PathBuf, listen: SocketAddr, pki_dir: PathBuf, crl: &[PathBuf], exit_when_done: bool) -> Result<(), String> {
+fn run_studies(
+    studies: &[PathBuf],
+    state: PathBuf,
+    listen: SocketAddr,
+    pki_dir: PathBuf,
+    crl: &[PathBuf],
+    exit_when_done: bool,
+) -> Result<(), String> {
     let mut configs = Vec::new();
     for path in studies {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -107,8 +114,13 @@ fn run_studies(studies: &[PathBuf], state: PathBuf, listen: SocketAddr, pki_dir:
         configs.push((cfg, text));
     }
     let crls = crl.iter().map(|p| read(p)).collect::<Result<Vec<_>, _>>()?;
-    let tls = pki::server_config(&read(&pki_dir.join("ca.pem"))?, &read(&pki_dir.join("server.pem"))?, &read(&pki_dir.join("server.key"))?, &crls)
-        .map_err(|e| e.to_string())?;
+    let tls = pki::server_config(
+        &read(&pki_dir.join("ca.pem"))?,
+        &read(&pki_dir.join("server.pem"))?,
+        &read(&pki_dir.join("server.key"))?,
+        &crls,
+    )
+    .map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -117,8 +129,16 @@ fn run_studies(studies: &[PathBuf], state: PathBuf, listen: SocketAddr, pki_dir:
             tracing::info!("shutdown requested");
             let _ = stop_tx.send(true);
         });
-        let opts = Options { listen, state_dir: state, tls, studies: configs, max_concurrent_uploads: 2 };
-        server::run(opts, stop_rx, None, exit_when_done).await.map_err(|e| e.to_string())
+        let opts = Options {
+            listen,
+            state_dir: state,
+            tls,
+            studies: configs,
+            max_concurrent_uploads: 2,
+        };
+        server::run(opts, stop_rx, None, exit_when_done)
+            .await
+            .map_err(|e| e.to_string())
     })
 }
 
@@ -139,17 +159,24 @@ async fn wait_for_signal() {
 
 fn ledger_show(study: &str, state: &std::path::Path, json: bool) -> Result<String, String> {
     let store = Store::open(state.join("coordinator.db")).map_err(|e| e.to_string())?;
-    let row = store.study(study).map_err(|e| e.to_string())?.ok_or_else(|| format!("no study {study:?} in {}", state.display()))?;
+    let row = store
+        .study(study)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no study {study:?} in {}", state.display()))?;
     let cfg = StudyConfig::from_toml(&row.config_toml).map_err(|e| e.to_string())?;
     let ledger = store.ledger(study).map_err(|e| e.to_string())?;
     let spent = store.spent_by_site(study).map_err(|e| e.to_string())?;
     let acc = cfg.privacy.accountant;
     let mut per_site = serde_json::Map::new();
     for (site, events) in &spent {
-        let eps = fedpriv_common::dp::accountant::epsilon(acc, events, cfg.privacy.delta).map_err(|e| e.to_string())?;
+        let eps = fedpriv_common::dp::accountant::epsilon(acc, events, cfg.privacy.delta)
+            .map_err(|e| e.to_string())?;
         per_site.insert(site.clone(), serde_json::json!(eps));
     }
-    let study_eps = per_site.values().filter_map(|v| v.as_f64()).fold(0.0, f64::max);
+    let study_eps = per_site
+        .values()
+        .filter_map(|v| v.as_f64())
+        .fold(0.0, f64::max);
     if json {
         return Ok(serde_json::json!({
             "study": study, "status": row.status, "end_reason": row.end_reason,
@@ -158,7 +185,8 @@ fn ledger_show(study: &str, state: &std::path::Path, json: bool) -> Result<Strin
         })
         .to_string());
     }
-    let mut out = format!(
+    let mut out =
+        format!(
         "study {study} ({:?}{}): epsilon {study_eps:.4} of {} spent at delta {} ({} accountant)\n",
         row.status,
         row.end_reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
@@ -166,40 +194,87 @@ fn ledger_show(study: &str, state: &std::path::Path, json: bool) -> Result<Strin
         cfg.privacy.delta,
         acc.as_str()
     );
-    out.push_str(&format!("{:<6} {:<20} {:>8} {:>8} {:>6} {:>10}\n", "round", "site", "q", "sigma", "steps", "epsilon"));
+    out.push_str(&format!(
+        "{:<6} {:<20} {:>8} {:>8} {:>6} {:>10}\n",
+        "round", "site", "q", "sigma", "steps", "epsilon"
+    ));
     for r in &ledger {
-        out.push_str(&format!("{:<6} {:<20} {:>8.4} {:>8.4} {:>6} {:>10.4}\n", r.round, r.site, r.event.q.get(), r.event.sigma.get(), r.event.steps, r.epsilon_after));
+        out.push_str(&format!(
+            "{:<6} {:<20} {:>8.4} {:>8.4} {:>6} {:>10.4}\n",
+            r.round,
+            r.site,
+            r.event.q.get(),
+            r.event.sigma.get(),
+            r.event.steps,
+            r.epsilon_after
+        ));
     }
     Ok(out)
 }
 
-fn model_export(study: &str, state: &std::path::Path, round: Option<u64>, out: &std::path::Path) -> Result<String, String> {
+fn model_export(
+    study: &str,
+    state: &std::path::Path,
+    round: Option<u64>,
+    out: &std::path::Path,
+) -> Result<String, String> {
     let store = Store::open(state.join("coordinator.db")).map_err(|e| e.to_string())?;
     let rounds = store.rounds(study).map_err(|e| e.to_string())?;
     let round = match round {
         Some(r) => r,
-        None => store.last_completed_round(study).map_err(|e| e.to_string())?.map(|(r, ..)| r).ok_or("the study has no completed round yet")?,
+        None => store
+            .last_completed_round(study)
+            .map_err(|e| e.to_string())?
+            .map(|(r, ..)| r)
+            .ok_or("the study has no completed round yet")?,
     };
-    if !rounds.iter().any(|r| r.round == round && r.status == fedpriv_coordinator::store::RoundStatus::Completed) {
+    if !rounds
+        .iter()
+        .any(|r| r.round == round && r.status == fedpriv_coordinator::store::RoundStatus::Completed)
+    {
         return Err(format!("round {round} of study {study} did not complete"));
     }
     let src = server::model_path(state, study, round);
     std::fs::copy(&src, out).map_err(|e| format!("{} -> {}: {e}", src.display(), out.display()))?;
-    Ok(format!("wrote round {round} of study {study} to {}", out.display()))
+    Ok(format!(
+        "wrote round {round} of study {study} to {}",
+        out.display()
+    ))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
         Command::Budget(cmd) => budget_cli::run(&cmd).map(|out| println!("{out}")),
         Command::Pki(cmd) => pki_cli::run(&cmd).map(|out| println!("{out}")),
-        Command::Run { studies, state, listen, pki, crl, exit_when_done } => run_studies(&studies, state, listen, pki, &crl, exit_when_done),
-        Command::Ledger { cmd: LedgerCommand::Show { study, state, json } } => ledger_show(&study, &state, json).map(|o| print!("{o}{}", if json { "\n" } else { "" })),
-        Command::Model { cmd: ModelCommand::Export { study, state, round, out } } => model_export(&study, &state, round, &out).map(|o| println!("{o}")),
+        Command::Run {
+            studies,
+            state,
+            listen,
+            pki,
+            crl,
+            exit_when_done,
+        } => run_studies(&studies, state, listen, pki, &crl, exit_when_done),
+        Command::Ledger {
+            cmd: LedgerCommand::Show { study, state, json },
+        } => {
+            ledger_show(&study, &state, json).map(|o| print!("{o}{}", if json { "\n" } else { "" }))
+        }
+        Command::Model {
+            cmd:
+                ModelCommand::Export {
+                    study,
+                    state,
+                    round,
+                    out,
+                },
+        } => model_export(&study, &state, round, &out).map(|o| println!("{o}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

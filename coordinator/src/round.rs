@@ -32,9 +32,17 @@ pub enum Input {
     /// The store durably committed the spend of `round`.
     SpendCommitted { round: u64 },
     /// A complete update from a site (the transport already checked its shape).
-    Update { site: String, round: u64, values: Vec<f32> },
+    Update {
+        site: String,
+        round: u64,
+        values: Vec<f32>,
+    },
     /// A site will not do a round.
-    Declined { site: String, round: u64, reason: DeclineReason },
+    Declined {
+        site: String,
+        round: u64,
+        reason: DeclineReason,
+    },
     /// Time passed.
     Tick,
 }
@@ -43,17 +51,37 @@ pub enum Input {
 #[derive(Debug)]
 pub enum Action {
     /// Durably record these sites' spend for `round`, then answer `SpendCommitted`.
-    RecordSpend { round: u64, entries: Vec<SpendEntry> },
+    RecordSpend {
+        round: u64,
+        entries: Vec<SpendEntry>,
+    },
     /// Send a task with the global model to a site.
-    SendTask { site: String, task: Task, model: Arc<Vec<f32>> },
+    SendTask {
+        site: String,
+        task: Task,
+        model: Arc<Vec<f32>>,
+    },
     /// An update was folded into the round's aggregate.
     UpdateAccepted { site: String, round: u64, norm: f64 },
     /// An update was refused; the round goes on without it.
-    UpdateRejected { site: String, round: u64, reason: String },
+    UpdateRejected {
+        site: String,
+        round: u64,
+        reason: String,
+    },
     /// A site declined; for `OverSiteCap` it takes no further part.
-    SiteDeclined { site: String, round: u64, reason: DeclineReason },
+    SiteDeclined {
+        site: String,
+        round: u64,
+        reason: DeclineReason,
+    },
     /// A new model version: store it and its lineage. `epsilon` is the study's spend so far.
-    Checkpoint { round: u64, model: Arc<Vec<f32>>, contributors: Vec<String>, epsilon: f64 },
+    Checkpoint {
+        round: u64,
+        model: Arc<Vec<f32>>,
+        contributors: Vec<String>,
+        epsilon: f64,
+    },
     /// The round ended without a model (too few updates); its spend stands.
     RoundAborted { round: u64, reason: String },
     /// The study is over; tell the sites.
@@ -130,7 +158,10 @@ pub struct Progress {
 }
 
 fn key(events: &[SgmEvent]) -> Vec<(u64, u64, u64)> {
-    events.iter().map(|e| (e.q.get().to_bits(), e.sigma.get().to_bits(), e.steps)).collect()
+    events
+        .iter()
+        .map(|e| (e.q.get().to_bits(), e.sigma.get().to_bits(), e.steps))
+        .collect()
 }
 
 impl StudyEngine {
@@ -230,7 +261,11 @@ impl StudyEngine {
         let mut out = Vec::new();
         if self.is_finished() {
             if let Input::Update { site, round, .. } = input {
-                out.push(Action::UpdateRejected { site, round, reason: "the study has ended".into() });
+                out.push(Action::UpdateRejected {
+                    site,
+                    round,
+                    reason: "the study has ended".into(),
+                });
             }
             return out;
         }
@@ -254,17 +289,39 @@ impl StudyEngine {
                 }
             }
             Input::SpendCommitted { round } => self.on_spend_committed(round, now_ms, &mut out),
-            Input::Update { site, round, values } => self.on_update(site, round, values, &mut out),
-            Input::Declined { site, round, reason } => {
-                if matches!(reason, DeclineReason::OverSiteCap { .. } | DeclineReason::DeltaTooLarge { .. } | DeclineReason::StudyNotAllowed) {
+            Input::Update {
+                site,
+                round,
+                values,
+            } => self.on_update(site, round, values, &mut out),
+            Input::Declined {
+                site,
+                round,
+                reason,
+            } => {
+                if matches!(
+                    reason,
+                    DeclineReason::OverSiteCap { .. }
+                        | DeclineReason::DeltaTooLarge { .. }
+                        | DeclineReason::StudyNotAllowed
+                ) {
                     self.retired.insert(site.clone());
                 }
-                if let Phase::Collecting { round: r, outstanding, .. } = &mut self.phase {
+                if let Phase::Collecting {
+                    round: r,
+                    outstanding,
+                    ..
+                } = &mut self.phase
+                {
                     if *r == round {
                         outstanding.remove(&site);
                     }
                 }
-                out.push(Action::SiteDeclined { site, round, reason });
+                out.push(Action::SiteDeclined {
+                    site,
+                    round,
+                    reason,
+                });
             }
             Input::Tick => {}
         }
@@ -274,7 +331,12 @@ impl StudyEngine {
 
     /// Closes the round when it is complete or overdue, and starts the next when it can.
     fn advance(&mut self, now_ms: u64, noise: &mut NoiseSource, out: &mut Vec<Action>) {
-        if let Phase::Collecting { outstanding, deadline_ms, .. } = &self.phase {
+        if let Phase::Collecting {
+            outstanding,
+            deadline_ms,
+            ..
+        } = &self.phase
+        {
             if outstanding.is_empty() || now_ms >= *deadline_ms {
                 self.close_round(noise, out);
             }
@@ -300,7 +362,11 @@ impl StudyEngine {
         let mut affordable: BTreeMap<String, (SgmEvent, f64)> = BTreeMap::new();
         let budget = self.cfg.privacy.epsilon.get();
         let enrolled = self.cfg.enrolled.clone();
-        let active: Vec<String> = enrolled.iter().filter(|s| !self.retired.contains(*s)).cloned().collect();
+        let active: Vec<String> = enrolled
+            .iter()
+            .filter(|s| !self.retired.contains(*s))
+            .cloned()
+            .collect();
         for site in &active {
             let records = self.records.get(site).copied();
             let cost = match self.cfg.privacy.round_cost(&self.cfg.local, records) {
@@ -332,7 +398,11 @@ impl StudyEngine {
             );
             return self.finish(reason, out);
         }
-        let candidates: Vec<String> = affordable.keys().filter(|s| self.ready.contains(*s)).cloned().collect();
+        let candidates: Vec<String> = affordable
+            .keys()
+            .filter(|s| self.ready.contains(*s))
+            .cloned()
+            .collect();
         if candidates.len() < self.cfg.min_sites {
             self.gathering_since = None;
             return; // wait for more sites to connect
@@ -350,7 +420,10 @@ impl StudyEngine {
             && self.cfg.privacy.placement == Placement::Central
             && q < 1.0;
         let selected: Vec<String> = if central_sampled {
-            poisson_sample(candidates.len(), q, noise.rng()).into_iter().map(|i| candidates[i].clone()).collect()
+            poisson_sample(candidates.len(), q, noise.rng())
+                .into_iter()
+                .map(|i| candidates[i].clone())
+                .collect()
         } else {
             candidates
         };
@@ -363,28 +436,44 @@ impl StudyEngine {
             .collect();
         let entries = charged
             .iter()
-            .map(|(s, c)| SpendEntry { site: s.clone(), event: *c, epsilon_after: affordable[s].1 })
+            .map(|(s, c)| SpendEntry {
+                site: s.clone(),
+                event: *c,
+                epsilon_after: affordable[s].1,
+            })
             .collect();
         self.next_round += 1;
         out.push(Action::RecordSpend { round, entries });
-        self.phase = Phase::AwaitingSpend { round, selected, charged };
+        self.phase = Phase::AwaitingSpend {
+            round,
+            selected,
+            charged,
+        };
     }
 
     fn on_spend_committed(&mut self, committed: u64, now_ms: u64, out: &mut Vec<Action>) {
-        let Phase::AwaitingSpend { round, selected, charged } = &mut self.phase else {
+        let Phase::AwaitingSpend {
+            round,
+            selected,
+            charged,
+        } = &mut self.phase
+        else {
             return;
         };
         if *round != committed {
             return;
         }
-        let (round, selected, charged) = (*round, std::mem::take(selected), std::mem::take(charged));
+        let (round, selected, charged) =
+            (*round, std::mem::take(selected), std::mem::take(charged));
         for (site, ev) in &charged {
             self.spent.entry(site.clone()).or_default().push(*ev);
         }
         let header = TensorHeader::for_spec(&self.spec, Dtype::F32);
         let p = &self.cfg.privacy;
         for site in &selected {
-            let Some(cost) = charged.get(site) else { continue };
+            let Some(cost) = charged.get(site) else {
+                continue;
+            };
             let task = Task {
                 study: self.cfg.id.clone(),
                 round,
@@ -397,7 +486,11 @@ impl StudyEngine {
                 local: self.cfg.local.clone(),
                 delta: p.delta.get(),
             };
-            out.push(Action::SendTask { site: site.clone(), task, model: Arc::clone(&self.global) });
+            out.push(Action::SendTask {
+                site: site.clone(),
+                task,
+                model: Arc::clone(&self.global),
+            });
         }
         let outstanding: BTreeSet<String> = selected.iter().cloned().collect();
         self.phase = Phase::Collecting {
@@ -415,12 +508,24 @@ impl StudyEngine {
     /// standard deviation; 8 more sigmas of slack).
     fn norm_bound(&self) -> f64 {
         let p = &self.cfg.privacy;
-        let (c, sigma, d) = (p.clip_norm.get(), p.noise_multiplier.get(), self.global.len() as f64);
+        let (c, sigma, d) = (
+            p.clip_norm.get(),
+            p.noise_multiplier.get(),
+            self.global.len() as f64,
+        );
         let noise = sigma * c * (d.sqrt() + 8.0);
         match (&self.cfg.local, p.unit, p.placement) {
             (_, PrivacyUnit::Site, Placement::Central) => c * (1.0 + 1e-5),
             (_, PrivacyUnit::Site, Placement::Local) => c + noise,
-            (LocalPlan::DpSgd { steps, expected_batch, learning_rate }, PrivacyUnit::Record, _) => {
+            (
+                LocalPlan::DpSgd {
+                    steps,
+                    expected_batch,
+                    learning_rate,
+                },
+                PrivacyUnit::Record,
+                _,
+            ) => {
                 // Each step moves by lr * (clipped sum + noise) / B; a Poisson batch is
                 // rarely above 3B for the batch sizes DP-SGD uses, so allow 3C per step.
                 f64::from(*learning_rate) * *steps as f64 * (3.0 * c + noise / expected_batch)
@@ -431,13 +536,31 @@ impl StudyEngine {
 
     fn on_update(&mut self, site: String, round: u64, values: Vec<f32>, out: &mut Vec<Action>) {
         let bound = self.norm_bound();
-        let Phase::Collecting { round: current, selected, outstanding, received, sum, .. } = &mut self.phase else {
-            out.push(Action::UpdateRejected { site, round, reason: "no round is collecting updates".into() });
+        let Phase::Collecting {
+            round: current,
+            selected,
+            outstanding,
+            received,
+            sum,
+            ..
+        } = &mut self.phase
+        else {
+            out.push(Action::UpdateRejected {
+                site,
+                round,
+                reason: "no round is collecting updates".into(),
+            });
             return;
         };
-        let reject = |reason: String| Action::UpdateRejected { site: site.clone(), round, reason };
+        let reject = |reason: String| Action::UpdateRejected {
+            site: site.clone(),
+            round,
+            reason,
+        };
         if round != *current {
-            return out.push(reject(format!("update for round {round}, but round {current} is collecting")));
+            return out.push(reject(format!(
+                "update for round {round}, but round {current} is collecting"
+            )));
         }
         if !selected.contains(&site) {
             return out.push(reject("the site was not chosen for this round".into()));
@@ -449,14 +572,20 @@ impl StudyEngine {
             return out.push(reject("the site already left this round".into()));
         }
         if values.len() != sum.len() {
-            return out.push(reject(format!("{} values, the model has {}", values.len(), sum.len())));
+            return out.push(reject(format!(
+                "{} values, the model has {}",
+                values.len(),
+                sum.len()
+            )));
         }
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return out.push(reject(format!("value {i} is not finite")));
         }
         let norm = l2_norm(&values);
         if norm > bound {
-            return out.push(reject(format!("norm {norm:.3} exceeds what clipping and noise allow ({bound:.3})")));
+            return out.push(reject(format!(
+                "norm {norm:.3} exceeds what clipping and noise allow ({bound:.3})"
+            )));
         }
         for (s, v) in sum.iter_mut().zip(&values) {
             *s += v;
@@ -467,13 +596,25 @@ impl StudyEngine {
     }
 
     fn close_round(&mut self, noise: &mut NoiseSource, out: &mut Vec<Action>) {
-        let Phase::Collecting { round, selected, received, sum, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Collecting {
+            round,
+            selected,
+            received,
+            sum,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
             return;
         };
         if received.len() < self.cfg.min_sites {
             out.push(Action::RoundAborted {
                 round,
-                reason: format!("{} of {} update(s) arrived, the study needs {}", received.len(), selected.len(), self.cfg.min_sites),
+                reason: format!(
+                    "{} of {} update(s) arrived, the study needs {}",
+                    received.len(),
+                    selected.len(),
+                    self.cfg.min_sites
+                ),
             });
             return;
         }
@@ -494,7 +635,12 @@ impl StudyEngine {
         let epsilon = self.study_epsilon();
         let mut contributors = received;
         contributors.sort();
-        out.push(Action::Checkpoint { round, model: Arc::clone(&self.global), contributors, epsilon });
+        out.push(Action::Checkpoint {
+            round,
+            model: Arc::clone(&self.global),
+            contributors,
+            epsilon,
+        });
     }
 }
 

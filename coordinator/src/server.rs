@@ -14,7 +14,9 @@ use fedpriv_common::config::StudyConfig;
 use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::model::{FlatModel, ModelSpec};
 use fedpriv_common::pki::Role;
-use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, StudyAnnouncement, PROTOCOL_VERSION};
+use fedpriv_common::protocol::{
+    CoordinatorMessage, SiteMessage, StudyAnnouncement, PROTOCOL_VERSION,
+};
 use fedpriv_common::wire::{CloseCode, TensorHeader};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -34,8 +36,15 @@ pub enum Notification {
         epsilon: f64,
         budget: f64,
     },
-    RoundAborted { study: String, round: u64, reason: String },
-    StudyEnded { study: String, reason: String },
+    RoundAborted {
+        study: String,
+        round: u64,
+        reason: String,
+    },
+    StudyEnded {
+        study: String,
+        reason: String,
+    },
 }
 
 /// How to run a coordinator.
@@ -60,15 +69,28 @@ pub enum ServerError {
     #[error("config error: {0}")]
     Config(String),
     #[error("state directory {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 enum Event {
-    Connected { site: String, conn_id: u64, tx: mpsc::UnboundedSender<Outgoing> },
-    Disconnected { site: String, conn_id: u64 },
-    Study { study: String, input: Input },
+    Connected {
+        site: String,
+        conn_id: u64,
+        tx: mpsc::UnboundedSender<Outgoing>,
+    },
+    Disconnected {
+        site: String,
+        conn_id: u64,
+    },
+    Study {
+        study: String,
+        input: Input,
+    },
 }
 
 enum Outgoing {
@@ -83,28 +105,40 @@ struct StudyRuntime {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
-    move |source| ServerError::Io { path: path.to_path_buf(), source }
+    move |source| ServerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The spec of a study's model.
 pub fn study_spec(cfg: &StudyConfig) -> Result<ModelSpec, ServerError> {
-    arch::model_spec(cfg.model, cfg.data.features.len(), cfg.n_outputs()).map_err(|e| ServerError::Config(format!("study {}: {e}", cfg.id)))
+    arch::model_spec(cfg.model, cfg.data.features.len(), cfg.n_outputs())
+        .map_err(|e| ServerError::Config(format!("study {}: {e}", cfg.id)))
 }
 
 /// Path of a model version's file.
 pub fn model_path(state_dir: &Path, study: &str, round: u64) -> PathBuf {
-    state_dir.join("models").join(study).join(format!("round-{round:05}.safetensors"))
+    state_dir
+        .join("models")
+        .join(study)
+        .join(format!("round-{round:05}.safetensors"))
 }
 
 /// Writes a file so that it is either all there or not there: temporary file, fsync,
 /// rename, fsync of the directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("no parent directory"))?;
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
     {
@@ -117,19 +151,28 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Opens the store and builds each study's engine, creating new studies and resuming
 /// known ones from their last completed round.
-fn load_studies(store: &mut Store, state_dir: &Path, studies: &[(StudyConfig, String)]) -> Result<BTreeMap<String, StudyRuntime>, ServerError> {
+fn load_studies(
+    store: &mut Store,
+    state_dir: &Path,
+    studies: &[(StudyConfig, String)],
+) -> Result<BTreeMap<String, StudyRuntime>, ServerError> {
     let mut out = BTreeMap::new();
     for (cfg, toml_text) in studies {
         let spec = study_spec(cfg)?;
         match store.study(&cfg.id)? {
             None => store.create_study(&cfg.id, toml_text, &cfg.enrolled, unix_now())?,
             Some(row) => {
-                let stored = StudyConfig::from_toml(&row.config_toml).map_err(|e| ServerError::Config(format!("stored study {}: {e}", cfg.id)))?;
+                let stored = StudyConfig::from_toml(&row.config_toml)
+                    .map_err(|e| ServerError::Config(format!("stored study {}: {e}", cfg.id)))?;
                 if &stored != cfg {
                     return Err(ServerError::Config(format!(
                         "study {} already exists with a different configuration; a study's privacy terms cannot change once it has started (use a new study id)",
@@ -145,21 +188,44 @@ fn load_studies(store: &mut Store, state_dir: &Path, studies: &[(StudyConfig, St
                 if sha256_hex(&bytes) != sha {
                     return Err(ServerError::Config(format!("model file {} of round {round} does not match its recorded digest; restore it from backup", path.display())));
                 }
-                let model = FlatModel::from_safetensors_bytes(&bytes, Some(&spec)).map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
+                let model = FlatModel::from_safetensors_bytes(&bytes, Some(&spec))
+                    .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
                 model.values
             }
-            None => arch::init_model(cfg.model, cfg.data.features.len(), cfg.n_outputs(), 0).map_err(|e| ServerError::Internal(e.to_string()))?.values,
+            None => {
+                arch::init_model(cfg.model, cfg.data.features.len(), cfg.n_outputs(), 0)
+                    .map_err(|e| ServerError::Internal(e.to_string()))?
+                    .values
+            }
         };
         // Every round ever reserved is consumed, completed or not: its spend stands.
-        let next_round = store.rounds(&cfg.id)?.iter().map(|r| r.round).max().unwrap_or(0) + 1;
+        let next_round = store
+            .rounds(&cfg.id)?
+            .iter()
+            .map(|r| r.round)
+            .max()
+            .unwrap_or(0)
+            + 1;
         for r in store.rounds(&cfg.id)? {
             if r.status == RoundStatus::Reserved {
-                store.abort_round(&cfg.id, r.round, "the coordinator stopped during the round", unix_now())?;
+                store.abort_round(
+                    &cfg.id,
+                    r.round,
+                    "the coordinator stopped during the round",
+                    unix_now(),
+                )?;
             }
         }
         let spent = store.spent_by_site(&cfg.id)?;
         let records = store.site_records(&cfg.id)?;
-        let mut engine = StudyEngine::new(Arc::new(cfg.clone()), spec.clone(), global, next_round, spent, records);
+        let mut engine = StudyEngine::new(
+            Arc::new(cfg.clone()),
+            spec.clone(),
+            global,
+            next_round,
+            spent,
+            records,
+        );
         let status = store.study(&cfg.id)?.map(|r| r.status);
         if status != Some(StudyStatus::Active) {
             tracing::info!(study = %cfg.id, "study already ended; serving its state read-only");
@@ -173,7 +239,14 @@ fn load_studies(store: &mut Store, state_dir: &Path, studies: &[(StudyConfig, St
             placement: cfg.privacy.placement,
             delta: cfg.privacy.delta.get(),
         };
-        out.insert(cfg.id.clone(), StudyRuntime { engine, spec, announcement });
+        out.insert(
+            cfg.id.clone(),
+            StudyRuntime {
+                engine,
+                spec,
+                announcement,
+            },
+        );
     }
     Ok(out)
 }
@@ -189,12 +262,22 @@ pub async fn run(
     std::fs::create_dir_all(&opts.state_dir).map_err(io_err(&opts.state_dir))?;
     let mut store = Store::open(opts.state_dir.join("coordinator.db"))?;
     let mut studies = load_studies(&mut store, &opts.state_dir, &opts.studies)?;
-    let endpoint = transport::make_server_endpoint(opts.listen, opts.tls, &TransportLimits::default())?;
+    let endpoint =
+        transport::make_server_endpoint(opts.listen, opts.tls, &TransportLimits::default())?;
     tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), studies = studies.len(), "coordinator listening");
     let specs: Arc<HashMap<String, (ModelSpec, Vec<String>)>> = Arc::new(
-        studies.iter().map(|(id, s)| (id.clone(), (s.spec.clone(), s.engine.config().enrolled.clone()))).collect(),
+        studies
+            .iter()
+            .map(|(id, s)| {
+                (
+                    id.clone(),
+                    (s.spec.clone(), s.engine.config().enrolled.clone()),
+                )
+            })
+            .collect(),
     );
-    let announcements: Arc<Vec<StudyAnnouncement>> = Arc::new(studies.values().map(|s| s.announcement.clone()).collect());
+    let announcements: Arc<Vec<StudyAnnouncement>> =
+        Arc::new(studies.values().map(|s| s.announcement.clone()).collect());
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<Event>();
     let uploads = Arc::new(Semaphore::new(opts.max_concurrent_uploads.max(1)));
     let mut tasks = JoinSet::new();
@@ -238,21 +321,22 @@ pub async fn run(
         if exit_when_done && studies.values().all(|s| s.engine.is_finished()) {
             break;
         }
-        let (study_inputs, mut broadcast): (Vec<(String, Input)>, Vec<(String, CoordinatorMessage)>) = tokio::select! {
+        let mut broadcast: Vec<(String, CoordinatorMessage)> = Vec::new();
+        let study_inputs: Vec<(String, Input)> = tokio::select! {
             _ = shutdown.changed() => break,
-            _ = tick.tick() => (studies.keys().map(|k| (k.clone(), Input::Tick)).collect(), Vec::new()),
+            _ = tick.tick() => studies.keys().map(|k| (k.clone(), Input::Tick)).collect(),
             ev = events_rx.recv() => match ev {
                 None => break,
                 Some(Event::Connected { site, conn_id, tx }) => {
                     sites.insert(site, (conn_id, tx));
-                    (Vec::new(), Vec::new())
+                    Vec::new()
                 }
                 Some(Event::Disconnected { site, conn_id }) => {
                     if sites.get(&site).is_some_and(|(id, _)| *id == conn_id) {
                         sites.remove(&site);
-                        (studies.keys().map(|k| (k.clone(), Input::SiteGone { site: site.clone() })).collect(), Vec::new())
+                        studies.keys().map(|k| (k.clone(), Input::SiteGone { site: site.clone() })).collect()
                     } else {
-                        (Vec::new(), Vec::new())
+                        Vec::new()
                     }
                 }
                 Some(Event::Study { study, input }) => {
@@ -261,24 +345,45 @@ pub async fn run(
                             tracing::error!(%study, %site, error = %e, "cannot record the site's record count");
                         }
                     }
-                    (vec![(study, input)], Vec::new())
+                    vec![(study, input)]
                 }
             },
         };
         for (study_id, input) in study_inputs {
-            let Some(rt) = studies.get_mut(&study_id) else { continue };
-            let mut queue: std::collections::VecDeque<Action> = rt.engine.handle(input, now_ms(), &mut noise).into();
+            let Some(rt) = studies.get_mut(&study_id) else {
+                continue;
+            };
+            let mut queue: std::collections::VecDeque<Action> =
+                rt.engine.handle(input, now_ms(), &mut noise).into();
             while let Some(action) = queue.pop_front() {
-                match execute(&study_id, rt, action, &mut store, &state_dir, &sites, notify.as_ref(), &mut broadcast) {
-                    Ok(Some(follow_up)) => queue.extend(rt.engine.handle(follow_up, now_ms(), &mut noise)),
+                match execute(
+                    &study_id,
+                    rt,
+                    action,
+                    &mut store,
+                    &state_dir,
+                    &sites,
+                    notify.as_ref(),
+                    &mut broadcast,
+                ) {
+                    Ok(Some(follow_up)) => {
+                        queue.extend(rt.engine.handle(follow_up, now_ms(), &mut noise))
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         // Fail closed: without a durable ledger no task may leave.
                         tracing::error!(study = %study_id, error = %e, "state write failed; stopping the study");
                         let reason = format!("stopped: the state database failed ({e})");
-                        let _ = store.set_study_status(&study_id, StudyStatus::Stopped, Some(&reason));
+                        let _ =
+                            store.set_study_status(&study_id, StudyStatus::Stopped, Some(&reason));
                         rt.engine.mark_ended(&reason);
-                        broadcast.push((study_id.clone(), CoordinatorMessage::StudyEnded { study: study_id.clone(), reason }));
+                        broadcast.push((
+                            study_id.clone(),
+                            CoordinatorMessage::StudyEnded {
+                                study: study_id.clone(),
+                                reason,
+                            },
+                        ));
                         queue.clear();
                         if matches!(e, StoreError::Sqlite(_) | StoreError::Io { .. }) {
                             result = Err(ServerError::Store(e));
@@ -288,7 +393,10 @@ pub async fn run(
             }
         }
         for (study_id, msg) in broadcast.drain(..) {
-            let enrolled = studies.get(&study_id).map(|s| s.engine.config().enrolled.clone()).unwrap_or_default();
+            let enrolled = studies
+                .get(&study_id)
+                .map(|s| s.engine.config().enrolled.clone())
+                .unwrap_or_default();
             for site in enrolled {
                 if let Some((_, tx)) = sites.get(&site) {
                     let _ = tx.send(Outgoing::Message(msg.clone()));
@@ -299,7 +407,10 @@ pub async fn run(
             break;
         }
     }
-    endpoint.close(transport::quic_io::var_int(CloseCode::Normal), b"coordinator shutting down");
+    endpoint.close(
+        transport::quic_io::var_int(CloseCode::Normal),
+        b"coordinator shutting down",
+    );
     drop(events_rx);
     tasks.shutdown().await;
     endpoint.wait_idle().await;
@@ -321,7 +432,10 @@ fn execute(
     let now = unix_now();
     match action {
         Action::RecordSpend { round, entries } => {
-            let rows: Vec<(String, _, f64)> = entries.iter().map(|e| (e.site.clone(), e.event, e.epsilon_after)).collect();
+            let rows: Vec<(String, _, f64)> = entries
+                .iter()
+                .map(|e| (e.site.clone(), e.event, e.epsilon_after))
+                .collect();
             store.record_spend(study, round, &rows, now)?;
             tracing::info!(%study, round, sites = rows.len(), "budget spent and recorded");
             return Ok(Some(Input::SpendCommitted { round }));
@@ -329,7 +443,11 @@ fn execute(
         Action::SendTask { site, task, model } => {
             let round = task.round;
             match sites.get(&site) {
-                Some((_, tx)) if tx.send(Outgoing::WithModel(CoordinatorMessage::Task(task), model)).is_ok() => {
+                Some((_, tx))
+                    if tx
+                        .send(Outgoing::WithModel(CoordinatorMessage::Task(task), model))
+                        .is_ok() =>
+                {
                     tracing::info!(%study, round, %site, "task sent");
                 }
                 _ => {
@@ -338,35 +456,80 @@ fn execute(
                 }
             }
         }
-        Action::UpdateAccepted { site, round, norm } => tracing::info!(%study, round, %site, norm = format!("{norm:.3}"), "update accepted"),
-        Action::UpdateRejected { site, round, reason } => tracing::warn!(%study, round, %site, %reason, "update rejected"),
-        Action::SiteDeclined { site, round, reason } => tracing::info!(%study, round, %site, %reason, "site declined the round"),
-        Action::Checkpoint { round, model, contributors, epsilon } => {
-            let flat = FlatModel::new(rt.spec.clone(), model.to_vec()).map_err(|e| StoreError::Invalid(e.to_string()))?;
-            let bytes = flat.to_safetensors_bytes().map_err(|e| StoreError::Invalid(e.to_string()))?;
+        Action::UpdateAccepted { site, round, norm } => {
+            tracing::info!(%study, round, %site, norm = format!("{norm:.3}"), "update accepted")
+        }
+        Action::UpdateRejected {
+            site,
+            round,
+            reason,
+        } => tracing::warn!(%study, round, %site, %reason, "update rejected"),
+        Action::SiteDeclined {
+            site,
+            round,
+            reason,
+        } => tracing::info!(%study, round, %site, %reason, "site declined the round"),
+        Action::Checkpoint {
+            round,
+            model,
+            contributors,
+            epsilon,
+        } => {
+            let flat = FlatModel::new(rt.spec.clone(), model.to_vec())
+                .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let bytes = flat
+                .to_safetensors_bytes()
+                .map_err(|e| StoreError::Invalid(e.to_string()))?;
             let path = model_path(state_dir, study, round);
-            write_atomic(&path, &bytes).map_err(|source| StoreError::Io { path: path.clone(), source })?;
-            let rel = path.strip_prefix(state_dir).unwrap_or(&path).to_string_lossy().into_owned();
+            write_atomic(&path, &bytes).map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let rel = path
+                .strip_prefix(state_dir)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
             store.complete_round(study, round, &rel, &sha256_hex(&bytes), &contributors, now)?;
             let budget = rt.engine.config().privacy.epsilon.get();
             tracing::info!(%study, round, sites = contributors.len(), epsilon = format!("{epsilon:.4}"), budget, "round completed");
             if let Some(n) = notify {
-                let _ = n.send(Notification::RoundCompleted { study: study.to_string(), round, model, contributors, epsilon, budget });
+                let _ = n.send(Notification::RoundCompleted {
+                    study: study.to_string(),
+                    round,
+                    model,
+                    contributors,
+                    epsilon,
+                    budget,
+                });
             }
         }
         Action::RoundAborted { round, reason } => {
             store.abort_round(study, round, &reason, now)?;
             tracing::warn!(%study, round, %reason, "round aborted");
             if let Some(n) = notify {
-                let _ = n.send(Notification::RoundAborted { study: study.to_string(), round, reason });
+                let _ = n.send(Notification::RoundAborted {
+                    study: study.to_string(),
+                    round,
+                    reason,
+                });
             }
         }
         Action::StudyEnded { reason } => {
             store.set_study_status(study, StudyStatus::Completed, Some(&reason))?;
             tracing::info!(%study, %reason, "study ended");
-            broadcast.push((study.to_string(), CoordinatorMessage::StudyEnded { study: study.to_string(), reason: reason.clone() }));
+            broadcast.push((
+                study.to_string(),
+                CoordinatorMessage::StudyEnded {
+                    study: study.to_string(),
+                    reason: reason.clone(),
+                },
+            ));
             if let Some(n) = notify {
-                let _ = n.send(Notification::StudyEnded { study: study.to_string(), reason });
+                let _ = n.send(Notification::StudyEnded {
+                    study: study.to_string(),
+                    reason,
+                });
             }
         }
     }
@@ -392,14 +555,27 @@ async fn serve_site(peer: AuthenticatedPeer, mut ctx: ConnCtx) {
     // The first stream must be the hello.
     let hello = async {
         let mut recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
-        let msg: SiteMessage = transport::recv_frame(&mut recv).await.map_err(|e| e.to_string())?;
-        transport::recv_end(&mut recv).await.map_err(|e| e.to_string())?;
+        let msg: SiteMessage = transport::recv_frame(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?;
+        transport::recv_end(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok::<_, String>(msg)
     };
     match tokio::time::timeout(Duration::from_secs(10), hello).await {
-        Ok(Ok(SiteMessage::Hello { version, claimed_site })) => {
+        Ok(Ok(SiteMessage::Hello {
+            version,
+            claimed_site,
+        })) => {
             if version != PROTOCOL_VERSION {
-                let _ = transport::refuse(&peer, CloseCode::BadVersion, &format!("protocol version {version}, this coordinator speaks {PROTOCOL_VERSION}"));
+                let _ = transport::refuse(
+                    &peer,
+                    CloseCode::BadVersion,
+                    &format!(
+                        "protocol version {version}, this coordinator speaks {PROTOCOL_VERSION}"
+                    ),
+                );
                 return;
             }
             if transport::require_claim(&peer, &claimed_site).is_err() {
@@ -407,28 +583,49 @@ async fn serve_site(peer: AuthenticatedPeer, mut ctx: ConnCtx) {
             }
         }
         Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
-            let _ = transport::refuse(&peer, CloseCode::ProtocolViolation, "expected a hello first");
+            let _ = transport::refuse(
+                &peer,
+                CloseCode::ProtocolViolation,
+                "expected a hello first",
+            );
             return;
         }
     }
     let visible: Vec<StudyAnnouncement> = ctx
         .announcements
         .iter()
-        .filter(|a| ctx.specs.get(&a.study).is_some_and(|(_, enrolled)| enrolled.contains(&site)))
+        .filter(|a| {
+            ctx.specs
+                .get(&a.study)
+                .is_some_and(|(_, enrolled)| enrolled.contains(&site))
+        })
         .cloned()
         .collect();
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
-    if ctx.events.send(Event::Connected { site: site.clone(), conn_id: ctx.conn_id, tx: tx.clone() }).is_err() {
+    if ctx
+        .events
+        .send(Event::Connected {
+            site: site.clone(),
+            conn_id: ctx.conn_id,
+            tx: tx.clone(),
+        })
+        .is_err()
+    {
         return;
     }
-    let _ = tx.send(Outgoing::Message(CoordinatorMessage::Welcome { version: PROTOCOL_VERSION, studies: visible }));
+    let _ = tx.send(Outgoing::Message(CoordinatorMessage::Welcome {
+        version: PROTOCOL_VERSION,
+        studies: visible,
+    }));
     // Writer: sends in order, one stream per message.
     let writer_conn = conn.clone();
     let writer = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
             let res = match &out {
                 Outgoing::Message(m) => transport::send_message(&writer_conn, m, None).await,
-                Outgoing::WithModel(m, model) => transport::send_message(&writer_conn, m, Some(model.as_slice())).await,
+                Outgoing::WithModel(m, model) => {
+                    transport::send_message(&writer_conn, m, Some(model.as_slice())).await
+                }
             };
             if let Err(e) = res {
                 tracing::warn!(error = %e, "send to site failed");
@@ -458,43 +655,94 @@ async fn serve_site(peer: AuthenticatedPeer, mut ctx: ConnCtx) {
             Err(reason) => tracing::warn!(%site, %reason, "message from site refused"),
         }
     }
-    let _ = ctx.events.send(Event::Disconnected { site, conn_id: ctx.conn_id });
+    let _ = ctx.events.send(Event::Disconnected {
+        site,
+        conn_id: ctx.conn_id,
+    });
     writer.abort();
 }
 
 /// Reads one message (and its body). Peer errors are returned as text to log; the
 /// connection stays up for the site's other messages.
-async fn read_site_message(site: &str, recv: &mut quinn::RecvStream, ctx: &ConnCtx) -> Result<Option<Event>, String> {
-    let msg: SiteMessage = transport::recv_frame(recv).await.map_err(|e| e.to_string())?;
-    let enrolled_in = |study: &str| ctx.specs.get(study).filter(|(_, enrolled)| enrolled.iter().any(|s| s == site)).map(|(spec, _)| spec);
+async fn read_site_message(
+    site: &str,
+    recv: &mut quinn::RecvStream,
+    ctx: &ConnCtx,
+) -> Result<Option<Event>, String> {
+    let msg: SiteMessage = transport::recv_frame(recv)
+        .await
+        .map_err(|e| e.to_string())?;
+    let enrolled_in = |study: &str| {
+        ctx.specs
+            .get(study)
+            .filter(|(_, enrolled)| enrolled.iter().any(|s| s == site))
+            .map(|(spec, _)| spec)
+    };
     let ev = |study: String, input: Input| Ok(Some(Event::Study { study, input }));
     match msg {
         SiteMessage::Hello { .. } => Err("a second hello".into()),
         SiteMessage::Ready { study, records } => {
             transport::recv_end(recv).await.map_err(|e| e.to_string())?;
             enrolled_in(&study).ok_or(format!("not enrolled in study {study:?}"))?;
-            ev(study, Input::SiteReady { site: site.to_string(), records })
+            ev(
+                study,
+                Input::SiteReady {
+                    site: site.to_string(),
+                    records,
+                },
+            )
         }
         SiteMessage::Unable { study, reason } => {
             transport::recv_end(recv).await.map_err(|e| e.to_string())?;
             tracing::warn!(%site, %study, %reason, "site cannot take part");
             Ok(None)
         }
-        SiteMessage::Decline { study, round, reason } => {
+        SiteMessage::Decline {
+            study,
+            round,
+            reason,
+        } => {
             transport::recv_end(recv).await.map_err(|e| e.to_string())?;
             enrolled_in(&study).ok_or(format!("not enrolled in study {study:?}"))?;
-            ev(study, Input::Declined { site: site.to_string(), round, reason })
+            ev(
+                study,
+                Input::Declined {
+                    site: site.to_string(),
+                    round,
+                    reason,
+                },
+            )
         }
-        SiteMessage::Update { study, round, header } => {
+        SiteMessage::Update {
+            study,
+            round,
+            header,
+        } => {
             let spec = enrolled_in(&study).ok_or(format!("not enrolled in study {study:?}"))?;
-            receive_update(recv, &header, spec, &ctx.uploads).await.and_then(|values| ev(study, Input::Update { site: site.to_string(), round, values }))
+            receive_update(recv, &header, spec, &ctx.uploads)
+                .await
+                .and_then(|values| {
+                    ev(
+                        study,
+                        Input::Update {
+                            site: site.to_string(),
+                            round,
+                            values,
+                        },
+                    )
+                })
         }
     }
 }
 
 /// Receives an update body into one model-sized buffer (sized by our model, never by the
 /// peer's claim), under the upload limit.
-async fn receive_update(recv: &mut quinn::RecvStream, header: &TensorHeader, spec: &ModelSpec, uploads: &Semaphore) -> Result<Vec<f32>, String> {
+async fn receive_update(
+    recv: &mut quinn::RecvStream,
+    header: &TensorHeader,
+    spec: &ModelSpec,
+    uploads: &Semaphore,
+) -> Result<Vec<f32>, String> {
     header.check_against(spec).map_err(|e| e.to_string())?;
     let _permit = uploads.acquire().await.map_err(|e| e.to_string())?;
     let mut values = vec![0f32; spec.num_values()];

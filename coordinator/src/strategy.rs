@@ -51,7 +51,12 @@ impl FedAdam {
 
 impl ServerOptimizer for FedAdam {
     fn apply(&mut self, global: &mut [f32], mean_delta: &[f32]) {
-        for (((g, d), m), v) in global.iter_mut().zip(mean_delta).zip(&mut self.m).zip(&mut self.v) {
+        for (((g, d), m), v) in global
+            .iter_mut()
+            .zip(mean_delta)
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+        {
             *m = self.beta1 * *m + (1.0 - self.beta1) * d;
             *v = self.beta2 * *v + (1.0 - self.beta2) * d * d;
             *g += self.lr * *m / (v.sqrt() + self.tau);

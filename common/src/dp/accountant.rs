@@ -40,7 +40,9 @@ impl std::str::FromStr for AccountantKind {
         match s {
             "rdp" => Ok(Self::Rdp),
             "pld" => Ok(Self::Pld),
-            other => Err(format!("unknown accountant {other:?} (expected rdp or pld)")),
+            other => Err(format!(
+                "unknown accountant {other:?} (expected rdp or pld)"
+            )),
         }
     }
 }
@@ -50,7 +52,9 @@ impl std::str::FromStr for AccountantKind {
 pub enum AccountError {
     #[error(transparent)]
     Param(#[from] ParamError),
-    #[error("epsilon is unbounded at this delta (the noise is too small for any finite guarantee)")]
+    #[error(
+        "epsilon is unbounded at this delta (the noise is too small for any finite guarantee)"
+    )]
     Unbounded,
     #[error("numerical failure in the accountant: {0}")]
     Numerical(&'static str),
@@ -61,7 +65,11 @@ pub enum AccountError {
 }
 
 /// Epsilon spent by a composition of sampled Gaussian mechanisms, at `delta`.
-pub fn epsilon(kind: AccountantKind, events: &[SgmEvent], delta: Delta) -> Result<f64, AccountError> {
+pub fn epsilon(
+    kind: AccountantKind,
+    events: &[SgmEvent],
+    delta: Delta,
+) -> Result<f64, AccountError> {
     match kind {
         AccountantKind::Rdp => rdp::epsilon(events, delta.get()),
         AccountantKind::Pld => pld::epsilon(events, delta.get()),
@@ -195,26 +203,61 @@ mod tests {
 
     #[test]
     fn max_steps_is_the_boundary() {
-        let (q, s) = (SampleRate::new(0.01).expect("q"), NoiseMultiplier::new(1.0).expect("s"));
+        let (q, s) = (
+            SampleRate::new(0.01).expect("q"),
+            NoiseMultiplier::new(1.0).expect("s"),
+        );
         let budget = Epsilon::new(2.0).expect("eps");
         for kind in [AccountantKind::Rdp, AccountantKind::Pld] {
             let t = max_steps(kind, &[], q, s, budget, d()).expect("answer");
             assert!(t > 100, "{kind:?}: {t}");
-            let at = epsilon(kind, &[SgmEvent { q, sigma: s, steps: t }], d()).expect("eps");
-            let past = epsilon(kind, &[SgmEvent { q, sigma: s, steps: t + 1 }], d()).expect("eps");
+            let at = epsilon(
+                kind,
+                &[SgmEvent {
+                    q,
+                    sigma: s,
+                    steps: t,
+                }],
+                d(),
+            )
+            .expect("eps");
+            let past = epsilon(
+                kind,
+                &[SgmEvent {
+                    q,
+                    sigma: s,
+                    steps: t + 1,
+                }],
+                d(),
+            )
+            .expect("eps");
             assert!(at <= 2.0 && past > 2.0, "{kind:?}: {t} -> {at}, {past}");
         }
     }
 
     #[test]
     fn prior_spend_reduces_what_fits() {
-        let (q, s) = (SampleRate::new(0.01).expect("q"), NoiseMultiplier::new(1.0).expect("s"));
+        let (q, s) = (
+            SampleRate::new(0.01).expect("q"),
+            NoiseMultiplier::new(1.0).expect("s"),
+        );
         let budget = Epsilon::new(2.0).expect("eps");
         let fresh = max_steps(AccountantKind::Rdp, &[], q, s, budget, d()).expect("t");
-        let prior = [SgmEvent { q, sigma: s, steps: 500 }];
+        let prior = [SgmEvent {
+            q,
+            sigma: s,
+            steps: 500,
+        }];
         let after = max_steps(AccountantKind::Rdp, &prior, q, s, budget, d()).expect("t");
         assert_eq!(after, fresh - 500);
-        let none = max_steps(AccountantKind::Rdp, &[], SampleRate::new(1.0).expect("q"), s, Epsilon::new(0.1).expect("e"), d());
+        let none = max_steps(
+            AccountantKind::Rdp,
+            &[],
+            SampleRate::new(1.0).expect("q"),
+            s,
+            Epsilon::new(0.1).expect("e"),
+            d(),
+        );
         assert_eq!(none, Ok(0));
     }
 
@@ -224,10 +267,31 @@ mod tests {
         let target = Epsilon::new(1.0).expect("eps");
         for kind in [AccountantKind::Rdp, AccountantKind::Pld] {
             let s = calibrate_noise(kind, q, 1000, target, d()).expect("sigma");
-            let at = epsilon(kind, &[SgmEvent { q, sigma: s, steps: 1000 }], d()).expect("eps");
+            let at = epsilon(
+                kind,
+                &[SgmEvent {
+                    q,
+                    sigma: s,
+                    steps: 1000,
+                }],
+                d(),
+            )
+            .expect("eps");
             let below = NoiseMultiplier::new(s.get() * 0.99).expect("s");
-            let under = epsilon(kind, &[SgmEvent { q, sigma: below, steps: 1000 }], d()).expect("eps");
-            assert!(at <= 1.0 && under > 1.0, "{kind:?}: sigma {s} -> {at}, {under}");
+            let under = epsilon(
+                kind,
+                &[SgmEvent {
+                    q,
+                    sigma: below,
+                    steps: 1000,
+                }],
+                d(),
+            )
+            .expect("eps");
+            assert!(
+                at <= 1.0 && under > 1.0,
+                "{kind:?}: sigma {s} -> {at}, {under}"
+            );
         }
         assert!(calibrate_noise(AccountantKind::Rdp, q, 0, target, d()).is_err());
     }

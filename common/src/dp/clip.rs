@@ -25,16 +25,28 @@ pub fn clip_l2(values: &mut [f32], clip: ClipNorm) -> Clipped {
         for v in values.iter_mut() {
             *v = (f64::from(*v) * factor) as f32;
         }
-        Clipped { pre_norm: norm, scaled: true }
+        Clipped {
+            pre_norm: norm,
+            scaled: true,
+        }
     } else {
-        Clipped { pre_norm: norm, scaled: false }
+        Clipped {
+            pre_norm: norm,
+            scaled: false,
+        }
     }
 }
 
 /// Clips each row of a row-major `rows x dim` batch; returns each row's pre-clip norm.
 pub fn clip_rows(batch: &mut [f32], dim: usize, clip: ClipNorm) -> Vec<f64> {
-    assert!(dim > 0 && batch.len() % dim == 0, "batch is not a whole number of rows");
-    batch.chunks_mut(dim).map(|row| clip_l2(row, clip).pre_norm).collect()
+    assert!(
+        dim > 0 && batch.len().is_multiple_of(dim),
+        "batch is not a whole number of rows"
+    );
+    batch
+        .chunks_mut(dim)
+        .map(|row| clip_l2(row, clip).pre_norm)
+        .collect()
 }
 
 #[cfg(test)]
@@ -68,7 +80,9 @@ mod tests {
     #[test]
     fn huge_vectors_clip_below_the_bound() {
         let c = ClipNorm::new(0.1).expect("valid");
-        let mut v: Vec<f32> = (0..100_000).map(|i| ((i % 17) as f32 - 8.0) * 1e3).collect();
+        let mut v: Vec<f32> = (0..100_000)
+            .map(|i| ((i % 17) as f32 - 8.0) * 1e3)
+            .collect();
         clip_l2(&mut v, c);
         assert!(l2_norm(&v) <= 0.1);
     }

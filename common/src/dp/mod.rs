@@ -38,7 +38,8 @@ macro_rules! bounded_f64 {
                 if !$v.is_finite() {
                     return Err(ParamError::NotFinite { name: $name, value: $v });
                 }
-                if !($ok) {
+                let within: bool = $ok;
+                if !within {
                     return Err(ParamError::OutOfRange { name: $name, range: $range, value: $v });
                 }
                 Ok(Self($v))
@@ -114,10 +115,10 @@ impl SgmEvent {
 pub(crate) fn grouped(events: &[SgmEvent]) -> Vec<SgmEvent> {
     let mut out: Vec<SgmEvent> = Vec::new();
     for e in events.iter().filter(|e| e.steps > 0) {
-        match out
-            .iter_mut()
-            .find(|g| g.q.get().to_bits() == e.q.get().to_bits() && g.sigma.get().to_bits() == e.sigma.get().to_bits())
-        {
+        match out.iter_mut().find(|g| {
+            g.q.get().to_bits() == e.q.get().to_bits()
+                && g.sigma.get().to_bits() == e.sigma.get().to_bits()
+        }) {
             Some(g) => g.steps = g.steps.saturating_add(e.steps),
             None => out.push(*e),
         }

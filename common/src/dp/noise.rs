@@ -122,7 +122,9 @@ impl NoiseSource {
 
 /// The machine's core count, for callers that want all of them.
 pub fn available_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -158,7 +160,10 @@ mod tests {
         let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
         // Mean: 5 standard errors. Variance of the sample variance is 2/n for a normal.
         assert!(mean.abs() < 5.0 / (n as f64).sqrt(), "mean {mean}");
-        assert!((var - 1.0).abs() < 5.0 * (2.0 / n as f64).sqrt(), "variance {var}");
+        assert!(
+            (var - 1.0).abs() < 5.0 * (2.0 / n as f64).sqrt(),
+            "variance {var}"
+        );
         // KS critical value at alpha = 0.001 is 1.95 / sqrt(n).
         let mut sorted = xs.clone();
         let d = ks_distance(&mut sorted);
@@ -170,7 +175,11 @@ mod tests {
         // The KS threshold above must be able to fail: noise with std 1.05 fails it.
         let n = 200_000;
         let mut src = NoiseSource::insecure_from_seed(8);
-        let mut xs: Vec<f64> = src.gaussian(n, 1.05).iter().map(|&x| f64::from(x)).collect();
+        let mut xs: Vec<f64> = src
+            .gaussian(n, 1.05)
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
         assert!(ks_distance(&mut xs) > 1.95 / (n as f64).sqrt());
     }
 
@@ -186,7 +195,10 @@ mod tests {
             counts[bin] += 1.0;
         }
         let expected = n as f64 / 10.0;
-        let chi2: f64 = counts.iter().map(|c| (c - expected).powi(2) / expected).sum();
+        let chi2: f64 = counts
+            .iter()
+            .map(|c| (c - expected).powi(2) / expected)
+            .sum();
         assert!(chi2 < 27.88, "chi-square {chi2}");
     }
 

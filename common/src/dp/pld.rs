@@ -200,9 +200,12 @@ fn search(done: impl Fn(f64) -> bool, start: f64, up: bool) -> f64 {
     far
 }
 
+/// (lowest loss, highest loss, mass) of a run of grid points.
+type Bucket = (f64, f64, f64);
+
 /// A coarse view of a pmf for the Chernoff bound: buckets of (lowest loss, highest loss,
 /// mass), so that bounding the window costs little however fine the grid is.
-fn coarse(pmf: &Pmf, interval: f64) -> Vec<(f64, f64, f64)> {
+fn coarse(pmf: &Pmf, interval: f64) -> Vec<Bucket> {
     let chunk = pmf.mass.len().div_ceil(2048).max(1);
     pmf.mass
         .chunks(chunk)
@@ -211,25 +214,31 @@ fn coarse(pmf: &Pmf, interval: f64) -> Vec<(f64, f64, f64)> {
             let m: f64 = ms.iter().sum();
             let first = pmf.offset + (c * chunk) as i64;
             let last = first + ms.len() as i64 - 1;
-            (m > 0.0).then(|| (first as f64 * interval, last as f64 * interval, m))
+            (m > 0.0).then_some((first as f64 * interval, last as f64 * interval, m))
         })
         .collect()
 }
 
 /// log E[exp(lambda L)], rounding each bucket's loss the way that makes it an upper bound.
-fn log_mgf(buckets: &[(f64, f64, f64)], lambda: f64) -> f64 {
+fn log_mgf(buckets: &[Bucket], lambda: f64) -> f64 {
     let exps: Vec<(f64, f64)> = buckets
         .iter()
         .map(|&(lo, hi, m)| (lambda * if lambda > 0.0 { hi } else { lo }, m))
         .collect();
     let top = exps.iter().map(|e| e.0).fold(f64::NEG_INFINITY, f64::max);
-    top + exps.iter().map(|&(x, m)| m * (x - top).exp()).sum::<f64>().ln()
+    top + exps
+        .iter()
+        .map(|&(x, m)| m * (x - top).exp())
+        .sum::<f64>()
+        .ln()
 }
 
 /// Chernoff window (in grid units) holding all but `WINDOW_TAIL` of the composed loss.
 fn window(parts: &[(Pmf, u64)], interval: f64) -> (i64, i64) {
-    let views: Vec<(Vec<(f64, f64, f64)>, f64)> =
-        parts.iter().map(|(p, t)| (coarse(p, interval), *t as f64)).collect();
+    let views: Vec<(Vec<Bucket>, f64)> = parts
+        .iter()
+        .map(|(p, t)| (coarse(p, interval), *t as f64))
+        .collect();
     let lambdas: Vec<f64> = (-20..=20).map(|k| 10f64.powf(f64::from(k) / 5.0)).collect();
     let bound = |sign: f64| {
         lambdas
@@ -238,10 +247,19 @@ fn window(parts: &[(Pmf, u64)], interval: f64) -> (i64, i64) {
                 let total: f64 = views.iter().map(|(v, t)| t * log_mgf(v, sign * l)).sum();
                 sign * (total - WINDOW_TAIL.ln()) / l
             })
-            .fold(f64::INFINITY * sign, |a, b| if sign > 0.0 { a.min(b) } else { a.max(b) })
+            .fold(f64::INFINITY * sign, |a, b| {
+                if sign > 0.0 {
+                    a.min(b)
+                } else {
+                    a.max(b)
+                }
+            })
     };
     // Never wider than the plain sum of supports.
-    let full_lo: i64 = parts.iter().map(|(p, t)| p.offset.saturating_mul(*t as i64)).sum();
+    let full_lo: i64 = parts
+        .iter()
+        .map(|(p, t)| p.offset.saturating_mul(*t as i64))
+        .sum();
     let full_hi: i64 = parts
         .iter()
         .map(|(p, t)| (p.offset + p.mass.len() as i64 - 1).saturating_mul(*t as i64))
@@ -376,7 +394,11 @@ mod tests {
     #[test]
     fn single_pmf_keeps_mass_and_has_expected_exp_loss() {
         for dir in [Direction::Remove, Direction::Add] {
-            let sgm = Sgm { q: 0.05, sigma: 1.3, dir };
+            let sgm = Sgm {
+                q: 0.05,
+                sigma: 1.3,
+                dir,
+            };
             let p = sgm.pmf(1e-3).expect("pmf");
             let total: f64 = p.mass.iter().sum::<f64>() + p.infinity;
             assert!((total - 1.0).abs() < 1e-9, "{dir:?}: {total}");
@@ -408,7 +430,10 @@ mod tests {
         ];
         for (q, s, t, want) in rows {
             let got = epsilon(&[ev(q, s, t)], 1e-5).expect("finite");
-            assert!(((got - want) / want).abs() < 0.02, "q={q} s={s} t={t}: {got} vs {want}");
+            assert!(
+                ((got - want) / want).abs() < 0.02,
+                "q={q} s={s} t={t}: {got} vs {want}"
+            );
         }
     }
 

@@ -24,7 +24,9 @@ pub fn reference_orders() -> Vec<f64> {
 /// reference's gaps (64 to 128 to 256) cost up to a factor of two at small epsilons.
 pub fn default_orders() -> Vec<f64> {
     let mut orders = reference_orders();
-    orders.extend([72.0, 80.0, 96.0, 112.0, 144.0, 160.0, 192.0, 224.0, 320.0, 384.0, 768.0]);
+    orders.extend([
+        72.0, 80.0, 96.0, 112.0, 144.0, 160.0, 192.0, 224.0, 320.0, 384.0, 768.0,
+    ]);
     orders.sort_by(f64::total_cmp);
     orders
 }
@@ -76,7 +78,8 @@ fn log_a_int(q: f64, sigma: f64, alpha: u64) -> f64 {
     let mut acc = f64::NEG_INFINITY;
     for i in 0..=alpha {
         let fi = i as f64;
-        let term = log_binom_int(alpha, i) + fi * lq + (alpha - i) as f64 * l1q + (fi * fi - fi) / s2;
+        let term =
+            log_binom_int(alpha, i) + fi * lq + (alpha - i) as f64 * l1q + (fi * fi - fi) / s2;
         acc = log_add(acc, term);
     }
     acc
@@ -177,7 +180,11 @@ pub fn epsilon(events: &[SgmEvent], delta: f64) -> Result<f64, AccountError> {
 }
 
 /// Epsilon over a chosen set of orders.
-pub fn epsilon_with_orders(events: &[SgmEvent], delta: f64, orders: &[f64]) -> Result<f64, AccountError> {
+pub fn epsilon_with_orders(
+    events: &[SgmEvent],
+    delta: f64,
+    orders: &[f64],
+) -> Result<f64, AccountError> {
     if grouped(events).is_empty() {
         return Ok(0.0);
     }
@@ -210,7 +217,10 @@ mod tests {
         for &(q, s) in &[(0.01, 1.0), (0.1, 2.0), (0.001, 0.7)] {
             let int = rdp_one_step(q, s, 8.0).expect("finite");
             let frac = rdp_one_step(q, s, 8.0 + 1e-9).expect("finite");
-            assert!((int - frac).abs() <= 1e-6 * int.abs().max(1e-12), "{q} {s}: {int} vs {frac}");
+            assert!(
+                (int - frac).abs() <= 1e-6 * int.abs().max(1e-12),
+                "{q} {s}: {int} vs {frac}"
+            );
         }
     }
 
@@ -225,7 +235,10 @@ mod tests {
         ];
         for (q, s, t, want) in rows {
             let got = epsilon(&[ev(q, s, t)], 1e-5).expect("finite");
-            assert!(((got - want) / want).abs() < 0.01, "q={q} s={s} t={t}: {got} vs {want}");
+            assert!(
+                ((got - want) / want).abs() < 0.01,
+                "q={q} s={s} t={t}: {got} vs {want}"
+            );
         }
     }
 
@@ -233,7 +246,10 @@ mod tests {
     fn zero_steps_cost_nothing_and_tiny_sigma_is_unbounded() {
         assert_eq!(epsilon(&[ev(0.5, 1.0, 0)], 1e-5), Ok(0.0));
         assert_eq!(epsilon(&[], 1e-5), Ok(0.0));
-        assert_eq!(epsilon(&[ev(1.0, 1e-200, 1)], 1e-5), Err(AccountError::Unbounded));
+        assert_eq!(
+            epsilon(&[ev(1.0, 1e-200, 1)], 1e-5),
+            Err(AccountError::Unbounded)
+        );
     }
 
     #[test]

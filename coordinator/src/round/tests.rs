@@ -123,11 +123,18 @@ impl World {
 
     /// An honest noised update: small values, well within the norm bound.
     fn update(&mut self) -> Vec<f32> {
-        (0..D).map(|_| self.rng.random_range(-0.5f32..0.5)).collect()
+        (0..D)
+            .map(|_| self.rng.random_range(-0.5f32..0.5))
+            .collect()
     }
 
     /// Carries out the actions and checks the invariants.
-    fn apply(&mut self, eng: &mut StudyEngine, actions: Vec<Action>, behaviour: &dyn Fn(&str, u64) -> Behaviour) {
+    fn apply(
+        &mut self,
+        eng: &mut StudyEngine,
+        actions: Vec<Action>,
+        behaviour: &dyn Fn(&str, u64) -> Behaviour,
+    ) {
         let budget = eng.config().privacy.epsilon.get();
         let timeout = eng.config().round_timeout_secs * 1000;
         for a in actions {
@@ -137,7 +144,11 @@ impl World {
                         // Never record a spend that takes a site over the budget.
                         assert!(e.epsilon_after <= budget, "spend above budget: {e:?}");
                         let prev = self.committed.insert((e.site.clone(), round), e.event);
-                        assert!(prev.is_none(), "spend recorded twice for {} round {round}", e.site);
+                        assert!(
+                            prev.is_none(),
+                            "spend recorded twice for {} round {round}",
+                            e.site
+                        );
                     }
                     // The store answers a little later.
                     let t = self.now + self.rng.random_range(1..50);
@@ -156,48 +167,134 @@ impl World {
                     let reply = self.now + self.rng.random_range(100..3000);
                     let honest = self.update();
                     match b {
-                        Behaviour::Honest => self.at(reply, Ev::Input(Input::Update { site, round, values: honest })),
+                        Behaviour::Honest => self.at(
+                            reply,
+                            Ev::Input(Input::Update {
+                                site,
+                                round,
+                                values: honest,
+                            }),
+                        ),
                         Behaviour::Dropout => {}
-                        Behaviour::Late => self.at(self.now + timeout + 500, Ev::Input(Input::Update { site, round, values: honest })),
+                        Behaviour::Late => self.at(
+                            self.now + timeout + 500,
+                            Ev::Input(Input::Update {
+                                site,
+                                round,
+                                values: honest,
+                            }),
+                        ),
                         Behaviour::Duplicate => {
-                            self.at(reply, Ev::Input(Input::Update { site: site.clone(), round, values: honest.clone() }));
-                            self.at(reply + 10, Ev::Input(Input::Update { site, round, values: honest }));
+                            self.at(
+                                reply,
+                                Ev::Input(Input::Update {
+                                    site: site.clone(),
+                                    round,
+                                    values: honest.clone(),
+                                }),
+                            );
+                            self.at(
+                                reply + 10,
+                                Ev::Input(Input::Update {
+                                    site,
+                                    round,
+                                    values: honest,
+                                }),
+                            );
                         }
                         Behaviour::WrongRound => {
-                            self.at(reply, Ev::Input(Input::Update { site: site.clone(), round: round.saturating_sub(1), values: honest.clone() }));
-                            self.at(reply + 5, Ev::Input(Input::Update { site, round: round + 1, values: honest }));
+                            self.at(
+                                reply,
+                                Ev::Input(Input::Update {
+                                    site: site.clone(),
+                                    round: round.saturating_sub(1),
+                                    values: honest.clone(),
+                                }),
+                            );
+                            self.at(
+                                reply + 5,
+                                Ev::Input(Input::Update {
+                                    site,
+                                    round: round + 1,
+                                    values: honest,
+                                }),
+                            );
                         }
                         Behaviour::NaN => {
                             let mut v = honest;
                             v[3] = f32::NAN;
-                            self.at(reply, Ev::Input(Input::Update { site, round, values: v }));
+                            self.at(
+                                reply,
+                                Ev::Input(Input::Update {
+                                    site,
+                                    round,
+                                    values: v,
+                                }),
+                            );
                         }
                         Behaviour::HugeNorm => {
                             let v = vec![1e6f32; D];
-                            self.at(reply, Ev::Input(Input::Update { site, round, values: v }));
+                            self.at(
+                                reply,
+                                Ev::Input(Input::Update {
+                                    site,
+                                    round,
+                                    values: v,
+                                }),
+                            );
                         }
                         Behaviour::LeaveMidUpload => {
                             self.at(reply, Ev::Input(Input::SiteGone { site: site.clone() }));
-                            self.at(reply + 2000, Ev::Input(Input::SiteReady { site, records: 100 }));
+                            self.at(
+                                reply + 2000,
+                                Ev::Input(Input::SiteReady { site, records: 100 }),
+                            );
                         }
                         Behaviour::CapReached => self.at(
                             reply,
-                            Ev::Input(Input::Declined { site, round, reason: DeclineReason::OverSiteCap { epsilon_after: 9.0, cap: 1.0 } }),
+                            Ev::Input(Input::Declined {
+                                site,
+                                round,
+                                reason: DeclineReason::OverSiteCap {
+                                    epsilon_after: 9.0,
+                                    cap: 1.0,
+                                },
+                            }),
                         ),
                     }
                 }
                 Action::UpdateAccepted { site, round, .. } => {
-                    assert!(self.tasks_sent.get(&round).is_some_and(|s| s.contains(&site)), "accepted an update nobody asked for");
-                    assert!(!self.accepted.contains(&(site.clone(), round)), "accepted twice");
+                    assert!(
+                        self.tasks_sent
+                            .get(&round)
+                            .is_some_and(|s| s.contains(&site)),
+                        "accepted an update nobody asked for"
+                    );
+                    assert!(
+                        !self.accepted.contains(&(site.clone(), round)),
+                        "accepted twice"
+                    );
                     self.accepted.push((site, round));
                 }
-                Action::UpdateRejected { site, round, reason } => self.rejected.push((site, round, reason)),
+                Action::UpdateRejected {
+                    site,
+                    round,
+                    reason,
+                } => self.rejected.push((site, round, reason)),
                 Action::SiteDeclined { .. } => {}
-                Action::Checkpoint { round, contributors, model, epsilon } => {
+                Action::Checkpoint {
+                    round,
+                    contributors,
+                    model,
+                    epsilon,
+                } => {
                     assert!(epsilon <= budget);
                     assert!(model.iter().all(|v| v.is_finite()));
                     for c in &contributors {
-                        assert!(self.accepted.contains(&(c.clone(), round)), "{c} in lineage of round {round} without an accepted update");
+                        assert!(
+                            self.accepted.contains(&(c.clone(), round)),
+                            "{c} in lineage of round {round} without an accepted update"
+                        );
                     }
                     assert!(contributors.len() >= eng.config().min_sites);
                     self.checkpoints.push((round, contributors));
@@ -215,15 +312,31 @@ impl World {
             per_site.entry(s).or_default().push(*e);
         }
         for (s, ev) in per_site {
-            let e = accountant::epsilon(eng.config().privacy.accountant, &ev, eng.config().privacy.delta).unwrap();
+            let e = accountant::epsilon(
+                eng.config().privacy.accountant,
+                &ev,
+                eng.config().privacy.delta,
+            )
+            .unwrap();
             assert!(e <= budget + 1e-9, "{s} spent {e} > {budget}");
         }
     }
 
-    fn run(&mut self, eng: &mut StudyEngine, behaviour: &dyn Fn(&str, u64) -> Behaviour, sites: &[&str]) {
+    fn run(
+        &mut self,
+        eng: &mut StudyEngine,
+        behaviour: &dyn Fn(&str, u64) -> Behaviour,
+        sites: &[&str],
+    ) {
         let mut noise = NoiseSource::insecure_from_seed(1);
         for (i, s) in sites.iter().enumerate() {
-            self.at(i as u64 * 10, Ev::Input(Input::SiteReady { site: s.to_string(), records: 100 }));
+            self.at(
+                i as u64 * 10,
+                Ev::Input(Input::SiteReady {
+                    site: s.to_string(),
+                    records: 100,
+                }),
+            );
         }
         self.at(0, Ev::Tick);
         let mut steps = 0;
@@ -251,15 +364,28 @@ impl World {
 fn honest_sites_run_until_the_budget_is_spent() {
     let mut eng = engine(config(&[]));
     let mut w = World::new(1);
-    w.run(&mut eng, &|_, _| Behaviour::Honest, &["s1", "s2", "s3", "s4"]);
+    w.run(
+        &mut eng,
+        &|_, _| Behaviour::Honest,
+        &["s1", "s2", "s3", "s4"],
+    );
     let reason = w.ended.clone().unwrap();
     assert!(reason.contains("budget exhausted"), "{reason}");
     assert!(w.checkpoints.len() > 5, "{} rounds", w.checkpoints.len());
     assert!(w.aborted.is_empty() && w.rejected.is_empty());
     // Every round used every site (the first waited for all four to connect).
-    assert!(w.checkpoints.iter().all(|(_, c)| c.len() == 4), "{:?}", w.checkpoints);
+    assert!(
+        w.checkpoints.iter().all(|(_, c)| c.len() == 4),
+        "{:?}",
+        w.checkpoints
+    );
     // One more round would have gone over: the budget is used, not wasted.
-    let ev: Vec<SgmEvent> = w.committed.iter().filter(|((s, _), _)| s == "s1").map(|(_, e)| *e).collect();
+    let ev: Vec<SgmEvent> = w
+        .committed
+        .iter()
+        .filter(|((s, _), _)| s == "s1")
+        .map(|(_, e)| *e)
+        .collect();
     let mut more = ev.clone();
     more.push(ev[0]);
     let d = eng.config().privacy.delta;
@@ -268,7 +394,10 @@ fn honest_sites_run_until_the_budget_is_spent() {
 
 #[test]
 fn planned_rounds_end_the_study_when_budget_is_ample() {
-    let mut eng = engine(config(&[("rounds = 40", "rounds = 3"), ("epsilon = 6.0", "epsilon = 50.0")]));
+    let mut eng = engine(config(&[
+        ("rounds = 40", "rounds = 3"),
+        ("epsilon = 6.0", "epsilon = 50.0"),
+    ]));
     let mut w = World::new(2);
     w.run(&mut eng, &|_, _| Behaviour::Honest, &["s1", "s2", "s3"]);
     assert!(w.ended.clone().unwrap().contains("all 3 planned rounds"));
@@ -288,18 +417,35 @@ fn misbehaving_sites_are_rejected_and_rounds_go_on() {
         (Behaviour::Dropout, false),
         (Behaviour::LeaveMidUpload, false),
     ] {
-        let mut eng = engine(config(&[("rounds = 40", "rounds = 6"), ("epsilon = 6.0", "epsilon = 50.0")]));
+        let mut eng = engine(config(&[
+            ("rounds = 40", "rounds = 6"),
+            ("epsilon = 6.0", "epsilon = 50.0"),
+        ]));
         let mut w = World::new(3);
-        let behaviour = move |site: &str, _round: u64| if site == "s3" { bad } else { Behaviour::Honest };
+        let behaviour =
+            move |site: &str, _round: u64| if site == "s3" { bad } else { Behaviour::Honest };
         w.run(&mut eng, &behaviour, &["s1", "s2", "s3"]);
         assert!(w.ended.is_some(), "{bad:?}: study did not end");
         assert_eq!(w.checkpoints.len() + w.aborted.len(), 6, "{bad:?}");
-        assert!(w.aborted.is_empty(), "{bad:?}: rounds aborted {:?}", w.aborted);
+        assert!(
+            w.aborted.is_empty(),
+            "{bad:?}: rounds aborted {:?}",
+            w.aborted
+        );
         for (round, contributors) in &w.checkpoints {
             let s3_in = contributors.iter().any(|c| c == "s3");
-            assert_eq!(s3_in, bad == Behaviour::Duplicate, "{bad:?} round {round}: {contributors:?}");
+            assert_eq!(
+                s3_in,
+                bad == Behaviour::Duplicate,
+                "{bad:?} round {round}: {contributors:?}"
+            );
         }
-        assert_eq!(w.rejected.iter().any(|(s, ..)| s == "s3"), expect_reject, "{bad:?}: {:?}", w.rejected);
+        assert_eq!(
+            w.rejected.iter().any(|(s, ..)| s == "s3"),
+            expect_reject,
+            "{bad:?}: {:?}",
+            w.rejected
+        );
         // A dropped or late site still paid: spends are never refunded.
         assert!(w.committed.keys().any(|(s, _)| s == "s3"));
     }
@@ -307,20 +453,42 @@ fn misbehaving_sites_are_rejected_and_rounds_go_on() {
 
 #[test]
 fn too_few_updates_abort_the_round_without_refund() {
-    let mut eng = engine(config(&[("rounds = 40", "rounds = 3"), ("epsilon = 6.0", "epsilon = 50.0"), ("min_sites = 2", "min_sites = 3")]));
+    let mut eng = engine(config(&[
+        ("rounds = 40", "rounds = 3"),
+        ("epsilon = 6.0", "epsilon = 50.0"),
+        ("min_sites = 2", "min_sites = 3"),
+    ]));
     let mut w = World::new(4);
-    let behaviour = |site: &str, round: u64| if site != "s1" && round == 2 { Behaviour::Dropout } else { Behaviour::Honest };
+    let behaviour = |site: &str, round: u64| {
+        if site != "s1" && round == 2 {
+            Behaviour::Dropout
+        } else {
+            Behaviour::Honest
+        }
+    };
     w.run(&mut eng, &behaviour, &["s1", "s2", "s3"]);
     assert_eq!(w.aborted, vec![2]);
-    assert_eq!(w.checkpoints.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(
+        w.checkpoints.iter().map(|c| c.0).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
     assert_eq!(w.committed.keys().filter(|(_, r)| *r == 2).count(), 3);
 }
 
 #[test]
 fn a_site_at_its_own_cap_sits_out_and_the_study_goes_on() {
-    let mut eng = engine(config(&[("rounds = 40", "rounds = 5"), ("epsilon = 6.0", "epsilon = 50.0")]));
+    let mut eng = engine(config(&[
+        ("rounds = 40", "rounds = 5"),
+        ("epsilon = 6.0", "epsilon = 50.0"),
+    ]));
     let mut w = World::new(5);
-    let behaviour = |site: &str, round: u64| if site == "s2" && round >= 2 { Behaviour::CapReached } else { Behaviour::Honest };
+    let behaviour = |site: &str, round: u64| {
+        if site == "s2" && round >= 2 {
+            Behaviour::CapReached
+        } else {
+            Behaviour::Honest
+        }
+    };
     w.run(&mut eng, &behaviour, &["s1", "s2", "s3"]);
     assert_eq!(w.checkpoints.len(), 5);
     // After declining in round 2, s2 gets no more tasks.
@@ -334,7 +502,13 @@ fn study_stops_when_too_few_sites_can_afford_a_round() {
     let mut eng = engine(config(&[("min_sites = 2", "min_sites = 3")]));
     let mut w = World::new(6);
     // s3 and s4 reach their own caps in round 2: only s1 and s2 remain, fewer than 3.
-    let behaviour = |site: &str, round: u64| if (site == "s3" || site == "s4") && round >= 2 { Behaviour::CapReached } else { Behaviour::Honest };
+    let behaviour = |site: &str, round: u64| {
+        if (site == "s3" || site == "s4") && round >= 2 {
+            Behaviour::CapReached
+        } else {
+            Behaviour::Honest
+        }
+    };
     w.run(&mut eng, &behaviour, &["s1", "s2", "s3", "s4"]);
     let reason = w.ended.unwrap();
     assert!(reason.contains("needs 3"), "{reason}");
@@ -368,7 +542,9 @@ fn randomised_fault_mix_keeps_every_invariant() {
         let mut w = World::new(100 + seed);
         let table: Vec<Behaviour> = {
             let mut r = ChaCha8Rng::seed_from_u64(seed);
-            (0..400).map(|_| all[r.random_range(0..all.len())]).collect()
+            (0..400)
+                .map(|_| all[r.random_range(0..all.len())])
+                .collect()
         };
         let behaviour = move |site: &str, round: u64| {
             let i = site.as_bytes()[1] as usize * 97 + round as usize;

@@ -1,0 +1,62 @@
+//! End to end over loopback QUIC with real certificates: a coordinator and three site
+//! daemons train on the bundled breast-cancer data; the ledgers on both sides must agree with
+//! the accountant and each site's own cap must hold whatever the study's budget.
+
+use fedpriv::demo::{self, DemoOptions, SITES};
+use fedpriv_client::store::SiteLedger;
+use fedpriv_common::config::StudyConfig;
+use fedpriv_common::dp::accountant::{self, AccountantKind};
+use fedpriv_common::dp::Delta;
+use fedpriv_coordinator::store::Store;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sites_train_and_both_ledgers_match_the_accountant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = DemoOptions { rounds: 8, epsilon: 3.0, non_iid: false, ..DemoOptions::default() };
+    let report = demo::run(dir.path(), &opts, |_| {}).await.expect("demo runs");
+    assert!(report.rounds.len() >= 4, "only {} rounds", report.rounds.len());
+    let first = report.rounds[0].accuracy;
+    assert!(report.final_accuracy > 0.85, "final accuracy {}", report.final_accuracy);
+    assert!(report.final_accuracy > first || first > 0.9, "accuracy did not rise: {first} -> {}", report.final_accuracy);
+
+    let store = Store::open(report.state_dir.join("coordinator.db")).expect("store");
+    let row = store.study(&report.study_id).expect("read").expect("study");
+    let cfg = StudyConfig::from_toml(&row.config_toml).expect("config");
+    let spent = store.spent_by_site(&report.study_id).expect("ledger");
+    let delta = Delta::new(opts.delta).expect("delta");
+    let mut worst = 0.0f64;
+    for (site, dir) in SITES.iter().zip(&report.site_state_dirs) {
+        let coordinator_events = &spent[*site];
+        assert!(!coordinator_events.is_empty(), "{site} never paid");
+        let eps = accountant::epsilon(cfg.privacy.accountant, coordinator_events, delta).expect("eps");
+        assert!(eps <= opts.epsilon + 1e-9, "{site}: {eps}");
+        worst = worst.max(eps);
+        // The site's own ledger holds exactly what the coordinator charged it.
+        let own = SiteLedger::open(dir.join("site-ledger.db")).expect("site ledger");
+        assert_eq!(&own.events(&report.study_id).expect("events"), coordinator_events, "{site}");
+    }
+    let last = report.rounds.last().expect("a round");
+    assert!((last.epsilon - worst).abs() < 1e-9, "reported {} vs ledger {worst}", last.epsilon);
+    // The ledger's stored display figure agrees with a fresh accountant run.
+    for r in store.ledger(&report.study_id).expect("rows") {
+        assert!(r.epsilon_after <= opts.epsilon + 1e-9);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sites_own_cap_holds_when_the_study_budget_is_larger() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = DemoOptions { rounds: 30, epsilon: 4.0, site_cap: 1.0, non_iid: false, ..DemoOptions::default() };
+    let report = demo::run(dir.path(), &opts, |_| {}).await.expect("demo runs");
+    let delta = Delta::new(opts.delta).expect("delta");
+    for (site, dir) in SITES.iter().zip(&report.site_state_dirs) {
+        let own = SiteLedger::open(dir.join("site-ledger.db")).expect("site ledger");
+        let eps = accountant::epsilon(AccountantKind::Pld, &own.events(&report.study_id).expect("events"), delta).expect("eps");
+        assert!(eps <= 1.0 + 1e-9, "{site} spent {eps} of its own cap 1.0");
+        assert!(eps > 0.0, "{site} never took part");
+    }
+    // The coordinator charged rounds the sites refused: its ledger is never below theirs,
+    // and the study ended because the sites retired, not because its own budget ran out.
+    assert!(report.end_reason.contains("budget exhausted"), "{}", report.end_reason);
+    assert!(report.rounds.last().map(|r| r.epsilon).unwrap_or(0.0) < 4.0);
+}
