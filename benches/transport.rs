@@ -29,7 +29,7 @@ const RUNS: usize = 5;
 /// Whether transfer `i` takes the fedpriv path. Pairs alternate which path goes first, so
 /// neither always profits from a warmer cache or a quieter moment.
 fn is_fedpriv(i: usize) -> bool {
-    (i % 2 == 0) == ((i / 2) % 2 == 0)
+    (i & 1 == 0) == (i & 2 == 0)
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -125,9 +125,7 @@ pub struct Split {
 }
 
 /// Splits the bundled data as `opts` says.
-pub fn split(
-    opts: &DemoOptions,
-) -> DemoResult<Split> {
+pub fn split(opts: &DemoOptions) -> DemoResult<Split> {
     let (ds, features, bounds) = breast_cancer()?;
     let (train, test) = data::train_test_split(&ds, 0.2, opts.seed).map_err(s)?;
     let shards = if opts.non_iid {
@@ -135,7 +133,12 @@ pub fn split(
     } else {
         data::split_iid(&train, SITES.len(), opts.seed).map_err(s)?
     };
-    Ok(Split { shards, test: scaled(test, &bounds)?, features, bounds })
+    Ok(Split {
+        shards,
+        test: scaled(test, &bounds)?,
+        features,
+        bounds,
+    })
 }
 
 /// The study's TOML. The hyperparameters are the README's recommended defaults, chosen
@@ -226,95 +229,190 @@ fn setup(
     Ok((tls, sites))
 }
 
+/// A running coordinator started by [`Federation::start_coordinator`].
+#[derive(Debug)]
+pub struct CoordinatorHandle {
+    stop: watch::Sender<bool>,
+    pub notes: mpsc::UnboundedReceiver<Notification>,
+    join: tokio::task::JoinHandle<Result<(), server::ServerError>>,
+}
+
+impl CoordinatorHandle {
+    /// Asks the coordinator to stop and waits for it.
+    pub async fn stop(self) -> DemoResult<()> {
+        let _ = self.stop.send(true);
+        self.join.await.map_err(s)?.map_err(s)
+    }
+}
+
+/// The demo's pieces: PKI, site folders and configs, the study, the test set.
+#[derive(Debug)]
+pub struct Federation {
+    pub addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    study: (StudyConfig, String),
+    pub arch: Architecture,
+    pub spec: fedpriv_common::model::ModelSpec,
+    pub test: Dataset,
+    pub state_dir: PathBuf,
+    sites: Vec<SiteConfig>,
+    site_stop: watch::Sender<bool>,
+    daemons: Vec<tokio::task::JoinHandle<Result<(), fedpriv_client::daemon::DaemonError>>>,
+}
+
+impl Federation {
+    /// Writes the PKI, the site shards and configs under `root`; starts nothing.
+    pub fn prepare(root: &Path, opts: &DemoOptions) -> DemoResult<Self> {
+        let Split {
+            shards,
+            test,
+            features,
+            bounds,
+        } = split(opts)?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let (tls, sites) = setup(root, opts, &shards, addr)?;
+        let toml = study_toml(opts, &features, &bounds);
+        let cfg = StudyConfig::from_toml(&toml).map_err(|e| format!("demo study config: {e}"))?;
+        let arch_kind = cfg.model;
+        let spec = arch::model_spec(arch_kind, features.len(), 1).map_err(s)?;
+        let (site_stop, _) = watch::channel(false);
+        Ok(Self {
+            addr,
+            tls,
+            study: (cfg, toml),
+            arch: arch_kind,
+            spec,
+            test,
+            state_dir: root.join("coordinator"),
+            sites,
+            site_stop,
+            daemons: Vec::new(),
+        })
+    }
+
+    pub fn study_id(&self) -> &str {
+        &self.study.0.id
+    }
+
+    pub fn site_state_dirs(&self) -> Vec<PathBuf> {
+        self.sites.iter().map(|c| c.state_dir.clone()).collect()
+    }
+
+    /// Starts the three site daemons (they dial the coordinator, retrying until it is up).
+    pub fn start_sites(&mut self) {
+        for c in &self.sites {
+            self.daemons.push(tokio::spawn(fedpriv_client::daemon::run(
+                c.clone(),
+                self.site_stop.subscribe(),
+            )));
+        }
+    }
+
+    /// Stops the site daemons and waits for them.
+    pub async fn stop_sites(&mut self) -> DemoResult<()> {
+        let _ = self.site_stop.send(true);
+        for d in self.daemons.drain(..) {
+            d.await.map_err(s)?.map_err(s)?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts, over the same state directory) the coordinator.
+    pub fn start_coordinator(&self) -> CoordinatorHandle {
+        let (stop, stop_rx) = watch::channel(false);
+        let (note_tx, notes) = mpsc::unbounded_channel();
+        let opts = Options {
+            listen: self.addr,
+            state_dir: self.state_dir.clone(),
+            tls: self.tls.clone(),
+            studies: vec![self.study.clone()],
+            max_concurrent_uploads: 2,
+        };
+        let join = tokio::spawn(server::run(opts, stop_rx, Some(note_tx), false));
+        CoordinatorHandle { stop, notes, join }
+    }
+
+    /// Loss and accuracy of a model version on the held-out test set.
+    pub fn evaluate(&self, model: &[f32]) -> DemoResult<(f64, f64)> {
+        let m = FlatModel::new(self.spec.clone(), model.to_vec()).map_err(s)?;
+        let metrics = train::evaluate(&m, self.arch, &self.test).map_err(s)?;
+        Ok((metrics.loss, metrics.accuracy.unwrap_or(f64::NAN)))
+    }
+
+    /// Follows the coordinator's notifications until the study ends.
+    pub async fn follow(
+        &self,
+        coord: &mut CoordinatorHandle,
+        rounds: &mut Vec<RoundReport>,
+        mut on_round: impl FnMut(&RoundReport),
+    ) -> DemoResult<String> {
+        loop {
+            let note = tokio::time::timeout(Duration::from_secs(300), coord.notes.recv())
+                .await
+                .map_err(|_| "no progress for 5 minutes".to_string())?;
+            match note {
+                Some(Notification::RoundCompleted {
+                    round,
+                    model,
+                    contributors,
+                    epsilon,
+                    budget,
+                    ..
+                }) => {
+                    let (loss, accuracy) = self.evaluate(&model)?;
+                    let r = RoundReport {
+                        round,
+                        sites: contributors,
+                        loss,
+                        accuracy,
+                        epsilon,
+                        budget,
+                    };
+                    on_round(&r);
+                    rounds.push(r);
+                }
+                Some(Notification::RoundAborted { round, reason, .. }) => {
+                    tracing::warn!(round, %reason, "round aborted")
+                }
+                Some(Notification::StudyEnded { reason, .. }) => return Ok(reason),
+                None => return Err("the coordinator stopped unexpectedly".into()),
+            }
+        }
+    }
+}
+
 /// Runs the demo federation in `root`; `on_round` sees every completed round as it happens.
 pub async fn run(
     root: &Path,
     opts: &DemoOptions,
-    mut on_round: impl FnMut(&RoundReport),
+    on_round: impl FnMut(&RoundReport),
 ) -> DemoResult<DemoReport> {
-    let Split { shards, test, features, bounds } = split(opts)?;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-    let (tls, sites) = setup(root, opts, &shards, addr)?;
-    let toml = study_toml(opts, &features, &bounds);
-    let cfg = StudyConfig::from_toml(&toml).map_err(|e| format!("demo study config: {e}"))?;
-    let arch_kind = cfg.model;
-    let spec = arch::model_spec(arch_kind, features.len(), 1).map_err(s)?;
-    let state_dir = root.join("coordinator");
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (note_tx, mut note_rx) = mpsc::unbounded_channel();
-    let study_id = cfg.id.clone();
-    let server_opts = Options {
-        listen: addr,
-        state_dir: state_dir.clone(),
-        tls,
-        studies: vec![(cfg, toml)],
-        max_concurrent_uploads: 2,
-    };
-    let coordinator = tokio::spawn(server::run(
-        server_opts,
-        stop_rx.clone(),
-        Some(note_tx),
-        false,
-    ));
-    let site_state_dirs = sites.iter().map(|c| c.state_dir.clone()).collect();
-    let daemons: Vec<_> = sites
-        .into_iter()
-        .map(|c| tokio::spawn(fedpriv_client::daemon::run(c, stop_rx.clone())))
-        .collect();
-
+    let mut fed = Federation::prepare(root, opts)?;
+    let mut coord = fed.start_coordinator();
+    fed.start_sites();
     let mut rounds = Vec::new();
-    let end_reason = loop {
-        let note = tokio::time::timeout(Duration::from_secs(300), note_rx.recv())
-            .await
-            .map_err(|_| "no progress for 5 minutes".to_string())?;
-        match note {
-            Some(Notification::RoundCompleted {
-                round,
-                model,
-                contributors,
-                epsilon,
-                budget,
-                ..
-            }) => {
-                let m = FlatModel::new(spec.clone(), model.to_vec()).map_err(s)?;
-                let metrics = train::evaluate(&m, arch_kind, &test).map_err(s)?;
-                let r = RoundReport {
-                    round,
-                    sites: contributors,
-                    loss: metrics.loss,
-                    accuracy: metrics.accuracy.unwrap_or(f64::NAN),
-                    epsilon,
-                    budget,
-                };
-                on_round(&r);
-                rounds.push(r);
-            }
-            Some(Notification::RoundAborted { round, reason, .. }) => {
-                tracing::warn!(round, %reason, "round aborted")
-            }
-            Some(Notification::StudyEnded { reason, .. }) => break reason,
-            None => return Err("the coordinator stopped unexpectedly".into()),
-        }
-    };
-    let _ = stop_tx.send(true);
-    for d in daemons {
-        d.await.map_err(s)?.map_err(s)?;
-    }
-    coordinator.await.map_err(s)?.map_err(s)?;
+    let end_reason = fed.follow(&mut coord, &mut rounds, on_round).await?;
+    fed.stop_sites().await?;
+    coord.stop().await?;
     let final_accuracy = rounds.last().map(|r| r.accuracy).unwrap_or(f64::NAN);
     Ok(DemoReport {
         rounds,
         end_reason,
         final_accuracy,
-        state_dir,
-        site_state_dirs,
-        study_id,
+        state_dir: fed.state_dir.clone(),
+        site_state_dirs: fed.site_state_dirs(),
+        study_id: fed.study_id().to_string(),
     })
 }
 
 /// The same federation without privacy: FedAvg of plain local SGD, same rounds and split.
 pub fn non_private_baseline(opts: &DemoOptions, rounds: u64) -> DemoResult<f64> {
-    let Split { shards, test, bounds, .. } = split(opts)?;
+    let Split {
+        shards,
+        test,
+        bounds,
+        ..
+    } = split(opts)?;
     let arch_kind = Architecture::LogisticRegression;
     let mut global = arch::init_model(arch_kind, test.d, 1, 0).map_err(s)?;
     let shards: Vec<Dataset> = shards

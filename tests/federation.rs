@@ -12,12 +12,31 @@ use fedpriv_coordinator::store::Store;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sites_train_and_both_ledgers_match_the_accountant() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let opts = DemoOptions { rounds: 8, epsilon: 3.0, non_iid: false, ..DemoOptions::default() };
-    let report = demo::run(dir.path(), &opts, |_| {}).await.expect("demo runs");
-    assert!(report.rounds.len() >= 4, "only {} rounds", report.rounds.len());
+    let opts = DemoOptions {
+        rounds: 8,
+        epsilon: 3.0,
+        non_iid: false,
+        ..DemoOptions::default()
+    };
+    let report = demo::run(dir.path(), &opts, |_| {})
+        .await
+        .expect("demo runs");
+    assert!(
+        report.rounds.len() >= 4,
+        "only {} rounds",
+        report.rounds.len()
+    );
     let first = report.rounds[0].accuracy;
-    assert!(report.final_accuracy > 0.85, "final accuracy {}", report.final_accuracy);
-    assert!(report.final_accuracy > first || first > 0.9, "accuracy did not rise: {first} -> {}", report.final_accuracy);
+    assert!(
+        report.final_accuracy > 0.85,
+        "final accuracy {}",
+        report.final_accuracy
+    );
+    assert!(
+        report.final_accuracy > first || first > 0.9,
+        "accuracy did not rise: {first} -> {}",
+        report.final_accuracy
+    );
 
     let store = Store::open(report.state_dir.join("coordinator.db")).expect("store");
     let row = store.study(&report.study_id).expect("read").expect("study");
@@ -28,15 +47,24 @@ async fn three_sites_train_and_both_ledgers_match_the_accountant() {
     for (site, dir) in SITES.iter().zip(&report.site_state_dirs) {
         let coordinator_events = &spent[*site];
         assert!(!coordinator_events.is_empty(), "{site} never paid");
-        let eps = accountant::epsilon(cfg.privacy.accountant, coordinator_events, delta).expect("eps");
+        let eps =
+            accountant::epsilon(cfg.privacy.accountant, coordinator_events, delta).expect("eps");
         assert!(eps <= opts.epsilon + 1e-9, "{site}: {eps}");
         worst = worst.max(eps);
         // The site's own ledger holds exactly what the coordinator charged it.
         let own = SiteLedger::open(dir.join("site-ledger.db")).expect("site ledger");
-        assert_eq!(&own.events(&report.study_id).expect("events"), coordinator_events, "{site}");
+        assert_eq!(
+            &own.events(&report.study_id).expect("events"),
+            coordinator_events,
+            "{site}"
+        );
     }
     let last = report.rounds.last().expect("a round");
-    assert!((last.epsilon - worst).abs() < 1e-9, "reported {} vs ledger {worst}", last.epsilon);
+    assert!(
+        (last.epsilon - worst).abs() < 1e-9,
+        "reported {} vs ledger {worst}",
+        last.epsilon
+    );
     // The ledger's stored display figure agrees with a fresh accountant run.
     for r in store.ledger(&report.study_id).expect("rows") {
         assert!(r.epsilon_after <= opts.epsilon + 1e-9);
@@ -46,17 +74,124 @@ async fn three_sites_train_and_both_ledgers_match_the_accountant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sites_own_cap_holds_when_the_study_budget_is_larger() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let opts = DemoOptions { rounds: 30, epsilon: 4.0, site_cap: 1.0, non_iid: false, ..DemoOptions::default() };
-    let report = demo::run(dir.path(), &opts, |_| {}).await.expect("demo runs");
+    let opts = DemoOptions {
+        rounds: 30,
+        epsilon: 4.0,
+        site_cap: 1.0,
+        non_iid: false,
+        ..DemoOptions::default()
+    };
+    let report = demo::run(dir.path(), &opts, |_| {})
+        .await
+        .expect("demo runs");
     let delta = Delta::new(opts.delta).expect("delta");
     for (site, dir) in SITES.iter().zip(&report.site_state_dirs) {
         let own = SiteLedger::open(dir.join("site-ledger.db")).expect("site ledger");
-        let eps = accountant::epsilon(AccountantKind::Pld, &own.events(&report.study_id).expect("events"), delta).expect("eps");
+        let eps = accountant::epsilon(
+            AccountantKind::Pld,
+            &own.events(&report.study_id).expect("events"),
+            delta,
+        )
+        .expect("eps");
         assert!(eps <= 1.0 + 1e-9, "{site} spent {eps} of its own cap 1.0");
         assert!(eps > 0.0, "{site} never took part");
     }
     // The coordinator charged rounds the sites refused: its ledger is never below theirs,
     // and the study ended because the sites retired, not because its own budget ran out.
-    assert!(report.end_reason.contains("budget exhausted"), "{}", report.end_reason);
+    assert!(
+        report.end_reason.contains("budget exhausted"),
+        "{}",
+        report.end_reason
+    );
     assert!(report.rounds.last().map(|r| r.epsilon).unwrap_or(0.0) < 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_resumes_and_sites_reconnect() {
+    use fedpriv::demo::Federation;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = DemoOptions {
+        rounds: 8,
+        epsilon: 3.0,
+        non_iid: false,
+        ..DemoOptions::default()
+    };
+    let mut fed = Federation::prepare(dir.path(), &opts).expect("prepare");
+    let mut first = fed.start_coordinator();
+    fed.start_sites();
+    // Run until two rounds are done, then stop the coordinator under the sites' feet.
+    let mut completed = Vec::new();
+    while completed.len() < 2 {
+        match first.notes.recv().await.expect("notification") {
+            fedpriv_coordinator::server::Notification::RoundCompleted { round, .. } => {
+                completed.push(round)
+            }
+            fedpriv_coordinator::server::Notification::StudyEnded { reason, .. } => {
+                panic!("ended early: {reason}")
+            }
+            _ => {}
+        }
+    }
+    first.stop().await.expect("clean stop");
+    let (spent_before, last_before) = {
+        let store = Store::open(fed.state_dir.join("coordinator.db")).expect("store");
+        let spent: usize = store
+            .spent_by_site(fed.study_id())
+            .expect("ledger")
+            .values()
+            .map(Vec::len)
+            .sum();
+        let last = store
+            .last_completed_round(fed.study_id())
+            .expect("read")
+            .expect("a completed round")
+            .0;
+        (spent, last)
+    };
+    assert!(last_before >= 2);
+
+    let mut second = fed.start_coordinator();
+    let mut rounds = Vec::new();
+    let reason = fed
+        .follow(&mut second, &mut rounds, |_| {})
+        .await
+        .expect("resumes");
+    fed.stop_sites().await.expect("sites stop");
+    second.stop().await.expect("clean stop");
+    assert!(
+        reason.contains("planned rounds") || reason.contains("budget"),
+        "{reason}"
+    );
+    // Numbering continues after the last round the first run reserved; nothing is redone.
+    assert!(!rounds.is_empty(), "no round after the restart");
+    assert!(
+        rounds.iter().all(|r| r.round > last_before),
+        "{:?}",
+        rounds.iter().map(|r| r.round).collect::<Vec<_>>()
+    );
+    let store = Store::open(fed.state_dir.join("coordinator.db")).expect("store");
+    let spent_after: usize = store
+        .spent_by_site(fed.study_id())
+        .expect("ledger")
+        .values()
+        .map(Vec::len)
+        .sum();
+    assert!(
+        spent_after > spent_before,
+        "the ledger lost or did not extend spends"
+    );
+    // The sites' own ledgers never hold a round twice (replays are refused) and agree with
+    // the coordinator's for the rounds they did.
+    for (site, sdir) in SITES.iter().zip(fed.site_state_dirs()) {
+        let own = SiteLedger::open(sdir.join("site-ledger.db")).expect("site ledger");
+        let rounds_paid: Vec<u64> = own
+            .spends(fed.study_id())
+            .expect("spends")
+            .iter()
+            .map(|r| r.round)
+            .collect();
+        let mut dedup = rounds_paid.clone();
+        dedup.dedup();
+        assert_eq!(rounds_paid, dedup, "{site}");
+    }
 }

@@ -117,7 +117,8 @@ fn head_for(arch: Architecture, n_outputs: usize) -> Result<Head, TrainError> {
 }
 
 /// The tensor layout of `arch` for this input width and number of outputs (1 for binary
-/// classification and regression, k for k-class softmax).
+/// classification and regression, k for k-class softmax). The layout itself lives in
+/// `common::arch`, shared with the coordinator; this adds the head checks training needs.
 pub fn model_spec(
     arch: Architecture,
     n_features: usize,
@@ -126,52 +127,25 @@ pub fn model_spec(
     if n_features == 0 {
         return Err(TrainError::Model("a model needs at least one input".into()));
     }
+    if let Architecture::Mlp { hidden: 0 } = arch {
+        return Err(TrainError::Model("an MLP needs hidden units".into()));
+    }
     head_for(arch, n_outputs)?;
-    let (i, o) = (n_features as u64, n_outputs as u64);
-    let tensors = match arch {
-        Architecture::Mlp { hidden: 0 } => {
-            return Err(TrainError::Model("an MLP needs hidden units".into()))
-        }
-        Architecture::Mlp { hidden } => {
-            let h = hidden as u64;
-            vec![
-                TensorSpec::new("hidden.weight", &[h, i]),
-                TensorSpec::new("hidden.bias", &[h]),
-                TensorSpec::new("out.weight", &[o, h]),
-                TensorSpec::new("out.bias", &[o]),
-            ]
-        }
-        Architecture::LogisticRegression | Architecture::LinearRegression => vec![
-            TensorSpec::new("linear.weight", &[o, i]),
-            TensorSpec::new("linear.bias", &[o]),
-        ],
-    };
-    ModelSpec::new(tensors).map_err(|e| TrainError::Model(e.to_string()))
+    fedpriv_common::arch::model_spec(arch, n_features, n_outputs)
+        .map_err(|e| TrainError::Model(e.to_string()))
 }
 
-/// A fresh model. Logistic and linear regression start at zero (their loss is convex); the
-/// MLP's weights are uniform in +-1/sqrt(fan_in) from a generator seeded by `seed` (a
-/// deterministic start every site can reproduce), its biases zero.
+/// A fresh model (see `common::arch::init_model`: zeros for the convex models, uniform
+/// +-1/sqrt(fan_in) weights from `seed` for the MLP).
 pub fn init_model(
     arch: Architecture,
     n_features: usize,
     n_outputs: usize,
     seed: u64,
 ) -> Result<FlatModel, TrainError> {
-    let spec = model_spec(arch, n_features, n_outputs)?;
-    let mut values = vec![0f32; spec.num_values()];
-    if let Architecture::Mlp { .. } = arch {
-        let mut rng = SplitMix64::new(seed);
-        for (name, shape, off, len) in spec.layout() {
-            if name.ends_with(".weight") {
-                let bound = 1.0 / (shape[1] as f64).sqrt();
-                for v in &mut values[off..off + len] {
-                    *v = ((rng.next_f64() * 2.0 - 1.0) * bound) as f32;
-                }
-            }
-        }
-    }
-    FlatModel::new(spec, values).map_err(|e| TrainError::Model(e.to_string()))
+    model_spec(arch, n_features, n_outputs)?;
+    fedpriv_common::arch::init_model(arch, n_features, n_outputs, seed)
+        .map_err(|e| TrainError::Model(e.to_string()))
 }
 
 /// Checks that `model` is exactly an `arch` model and returns its dimensions.

@@ -58,7 +58,7 @@ pub enum PkiCommand {
         /// What the holder may do.
         #[arg(long, value_name = "site|operator|auditor")]
         role: Role,
-        /// Holder's name, [a-z0-9][a-z0-9._-]{0,62}; also the file names.
+        /// Holder's name (`[a-z0-9][a-z0-9._-]{0,62}`); also the file names.
         #[arg(long, value_name = "NAME")]
         name: String,
         /// Directory to write NAME.pem and NAME.key in (made if missing).
@@ -307,6 +307,41 @@ mod tests {
             let _ = p;
             0o600
         }
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: PkiCommand,
+    }
+
+    #[test]
+    fn command_line_parses_with_defaults() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["pki", "init", "--out", "d"]).expect("parses");
+        let PkiCommand::Init { names, ips, .. } = cli.cmd else {
+            panic!("not init");
+        };
+        assert_eq!(names, vec!["localhost".to_owned()]);
+        let expected: Vec<IpAddr> =
+            vec!["127.0.0.1".parse().expect("ip"), "::1".parse().expect("ip")];
+        assert_eq!(ips, expected);
+        let cli = Cli::try_parse_from([
+            "pki", "issue", "--ca-dir", "ca", "--role", "operator", "--name", "alice", "--out", "o",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.cmd,
+            PkiCommand::Issue {
+                role: Role::Operator,
+                days: 365,
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from([
+            "pki", "issue", "--ca-dir", "ca", "--role", "admin", "--name", "a", "--out", "o",
+        ])
+        .is_err());
     }
 
     #[test]
