@@ -277,7 +277,22 @@ impl StudyEngine {
         }
         match input {
             Input::SiteReady { site, records } => {
-                if self.cfg.enrolled.contains(&site) {
+                let record_unit = self.cfg.privacy.unit == PrivacyUnit::Record;
+                if !self.cfg.enrolled.contains(&site) {
+                } else if record_unit && self.cfg.privacy.delta.get() * records as f64 >= 1.0 {
+                    // Record-level delta must be below 1/n_site, or one record could be
+                    // given away outright with probability delta.
+                    self.retired.insert(site.clone());
+                    let reason = DeclineReason::DeltaTooLarge {
+                        delta: self.cfg.privacy.delta.get(),
+                        max: 1.0 / records.max(1) as f64,
+                    };
+                    out.push(Action::SiteDeclined {
+                        site,
+                        round: self.next_round,
+                        reason,
+                    });
+                } else {
                     self.ready.insert(site.clone());
                     self.records.insert(site, records);
                 }

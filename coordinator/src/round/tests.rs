@@ -554,3 +554,68 @@ fn randomised_fault_mix_keeps_every_invariant() {
         assert!(w.ended.is_some(), "seed {seed}: did not end");
     }
 }
+
+#[test]
+fn record_unit_refuses_sites_too_small_for_delta() {
+    let cfg = config(&[
+        (
+            "unit = \"site\"\nplacement = \"local\"\nsite_sample_rate = 1.0",
+            "unit = \"record\"",
+        ),
+        (
+            "local_epochs = 1\nbatch_size = 8",
+            "local_steps = 2\nexpected_batch = 4.0",
+        ),
+        ("delta = 1e-5", "delta = 0.002"),
+    ]);
+    let mut eng = engine(cfg);
+    let mut noise = NoiseSource::insecure_from_seed(1);
+    // 1000 records: delta 0.002 is not below 1/1000.
+    let out = eng.handle(
+        Input::SiteReady {
+            site: "s1".into(),
+            records: 1000,
+        },
+        0,
+        &mut noise,
+    );
+    assert!(
+        matches!(
+            &out[..],
+            [Action::SiteDeclined {
+                reason: DeclineReason::DeltaTooLarge { .. },
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    let out = eng.handle(
+        Input::SiteReady {
+            site: "s2".into(),
+            records: 100,
+        },
+        0,
+        &mut noise,
+    );
+    assert!(out.is_empty(), "{out:?}");
+    // s2 and a large s3 are priced with q = expected_batch / n and run.
+    let out = eng.handle(
+        Input::SiteReady {
+            site: "s3".into(),
+            records: 400,
+        },
+        5000,
+        &mut noise,
+    );
+    let out = if out.is_empty() {
+        eng.handle(Input::Tick, 9000, &mut noise)
+    } else {
+        out
+    };
+    let Some(Action::RecordSpend { entries, .. }) = out.first() else {
+        panic!("{out:?}")
+    };
+    let s2 = entries.iter().find(|e| e.site == "s2").unwrap();
+    assert!((s2.event.q.get() - 4.0 / 100.0).abs() < 1e-12 && s2.event.steps == 2);
+    assert!(!entries.iter().any(|e| e.site == "s1"));
+}
