@@ -1,17 +1,21 @@
-//! The demo federation, shared by `examples/hospitals.rs` and the end-to-end tests: a
-//! throw-away PKI, the breast-cancer data split across three hospitals (uneven, non-IID),
-//! one coordinator and three site daemons on loopback QUIC with mutual TLS, a study run to
-//! its budget, and a held-out test set to score every model version.
+//! The demo federation, shared by `examples/hospitals.rs`, `examples/accuracy.rs` and the
+//! end-to-end tests: a throw-away PKI, a bundled data set (breast cancer or diabetes) split
+//! across three hospitals (uneven and non-IID, or even and IID), one coordinator and three
+//! site daemons on loopback QUIC with mutual TLS, a study run to its budget or its planned
+//! rounds, and a held-out test set (or, for hyperparameter selection, a validation set
+//! carved out of the training part) to score every model version.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedpriv_client::config::SiteConfig;
-use fedpriv_client::data::{self, ColumnSelection, Dataset, LoadOptions};
+use fedpriv_client::data::{self, ColumnSelection, Dataset, FeatureRange, LoadOptions};
 use fedpriv_client::train::{self, LocalTraining};
 use fedpriv_common::arch;
 use fedpriv_common::config::StudyConfig;
+use fedpriv_common::dp::accountant::{self, AccountantKind};
+use fedpriv_common::dp::{Delta, Epsilon, SampleRate, SgmEvent};
 use fedpriv_common::model::{Architecture, FlatModel};
 use fedpriv_common::pki::{self, Identity, Role};
 use fedpriv_coordinator::server::{self, Notification, Options};
@@ -27,6 +31,120 @@ pub fn data_dir() -> PathBuf {
         .join("data")
 }
 
+/// Which bundled data set the demo federation trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoData {
+    /// Breast Cancer Wisconsin (binary, 30 features): logistic regression, scored by accuracy.
+    BreastCancer,
+    /// Diabetes progression (regression, 10 features): linear regression, scored by RMSE in
+    /// the label's own units.
+    Diabetes,
+}
+
+impl DemoData {
+    fn csv(self) -> &'static str {
+        match self {
+            Self::BreastCancer => "breast_cancer_wisconsin.csv",
+            Self::Diabetes => "diabetes_progression.csv",
+        }
+    }
+
+    fn ranges(self) -> &'static str {
+        match self {
+            Self::BreastCancer => "breast_cancer_ranges.toml",
+            Self::Diabetes => "diabetes_ranges.toml",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::BreastCancer => "malignant",
+            Self::Diabetes => "progression",
+        }
+    }
+
+    /// The study id the demo uses for this data set.
+    pub fn study_id(self) -> &'static str {
+        match self {
+            Self::BreastCancer => "breast-cancer-demo",
+            Self::Diabetes => "diabetes-demo",
+        }
+    }
+
+    /// The linear model that goes with the data set's task.
+    pub fn model(self) -> Architecture {
+        match self {
+            Self::BreastCancer => Architecture::LogisticRegression,
+            Self::Diabetes => Architecture::LinearRegression,
+        }
+    }
+
+    fn regression(self) -> bool {
+        self == Self::Diabetes
+    }
+}
+
+/// Local training of the record unit: DP-SGD with Poisson batches at every site.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecordTraining {
+    /// DP-SGD steps per site per round.
+    pub local_steps: u64,
+    /// Expected Poisson batch size B (each record is in a batch with probability B / n_site).
+    pub expected_batch: f64,
+    pub learning_rate: f32,
+    /// Per-example gradient clip norm C.
+    pub clip_norm: f64,
+    pub server_learning_rate: f32,
+}
+
+impl Default for RecordTraining {
+    /// The defaults the README recommends for the record unit, chosen on a validation split
+    /// carved out of the training data (see docs/accuracy.md), never on test results.
+    fn default() -> Self {
+        Self {
+            local_steps: 5,
+            expected_batch: 16.0,
+            learning_rate: 1.0,
+            clip_norm: 1.0,
+            server_learning_rate: 1.0,
+        }
+    }
+}
+
+/// Local training of the site unit: plain minibatch SGD, then the delta is clipped and noised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SiteTraining {
+    pub local_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f32,
+    /// Clip norm C of each site's model delta.
+    pub clip_norm: f64,
+    pub server_learning_rate: f32,
+}
+
+impl Default for SiteTraining {
+    fn default() -> Self {
+        Self {
+            local_epochs: 2,
+            batch_size: 16,
+            learning_rate: 0.5,
+            clip_norm: 1.0,
+            server_learning_rate: 1.0,
+        }
+    }
+}
+
+/// How the study's noise multiplier is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NoisePlan {
+    /// This noise multiplier; the study runs until its budget or its rounds run out.
+    Fixed(f64),
+    /// The smallest noise multiplier with which all planned rounds fit the budget: for the
+    /// record unit, at the sampling rate of the smallest site (the largest q = B / n_site);
+    /// for the site unit, through the study's `target_epsilon`.
+    Calibrated,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -34,12 +152,28 @@ pub struct DemoOptions {
     pub unit: String,
     pub epsilon: f64,
     pub delta: f64,
+    /// Planned rounds (the budget may end the study first).
     pub rounds: u64,
+    /// Seed of the train/test split (and, unless `shard_seed` is set, of everything else).
     pub seed: u64,
+    /// Seed of the assignment of training records to sites and of the validation carve-out;
+    /// `None`: `seed`. Repeating a run with other shard seeds keeps the test set fixed.
+    pub shard_seed: Option<u64>,
     /// Uneven, label-skewed split (true) or an even IID one.
     pub non_iid: bool,
     /// A site's own cap, applied to every site.
     pub site_cap: f64,
+    pub data: DemoData,
+    /// Feature columns to use; `None`: every feature with a declared range.
+    pub features: Option<Vec<String>>,
+    /// Hyperparameter selection: carve this fraction out of the training part as a
+    /// validation set, train on the rest and score on it. The test set is then never used.
+    pub validation: Option<f64>,
+    pub record: RecordTraining,
+    pub site: SiteTraining,
+    pub noise: NoisePlan,
+    /// Fewest sites a round needs.
+    pub min_sites: usize,
 }
 
 impl Default for DemoOptions {
@@ -50,8 +184,16 @@ impl Default for DemoOptions {
             delta: 1e-5,
             rounds: 40,
             seed: 42,
+            shard_seed: None,
             non_iid: true,
             site_cap: 10.0,
+            data: DemoData::BreastCancer,
+            features: None,
+            validation: None,
+            record: RecordTraining::default(),
+            site: SiteTraining::default(),
+            noise: NoisePlan::Fixed(2.5),
+            min_sites: 2,
         }
     }
 }
@@ -62,7 +204,10 @@ pub struct RoundReport {
     pub round: u64,
     pub sites: Vec<String>,
     pub loss: f64,
+    /// Share of correct predictions (classification; NaN for regression).
     pub accuracy: f64,
+    /// Root mean squared error in the label's own units (regression only).
+    pub rmse: Option<f64>,
     pub epsilon: f64,
     pub budget: f64,
 }
@@ -73,6 +218,10 @@ pub struct DemoReport {
     pub rounds: Vec<RoundReport>,
     pub end_reason: String,
     pub final_accuracy: f64,
+    /// Regression only: the last model's RMSE in the label's units.
+    pub final_rmse: Option<f64>,
+    /// The noise multiplier the study ran with.
+    pub noise_multiplier: f64,
     pub state_dir: PathBuf,
     pub site_state_dirs: Vec<PathBuf>,
     pub study_id: String,
@@ -84,93 +233,247 @@ fn s<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
-/// The bundled breast-cancer data: every feature, scaled by its public range.
-pub fn breast_cancer() -> DemoResult<(Dataset, Vec<String>, Vec<[f32; 2]>)> {
-    let ranges = data::load_ranges(data_dir().join("breast_cancer_ranges.toml")).map_err(s)?;
-    let features: Vec<String> = ranges.features.keys().cloned().collect();
+/// A bundled data set, unscaled, with the chosen feature names, their public ranges and
+/// (regression) the label's public range.
+pub fn load(
+    which: DemoData,
+    features: Option<&[String]>,
+) -> DemoResult<(Dataset, Vec<String>, Vec<[f32; 2]>, Option<[f32; 2]>)> {
+    let ranges = data::load_ranges(data_dir().join(which.ranges())).map_err(s)?;
+    let features: Vec<String> = match features {
+        Some(f) => f.to_vec(),
+        None => ranges.features.keys().cloned().collect(),
+    };
     let sel = ColumnSelection {
         features: features.clone(),
-        label: "malignant".into(),
+        label: which.label().into(),
     };
-    let ds = data::load_csv(
-        data_dir().join("breast_cancer_wisconsin.csv"),
-        &sel,
-        &LoadOptions::binary(),
-    )
-    .map_err(s)?;
+    let options = if which.regression() {
+        LoadOptions::regression()
+    } else {
+        LoadOptions::binary()
+    };
+    let ds = data::load_csv(data_dir().join(which.csv()), &sel, &options).map_err(s)?;
     let fr = ranges.for_features(&features).map_err(s)?;
     let bounds = fr.iter().map(|r| [r.lo(), r.hi()]).collect();
+    let label = if which.regression() {
+        let r = ranges.for_label(which.label()).map_err(s)?;
+        Some([r.lo(), r.hi()])
+    } else {
+        None
+    };
+    Ok((ds, features, bounds, label))
+}
+
+/// The bundled breast-cancer data: every feature, scaled by its public range.
+pub fn breast_cancer() -> DemoResult<(Dataset, Vec<String>, Vec<[f32; 2]>)> {
+    let (ds, features, bounds, _) = load(DemoData::BreastCancer, None)?;
     Ok((ds, features, bounds))
+}
+
+fn range(b: [f32; 2]) -> DemoResult<FeatureRange> {
+    FeatureRange::new(f64::from(b[0]), f64::from(b[1])).map_err(s)
 }
 
 /// Scales a dataset by the declared ranges, as every site does.
 pub fn scaled(mut ds: Dataset, bounds: &[[f32; 2]]) -> DemoResult<Dataset> {
     let fr = bounds
         .iter()
-        .map(|b| data::FeatureRange::new(f64::from(b[0]), f64::from(b[1])))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(s)?;
+        .map(|b| range(*b))
+        .collect::<Result<Vec<_>, _>>()?;
     data::scale_features(&mut ds, &fr).map_err(s)?;
     Ok(ds)
 }
 
+/// Scales features and (regression) the label by their declared ranges, as every site does.
+pub fn scaled_with_label(
+    ds: Dataset,
+    bounds: &[[f32; 2]],
+    label: Option<[f32; 2]>,
+) -> DemoResult<Dataset> {
+    let mut ds = scaled(ds, bounds)?;
+    if let Some(l) = label {
+        data::scale_label(&mut ds, &range(l)?).map_err(s)?;
+    }
+    Ok(ds)
+}
+
 /// The train shards (one per site, unscaled, as CSV files would hold them), the scaled
-/// held-out test set, and the feature names with their public ranges.
+/// evaluation set (the held-out test set, or the validation set when the options ask for
+/// one), and the feature names with their public ranges.
 #[derive(Debug, Clone)]
 pub struct Split {
     pub shards: Vec<Dataset>,
     pub test: Dataset,
     pub features: Vec<String>,
     pub bounds: Vec<[f32; 2]>,
+    /// Regression: the label's public range (the evaluation set's labels are scaled by it).
+    pub label_range: Option<[f32; 2]>,
 }
 
-/// Splits the bundled data as `opts` says.
+impl Split {
+    /// Multiply an error on the scaled label by this to get it in the label's units.
+    pub fn label_scale(&self) -> DemoResult<f64> {
+        match self.label_range {
+            Some(l) => Ok(range(l)?.half_width()),
+            None => Ok(1.0),
+        }
+    }
+
+    /// The shards scaled as the sites scale them.
+    pub fn scaled_shards(&self) -> DemoResult<Vec<Dataset>> {
+        self.shards
+            .iter()
+            .map(|d| scaled_with_label(d.clone(), &self.bounds, self.label_range))
+            .collect()
+    }
+}
+
+/// Splits the bundled data as `opts` says: 20% test with `seed`; with `validation`, a part
+/// of the rest as validation set; the rest over the sites with the shard seed.
 pub fn split(opts: &DemoOptions) -> DemoResult<Split> {
-    let (ds, features, bounds) = breast_cancer()?;
+    let (ds, features, bounds, label_range) = load(opts.data, opts.features.as_deref())?;
     let (train, test) = data::train_test_split(&ds, 0.2, opts.seed).map_err(s)?;
+    let shard_seed = opts.shard_seed.unwrap_or(opts.seed);
+    let (train, eval) = match opts.validation {
+        Some(f) => data::train_test_split(&train, f, shard_seed ^ 0x5EED_0F_7A11).map_err(s)?,
+        None => (train, test),
+    };
     let shards = if opts.non_iid {
-        data::split_non_iid(&train, &[0.5, 0.3, 0.2], 0.6, opts.seed).map_err(s)?
+        data::split_non_iid(&train, &[0.5, 0.3, 0.2], 0.6, shard_seed).map_err(s)?
     } else {
-        data::split_iid(&train, SITES.len(), opts.seed).map_err(s)?
+        data::split_iid(&train, SITES.len(), shard_seed).map_err(s)?
     };
     Ok(Split {
         shards,
-        test: scaled(test, &bounds)?,
+        test: scaled_with_label(eval, &bounds, label_range)?,
         features,
         bounds,
+        label_range,
     })
 }
 
-/// The study's TOML. The hyperparameters are the README's recommended defaults, chosen
-/// before looking at test results.
-pub fn study_toml(opts: &DemoOptions, features: &[String], bounds: &[[f32; 2]]) -> String {
-    let ranges: Vec<String> = features
+/// The noise multiplier of the study `opts` describes over these shards.
+///
+/// With [`NoisePlan::Calibrated`] and the record unit: the smallest sigma with which
+/// `rounds * local_steps` DP-SGD steps at the largest sampling rate of any site (the
+/// smallest site's) stay within the budget, checked with the study's own accountant on the
+/// events the ledger will hold. `None` for the site unit, whose config calibrates itself.
+pub fn noise_multiplier(opts: &DemoOptions, shards: &[Dataset]) -> DemoResult<Option<f64>> {
+    match (opts.noise, opts.unit.as_str()) {
+        (NoisePlan::Fixed(sigma), _) => Ok(Some(sigma)),
+        (NoisePlan::Calibrated, "site") => Ok(None),
+        (NoisePlan::Calibrated, _) => {
+            let smallest = shards.iter().map(|d| d.n).min().unwrap_or(0);
+            if smallest == 0 {
+                return Err("a site has no records".into());
+            }
+            let q = opts.record.expected_batch / smallest as f64;
+            let sigma = calibrate_record_noise(
+                q,
+                opts.record.local_steps,
+                opts.rounds,
+                opts.epsilon,
+                opts.delta,
+            )?;
+            Ok(Some(sigma))
+        }
+    }
+}
+
+/// The smallest noise multiplier (to 0.1%) with which `rounds` rounds of `local_steps`
+/// DP-SGD steps at rate `q` spend at most `epsilon` at `delta` under the PLD accountant.
+pub fn calibrate_record_noise(
+    q: f64,
+    local_steps: u64,
+    rounds: u64,
+    epsilon: f64,
+    delta: f64,
+) -> DemoResult<f64> {
+    let kind = AccountantKind::Pld;
+    let q = SampleRate::new(q).map_err(s)?;
+    let eps = Epsilon::new(epsilon).map_err(s)?;
+    let delta = Delta::new(delta).map_err(s)?;
+    let steps = rounds.saturating_mul(local_steps);
+    let mut sigma = accountant::calibrate_noise(kind, q, steps, eps, delta)
+        .map_err(s)?
+        .get();
+    // The ledger composes one event per round; make sure that is what fits, rounding up.
+    for _ in 0..50 {
+        let ev = SgmEvent::new(q.get(), sigma, local_steps).map_err(s)?;
+        let events = vec![ev; rounds as usize];
+        match accountant::epsilon(kind, &events, delta) {
+            Ok(e) if e <= epsilon => return Ok(sigma),
+            Ok(_) | Err(accountant::AccountError::Unbounded) => sigma *= 1.001,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(format!(
+        "no noise multiplier near {sigma} fits {rounds} rounds in epsilon {epsilon}"
+    ))
+}
+
+/// The study's TOML for these options, feature set and noise multiplier (`None`: the
+/// site unit's `target_epsilon` calibration).
+pub fn study_toml(opts: &DemoOptions, split: &Split, sigma: Option<f64>) -> String {
+    let ranges: Vec<String> = split
+        .features
         .iter()
-        .zip(bounds)
+        .zip(&split.bounds)
         .map(|(f, b)| format!("{f} = [{:?}, {:?}]", b[0], b[1]))
         .collect();
     let enrolled: Vec<String> = SITES.iter().map(|s| format!("{s:?}")).collect();
     let (training, privacy) = match opts.unit.as_str() {
-        "site" => (
-            "strategy = \"fedavg\"\nlocal_epochs = 2\nbatch_size = 16\nlearning_rate = 0.5\nserver_learning_rate = 1.0".to_string(),
-            "unit = \"site\"\nplacement = \"local\"\nsite_sample_rate = 1.0\nclip_norm = 1.0".to_string(),
-        ),
-        _ => (
-            "strategy = \"fedavg\"\nlocal_steps = 5\nexpected_batch = 16.0\nlearning_rate = 1.0\nserver_learning_rate = 1.0".to_string(),
-            "unit = \"record\"\nclip_norm = 1.0\nnoise_multiplier = 2.5".to_string(),
-        ),
+        "site" => {
+            let t = &opts.site;
+            (
+                format!(
+                    "strategy = \"fedavg\"\nlocal_epochs = {}\nbatch_size = {}\nlearning_rate = {:?}\nserver_learning_rate = {:?}",
+                    t.local_epochs, t.batch_size, t.learning_rate, t.server_learning_rate
+                ),
+                format!(
+                    "unit = \"site\"\nplacement = \"local\"\nsite_sample_rate = 1.0\nclip_norm = {:?}",
+                    t.clip_norm
+                ),
+            )
+        }
+        _ => {
+            let t = &opts.record;
+            (
+                format!(
+                    "strategy = \"fedavg\"\nlocal_steps = {}\nexpected_batch = {:?}\nlearning_rate = {:?}\nserver_learning_rate = {:?}",
+                    t.local_steps, t.expected_batch, t.learning_rate, t.server_learning_rate
+                ),
+                format!("unit = \"record\"\nclip_norm = {:?}", t.clip_norm),
+            )
+        }
     };
-    let noise = if opts.unit == "site" {
-        format!("target_epsilon = {:?}", opts.epsilon)
-    } else {
-        String::new()
+    let noise = match sigma {
+        Some(sigma) => format!("noise_multiplier = {sigma:?}"),
+        None => format!("target_epsilon = {:?}", opts.epsilon),
+    };
+    let (model, task, label_range) = match split.label_range {
+        Some(l) => (
+            "linear_regression",
+            "regression",
+            format!("label_range = [{:?}, {:?}]\n", l[0], l[1]),
+        ),
+        None => ("logistic_regression", "binary", String::new()),
     };
     format!(
-        "[study]\nid = \"breast-cancer-demo\"\nmodel = {{ kind = \"logistic_regression\" }}\nrounds = {}\nmin_sites = 2\nround_timeout_secs = 60\n\n\
-         [data]\ntask = \"binary\"\nlabel = \"malignant\"\nfeatures = [{}]\nranges = {{ {} }}\n\n\
+        "[study]\nid = \"{}\"\nmodel = {{ kind = \"{model}\" }}\nrounds = {}\nmin_sites = {}\nround_timeout_secs = 60\n\n\
+         [data]\ntask = \"{task}\"\nlabel = \"{}\"\nfeatures = [{}]\nranges = {{ {} }}\n{label_range}\n\
          [training]\n{training}\n\n[privacy]\n{privacy}\n{noise}\nepsilon = {:?}\ndelta = {:?}\naccountant = \"pld\"\n\n[sites]\nenrolled = [{}]\n",
+        opts.data.study_id(),
         opts.rounds,
-        features.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", "),
+        opts.min_sites,
+        opts.data.label(),
+        split
+            .features
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         ranges.join(", "),
         opts.epsilon,
         opts.delta,
@@ -220,7 +523,8 @@ fn setup(
         data::write_csv(shard, dir.join("patients.csv")).map_err(s)?;
         let toml = format!(
             "[site]\nname = \"{name}\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n[coordinator]\naddress = \"{addr}\"\nserver_name = \"localhost\"\n\n\
-             [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n[studies.breast-cancer-demo]\ndata = \"patients.csv\"\nepsilon_cap = {:?}\n",
+             [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n[studies.{}]\ndata = \"patients.csv\"\nepsilon_cap = {:?}\n",
+            opts.data.study_id(),
             opts.site_cap
         );
         write(&dir.join("site.toml"), toml.as_bytes())?;
@@ -253,7 +557,13 @@ pub struct Federation {
     study: (StudyConfig, String),
     pub arch: Architecture,
     pub spec: fedpriv_common::model::ModelSpec,
+    /// The scaled evaluation set (the test set, or the validation set).
     pub test: Dataset,
+    /// Multiply an RMSE on the scaled label by this for the label's units (1 when binary).
+    pub label_scale: f64,
+    pub regression: bool,
+    /// The study's noise multiplier.
+    pub noise_multiplier: f64,
     pub state_dir: PathBuf,
     sites: Vec<SiteConfig>,
     site_stop: watch::Sender<bool>,
@@ -263,18 +573,16 @@ pub struct Federation {
 impl Federation {
     /// Writes the PKI, the site shards and configs under `root`; starts nothing.
     pub fn prepare(root: &Path, opts: &DemoOptions) -> DemoResult<Self> {
-        let Split {
-            shards,
-            test,
-            features,
-            bounds,
-        } = split(opts)?;
+        let split = split(opts)?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        let (tls, sites) = setup(root, opts, &shards, addr)?;
-        let toml = study_toml(opts, &features, &bounds);
+        let (tls, sites) = setup(root, opts, &split.shards, addr)?;
+        let sigma = noise_multiplier(opts, &split.shards)?;
+        let toml = study_toml(opts, &split, sigma);
         let cfg = StudyConfig::from_toml(&toml).map_err(|e| format!("demo study config: {e}"))?;
         let arch_kind = cfg.model;
-        let spec = arch::model_spec(arch_kind, features.len(), 1).map_err(s)?;
+        let spec = arch::model_spec(arch_kind, split.features.len(), 1).map_err(s)?;
+        let label_scale = split.label_scale()?;
+        let noise_multiplier = cfg.privacy.noise_multiplier.get();
         let (site_stop, _) = watch::channel(false);
         Ok(Self {
             addr,
@@ -282,7 +590,10 @@ impl Federation {
             study: (cfg, toml),
             arch: arch_kind,
             spec,
-            test,
+            test: split.test,
+            label_scale,
+            regression: opts.data.regression(),
+            noise_multiplier,
             state_dir: root.join("coordinator"),
             sites,
             site_stop,
@@ -332,11 +643,18 @@ impl Federation {
         CoordinatorHandle { stop, notes, join }
     }
 
-    /// Loss and accuracy of a model version on the held-out test set.
+    /// Loss and accuracy of a model version on the held-out test set (accuracy is NaN for
+    /// regression; see [`score`](Self::score)).
     pub fn evaluate(&self, model: &[f32]) -> DemoResult<(f64, f64)> {
+        let sc = self.score(model)?;
+        Ok((sc.loss, sc.accuracy.unwrap_or(f64::NAN)))
+    }
+
+    /// Loss, accuracy (classification) and RMSE in the label's units (regression) of a model
+    /// version on the evaluation set.
+    pub fn score(&self, model: &[f32]) -> DemoResult<Score> {
         let m = FlatModel::new(self.spec.clone(), model.to_vec()).map_err(s)?;
-        let metrics = train::evaluate(&m, self.arch, &self.test).map_err(s)?;
-        Ok((metrics.loss, metrics.accuracy.unwrap_or(f64::NAN)))
+        score_model(&m, self.arch, &self.test, self.label_scale, self.regression)
     }
 
     /// Follows the coordinator's notifications until the study ends.
@@ -359,12 +677,13 @@ impl Federation {
                     budget,
                     ..
                 }) => {
-                    let (loss, accuracy) = self.evaluate(&model)?;
+                    let sc = self.score(&model)?;
                     let r = RoundReport {
                         round,
                         sites: contributors,
-                        loss,
-                        accuracy,
+                        loss: sc.loss,
+                        accuracy: sc.accuracy.unwrap_or(f64::NAN),
+                        rmse: sc.rmse,
                         epsilon,
                         budget,
                     };
@@ -395,35 +714,56 @@ pub async fn run(
     fed.stop_sites().await?;
     coord.stop().await?;
     let final_accuracy = rounds.last().map(|r| r.accuracy).unwrap_or(f64::NAN);
+    let final_rmse = rounds.last().and_then(|r| r.rmse);
     Ok(DemoReport {
         rounds,
         end_reason,
         final_accuracy,
+        final_rmse,
+        noise_multiplier: fed.noise_multiplier,
         state_dir: fed.state_dir.clone(),
         site_state_dirs: fed.site_state_dirs(),
         study_id: fed.study_id().to_string(),
     })
 }
 
-/// The same federation without privacy: FedAvg of plain local SGD, same rounds and split.
-pub fn non_private_baseline(opts: &DemoOptions, rounds: u64) -> DemoResult<f64> {
-    let Split {
-        shards,
-        test,
-        bounds,
-        ..
-    } = split(opts)?;
-    let arch_kind = Architecture::LogisticRegression;
-    let mut global = arch::init_model(arch_kind, test.d, 1, 0).map_err(s)?;
-    let shards: Vec<Dataset> = shards
-        .into_iter()
-        .map(|d| scaled(d, &bounds))
-        .collect::<Result<_, _>>()?;
-    let local = LocalTraining {
-        epochs: 1,
-        batch_size: 32,
-        learning_rate: 0.5,
-    };
+/// A model's quality on an evaluation set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub loss: f64,
+    /// Classification only.
+    pub accuracy: Option<f64>,
+    /// Regression only, in the label's own units.
+    pub rmse: Option<f64>,
+}
+
+fn score_model(
+    m: &FlatModel,
+    arch: Architecture,
+    data: &Dataset,
+    label_scale: f64,
+    regression: bool,
+) -> DemoResult<Score> {
+    let metrics = train::evaluate(m, arch, data).map_err(s)?;
+    Ok(Score {
+        loss: metrics.loss,
+        accuracy: if regression { None } else { metrics.accuracy },
+        rmse: if regression {
+            metrics.rmse.map(|r| r * label_scale)
+        } else {
+            None
+        },
+    })
+}
+
+/// The same federation without privacy: FedAvg (equal weights, as the coordinator averages)
+/// of plain local SGD with `local`, for `rounds` rounds over the same split, scored on the
+/// same evaluation set.
+pub fn non_private(opts: &DemoOptions, rounds: u64, local: &LocalTraining) -> DemoResult<Score> {
+    let split = split(opts)?;
+    let arch_kind = opts.data.model();
+    let mut global = arch::init_model(arch_kind, split.test.d, 1, 0).map_err(s)?;
+    let shards = split.scaled_shards()?;
     for r in 0..rounds.max(1) {
         let mut sum = vec![0f32; global.values.len()];
         for (i, shard) in shards.iter().enumerate() {
@@ -431,8 +771,8 @@ pub fn non_private_baseline(opts: &DemoOptions, rounds: u64) -> DemoResult<f64> 
                 &global,
                 arch_kind,
                 shard,
-                &local,
-                opts.seed ^ (r * 31 + i as u64),
+                local,
+                opts.shard_seed.unwrap_or(opts.seed) ^ (r * 31 + i as u64),
             )
             .map_err(s)?;
             for ((acc, a), b) in sum.iter_mut().zip(&trained.values).zip(&global.values) {
@@ -444,8 +784,93 @@ pub fn non_private_baseline(opts: &DemoOptions, rounds: u64) -> DemoResult<f64> 
             *g += d / k;
         }
     }
-    Ok(train::evaluate(&global, arch_kind, &test)
-        .map_err(s)?
+    score_model(
+        &global,
+        arch_kind,
+        &split.test,
+        split.label_scale()?,
+        opts.data.regression(),
+    )
+}
+
+/// The same federation without privacy, as the hospitals demo reports it: accuracy after
+/// `rounds` rounds of one local epoch (batch 32, learning rate 0.5).
+pub fn non_private_baseline(opts: &DemoOptions, rounds: u64) -> DemoResult<f64> {
+    let local = LocalTraining {
+        epochs: 1,
+        batch_size: 32,
+        learning_rate: 0.5,
+    };
+    Ok(non_private(opts, rounds, &local)?
         .accuracy
         .unwrap_or(f64::NAN))
+}
+
+/// Ordinary least squares on all the training records pooled (scaled as the sites scale
+/// them), solved in closed form: the non-private, non-federated reference for regression.
+/// Returns the evaluation-set score (RMSE in the label's units).
+pub fn least_squares(opts: &DemoOptions) -> DemoResult<Score> {
+    let split = split(opts)?;
+    let shards = split.scaled_shards()?;
+    let d = split.test.d;
+    let p = d + 1;
+    // Normal equations on [x, 1].
+    let mut a = vec![0f64; p * p];
+    let mut b = vec![0f64; p];
+    for shard in &shards {
+        for i in 0..shard.n {
+            let row: Vec<f64> = shard
+                .row(i)
+                .iter()
+                .map(|&v| f64::from(v))
+                .chain(std::iter::once(1.0))
+                .collect();
+            let y = f64::from(shard.y[i]);
+            for j in 0..p {
+                b[j] += row[j] * y;
+                for k in 0..p {
+                    a[j * p + k] += row[j] * row[k];
+                }
+            }
+        }
+    }
+    let w = solve(a, b, p)?;
+    // Layout: linear.weight [1, d] then linear.bias [1], as [x, 1] above.
+    let values: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+    let arch_kind = Architecture::LinearRegression;
+    let spec = arch::model_spec(arch_kind, d, 1).map_err(s)?;
+    let m = FlatModel::new(spec, values).map_err(s)?;
+    score_model(&m, arch_kind, &split.test, split.label_scale()?, true)
+}
+
+/// Solves the symmetric system `a x = b` (`p x p`, row-major) by Gaussian elimination with
+/// partial pivoting.
+fn solve(mut a: Vec<f64>, mut b: Vec<f64>, p: usize) -> DemoResult<Vec<f64>> {
+    for col in 0..p {
+        let pivot = (col..p)
+            .max_by(|&i, &j| a[i * p + col].abs().total_cmp(&a[j * p + col].abs()))
+            .unwrap_or(col);
+        if a[pivot * p + col].abs() < 1e-12 {
+            return Err("least squares: the design matrix is singular".into());
+        }
+        if pivot != col {
+            for k in 0..p {
+                a.swap(col * p + k, pivot * p + k);
+            }
+            b.swap(col, pivot);
+        }
+        for r in col + 1..p {
+            let f = a[r * p + col] / a[col * p + col];
+            for k in col..p {
+                a[r * p + k] -= f * a[col * p + k];
+            }
+            b[r] -= f * b[col];
+        }
+    }
+    let mut x = vec![0f64; p];
+    for r in (0..p).rev() {
+        let tail: f64 = (r + 1..p).map(|k| a[r * p + k] * x[k]).sum();
+        x[r] = (b[r] - tail) / a[r * p + r];
+    }
+    Ok(x)
 }

@@ -10,6 +10,9 @@
 //! Callers read bytes and pass them in; the binaries own every effect.
 
 pub mod arch;
+pub mod audit;
+#[cfg(any(feature = "fs", test))]
+pub mod audit_file;
 pub mod config;
 pub mod dp;
 pub mod model;

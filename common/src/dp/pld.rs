@@ -154,17 +154,38 @@ impl Sgm {
             return Err(AccountError::GridTooLarge);
         }
         let grid = |i: usize| (i0 + i as i64) as f64 * interval;
+        // One output threshold and two normal tails per grid point, shared by the two bins
+        // that meet there (an erfc per tail, the other side as 1 - it where that is exact).
+        let s = self.sigma;
+        let points: Vec<(Tail, Tail)> = (0..n)
+            .map(|i| {
+                let x = self.x_at(grid(i)).unwrap_or(f64::NEG_INFINITY);
+                (Tail::at(x / s), Tail::at((x - 1.0) / s))
+            })
+            .collect();
+        let exps: Vec<f64> = (0..n).map(|i| grid(i).exp()).collect();
+        let q = self.q;
         let mut mass = vec![0.0f64; n];
         // Everything at or below the lowest point is rounded up to it.
         mass[0] = self.upper_mass_below(grid(0));
         for i in 0..n - 1 {
-            let (e0, e1) = (grid(i), grid(i + 1));
-            let (upper, lower) = self.bin(e0, e1);
+            // Output interval of the bin: increasing x for remove, decreasing for add.
+            let (a, b) = match self.dir {
+                Direction::Remove => (&points[i], &points[i + 1]),
+                Direction::Add => (&points[i + 1], &points[i]),
+            };
+            let centred = Tail::mass(&a.0, &b.0);
+            let mixture = (1.0 - q) * centred + q * Tail::mass(&a.1, &b.1);
+            let (upper, lower) = match self.dir {
+                Direction::Remove => (mixture, centred),
+                Direction::Add => (centred, mixture),
+            };
+            let (x0, x1) = (exps[i], exps[i + 1]);
             // Split the bin so that both the upper and the lower distribution keep their
             // mass: the lower mass u goes to e1, the rest to e0 (connect the dots).
-            let u = ((upper - e0.exp() * lower) / (e1.exp() - e0.exp())).clamp(0.0, lower);
-            mass[i] += e0.exp() * (lower - u);
-            mass[i + 1] += e1.exp() * u;
+            let u = ((upper - x0 * lower) / (x1 - x0)).clamp(0.0, lower);
+            mass[i] += x0 * (lower - u);
+            mass[i + 1] += x1 * u;
         }
         let infinity = self.upper_mass_above(grid(n - 1));
         Ok(Pmf {
@@ -172,6 +193,47 @@ impl Sgm {
             mass,
             infinity,
         })
+    }
+}
+
+/// Both tails of the standard normal at z, each accurate to relative precision.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    z: f64,
+    sf: f64,
+    cdf: f64,
+}
+
+impl Tail {
+    fn at(z: f64) -> Self {
+        if z >= 0.0 {
+            let sf = norm_sf(z);
+            Self {
+                z,
+                sf,
+                cdf: 1.0 - sf,
+            }
+        } else {
+            let cdf = norm_cdf(z);
+            Self {
+                z,
+                sf: 1.0 - cdf,
+                cdf,
+            }
+        }
+    }
+
+    /// Mass in (a, b], from whichever tails keep precision (as `norm_mass`).
+    fn mass(a: &Tail, b: &Tail) -> f64 {
+        if b.z <= a.z {
+            0.0
+        } else if a.z >= 0.0 {
+            a.sf - b.sf
+        } else if b.z <= 0.0 {
+            b.cdf - a.cdf
+        } else {
+            1.0 - a.cdf - b.sf
+        }
     }
 }
 
@@ -269,6 +331,20 @@ fn window(parts: &[(Pmf, u64)], interval: f64) -> (i64, i64) {
     (lo, hi.max(lo))
 }
 
+/// z^t by repeated squaring: a few complex multiplications, and its rounding error grows
+/// like that of the polar form (about t ulps).
+fn pow_u64(mut z: Complex64, mut t: u64) -> Complex64 {
+    let mut acc = Complex64::new(1.0, 0.0);
+    while t > 0 {
+        if t & 1 == 1 {
+            acc *= z;
+        }
+        z *= z;
+        t >>= 1;
+    }
+    acc
+}
+
 /// Composes the parts and returns the composed pmf over the Chernoff window.
 fn compose(parts: &[(Pmf, u64)], interval: f64) -> Result<Pmf, AccountError> {
     let (lo, hi) = window(parts, interval);
@@ -291,8 +367,7 @@ fn compose(parts: &[(Pmf, u64)], interval: f64) -> Result<Pmf, AccountError> {
         fft.process(&mut buf);
         let t_f = *t as f64;
         for (p, z) in product.iter_mut().zip(&buf) {
-            let (r, theta) = z.to_polar();
-            *p *= Complex64::from_polar(r.powf(t_f), theta * t_f);
+            *p *= pow_u64(*z, *t);
         }
         base = base.saturating_add(pmf.offset.saturating_mul(*t as i64));
         infinity_survives *= (1.0 - pmf.infinity).powf(t_f);
@@ -335,26 +410,38 @@ fn epsilon_for_delta(pmf: &Pmf, interval: f64, delta: f64) -> Result<f64, Accoun
     }
 }
 
-fn epsilon_at(events: &[SgmEvent], delta: f64, interval: f64) -> Result<f64, AccountError> {
-    let mut worst = 0.0f64;
-    for dir in [Direction::Remove, Direction::Add] {
-        // With q = 1 both directions are the same Gaussian pair.
-        if dir == Direction::Add && events.iter().all(|e| e.q.get() >= 1.0) {
-            continue;
-        }
-        let mut parts = Vec::new();
-        for e in events {
-            let sgm = Sgm {
-                q: e.q.get(),
-                sigma: e.sigma.get(),
-                dir,
-            };
-            parts.push((sgm.pmf(interval)?, e.steps));
-        }
-        let composed = compose(&parts, interval)?;
-        worst = worst.max(epsilon_for_delta(&composed, interval, delta)?);
+fn epsilon_in(
+    dir: Direction,
+    events: &[SgmEvent],
+    delta: f64,
+    interval: f64,
+) -> Result<f64, AccountError> {
+    let mut parts = Vec::new();
+    for e in events {
+        let sgm = Sgm {
+            q: e.q.get(),
+            sigma: e.sigma.get(),
+            dir,
+        };
+        parts.push((sgm.pmf(interval)?, e.steps));
     }
-    Ok(worst)
+    let composed = compose(&parts, interval)?;
+    epsilon_for_delta(&composed, interval, delta)
+}
+
+fn epsilon_at(events: &[SgmEvent], delta: f64, interval: f64) -> Result<f64, AccountError> {
+    // With q = 1 both directions are the same Gaussian pair.
+    if events.iter().all(|e| e.q.get() >= 1.0) {
+        return epsilon_in(Direction::Remove, events, delta, interval);
+    }
+    // The two directions are independent: one core each.
+    let (remove, add) = std::thread::scope(|s| {
+        let add = s.spawn(|| epsilon_in(Direction::Add, events, delta, interval));
+        let remove = epsilon_in(Direction::Remove, events, delta, interval);
+        (remove, add.join())
+    });
+    let add = add.map_err(|_| AccountError::Numerical("PLD worker panicked"))?;
+    Ok(remove?.max(add?))
 }
 
 /// Epsilon of a composition at `delta`, with the default grid spacing, coarsened when the

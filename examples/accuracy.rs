@@ -1,0 +1,565 @@
+//! Accuracy per epsilon of the real federation (coordinator and three site daemons over
+//! loopback QUIC, through `fedpriv::demo`), for docs/accuracy.md:
+//!
+//! ```text
+//! cargo run --release --example accuracy               # the test-set tables (all parts)
+//! cargo run --release --example accuracy -- --tune     # hyperparameter selection (validation only)
+//! ```
+//!
+//! Test-set mode: breast cancer (logistic regression) at epsilon 0.5, 1, 2, 4, 8 with
+//! record-level DP and with site-level DP (local noise), on an even IID and an uneven
+//! non-IID split, next to the non-private federated model; diabetes (linear regression)
+//! RMSE at epsilon 1, 4, 8 next to least squares. Every cell is the mean and spread over
+//! `--seeds` runs; a run's seed picks the assignment of training records to sites, and the
+//! DP noise is fresh from the operating system's generator each run. The 20% test set is
+//! the same in every run (split seed 42). Hyperparameters are the recommended defaults of
+//! `fedpriv::demo` (chosen with `--tune` on validation data), overridable by flags.
+//!
+//! `--tune` never reads the test set: it carves a validation set out of the training part,
+//! runs a small grid at two epsilons and prints each setting's mean validation score.
+//!
+//! Prints one JSON line per cell (prefixed `json `) and the markdown tables at the end.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use fedpriv::demo::{self, DemoData, DemoOptions, NoisePlan, RecordTraining, SiteTraining};
+use fedpriv_client::train::LocalTraining;
+
+#[derive(Debug, Parser)]
+#[command(about = "Accuracy per epsilon of the fedpriv federation on loopback")]
+struct Args {
+    /// Runs per cell (shard seeds 1..=N).
+    #[arg(long, default_value_t = 5)]
+    seeds: u64,
+    /// Parts to run: record, site, diabetes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "record,site,diabetes")]
+    parts: Vec<String>,
+    /// Epsilons for breast cancer.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4,8")]
+    epsilons: Vec<f64>,
+    /// Epsilons for diabetes.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    regression_epsilons: Vec<f64>,
+    /// Splits: iid, non-iid (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "iid,non-iid")]
+    splits: Vec<String>,
+    /// Hyperparameter selection on a validation split of the training data instead.
+    #[arg(long)]
+    tune: bool,
+    /// Score on a validation split (this fraction of the training part) instead of the
+    /// test set, with the chosen hyperparameters (or the flags' overrides).
+    #[arg(long)]
+    validation: Option<f64>,
+    /// Record unit overrides (default: the recommended values in fedpriv::demo).
+    #[arg(long)]
+    rounds: Option<u64>,
+    #[arg(long)]
+    local_steps: Option<u64>,
+    #[arg(long)]
+    expected_batch: Option<f64>,
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long)]
+    clip: Option<f64>,
+    /// Site unit overrides.
+    #[arg(long)]
+    site_rounds: Option<u64>,
+    #[arg(long)]
+    site_clip: Option<f64>,
+    /// Where the runs' throw-away state goes (default: the system's temporary folder).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+/// What one cell measured.
+#[derive(Debug, Clone)]
+struct Cell {
+    values: Vec<f64>,
+    sigma: f64,
+    rounds_done: f64,
+    epsilon_spent: f64,
+}
+
+impl Cell {
+    fn mean(&self) -> f64 {
+        mean(&self.values)
+    }
+    fn sd(&self) -> f64 {
+        sd(&self.values)
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Sample standard deviation (0 for fewer than two values).
+fn sd(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(v);
+    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+}
+
+struct Runner {
+    work_dir: Option<PathBuf>,
+    seeds: u64,
+}
+
+impl Runner {
+    /// Runs the real federation once per seed; the cell's value is the last model's test
+    /// (or validation) accuracy, or its RMSE for regression.
+    async fn cell(&self, base: &DemoOptions) -> Result<Cell, String> {
+        let mut values = Vec::new();
+        let (mut sigma, mut rounds, mut spent) = (0.0, 0.0, 0.0);
+        for seed in 1..=self.seeds {
+            let opts = DemoOptions {
+                shard_seed: Some(seed),
+                ..base.clone()
+            };
+            let dir = match &self.work_dir {
+                Some(d) => tempfile::tempdir_in(d),
+                None => tempfile::tempdir(),
+            }
+            .map_err(|e| e.to_string())?;
+            let report = demo::run(dir.path(), &opts, |_| {}).await?;
+            let v = match report.final_rmse {
+                Some(r) => r,
+                None => report.final_accuracy,
+            };
+            if !v.is_finite() {
+                return Err(format!(
+                    "{} {} epsilon {} seed {seed}: no completed round ({})",
+                    opts.unit, opts.epsilon, opts.epsilon, report.end_reason
+                ));
+            }
+            values.push(v);
+            sigma = report.noise_multiplier;
+            rounds += report.rounds.len() as f64;
+            spent += report.rounds.last().map(|r| r.epsilon).unwrap_or(0.0);
+        }
+        let k = self.seeds.max(1) as f64;
+        Ok(Cell {
+            values,
+            sigma,
+            rounds_done: rounds / k,
+            epsilon_spent: spent / k,
+        })
+    }
+
+    fn non_private(&self, base: &DemoOptions, rounds: u64) -> Result<Vec<f64>, String> {
+        let local = non_private_training(base.data);
+        (1..=self.seeds)
+            .map(|seed| {
+                let opts = DemoOptions {
+                    shard_seed: Some(seed),
+                    ..base.clone()
+                };
+                let sc = demo::non_private(&opts, rounds, &local)?;
+                Ok(sc.rmse.or(sc.accuracy).unwrap_or(f64::NAN))
+            })
+            .collect()
+    }
+
+    fn least_squares(&self, base: &DemoOptions) -> Result<Vec<f64>, String> {
+        (1..=self.seeds)
+            .map(|seed| {
+                let opts = DemoOptions {
+                    shard_seed: Some(seed),
+                    ..base.clone()
+                };
+                Ok(demo::least_squares(&opts)?.rmse.unwrap_or(f64::NAN))
+            })
+            .collect()
+    }
+}
+
+/// Plain local training of the non-private reference: one epoch per round.
+fn non_private_training(data: DemoData) -> LocalTraining {
+    LocalTraining {
+        epochs: 1,
+        batch_size: 32,
+        learning_rate: match data {
+            DemoData::BreastCancer => 0.5,
+            DemoData::Diabetes => 0.1,
+        },
+    }
+}
+
+/// Rounds of the non-private reference (enough to converge).
+const NON_PRIVATE_ROUNDS: u64 = 100;
+
+fn options(args: &Args, data: DemoData, unit: &str, non_iid: bool, epsilon: f64) -> DemoOptions {
+    let rec_default = demo::recommended_record(data);
+    let record = RecordTraining {
+        local_steps: args.local_steps.unwrap_or(rec_default.training.local_steps),
+        expected_batch: args
+            .expected_batch
+            .unwrap_or(rec_default.training.expected_batch),
+        learning_rate: args.lr.unwrap_or(rec_default.training.learning_rate),
+        clip_norm: args.clip.unwrap_or(rec_default.training.clip_norm),
+        ..rec_default.training
+    };
+    let site_default = demo::recommended_site(data);
+    let site = SiteTraining {
+        clip_norm: args.site_clip.unwrap_or(site_default.training.clip_norm),
+        ..site_default.training
+    };
+    let rounds = if unit == "site" {
+        args.site_rounds.unwrap_or(site_default.rounds)
+    } else {
+        args.rounds.unwrap_or(rec_default.rounds)
+    };
+    DemoOptions {
+        unit: unit.into(),
+        epsilon,
+        rounds,
+        non_iid,
+        site_cap: epsilon.max(10.0),
+        data,
+        validation: args.validation,
+        record,
+        site,
+        noise: NoisePlan::Calibrated,
+        // Every planned round fits every site's budget, so wait for all three.
+        min_sites: 3,
+        ..DemoOptions::default()
+    }
+}
+
+fn split_name(non_iid: bool) -> &'static str {
+    if non_iid {
+        "non-iid"
+    } else {
+        "iid"
+    }
+}
+
+fn json_line(part: &str, split: &str, epsilon: Option<f64>, values: &[f64], extra: &str) {
+    let vals: Vec<String> = values.iter().map(|v| format!("{v:.4}")).collect();
+    let eps = epsilon.map_or("null".to_string(), |e| format!("{e}"));
+    println!(
+        "json {{\"part\":\"{part}\",\"split\":\"{split}\",\"epsilon\":{eps},\"mean\":{:.4},\"sd\":{:.4},\"values\":[{}]{extra}}}",
+        mean(values),
+        sd(values),
+        vals.join(",")
+    );
+}
+
+fn pct(values: &[f64]) -> String {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{:.1} ± {:.1} ({:.1}–{:.1})",
+        100.0 * mean(values),
+        100.0 * sd(values),
+        100.0 * lo,
+        100.0 * hi
+    )
+}
+
+fn num(values: &[f64]) -> String {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{:.1} ± {:.1} ({:.1}–{:.1})",
+        mean(values),
+        sd(values),
+        lo,
+        hi
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), String> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runner = Runner {
+        work_dir: args.work_dir.clone(),
+        seeds: args.seeds,
+    };
+    let started = Instant::now();
+    if args.tune {
+        tune(&args, &runner).await?;
+    } else {
+        tables(&args, &runner).await?;
+    }
+    eprintln!("total time: {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn tables(args: &Args, runner: &Runner) -> Result<(), String> {
+    let splits: Vec<bool> = args.splits.iter().map(|s| s == "non-iid").collect();
+    let set = if args.validation.is_some() {
+        "validation"
+    } else {
+        "test"
+    };
+    let mut md = Vec::new();
+    let has = |p: &str| args.parts.iter().any(|x| x == p);
+    let bc = DemoData::BreastCancer;
+    if has("record") || has("site") {
+        let units: Vec<&str> = ["record", "site"].into_iter().filter(|u| has(u)).collect();
+        let mut header = format!("| epsilon |");
+        let mut rule = "|---|".to_string();
+        for u in &units {
+            for &n in &splits {
+                header.push_str(&format!(" {u}, {} |", split_name(n)));
+                rule.push_str("---|");
+            }
+        }
+        let mut rows = Vec::new();
+        let mut notes = Vec::new();
+        for &eps in &args.epsilons {
+            let mut row = format!("| {eps} |");
+            for u in &units {
+                for &n in &splits {
+                    let opts = options(args, bc, u, n, eps);
+                    let t = Instant::now();
+                    let cell = runner.cell(&opts).await?;
+                    json_line(
+                        &format!("breast-cancer/{u}"),
+                        split_name(n),
+                        Some(eps),
+                        &cell.values,
+                        &format!(
+                            ",\"set\":\"{set}\",\"metric\":\"accuracy\",\"noise_multiplier\":{:.4},\"rounds\":{:.1},\"epsilon_spent\":{:.4},\"seconds\":{:.1}",
+                            cell.sigma,
+                            cell.rounds_done,
+                            cell.epsilon_spent,
+                            t.elapsed().as_secs_f64()
+                        ),
+                    );
+                    row.push_str(&format!(" {} |", pct(&cell.values)));
+                    notes.push(format!(
+                        "{u}, {}, epsilon {eps}: noise multiplier {:.3}, {:.1} rounds, epsilon spent {:.3}",
+                        split_name(n),
+                        cell.sigma,
+                        cell.rounds_done,
+                        cell.epsilon_spent
+                    ));
+                }
+            }
+            rows.push(row);
+        }
+        let mut row = "| non-private |".to_string();
+        for _ in &units {
+            for &n in &splits {
+                let opts = options(args, bc, "record", n, 1.0);
+                let v = runner.non_private(&opts, NON_PRIVATE_ROUNDS)?;
+                json_line(
+                    "breast-cancer/non-private",
+                    split_name(n),
+                    None,
+                    &v,
+                    &format!(",\"set\":\"{set}\",\"metric\":\"accuracy\""),
+                );
+                row.push_str(&format!(" {} |", pct(&v)));
+            }
+        }
+        rows.push(row);
+        md.push(format!(
+            "Breast cancer, logistic regression, {set} accuracy in % (mean ± sd over {} seeds, min–max), delta = 1e-5:\n\n{header}\n{rule}\n{}\n\n{}",
+            runner.seeds,
+            rows.join("\n"),
+            notes
+                .iter()
+                .map(|n| format!("- {n}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ));
+    }
+    if has("diabetes") {
+        let data = DemoData::Diabetes;
+        let mut header = "| epsilon |".to_string();
+        let mut rule = "|---|".to_string();
+        for &n in &splits {
+            header.push_str(&format!(" record, {} |", split_name(n)));
+            rule.push_str("---|");
+        }
+        let mut rows = Vec::new();
+        let mut notes = Vec::new();
+        for &eps in &args.regression_epsilons {
+            let mut row = format!("| {eps} |");
+            for &n in &splits {
+                let opts = options(args, data, "record", n, eps);
+                let t = Instant::now();
+                let cell = runner.cell(&opts).await?;
+                json_line(
+                    "diabetes/record",
+                    split_name(n),
+                    Some(eps),
+                    &cell.values,
+                    &format!(
+                        ",\"set\":\"{set}\",\"metric\":\"rmse\",\"noise_multiplier\":{:.4},\"rounds\":{:.1},\"epsilon_spent\":{:.4},\"seconds\":{:.1}",
+                        cell.sigma,
+                        cell.rounds_done,
+                        cell.epsilon_spent,
+                        t.elapsed().as_secs_f64()
+                    ),
+                );
+                row.push_str(&format!(" {} |", num(&cell.values)));
+                notes.push(format!(
+                    "record, {}, epsilon {eps}: noise multiplier {:.3}, {:.1} rounds",
+                    split_name(n),
+                    cell.sigma,
+                    cell.rounds_done,
+                ));
+            }
+            rows.push(row);
+        }
+        let mut ls_row = "| least squares (pooled, closed form) |".to_string();
+        let mut np_row = "| non-private federated |".to_string();
+        for &n in &splits {
+            let opts = options(args, data, "record", n, 1.0);
+            let ls = runner.least_squares(&opts)?;
+            json_line(
+                "diabetes/least-squares",
+                split_name(n),
+                None,
+                &ls,
+                &format!(",\"set\":\"{set}\",\"metric\":\"rmse\""),
+            );
+            ls_row.push_str(&format!(" {} |", num(&ls)));
+            let np = runner.non_private(&opts, NON_PRIVATE_ROUNDS)?;
+            json_line(
+                "diabetes/non-private",
+                split_name(n),
+                None,
+                &np,
+                &format!(",\"set\":\"{set}\",\"metric\":\"rmse\""),
+            );
+            np_row.push_str(&format!(" {} |", num(&np)));
+        }
+        rows.push(ls_row);
+        rows.push(np_row);
+        md.push(format!(
+            "Diabetes progression, linear regression, {set} RMSE in the label's units (mean ± sd over {} seeds, min–max), delta = 1e-5:\n\n{header}\n{rule}\n{}\n\n{}",
+            runner.seeds,
+            rows.join("\n"),
+            notes
+                .iter()
+                .map(|n| format!("- {n}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ));
+    }
+    println!();
+    for m in md {
+        println!("{m}\n");
+    }
+    Ok(())
+}
+
+/// Hyperparameter selection: a grid on a validation split of the training data (20% of the
+/// training part; sites train on the rest), never the test set.
+async fn tune(args: &Args, runner: &Runner) -> Result<(), String> {
+    let has = |p: &str| args.parts.iter().any(|x| x == p);
+    let frac = args.validation.unwrap_or(0.2);
+    let mut results: Vec<(String, f64, f64)> = Vec::new();
+    let eval = |opts: DemoOptions| DemoOptions {
+        validation: Some(frac),
+        non_iid: false,
+        ..opts
+    };
+    if has("record") {
+        for grid in demo::record_grid(DemoData::BreastCancer) {
+            let mut scores = Vec::new();
+            for &eps in &[1.0, 4.0] {
+                let mut opts = eval(options(args, DemoData::BreastCancer, "record", false, eps));
+                opts.rounds = grid.rounds;
+                opts.record = grid.training;
+                let cell = runner.cell(&opts).await?;
+                scores.push(cell.mean());
+                let label = grid.label();
+                json_line(
+                    "tune/breast-cancer/record",
+                    "iid",
+                    Some(eps),
+                    &cell.values,
+                    &format!(
+                        ",\"set\":\"validation\",\"setting\":\"{label}\",\"noise_multiplier\":{:.4}",
+                        cell.sigma
+                    ),
+                );
+            }
+            results.push((
+                format!("record {}", grid.label()),
+                mean(&scores),
+                scores.iter().copied().fold(f64::INFINITY, f64::min),
+            ));
+        }
+    }
+    if has("site") {
+        for grid in demo::site_grid(DemoData::BreastCancer) {
+            let mut scores = Vec::new();
+            for &eps in &[1.0, 4.0] {
+                let mut opts = eval(options(args, DemoData::BreastCancer, "site", false, eps));
+                opts.rounds = grid.rounds;
+                opts.site = grid.training;
+                let cell = runner.cell(&opts).await?;
+                scores.push(cell.mean());
+                json_line(
+                    "tune/breast-cancer/site",
+                    "iid",
+                    Some(eps),
+                    &cell.values,
+                    &format!(
+                        ",\"set\":\"validation\",\"setting\":\"{}\",\"noise_multiplier\":{:.4}",
+                        grid.label(),
+                        cell.sigma
+                    ),
+                );
+            }
+            results.push((
+                format!("site {}", grid.label()),
+                mean(&scores),
+                scores.iter().copied().fold(f64::INFINITY, f64::min),
+            ));
+        }
+    }
+    if has("diabetes") {
+        for grid in demo::record_grid(DemoData::Diabetes) {
+            let mut scores = Vec::new();
+            for &eps in &[1.0, 4.0] {
+                let mut opts = eval(options(args, DemoData::Diabetes, "record", false, eps));
+                opts.rounds = grid.rounds;
+                opts.record = grid.training;
+                let cell = runner.cell(&opts).await?;
+                // Lower RMSE is better: rank by its negative.
+                scores.push(-cell.mean());
+                json_line(
+                    "tune/diabetes/record",
+                    "iid",
+                    Some(eps),
+                    &cell.values,
+                    &format!(
+                        ",\"set\":\"validation\",\"setting\":\"{}\",\"noise_multiplier\":{:.4}",
+                        grid.label(),
+                        cell.sigma
+                    ),
+                );
+            }
+            results.push((
+                format!("diabetes {}", grid.label()),
+                mean(&scores),
+                scores.iter().copied().fold(f64::INFINITY, f64::min),
+            ));
+        }
+    }
+    println!("\n| setting | mean validation score over epsilon 1 and 4 | worse of the two |");
+    println!("|---|---|---|");
+    for (label, m, worst) in &results {
+        println!("| {label} | {m:.4} | {worst:.4} |");
+    }
+    Ok(())
+}

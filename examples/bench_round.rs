@@ -1,0 +1,721 @@
+//! Round benchmark: the real coordinator (`fedpriv-coordinator run`, a separate process)
+//! and N site processes on loopback with mutual TLS. Each site answers every task with an
+//! update of D float32 values without training (clipped and noised with the secure
+//! generator when `--dp on`). Then, in the same run, a baseline: the same bytes (the model
+//! down to every site, an update back from every site) over bare quinn connections with the
+//! same TLS setup and transport limits. Prints one JSON line.
+//!
+//! ```text
+//! cargo build --release -p fedpriv-coordinator
+//! cargo run --release --example bench_round -- --sites 4 --params 10000000 --rounds 5 --dp on
+//! ```
+//!
+//! The coordinator binary is looked up next to this example's executable
+//! (`target/release/fedpriv-coordinator`); `--coordinator PATH` overrides.
+//!
+//! Round time: from the coordinator's "budget spent and recorded" log line of a round (the
+//! round's start, before any task leaves) to its "round completed" line (after the new
+//! model is durably checkpointed), as seen by this process reading the coordinator's
+//! stderr. Peak RSS: the coordinator's `VmHWM` from `/proc/<pid>/status`, read after the
+//! last round. Bytes: payload bytes of model and update bodies (QUIC and TLS framing
+//! not counted).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use fedpriv_client::transport::{client_endpoint, connect};
+use fedpriv_common::arch;
+use fedpriv_common::dp::accountant::{self, AccountantKind};
+use fedpriv_common::dp::clip::clip_l2;
+use fedpriv_common::dp::noise::NoiseSource;
+use fedpriv_common::dp::{ClipNorm, Delta, SgmEvent};
+use fedpriv_common::model::Architecture;
+use fedpriv_common::pki::{self, Identity, Role};
+use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION};
+use fedpriv_common::quic_io::{self, TransportLimits};
+use fedpriv_coordinator::transport::make_server_endpoint;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const CLIP_NORM: f64 = 1.0;
+const NOISE_MULTIPLIER: f64 = 1.0;
+const DELTA: f64 = 1e-5;
+const STUDY: &str = "bench";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Round time, coordinator memory and bytes moved, against bare quinn")]
+struct Args {
+    /// Number of site processes.
+    #[arg(long, default_value_t = 4)]
+    sites: usize,
+    /// Approximate number of f32 parameters of the model (an MLP is sized to match).
+    #[arg(long, default_value_t = 1_000_000)]
+    params: usize,
+    /// Rounds to run.
+    #[arg(long, default_value_t = 5)]
+    rounds: u64,
+    /// Clip and noise at the sites (secure generator) or send a fixed small update.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    dp: OnOff,
+    /// The coordinator binary (default: next to this executable, in target/release).
+    #[arg(long)]
+    coordinator: Option<PathBuf>,
+    /// Skip the bare-quinn baseline.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+    /// Keep the coordinator's log and state here instead of a temporary directory.
+    #[arg(long)]
+    keep_dir: Option<PathBuf>,
+    /// Internal: run as one bench site.
+    #[arg(long, hide = true)]
+    site_mode: bool,
+    /// Internal: run as one bare-quinn baseline client.
+    #[arg(long, hide = true)]
+    baseline_client: bool,
+    #[arg(long, hide = true)]
+    addr: Option<SocketAddr>,
+    #[arg(long, hide = true)]
+    dir: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    name: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let result = if args.site_mode {
+        site_main(&args)
+    } else if args.baseline_client {
+        baseline_client_main(&args)
+    } else {
+        bench_main(&args)
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench_round: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, BoxError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Setup: PKI, study, model size.
+
+/// An MLP over F features with H hidden units has H*(F+2)+1 values; pick F and H so that
+/// it is close to `params` with H within the config's limit of 65,536.
+fn mlp_for(params: usize) -> (usize, usize) {
+    let target = params.max(4) - 1;
+    let mut features = 10usize;
+    while target / (features + 2) > 65_536 {
+        features += 1;
+    }
+    let hidden = ((target as f64) / (features + 2) as f64).round().max(1.0) as usize;
+    (features, hidden.min(65_536))
+}
+
+fn study_toml(
+    features: usize,
+    hidden: usize,
+    sites: usize,
+    rounds: u64,
+) -> Result<String, BoxError> {
+    // Site unit, local noise: each round costs a site a Gaussian mechanism with sigma / 2
+    // (replace-one adjacency, sensitivity 2C). The budget fits exactly the planned rounds.
+    let event = SgmEvent::new(1.0, NOISE_MULTIPLIER / 2.0, rounds)?;
+    let eps = accountant::epsilon(AccountantKind::Rdp, &[event], Delta::new(DELTA)?)?;
+    let budget = (eps * 1.001 * 1000.0).ceil() / 1000.0;
+    let names: Vec<String> = (0..features).map(|i| format!("f{i}")).collect();
+    let ranges: Vec<String> = names.iter().map(|n| format!("{n} = [0.0, 1.0]")).collect();
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    let enrolled: Vec<String> = (0..sites).map(|i| format!("\"site-{i}\"")).collect();
+    Ok(format!(
+        r#"[study]
+id = "{STUDY}"
+model = {{ kind = "mlp", hidden = {hidden} }}
+rounds = {rounds}
+min_sites = {sites}
+round_timeout_secs = 600
+
+[data]
+task = "binary"
+label = "y"
+features = [{features}]
+ranges = {{ {ranges} }}
+
+[training]
+strategy = "fedavg"
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.1
+server_learning_rate = 1.0
+
+[privacy]
+unit = "site"
+placement = "local"
+site_sample_rate = 1.0
+clip_norm = {CLIP_NORM:?}
+noise_multiplier = {NOISE_MULTIPLIER:?}
+epsilon = {budget}
+delta = {DELTA:e}
+accountant = "rdp"
+
+[sites]
+enrolled = [{enrolled}]
+"#,
+        features = quoted.join(", "),
+        ranges = ranges.join(", "),
+        enrolled = enrolled.join(", "),
+    ))
+}
+
+/// Writes the study PKI: ca.pem, server.pem, server.key and site-i.pem / site-i.key.
+fn write_pki(dir: &Path, sites: usize) -> Result<(), BoxError> {
+    let ca = pki::generate_ca("bench CA", 2)?;
+    let server = pki::issue_server_cert(&ca, &["localhost".into()], &[], 2)?;
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
+    std::fs::write(dir.join("server.pem"), &server.cert_pem)?;
+    std::fs::write(dir.join("server.key"), &server.key_pem)?;
+    for i in 0..sites {
+        let name = format!("site-{i}");
+        let cert = pki::issue_identity_cert(&ca, &Identity::new(Role::Site, &name)?, 2)?;
+        std::fs::write(dir.join(format!("{name}.pem")), &cert.cert_pem)?;
+        std::fs::write(dir.join(format!("{name}.key")), &cert.key_pem)?;
+    }
+    Ok(())
+}
+
+fn site_tls(dir: &Path, name: &str) -> Result<rustls::ClientConfig, BoxError> {
+    Ok(pki::client_config(
+        &std::fs::read(dir.join("ca.pem"))?,
+        &std::fs::read(dir.join(format!("{name}.pem")))?,
+        &std::fs::read(dir.join(format!("{name}.key")))?,
+    )?)
+}
+
+fn server_tls(dir: &Path) -> Result<rustls::ServerConfig, BoxError> {
+    Ok(pki::server_config(
+        &std::fs::read(dir.join("ca.pem"))?,
+        &std::fs::read(dir.join("server.pem"))?,
+        &std::fs::read(dir.join("server.key"))?,
+        &[],
+    )?)
+}
+
+fn free_udp_port() -> Result<SocketAddr, BoxError> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(s.local_addr()?)
+}
+
+fn coordinator_binary(args: &Args) -> Result<PathBuf, BoxError> {
+    if let Some(p) = &args.coordinator {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/examples/bench_round -> target/<profile>/fedpriv-coordinator
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("cannot locate the target directory")?;
+    let bin = profile_dir.join("fedpriv-coordinator");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found: build it first with `cargo build --release -p fedpriv-coordinator` (or pass --coordinator)",
+            bin.display()
+        )
+        .into())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The parent: coordinator run, then the baseline.
+
+struct Killer(Vec<Child>);
+
+impl Drop for Killer {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// User + system CPU seconds of a process, from /proc/<pid>/stat.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn field_u64(line: &str, key: &str) -> Option<u64> {
+    let pat = format!(" {key}=");
+    let at = line.find(&pat)? + pat.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|v| v.parse().ok())
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stats(v: &[f64]) -> Stats {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let r = |x: f64| (x * 10_000.0).round() / 10_000.0;
+    if s.is_empty() {
+        return Stats {
+            median: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+        };
+    }
+    let median = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    Stats {
+        median: r(median),
+        min: r(s[0]),
+        max: r(s[s.len() - 1]),
+    }
+}
+
+struct CoordinatorRun {
+    round_secs: Vec<f64>,
+    peak_rss_kib: u64,
+    cpu_secs: f64,
+    site_cpu_secs: f64,
+    rejected: u64,
+}
+
+fn bench_main(args: &Args) -> Result<(), BoxError> {
+    if args.sites == 0 || args.rounds == 0 {
+        return Err("--sites and --rounds must be at least 1".into());
+    }
+    let coordinator = coordinator_binary(args)?;
+    let tmp = tempfile::tempdir()?;
+    let dir = match &args.keep_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    let (features, hidden) = mlp_for(args.params);
+    let d = arch::model_spec(Architecture::Mlp { hidden }, features, 1)?.num_values();
+    write_pki(&dir, args.sites)?;
+    let study = dir.join("study.toml");
+    std::fs::write(
+        &study,
+        study_toml(features, hidden, args.sites, args.rounds)?,
+    )?;
+
+    let run = run_coordinator(args, &coordinator, &dir, &study)?;
+    let baseline = if args.no_baseline {
+        Vec::new()
+    } else {
+        run_baseline(args, &dir, d)?
+    };
+
+    let model_bytes = d as u64 * 4;
+    let bytes_per_round = 2 * args.sites as u64 * model_bytes;
+    let fedpriv = stats(&run.round_secs);
+    let base = stats(&baseline);
+    let line = serde_json::json!({
+        "bench": "round",
+        "sites": args.sites,
+        "params": d,
+        "model": format!("mlp hidden={hidden} features={features}"),
+        "rounds": args.rounds,
+        "dp": args.dp == OnOff::On,
+        "round_s": fedpriv,
+        "rounds_s": run.round_secs.iter().map(|x| (x * 10_000.0).round() / 10_000.0).collect::<Vec<_>>(),
+        "coordinator_peak_rss_mib": (run.peak_rss_kib as f64 / 1024.0).round(),
+        "model_mib": (model_bytes as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
+        "peak_rss_in_model_copies": ((run.peak_rss_kib as f64 * 1024.0) / model_bytes as f64 * 100.0).round() / 100.0,
+        "coordinator_cpu_s": (run.cpu_secs * 100.0).round() / 100.0,
+        "sites_cpu_s": (run.site_cpu_secs * 100.0).round() / 100.0,
+        "updates_rejected": run.rejected,
+        "bytes_per_round": bytes_per_round,
+        "bytes_total": bytes_per_round * args.rounds,
+        "baseline_quinn_round_s": if baseline.is_empty() { serde_json::Value::Null } else { serde_json::to_value(&base)? },
+        "ratio_to_baseline": if baseline.is_empty() { serde_json::Value::Null } else { serde_json::json!(((fedpriv.median / base.median) * 100.0).round() / 100.0) },
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+fn run_coordinator(
+    args: &Args,
+    coordinator: &Path,
+    dir: &Path,
+    study: &Path,
+) -> Result<CoordinatorRun, BoxError> {
+    let addr = free_udp_port()?;
+    let state = dir.join("state");
+    let mut child = Command::new(coordinator)
+        .arg("run")
+        .arg("--study")
+        .arg(study)
+        .arg("--state")
+        .arg(&state)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--pki")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", coordinator.display()))?;
+    let pid = child.id();
+    let stderr = child.stderr.take().ok_or("no coordinator stderr")?;
+    let mut procs = Killer(vec![child]);
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let log_path = dir.join("coordinator.log");
+    std::thread::spawn(move || {
+        let mut log = std::fs::File::create(log_path).ok();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let line = strip_ansi(&line);
+            if let Some(f) = log.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+            }
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let next_line = |what: &str| -> Result<(Instant, String), BoxError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        rx.recv_timeout(left)
+            .map_err(|_| format!("coordinator: no {what} (see its log under --keep-dir)").into())
+    };
+    loop {
+        let (_, line) = next_line("listening line")?;
+        if line.contains("coordinator listening") {
+            break;
+        }
+    }
+    let exe = std::env::current_exe()?;
+    let mut site_pids = Vec::new();
+    for i in 0..args.sites {
+        let child = Command::new(&exe)
+            .arg("--site-mode")
+            .arg("--addr")
+            .arg(addr.to_string())
+            .arg("--dir")
+            .arg(dir)
+            .arg("--name")
+            .arg(format!("site-{i}"))
+            .arg("--dp")
+            .arg(if args.dp == OnOff::On { "on" } else { "off" })
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        site_pids.push(child.id());
+        procs.0.push(child);
+    }
+    let mut starts = std::collections::BTreeMap::new();
+    let mut round_secs = Vec::new();
+    let mut rejected = 0;
+    let mut site_cpu = vec![0.0f64; site_pids.len()];
+    loop {
+        let (at, line) = next_line("study end")?;
+        for (cpu, pid) in site_cpu.iter_mut().zip(&site_pids) {
+            if let Some(c) = cpu_secs(*pid) {
+                *cpu = c;
+            }
+        }
+        if line.contains("budget spent and recorded") {
+            if let Some(r) = field_u64(&line, "round") {
+                starts.insert(r, at);
+            }
+        } else if line.contains("round completed") {
+            if let Some(t0) = field_u64(&line, "round").and_then(|r| starts.get(&r)) {
+                round_secs.push(at.duration_since(*t0).as_secs_f64());
+            }
+        } else if line.contains("update rejected") {
+            rejected += 1;
+            eprintln!("bench_round: {line}");
+        } else if line.contains("round aborted") || line.contains(" ERROR ") {
+            return Err(format!("coordinator: {line}").into());
+        } else if line.contains("study ended") {
+            break;
+        }
+    }
+    let peak = vm_hwm_kib(pid).ok_or("cannot read the coordinator's VmHWM")?;
+    let cpu = cpu_secs(pid).unwrap_or(f64::NAN);
+    drop(procs);
+    Ok(CoordinatorRun {
+        round_secs,
+        peak_rss_kib: peak,
+        cpu_secs: cpu,
+        site_cpu_secs: site_cpu.iter().sum(),
+        rejected,
+    })
+}
+
+/// The same bytes over bare quinn: per round, the server writes `d` f32 of model bytes to
+/// every client at once, and every client answers with `d` f32 of its own; the round ends
+/// when the last answer is read. Same certificates, same transport limits, same 1 MiB writes.
+fn run_baseline(args: &Args, dir: &Path, d: usize) -> Result<Vec<f64>, BoxError> {
+    let rt = runtime(2)?;
+    rt.block_on(async {
+        let endpoint = make_server_endpoint(
+            "127.0.0.1:0".parse()?,
+            server_tls(dir)?,
+            &TransportLimits::default(),
+        )?;
+        let addr = endpoint.local_addr()?;
+        let exe = std::env::current_exe()?;
+        let mut procs = Killer(Vec::new());
+        for i in 0..args.sites {
+            procs.0.push(
+                Command::new(&exe)
+                    .arg("--baseline-client")
+                    .arg("--addr")
+                    .arg(addr.to_string())
+                    .arg("--dir")
+                    .arg(dir)
+                    .arg("--name")
+                    .arg(format!("site-{i}"))
+                    .arg("--params")
+                    .arg(d.to_string())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()?,
+            );
+        }
+        let mut conns = Vec::new();
+        for _ in 0..args.sites {
+            let incoming = tokio::time::timeout(Duration::from_secs(60), endpoint.accept())
+                .await?
+                .ok_or("endpoint closed")?;
+            conns.push(incoming.await?);
+        }
+        let body: std::sync::Arc<Vec<u8>> = std::sync::Arc::new(vec![0x3cu8; d * 4]);
+        let mut times = Vec::new();
+        for _ in 0..args.rounds {
+            let t0 = Instant::now();
+            let mut set = tokio::task::JoinSet::new();
+            for conn in &conns {
+                let (conn, body) = (conn.clone(), std::sync::Arc::clone(&body));
+                set.spawn(async move {
+                    let mut send = conn.open_uni().await?;
+                    for chunk in body.chunks(1 << 20) {
+                        send.write_all(chunk).await?;
+                    }
+                    send.finish()?;
+                    let mut recv = conn.accept_uni().await?;
+                    let mut got = 0usize;
+                    while let Some(c) = recv.read_chunk(1 << 20, true).await? {
+                        got += c.bytes.len();
+                    }
+                    if got != body.len() {
+                        return Err::<(), BoxError>(format!("got {got} bytes").into());
+                    }
+                    Ok(())
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r??;
+            }
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        for c in &conns {
+            c.close(0u32.into(), b"done");
+        }
+        endpoint.wait_idle().await;
+        drop(procs);
+        Ok(times)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Child processes.
+
+fn baseline_client_main(args: &Args) -> Result<(), BoxError> {
+    let addr = args.addr.ok_or("--addr")?;
+    let dir = args.dir.clone().ok_or("--dir")?;
+    let name = args.name.clone().ok_or("--name")?;
+    let rt = runtime(2)?;
+    rt.block_on(async move {
+        let ep = client_endpoint(
+            site_tls(&dir, &name)?,
+            "127.0.0.1:0".parse()?,
+            &TransportLimits::site(),
+        )?;
+        let conn = connect(&ep, addr, "localhost").await?;
+        let reply = vec![0x5au8; args.params * 4];
+        loop {
+            let mut recv = match conn.accept_uni().await {
+                Ok(r) => r,
+                Err(_) => break,
+            };
+            while recv.read_chunk(1 << 20, true).await?.is_some() {}
+            let mut send = conn.open_uni().await?;
+            for chunk in reply.chunks(1 << 20) {
+                send.write_all(chunk).await?;
+            }
+            send.finish()?;
+        }
+        Ok(())
+    })
+}
+
+/// A site that does no training: Hello, Ready for every announced study, and for each task
+/// an update of the model's size. With DP on: a small fixed "delta" clipped to C and noised
+/// with N(0, sigma^2 C^2) from the secure generator, as the real site daemon does.
+fn site_main(args: &Args) -> Result<(), BoxError> {
+    let addr = args.addr.ok_or("--addr")?;
+    let dir = args.dir.clone().ok_or("--dir")?;
+    let name = args.name.clone().ok_or("--name")?;
+    let dp = args.dp == OnOff::On;
+    let rt = runtime(2)?;
+    rt.block_on(async move {
+        let ep = client_endpoint(
+            site_tls(&dir, &name)?,
+            "127.0.0.1:0".parse()?,
+            &TransportLimits::site(),
+        )?;
+        let conn = connect(&ep, addr, "localhost").await?;
+        let hello = SiteMessage::Hello {
+            version: PROTOCOL_VERSION,
+            claimed_site: name.clone(),
+        };
+        quic_io::send_message(&conn, &hello, None).await?;
+        let mut specs = std::collections::BTreeMap::new();
+        let mut noise = Some(NoiseSource::from_os()?);
+        let mut base: Vec<f32> = Vec::new();
+        loop {
+            let mut recv = match conn.accept_uni().await {
+                Ok(r) => r,
+                Err(_) => break,
+            };
+            let msg: CoordinatorMessage = quic_io::recv_frame(&mut recv).await?;
+            match msg {
+                CoordinatorMessage::Welcome { studies, .. } => {
+                    for ann in studies {
+                        let spec = arch::model_spec(ann.model, ann.data.features.len(), 1)?;
+                        base = small_update(spec.num_values(), &name);
+                        specs.insert(ann.study.clone(), spec);
+                        let ready = SiteMessage::Ready {
+                            study: ann.study,
+                            records: 1000,
+                        };
+                        quic_io::send_message(&conn, &ready, None).await?;
+                    }
+                }
+                CoordinatorMessage::Task(task) => {
+                    let spec = specs.get(&task.study).ok_or("task for an unknown study")?;
+                    quic_io::recv_tensor_body(&mut recv, &task.header, spec, |_, _| {}).await?;
+                    let update = if dp {
+                        let mut src = noise.take().ok_or("noise source")?;
+                        let mut u = base.clone();
+                        let sigma_c = task.noise_multiplier * task.clip_norm;
+                        let clip = ClipNorm::new(task.clip_norm)?;
+                        let (u, src) = tokio::task::spawn_blocking(move || {
+                            clip_l2(&mut u, clip);
+                            src.add_gaussian(&mut u, sigma_c, 1);
+                            (u, src)
+                        })
+                        .await?;
+                        noise = Some(src);
+                        std::borrow::Cow::Owned(u)
+                    } else {
+                        std::borrow::Cow::Borrowed(base.as_slice())
+                    };
+                    let msg = SiteMessage::Update {
+                        study: task.study.clone(),
+                        round: task.round,
+                        header: task.header.clone(),
+                    };
+                    quic_io::send_message(&conn, &msg, Some(&update)).await?;
+                }
+                CoordinatorMessage::StudyEnded { .. } | CoordinatorMessage::Refused { .. } => break,
+            }
+        }
+        conn.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+        Ok(())
+    })
+}
+
+/// A fixed small pseudo-random vector (xorshift; values in +-1e-4): a stand-in for a
+/// trained delta, well inside the clip norm.
+fn small_update(n: usize, name: &str) -> Vec<f32> {
+    let mut s = name.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2e-4
+        })
+        .collect()
+}
