@@ -24,7 +24,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use fedpriv::demo::{self, DemoData, DemoOptions, NoisePlan, RecordTraining, SiteTraining};
+use fedpriv::demo::{
+    self, DemoData, DemoOptions, NoisePlan, RecordPlan, RecordTraining, SitePlan, SiteTraining,
+};
 use fedpriv_client::train::LocalTraining;
 
 #[derive(Debug, Parser)]
@@ -48,6 +50,9 @@ struct Args {
     /// Hyperparameter selection on a validation split of the training data instead.
     #[arg(long)]
     tune: bool,
+    /// Epsilons the selection runs at.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    tune_epsilons: Vec<f64>,
     /// Score on a validation split (this fraction of the training part) instead of the
     /// test set, with the chosen hyperparameters (or the flags' overrides).
     #[arg(long)]
@@ -77,6 +82,8 @@ struct Args {
 #[derive(Debug, Clone)]
 struct Cell {
     values: Vec<f64>,
+    /// The last model's evaluation loss per run (cross-entropy or mean squared error).
+    losses: Vec<f64>,
     sigma: f64,
     rounds_done: f64,
     epsilon_spent: f64,
@@ -86,8 +93,16 @@ impl Cell {
     fn mean(&self) -> f64 {
         mean(&self.values)
     }
-    fn sd(&self) -> f64 {
-        sd(&self.values)
+
+    /// The JSON fields after the values.
+    fn extra(&self, seconds: f64) -> String {
+        format!(
+            ",\"loss\":{:.4},\"noise_multiplier\":{:.4},\"rounds\":{:.1},\"epsilon_spent\":{:.4},\"seconds\":{seconds:.1}",
+            mean(&self.losses),
+            self.sigma,
+            self.rounds_done,
+            self.epsilon_spent
+        )
     }
 }
 
@@ -114,10 +129,24 @@ impl Runner {
     /// (or validation) accuracy, or its RMSE for regression.
     async fn cell(&self, base: &DemoOptions) -> Result<Cell, String> {
         let mut values = Vec::new();
+        let mut losses = Vec::new();
         let (mut sigma, mut rounds, mut spent) = (0.0, 0.0, 0.0);
+        // Site sizes, hence the calibrated noise, do not depend on the shard seed:
+        // calibrate once per cell.
+        let noise = match base.noise {
+            NoisePlan::Calibrated => {
+                let split = demo::split(base)?;
+                match demo::noise_multiplier(base, &split.shards)? {
+                    Some(sigma) => NoisePlan::Fixed(sigma),
+                    None => NoisePlan::Calibrated,
+                }
+            }
+            fixed => fixed,
+        };
         for seed in 1..=self.seeds {
             let opts = DemoOptions {
                 shard_seed: Some(seed),
+                noise,
                 ..base.clone()
             };
             let dir = match &self.work_dir {
@@ -137,6 +166,7 @@ impl Runner {
                 ));
             }
             values.push(v);
+            losses.push(report.rounds.last().map_or(f64::NAN, |r| r.loss));
             sigma = report.noise_multiplier;
             rounds += report.rounds.len() as f64;
             spent += report.rounds.last().map(|r| r.epsilon).unwrap_or(0.0);
@@ -144,6 +174,7 @@ impl Runner {
         let k = self.seeds.max(1) as f64;
         Ok(Cell {
             values,
+            losses,
             sigma,
             rounds_done: rounds / k,
             epsilon_spent: spent / k,
@@ -332,11 +363,8 @@ async fn tables(args: &Args, runner: &Runner) -> Result<(), String> {
                         Some(eps),
                         &cell.values,
                         &format!(
-                            ",\"set\":\"{set}\",\"metric\":\"accuracy\",\"noise_multiplier\":{:.4},\"rounds\":{:.1},\"epsilon_spent\":{:.4},\"seconds\":{:.1}",
-                            cell.sigma,
-                            cell.rounds_done,
-                            cell.epsilon_spent,
-                            t.elapsed().as_secs_f64()
+                            ",\"set\":\"{set}\",\"metric\":\"accuracy\"{}",
+                            cell.extra(t.elapsed().as_secs_f64())
                         ),
                     );
                     row.push_str(&format!(" {} |", pct(&cell.values)));
@@ -400,11 +428,8 @@ async fn tables(args: &Args, runner: &Runner) -> Result<(), String> {
                     Some(eps),
                     &cell.values,
                     &format!(
-                        ",\"set\":\"{set}\",\"metric\":\"rmse\",\"noise_multiplier\":{:.4},\"rounds\":{:.1},\"epsilon_spent\":{:.4},\"seconds\":{:.1}",
-                        cell.sigma,
-                        cell.rounds_done,
-                        cell.epsilon_spent,
-                        t.elapsed().as_secs_f64()
+                        ",\"set\":\"{set}\",\"metric\":\"rmse\"{}",
+                        cell.extra(t.elapsed().as_secs_f64())
                     ),
                 );
                 row.push_str(&format!(" {} |", num(&cell.values)));
@@ -460,106 +485,153 @@ async fn tables(args: &Args, runner: &Runner) -> Result<(), String> {
     Ok(())
 }
 
+/// One setting of the grid: how to apply it to the options, and its label.
+struct Setting {
+    label: String,
+    apply: Box<dyn Fn(&mut DemoOptions)>,
+}
+
 /// Hyperparameter selection: a grid on a validation split of the training data (20% of the
-/// training part; sites train on the rest), never the test set.
+/// training part by default; sites train on the rest), never the test set. Each setting
+/// runs at epsilon 1 and 4 on the even IID split; the table ranks by mean validation
+/// accuracy (for regression: RMSE) over the two epsilons, then by validation loss.
 async fn tune(args: &Args, runner: &Runner) -> Result<(), String> {
     let has = |p: &str| args.parts.iter().any(|x| x == p);
     let frac = args.validation.unwrap_or(0.2);
-    let mut results: Vec<(String, f64, f64)> = Vec::new();
-    let eval = |opts: DemoOptions| DemoOptions {
-        validation: Some(frac),
-        non_iid: false,
-        ..opts
-    };
+    let mut jobs: Vec<(&str, DemoData, &str, Setting)> = Vec::new();
     if has("record") {
-        for grid in demo::record_grid(DemoData::BreastCancer) {
-            let mut scores = Vec::new();
-            for &eps in &[1.0, 4.0] {
-                let mut opts = eval(options(args, DemoData::BreastCancer, "record", false, eps));
-                opts.rounds = grid.rounds;
-                opts.record = grid.training;
-                let cell = runner.cell(&opts).await?;
-                scores.push(cell.mean());
-                let label = grid.label();
-                json_line(
-                    "tune/breast-cancer/record",
-                    "iid",
-                    Some(eps),
-                    &cell.values,
-                    &format!(
-                        ",\"set\":\"validation\",\"setting\":\"{label}\",\"noise_multiplier\":{:.4}",
-                        cell.sigma
-                    ),
-                );
-            }
-            results.push((
-                format!("record {}", grid.label()),
-                mean(&scores),
-                scores.iter().copied().fold(f64::INFINITY, f64::min),
+        for plan in record_grid(DemoData::BreastCancer) {
+            jobs.push((
+                "breast-cancer/record",
+                DemoData::BreastCancer,
+                "record",
+                record_setting(plan),
             ));
         }
     }
     if has("site") {
-        for grid in demo::site_grid(DemoData::BreastCancer) {
-            let mut scores = Vec::new();
-            for &eps in &[1.0, 4.0] {
-                let mut opts = eval(options(args, DemoData::BreastCancer, "site", false, eps));
-                opts.rounds = grid.rounds;
-                opts.site = grid.training;
-                let cell = runner.cell(&opts).await?;
-                scores.push(cell.mean());
-                json_line(
-                    "tune/breast-cancer/site",
-                    "iid",
-                    Some(eps),
-                    &cell.values,
-                    &format!(
-                        ",\"set\":\"validation\",\"setting\":\"{}\",\"noise_multiplier\":{:.4}",
-                        grid.label(),
-                        cell.sigma
-                    ),
-                );
-            }
-            results.push((
-                format!("site {}", grid.label()),
-                mean(&scores),
-                scores.iter().copied().fold(f64::INFINITY, f64::min),
+        for plan in site_grid() {
+            jobs.push((
+                "breast-cancer/site",
+                DemoData::BreastCancer,
+                "site",
+                Setting {
+                    label: plan.label(),
+                    apply: Box::new(move |o| {
+                        o.rounds = plan.rounds;
+                        o.site = plan.training;
+                    }),
+                },
             ));
         }
     }
     if has("diabetes") {
-        for grid in demo::record_grid(DemoData::Diabetes) {
-            let mut scores = Vec::new();
-            for &eps in &[1.0, 4.0] {
-                let mut opts = eval(options(args, DemoData::Diabetes, "record", false, eps));
-                opts.rounds = grid.rounds;
-                opts.record = grid.training;
-                let cell = runner.cell(&opts).await?;
-                // Lower RMSE is better: rank by its negative.
-                scores.push(-cell.mean());
-                json_line(
-                    "tune/diabetes/record",
-                    "iid",
-                    Some(eps),
-                    &cell.values,
-                    &format!(
-                        ",\"set\":\"validation\",\"setting\":\"{}\",\"noise_multiplier\":{:.4}",
-                        grid.label(),
-                        cell.sigma
-                    ),
-                );
-            }
-            results.push((
-                format!("diabetes {}", grid.label()),
-                mean(&scores),
-                scores.iter().copied().fold(f64::INFINITY, f64::min),
+        for plan in record_grid(DemoData::Diabetes) {
+            jobs.push((
+                "diabetes/record",
+                DemoData::Diabetes,
+                "record",
+                record_setting(plan),
             ));
         }
     }
-    println!("\n| setting | mean validation score over epsilon 1 and 4 | worse of the two |");
-    println!("|---|---|---|");
-    for (label, m, worst) in &results {
-        println!("| {label} | {m:.4} | {worst:.4} |");
+    let mut results: Vec<(String, String, f64, f64, f64)> = Vec::new();
+    for (part, data, unit, setting) in &jobs {
+        let (mut scores, mut losses) = (Vec::new(), Vec::new());
+        let mut worst = f64::NAN;
+        for &eps in &args.tune_epsilons {
+            let mut opts = options(args, *data, unit, false, eps);
+            opts.validation = Some(frac);
+            (setting.apply)(&mut opts);
+            let t = Instant::now();
+            let cell = runner.cell(&opts).await?;
+            json_line(
+                &format!("tune/{part}"),
+                "iid",
+                Some(eps),
+                &cell.values,
+                &format!(
+                    ",\"set\":\"validation\",\"setting\":\"{}\"{}",
+                    setting.label,
+                    cell.extra(t.elapsed().as_secs_f64())
+                ),
+            );
+            let m = cell.mean();
+            worst = if *data == DemoData::Diabetes {
+                worst.max(m)
+            } else {
+                worst.min(m)
+            };
+            scores.push(m);
+            losses.push(mean(&cell.losses));
+        }
+        results.push((
+            part.to_string(),
+            setting.label.clone(),
+            mean(&scores),
+            worst,
+            mean(&losses),
+        ));
+    }
+    println!(
+        "\n| part | setting | mean validation score over epsilon {:?} | worst | mean validation loss |",
+        args.tune_epsilons
+    );
+    println!("|---|---|---|---|---|");
+    for (part, label, m, worst, loss) in &results {
+        println!("| {part} | {label} | {m:.4} | {worst:.4} | {loss:.4} |");
     }
     Ok(())
+}
+
+fn record_setting(plan: RecordPlan) -> Setting {
+    Setting {
+        label: plan.label(),
+        apply: Box::new(move |o| {
+            o.rounds = plan.rounds;
+            o.record = plan.training;
+        }),
+    }
+}
+
+/// The record unit's grid: planned rounds and steps per round, expected batch, learning
+/// rate and clip norm.
+fn record_grid(_data: DemoData) -> Vec<RecordPlan> {
+    let mut out = Vec::new();
+    for (rounds, local_steps) in [(20, 5), (20, 10), (20, 20)] {
+        for expected_batch in [16.0, 32.0, 64.0] {
+            for learning_rate in [0.5, 1.0, 2.0] {
+                for clip_norm in [0.25, 1.0] {
+                    out.push(RecordPlan {
+                        rounds,
+                        training: RecordTraining {
+                            local_steps,
+                            expected_batch,
+                            learning_rate,
+                            clip_norm,
+                            server_learning_rate: 1.0,
+                        },
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The site unit's grid: planned rounds and the delta's clip norm.
+fn site_grid() -> Vec<SitePlan> {
+    let mut out = Vec::new();
+    for rounds in [1, 3, 10] {
+        for clip_norm in [0.1, 1.0] {
+            out.push(SitePlan {
+                rounds,
+                training: SiteTraining {
+                    clip_norm,
+                    ..SiteTraining::default()
+                },
+            });
+        }
+    }
+    out
 }

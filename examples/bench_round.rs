@@ -256,7 +256,20 @@ struct Killer(Vec<Child>);
 
 impl Drop for Killer {
     fn drop(&mut self) {
+        // SIGTERM first (the coordinator shuts down cleanly, a profiler wrapping it gets
+        // to write its data), then SIGKILL whatever is still there after a few seconds.
+        for c in &self.0 {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
         for c in &mut self.0 {
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

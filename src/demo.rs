@@ -134,6 +134,68 @@ impl Default for SiteTraining {
     }
 }
 
+/// A record-unit plan: planned rounds and local training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecordPlan {
+    pub rounds: u64,
+    pub training: RecordTraining,
+}
+
+impl RecordPlan {
+    /// A short label for tables.
+    pub fn label(&self) -> String {
+        let t = &self.training;
+        format!(
+            "R={} L={} B={} lr={} C={}",
+            self.rounds, t.local_steps, t.expected_batch, t.learning_rate, t.clip_norm
+        )
+    }
+}
+
+/// A site-unit plan: planned rounds and local training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SitePlan {
+    pub rounds: u64,
+    pub training: SiteTraining,
+}
+
+impl SitePlan {
+    /// A short label for tables.
+    pub fn label(&self) -> String {
+        let t = &self.training;
+        format!(
+            "R={} epochs={} batch={} lr={} C={}",
+            self.rounds, t.local_epochs, t.batch_size, t.learning_rate, t.clip_norm
+        )
+    }
+}
+
+/// The record-unit plan the README recommends for each bundled data set, chosen on a
+/// validation split of the training data (docs/accuracy.md says how); the noise multiplier
+/// is then calibrated so that these rounds fit the budget.
+pub fn recommended_record(data: DemoData) -> RecordPlan {
+    match data {
+        DemoData::BreastCancer => RecordPlan {
+            rounds: 20,
+            training: RecordTraining::default(),
+        },
+        DemoData::Diabetes => RecordPlan {
+            rounds: 20,
+            training: RecordTraining::default(),
+        },
+    }
+}
+
+/// The site-unit plan (local noise) chosen the same way.
+pub fn recommended_site(data: DemoData) -> SitePlan {
+    match data {
+        DemoData::BreastCancer | DemoData::Diabetes => SitePlan {
+            rounds: 3,
+            training: SiteTraining::default(),
+        },
+    }
+}
+
 /// How the study's noise multiplier is set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum NoisePlan {

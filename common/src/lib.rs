@@ -20,4 +20,5 @@ pub mod pki;
 pub mod protocol;
 #[cfg(feature = "quic")]
 pub mod quic_io;
+pub mod seal;
 pub mod wire;

@@ -7,6 +7,23 @@
 //! collect updates (each checked and folded into one accumulator as it arrives) until all
 //! chosen sites answered or the deadline passed; aggregate if at least `min_sites` updates
 //! arrived, else abort. Spends are never refunded, whatever happens after they are recorded.
+//!
+//! ## Streaming aggregation
+//!
+//! An update arrives either whole ([`Input::Update`]: checked, then folded) or streamed
+//! ([`Input::UpdateBegin`], [`Input::UpdateChunk`]s, [`Input::UpdateEnd`]), so that the
+//! coordinator never holds a site's update: each chunk is checked (finite values, the
+//! running norm against the bound) *before* it is folded into the round's single
+//! accumulator. The norm only grows as values arrive, so a norm violation is seen at the
+//! chunk that crosses the bound, and that chunk is not folded: whatever part of a refused
+//! or interrupted upload was folded is finite and within the norm bound. To take it back
+//! out, the engine asks for it with [`Action::Unfold`]; the network layer (which spooled
+//! the upload's bytes as they arrived) feeds the folded prefix back as [`Input::Unfold`]
+//! chunks, which are subtracted, then [`Input::UnfoldDone`]. The round cannot close while
+//! an unfold is pending; if the prefix cannot be fed back, the round's aggregate is lost
+//! and the round is aborted. Subtraction undoes the addition up to f32 rounding (at most
+//! an ulp of the larger magnitude involved per value, the same order as the differences
+//! between arrival orders that floating-point summation already has).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -16,7 +33,7 @@ use fedpriv_common::dp::accountant::{self, AccountError};
 use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::dp::sampling::poisson_sample;
 use fedpriv_common::dp::SgmEvent;
-use fedpriv_common::model::{l2_norm, ModelSpec};
+use fedpriv_common::model::ModelSpec;
 use fedpriv_common::protocol::{DeclineReason, Task};
 use fedpriv_common::wire::{Dtype, TensorHeader};
 
@@ -37,6 +54,34 @@ pub enum Input {
         round: u64,
         values: Vec<f32>,
     },
+    /// A site started streaming an update (the transport already checked its header
+    /// against the model). `upload` names this upload in the inputs and actions below;
+    /// it must be unique among the network layer's uploads.
+    UpdateBegin {
+        site: String,
+        round: u64,
+        upload: u64,
+    },
+    /// The next values of an upload, in order: `offset` is the index of `values[0]`.
+    UpdateChunk {
+        upload: u64,
+        offset: usize,
+        values: Vec<f32>,
+    },
+    /// An upload ended: `Ok` when the transport received its whole body, else why not.
+    UpdateEnd {
+        upload: u64,
+        result: Result<(), String>,
+    },
+    /// Values of `upload` that were folded and must come out again (after
+    /// [`Action::Unfold`]), in order from `offset` 0.
+    Unfold {
+        upload: u64,
+        offset: usize,
+        values: Vec<f32>,
+    },
+    /// Every value [`Action::Unfold`] asked for was fed back (`ok`), or could not be.
+    UnfoldDone { upload: u64, ok: bool },
     /// A site will not do a round.
     Declined {
         site: String,
@@ -68,6 +113,15 @@ pub enum Action {
         site: String,
         round: u64,
         reason: String,
+    },
+    /// Feed back the first `len` values of streamed upload `upload` (they were folded into
+    /// the aggregate and must come out) as [`Input::Unfold`], then [`Input::UnfoldDone`].
+    /// The round does not close until then.
+    Unfold {
+        site: String,
+        round: u64,
+        upload: u64,
+        len: usize,
     },
     /// A site declined; for `OverSiteCap` it takes no further part.
     SiteDeclined {
@@ -112,8 +166,61 @@ enum Phase {
         received: Vec<String>,
         sum: Vec<f32>,
         deadline_ms: u64,
+        /// Streamed uploads of this round that are in progress or being unfolded.
+        uploads: BTreeMap<u64, Upload>,
+        /// The round is due to close and waits only for unfolds.
+        closing: bool,
+        /// An unfold failed: the sum holds values that cannot be taken out.
+        corrupt: bool,
     },
     Finished,
+}
+
+/// A streamed update of the current round.
+#[derive(Debug)]
+struct Upload {
+    site: String,
+    /// Values folded into the sum so far; the next chunk must start here.
+    folded: usize,
+    /// Sum of squares of the folded values.
+    sq_norm: f64,
+    /// Refused or cut short: its folded values are being taken out again.
+    unfolding: bool,
+}
+
+/// Sum of squares of `values` in f64 (eight lanes, so it vectorises), or the index of the
+/// first value that is not finite. Any NaN or infinity makes the sum non-finite, and a
+/// sum of at most 2^31 squares of finite f32 values (each below 1.2e77) never overflows.
+fn sum_squares(values: &[f32]) -> Result<f64, usize> {
+    let mut lanes = [0f64; 8];
+    let mut chunks = values.chunks_exact(8);
+    for c in &mut chunks {
+        for (acc, &v) in lanes.iter_mut().zip(c) {
+            let x = f64::from(v);
+            *acc += x * x;
+        }
+    }
+    let mut total: f64 = lanes.iter().sum();
+    for &v in chunks.remainder() {
+        total += f64::from(v) * f64::from(v);
+    }
+    if total.is_finite() {
+        Ok(total)
+    } else {
+        Err(values.iter().position(|v| !v.is_finite()).unwrap_or(0))
+    }
+}
+
+fn fold_into(sum: &mut [f32], values: &[f32]) {
+    for (s, v) in sum.iter_mut().zip(values) {
+        *s += v;
+    }
+}
+
+fn unfold_from(sum: &mut [f32], values: &[f32]) {
+    for (s, v) in sum.iter_mut().zip(values) {
+        *s -= v;
+    }
 }
 
 /// The state of one study's rounds.
@@ -129,6 +236,8 @@ pub struct StudyEngine {
     /// Sites that reached their own cap: they take no further part.
     retired: BTreeSet<String>,
     phase: Phase,
+    /// The accumulator's allocation, kept between rounds.
+    spare_sum: Vec<f32>,
     optimizer: Box<dyn ServerOptimizer>,
     eps_cache: HashMap<Vec<(u64, u64, u64)>, f64>,
     end_reason: Option<String>,
@@ -187,6 +296,7 @@ impl StudyEngine {
             ready: BTreeSet::new(),
             retired: BTreeSet::new(),
             phase: Phase::Idle,
+            spare_sum: Vec::new(),
             optimizer,
             eps_cache: HashMap::new(),
             end_reason: None,
@@ -260,7 +370,9 @@ impl StudyEngine {
     pub fn handle(&mut self, input: Input, now_ms: u64, noise: &mut NoiseSource) -> Vec<Action> {
         let mut out = Vec::new();
         if self.is_finished() {
-            if let Input::Update { site, round, .. } = input {
+            if let Input::Update { site, round, .. } | Input::UpdateBegin { site, round, .. } =
+                input
+            {
                 out.push(Action::UpdateRejected {
                     site,
                     round,
@@ -309,6 +421,23 @@ impl StudyEngine {
                 round,
                 values,
             } => self.on_update(site, round, values, &mut out),
+            Input::UpdateBegin {
+                site,
+                round,
+                upload,
+            } => self.on_update_begin(site, round, upload, &mut out),
+            Input::UpdateChunk {
+                upload,
+                offset,
+                values,
+            } => self.on_update_chunk(upload, offset, &values, &mut out),
+            Input::UpdateEnd { upload, result } => self.on_update_end(upload, result, &mut out),
+            Input::Unfold {
+                upload,
+                offset,
+                values,
+            } => self.on_unfold(upload, offset, &values),
+            Input::UnfoldDone { upload, ok } => self.on_unfold_done(upload, ok),
             Input::Declined {
                 site,
                 round,
@@ -508,13 +637,21 @@ impl StudyEngine {
             });
         }
         let outstanding: BTreeSet<String> = selected.iter().cloned().collect();
+        // Reuse the last round's accumulator: zeroing mapped pages is cheaper than mapping
+        // (and faulting in) a fresh model-sized allocation every round.
+        let mut sum = std::mem::take(&mut self.spare_sum);
+        sum.clear();
+        sum.resize(self.global.len(), 0.0);
         self.phase = Phase::Collecting {
             round,
             selected: outstanding.clone(),
             outstanding,
             received: Vec::new(),
-            sum: vec![0.0; self.global.len()],
+            sum,
             deadline_ms: now_ms.saturating_add(self.cfg.round_timeout_secs.saturating_mul(1000)),
+            uploads: BTreeMap::new(),
+            closing: false,
+            corrupt: false,
         };
     }
 
@@ -549,43 +686,59 @@ impl StudyEngine {
         }
     }
 
-    fn on_update(&mut self, site: String, round: u64, values: Vec<f32>, out: &mut Vec<Action>) {
-        let bound = self.norm_bound();
+    /// Why `site` may not send an update for `round` now, if it may not.
+    fn admission(&self, site: &str, round: u64) -> Result<(), String> {
         let Phase::Collecting {
             round: current,
             selected,
+            outstanding,
+            received,
+            uploads,
+            closing,
+            ..
+        } = &self.phase
+        else {
+            return Err("no round is collecting updates".into());
+        };
+        if round != *current {
+            return Err(format!(
+                "update for round {round}, but round {current} is collecting"
+            ));
+        }
+        if !selected.contains(site) {
+            return Err("the site was not chosen for this round".into());
+        }
+        if received.iter().any(|s| s == site) {
+            return Err("duplicate update for this round".into());
+        }
+        if !outstanding.contains(site) || *closing {
+            return Err("the site already left this round".into());
+        }
+        if uploads.values().any(|u| u.site == site) {
+            return Err("the site is already sending an update for this round".into());
+        }
+        Ok(())
+    }
+
+    fn on_update(&mut self, site: String, round: u64, values: Vec<f32>, out: &mut Vec<Action>) {
+        let bound = self.norm_bound();
+        let reject = |reason: String| Action::UpdateRejected {
+            site: site.clone(),
+            round,
+            reason,
+        };
+        if let Err(reason) = self.admission(&site, round) {
+            return out.push(reject(reason));
+        }
+        let Phase::Collecting {
             outstanding,
             received,
             sum,
             ..
         } = &mut self.phase
         else {
-            out.push(Action::UpdateRejected {
-                site,
-                round,
-                reason: "no round is collecting updates".into(),
-            });
             return;
         };
-        let reject = |reason: String| Action::UpdateRejected {
-            site: site.clone(),
-            round,
-            reason,
-        };
-        if round != *current {
-            return out.push(reject(format!(
-                "update for round {round}, but round {current} is collecting"
-            )));
-        }
-        if !selected.contains(&site) {
-            return out.push(reject("the site was not chosen for this round".into()));
-        }
-        if received.contains(&site) {
-            return out.push(reject("duplicate update for this round".into()));
-        }
-        if !outstanding.contains(&site) {
-            return out.push(reject("the site already left this round".into()));
-        }
         if values.len() != sum.len() {
             return out.push(reject(format!(
                 "{} values, the model has {}",
@@ -593,35 +746,238 @@ impl StudyEngine {
                 sum.len()
             )));
         }
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return out.push(reject(format!("value {i} is not finite")));
-        }
-        let norm = l2_norm(&values);
+        let norm = match sum_squares(&values) {
+            Ok(sq) => sq.sqrt(),
+            Err(i) => return out.push(reject(format!("value {i} is not finite"))),
+        };
         if norm > bound {
             return out.push(reject(format!(
                 "norm {norm:.3} exceeds what clipping and noise allow ({bound:.3})"
             )));
         }
-        for (s, v) in sum.iter_mut().zip(&values) {
-            *s += v;
-        }
+        fold_into(sum, &values);
         outstanding.remove(&site);
         received.push(site.clone());
         out.push(Action::UpdateAccepted { site, round, norm });
     }
 
+    fn on_update_begin(&mut self, site: String, round: u64, upload: u64, out: &mut Vec<Action>) {
+        if let Err(reason) = self.admission(&site, round) {
+            return out.push(Action::UpdateRejected {
+                site,
+                round,
+                reason,
+            });
+        }
+        if let Phase::Collecting { uploads, .. } = &mut self.phase {
+            if uploads.contains_key(&upload) {
+                return out.push(Action::UpdateRejected {
+                    site,
+                    round,
+                    reason: format!("upload id {upload} is already in use"),
+                });
+            }
+            uploads.insert(
+                upload,
+                Upload {
+                    site,
+                    folded: 0,
+                    sq_norm: 0.0,
+                    unfolding: false,
+                },
+            );
+        }
+    }
+
+    /// Refuses upload `id`: reports why, and asks for what it folded (if anything) back.
+    fn refuse_upload(
+        round: u64,
+        uploads: &mut BTreeMap<u64, Upload>,
+        id: u64,
+        reason: String,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(up) = uploads.get_mut(&id) else {
+            return;
+        };
+        out.push(Action::UpdateRejected {
+            site: up.site.clone(),
+            round,
+            reason,
+        });
+        if up.folded == 0 {
+            uploads.remove(&id);
+        } else {
+            up.unfolding = true;
+            out.push(Action::Unfold {
+                site: up.site.clone(),
+                round,
+                upload: id,
+                len: up.folded,
+            });
+        }
+    }
+
+    fn on_update_chunk(&mut self, id: u64, offset: usize, values: &[f32], out: &mut Vec<Action>) {
+        let bound = self.norm_bound();
+        let Phase::Collecting {
+            round,
+            sum,
+            uploads,
+            ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        // Chunks of refused, closed or unknown uploads are dropped unread.
+        let Some(up) = uploads.get_mut(&id).filter(|u| !u.unfolding) else {
+            return;
+        };
+        let d = sum.len();
+        let end = offset.checked_add(values.len()).filter(|&e| e <= d);
+        let problem = if offset != up.folded {
+            Some(format!(
+                "chunk at value {offset}, expected value {}",
+                up.folded
+            ))
+        } else if end.is_none() {
+            Some(format!("more values than the model's {d}"))
+        } else {
+            match sum_squares(values) {
+                Err(i) => Some(format!("value {} is not finite", offset + i)),
+                Ok(sq) if (up.sq_norm + sq).sqrt() > bound => Some(format!(
+                    "norm {:.3} after {} of {d} values exceeds what clipping and noise allow ({bound:.3})",
+                    (up.sq_norm + sq).sqrt(),
+                    offset + values.len()
+                )),
+                Ok(sq) => {
+                    fold_into(&mut sum[offset..offset + values.len()], values);
+                    up.folded += values.len();
+                    up.sq_norm += sq;
+                    None
+                }
+            }
+        };
+        if let Some(reason) = problem {
+            Self::refuse_upload(*round, uploads, id, reason, out);
+        }
+    }
+
+    fn on_update_end(&mut self, id: u64, result: Result<(), String>, out: &mut Vec<Action>) {
+        let Phase::Collecting {
+            round,
+            outstanding,
+            received,
+            sum,
+            uploads,
+            ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        let Some(up) = uploads.get_mut(&id).filter(|u| !u.unfolding) else {
+            return;
+        };
+        let d = sum.len();
+        let problem = match result {
+            Err(reason) => Some(format!("upload failed: {reason}")),
+            Ok(()) if up.folded != d => Some(format!("{} values, the model has {d}", up.folded)),
+            Ok(()) => None,
+        };
+        if let Some(reason) = problem {
+            return Self::refuse_upload(*round, uploads, id, reason, out);
+        }
+        let norm = up.sq_norm.sqrt();
+        let site = up.site.clone();
+        uploads.remove(&id);
+        outstanding.remove(&site);
+        received.push(site.clone());
+        out.push(Action::UpdateAccepted {
+            site,
+            round: *round,
+            norm,
+        });
+    }
+
+    fn on_unfold(&mut self, id: u64, offset: usize, values: &[f32]) {
+        if let Phase::Collecting {
+            sum,
+            uploads,
+            corrupt,
+            ..
+        } = &mut self.phase
+        {
+            let Some(up) = uploads.get(&id).filter(|u| u.unfolding) else {
+                return;
+            };
+            match offset.checked_add(values.len()) {
+                Some(end) if end <= up.folded => unfold_from(&mut sum[offset..end], values),
+                // The network layer fed back values that were never folded: a bug there,
+                // and the sum can no longer be trusted.
+                _ => *corrupt = true,
+            }
+        }
+    }
+
+    fn on_unfold_done(&mut self, id: u64, ok: bool) {
+        if let Phase::Collecting {
+            uploads, corrupt, ..
+        } = &mut self.phase
+        {
+            if uploads.get(&id).is_some_and(|u| u.unfolding) {
+                uploads.remove(&id);
+                if !ok {
+                    *corrupt = true;
+                }
+            }
+        }
+    }
+
     fn close_round(&mut self, noise: &mut NoiseSource, out: &mut Vec<Action>) {
+        // Streamed uploads still in flight do not count: what they folded comes out first,
+        // and the round closes once every unfold is done.
+        if let Phase::Collecting {
+            round,
+            uploads,
+            closing,
+            ..
+        } = &mut self.phase
+        {
+            *closing = true;
+            let active: Vec<u64> = uploads
+                .iter()
+                .filter(|(_, u)| !u.unfolding)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in active {
+                let reason = "the round closed before the upload ended".to_string();
+                Self::refuse_upload(*round, uploads, id, reason, out);
+            }
+            if !uploads.is_empty() {
+                return;
+            }
+        }
         let Phase::Collecting {
             round,
             selected,
             received,
             sum,
+            corrupt,
             ..
         } = std::mem::replace(&mut self.phase, Phase::Idle)
         else {
             return;
         };
+        if corrupt {
+            self.spare_sum = sum;
+            out.push(Action::RoundAborted {
+                round,
+                reason: "an interrupted upload could not be taken back out of the aggregate".into(),
+            });
+            return;
+        }
         if received.len() < self.cfg.min_sites {
+            self.spare_sum = sum;
             out.push(Action::RoundAborted {
                 round,
                 reason: format!(
@@ -644,9 +1000,11 @@ impl StudyEngine {
         };
         let inv = 1.0 / denom as f32;
         sum.iter_mut().for_each(|v| *v *= inv);
-        let mut global = (*self.global).clone();
-        self.optimizer.apply(&mut global, &sum);
-        self.global = Arc::new(global);
+        // In place unless someone still holds the previous model (a task still being sent,
+        // an observer): then it is copied, as it must be.
+        self.optimizer
+            .apply(Arc::make_mut(&mut self.global).as_mut_slice(), &sum);
+        self.spare_sum = sum;
         let epsilon = self.study_epsilon();
         let mut contributors = received;
         contributors.sort();

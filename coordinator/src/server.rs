@@ -18,7 +18,7 @@ use fedpriv_common::protocol::{
     CoordinatorMessage, SiteMessage, StudyAnnouncement, PROTOCOL_VERSION,
 };
 use fedpriv_common::wire::{CloseCode, TensorHeader};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::round::{Action, Input, StudyEngine};
@@ -55,9 +55,19 @@ pub struct Options {
     pub tls: rustls::ServerConfig,
     /// Studies to run (created on first start, resumed afterwards).
     pub studies: Vec<(StudyConfig, String)>,
-    /// Uploads received at once; each holds one model-sized buffer until folded in.
+    /// How much of the sites' uploads may wait, decoded, for the aggregator: this many
+    /// uploads' worth of [`CHUNKS_PER_UPLOAD`] chunks of at most 1 MiB each. Updates are
+    /// folded into the round's aggregate chunk by chunk as they arrive, so no upload ever
+    /// holds a model-sized buffer; this bounds the memory between the connections and the
+    /// aggregator (independent of the model size and of the number of sites).
     pub max_concurrent_uploads: usize,
 }
+
+/// Chunks (of at most 1 MiB) per unit of [`Options::max_concurrent_uploads`].
+pub const CHUNKS_PER_UPLOAD: usize = 4;
+
+/// Values per piece when an upload's folded prefix is read back from its spool file.
+const UNFOLD_VALUES: usize = 1 << 18;
 
 /// Errors that stop the coordinator from starting. Operator's (config, state) or ours.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +100,14 @@ enum Event {
     Study {
         study: String,
         input: Input,
+    },
+    /// A streamed upload's begin, chunk or end (`input`), with its spool file (on begin)
+    /// and the permit its chunk holds (released once the chunk is folded).
+    Upload {
+        study: String,
+        input: Input,
+        spool: Option<(u64, Arc<std::fs::File>)>,
+        permit: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -132,22 +150,86 @@ pub fn model_path(state_dir: &Path, study: &str, round: u64) -> PathBuf {
         .join(format!("round-{round:05}.safetensors"))
 }
 
-/// Writes a file so that it is either all there or not there: temporary file, fsync,
-/// rename, fsync of the directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+/// Writes a file so that it is either all there or not there: temporary file (filled by
+/// `fill`), fsync, rename, fsync of the directory.
+fn write_atomic<T>(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<T>,
+) -> std::io::Result<T> {
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("no parent directory"))?;
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
-    {
+    let out = {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let out = fill(&mut f)?;
         f.sync_all()?;
-    }
+        out
+    };
     std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(out)
+}
+
+/// Streams `values` as a safetensors file (f32, little-endian) into `out` and returns the
+/// SHA-256 of what was written, without building the file in memory: the header, then
+/// the values straight from the model's memory in 1 MiB pieces. Tensors are stored in
+/// the spec's (flat-vector) order, so the data is one contiguous run; the order is also
+/// kept in the metadata, as [`FlatModel::to_safetensors_bytes`] does, and the file reads
+/// back with [`FlatModel::from_safetensors_bytes`] (or any safetensors reader).
+pub fn write_safetensors(
+    spec: &ModelSpec,
+    values: &[f32],
+    out: &mut impl std::io::Write,
+) -> std::io::Result<String> {
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+    let n = spec.validate().map_err(|e| invalid(e.to_string()))? as usize;
+    if values.len() != n {
+        return Err(invalid(format!(
+            "model spec says {n} values, got {}",
+            values.len()
+        )));
+    }
+    let order: Vec<&str> = spec.tensors.iter().map(|t| t.name.as_str()).collect();
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({
+            fedpriv_common::model::SAFETENSORS_ORDER_KEY: serde_json::to_string(&order)?,
+        }),
+    );
+    for (name, shape, off, len) in spec.layout() {
+        header.insert(
+            name.to_owned(),
+            serde_json::json!({
+                "dtype": "F32",
+                "shape": shape,
+                "data_offsets": [off * 4, (off + len) * 4],
+            }),
+        );
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    // Pad with spaces so the data starts 8-byte aligned, as safetensors' own writer does.
+    while (header.len() + 8) % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut put = |bytes: &[u8]| -> std::io::Result<()> {
+        hash.update(bytes);
+        out.write_all(bytes)
+    };
+    put(&(header.len() as u64).to_le_bytes())?;
+    put(&header)?;
+    let body = fedpriv_common::wire::f32_body_bytes(values);
+    for piece in body.chunks(1 << 20) {
+        put(piece)?;
+    }
+    Ok(hex(hash.finish().as_ref()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -279,7 +361,17 @@ pub async fn run(
     let announcements: Arc<Vec<StudyAnnouncement>> =
         Arc::new(studies.values().map(|s| s.announcement.clone()).collect());
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<Event>();
-    let uploads = Arc::new(Semaphore::new(opts.max_concurrent_uploads.max(1)));
+    let uploads = Arc::new(Semaphore::new(
+        opts.max_concurrent_uploads.max(1) * CHUNKS_PER_UPLOAD,
+    ));
+    // Spool files of uploads in flight (unlinked as soon as they are opened); anything
+    // here was left by a crash.
+    let spool_dir = opts.state_dir.join("spool");
+    if spool_dir.exists() {
+        std::fs::remove_dir_all(&spool_dir).map_err(io_err(&spool_dir))?;
+    }
+    std::fs::create_dir_all(&spool_dir).map_err(io_err(&spool_dir))?;
+    let next_upload = Arc::new(std::sync::atomic::AtomicU64::new(1));
     let mut tasks = JoinSet::new();
 
     // Acceptor: handshakes run in their own tasks so a slow or hostile peer blocks no one.
@@ -295,7 +387,7 @@ pub async fn run(
                     incoming = endpoint.accept() => {
                         let Some(incoming) = incoming else { break };
                         conn_id += 1;
-                        let ctx = ConnCtx { conn_id, events: events_tx.clone(), specs: Arc::clone(&specs), announcements: Arc::clone(&announcements), uploads: Arc::clone(&uploads), shutdown: shutdown.clone() };
+                        let ctx = ConnCtx { conn_id, events: events_tx.clone(), specs: Arc::clone(&specs), announcements: Arc::clone(&announcements), uploads: Arc::clone(&uploads), spool_dir: spool_dir.clone(), next_upload: Arc::clone(&next_upload), shutdown: shutdown.clone() };
                         conns.spawn(async move {
                             if let Ok(peer) = transport::accept(incoming).await {
                                 serve_site(peer, ctx).await;
@@ -314,6 +406,8 @@ pub async fn run(
     let now_ms = move || started.elapsed().as_millis() as u64;
     let mut noise = NoiseSource::from_os().map_err(|e| ServerError::Internal(e.to_string()))?;
     let mut sites: HashMap<String, (u64, mpsc::UnboundedSender<Outgoing>)> = HashMap::new();
+    // Spool files of the streamed uploads in flight, by upload id.
+    let mut spools: HashMap<u64, Arc<std::fs::File>> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let state_dir = opts.state_dir.clone();
     let mut result = Ok(());
@@ -322,6 +416,10 @@ pub async fn run(
             break;
         }
         let mut broadcast: Vec<(String, CoordinatorMessage)> = Vec::new();
+        // Held until the chunk it came with is folded.
+        let mut _chunk_permit = None;
+        // An upload that ended: its spool is dropped once its end is handled.
+        let mut ended_upload = None;
         let study_inputs: Vec<(String, Input)> = tokio::select! {
             _ = shutdown.changed() => break,
             _ = tick.tick() => studies.keys().map(|k| (k.clone(), Input::Tick)).collect(),
@@ -347,6 +445,16 @@ pub async fn run(
                     }
                     vec![(study, input)]
                 }
+                Some(Event::Upload { study, input, spool, permit }) => {
+                    if let Some((id, file)) = spool {
+                        spools.insert(id, file);
+                    }
+                    if let Input::UpdateEnd { upload, .. } = &input {
+                        ended_upload = Some(*upload);
+                    }
+                    _chunk_permit = permit;
+                    vec![(study, input)]
+                }
             },
         };
         for (study_id, input) in study_inputs {
@@ -356,6 +464,31 @@ pub async fn run(
             let mut queue: std::collections::VecDeque<Action> =
                 rt.engine.handle(input, now_ms(), &mut noise).into();
             while let Some(action) = queue.pop_front() {
+                if let Action::Unfold {
+                    site,
+                    round,
+                    upload,
+                    len,
+                } = &action
+                {
+                    // Take a refused or cut-short upload's folded values back out, from its
+                    // spool, before anything else reaches the engine.
+                    let ok = unfold_from_spool(spools.get(upload), *upload, *len, |input| {
+                        queue.extend(rt.engine.handle(input, now_ms(), &mut noise))
+                    });
+                    if ok {
+                        tracing::info!(study = %study_id, round, %site, values = len, "partly folded update taken back out of the aggregate");
+                    } else {
+                        tracing::error!(study = %study_id, round, %site, "cannot read back a partly folded update; the round's aggregate is lost");
+                    }
+                    let done = Input::UnfoldDone {
+                        upload: *upload,
+                        ok,
+                    };
+                    queue.extend(rt.engine.handle(done, now_ms(), &mut noise));
+                    spools.remove(upload);
+                    continue;
+                }
                 match execute(
                     &study_id,
                     rt,
@@ -391,6 +524,9 @@ pub async fn run(
                     }
                 }
             }
+        }
+        if let Some(id) = ended_upload {
+            spools.remove(&id);
         }
         for (study_id, msg) in broadcast.drain(..) {
             let enrolled = studies
@@ -464,6 +600,8 @@ fn execute(
             round,
             reason,
         } => tracing::warn!(%study, round, %site, %reason, "update rejected"),
+        // Carried out by the caller, which can feed the engine.
+        Action::Unfold { .. } => {}
         Action::SiteDeclined {
             site,
             round,
@@ -475,13 +613,20 @@ fn execute(
             contributors,
             epsilon,
         } => {
-            let flat = FlatModel::new(rt.spec.clone(), model.to_vec())
-                .map_err(|e| StoreError::Invalid(e.to_string()))?;
-            let bytes = flat
-                .to_safetensors_bytes()
-                .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            if let Some(index) = fedpriv_common::model::first_non_finite(&model) {
+                return Err(StoreError::Invalid(format!(
+                    "round {round}: model value {index} is not finite"
+                )));
+            }
             let path = model_path(state_dir, study, round);
-            write_atomic(&path, &bytes).map_err(|source| StoreError::Io {
+            // Streamed from the model's own memory: no copy of the model, no file image.
+            let digest = write_atomic(&path, |f| {
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                let digest = write_safetensors(&rt.spec, &model, &mut w)?;
+                std::io::Write::flush(&mut w)?;
+                Ok(digest)
+            })
+            .map_err(|source| StoreError::Io {
                 path: path.clone(),
                 source,
             })?;
@@ -490,7 +635,7 @@ fn execute(
                 .unwrap_or(&path)
                 .to_string_lossy()
                 .into_owned();
-            store.complete_round(study, round, &rel, &sha256_hex(&bytes), &contributors, now)?;
+            store.complete_round(study, round, &rel, &digest, &contributors, now)?;
             let budget = rt.engine.config().privacy.epsilon.get();
             tracing::info!(%study, round, sites = contributors.len(), epsilon = format!("{epsilon:.4}"), budget, "round completed");
             if let Some(n) = notify {
@@ -541,7 +686,10 @@ struct ConnCtx {
     events: mpsc::UnboundedSender<Event>,
     specs: Arc<HashMap<String, (ModelSpec, Vec<String>)>>,
     announcements: Arc<Vec<StudyAnnouncement>>,
+    /// Chunk permits: decoded upload chunks waiting for the aggregator.
     uploads: Arc<Semaphore>,
+    spool_dir: PathBuf,
+    next_upload: Arc<std::sync::atomic::AtomicU64>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -719,37 +867,160 @@ async fn read_site_message(
             header,
         } => {
             let spec = enrolled_in(&study).ok_or(format!("not enrolled in study {study:?}"))?;
-            receive_update(recv, &header, spec, &ctx.uploads)
-                .await
-                .and_then(|values| {
-                    ev(
-                        study,
-                        Input::Update {
-                            site: site.to_string(),
-                            round,
-                            values,
-                        },
-                    )
-                })
+            stream_update(recv, &header, spec, &study, site, round, ctx).await?;
+            Ok(None)
         }
     }
 }
 
-/// Receives an update body into one model-sized buffer (sized by our model, never by the
-/// peer's claim), under the upload limit.
-async fn receive_update(
+/// Streams an update body to the aggregator chunk by chunk (sized by our model, never by
+/// the peer's claim): each chunk is first written to the upload's spool file (so that,
+/// should the upload be refused or cut short after part of it was folded, that part can
+/// be taken back out), then sent to the engine, holding a chunk permit until it is folded.
+/// Memory: the chunks in flight, whatever the model size and the number of uploads.
+async fn stream_update(
     recv: &mut quinn::RecvStream,
     header: &TensorHeader,
     spec: &ModelSpec,
-    uploads: &Semaphore,
-) -> Result<Vec<f32>, String> {
-    header.check_against(spec).map_err(|e| e.to_string())?;
-    let _permit = uploads.acquire().await.map_err(|e| e.to_string())?;
-    let mut values = vec![0f32; spec.num_values()];
-    transport::recv_tensor_body(recv, header, spec, |offset, chunk| {
-        values[offset..offset + chunk.len()].copy_from_slice(chunk);
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    Ok(values)
+    study: &str,
+    site: &str,
+    round: u64,
+    ctx: &ConnCtx,
+) -> Result<(), String> {
+    use std::sync::atomic::Ordering;
+    let mut decoder = match fedpriv_common::wire::TensorBodyDecoder::new(header, spec) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = recv.stop(transport::quic_io::var_int(e.close_code()));
+            return Err(e.to_string());
+        }
+    };
+    let upload = ctx.next_upload.fetch_add(1, Ordering::Relaxed);
+    let spool = open_spool(&ctx.spool_dir, upload).map_err(|e| {
+        let _ = recv.stop(transport::quic_io::var_int(CloseCode::Normal));
+        format!("cannot open a spool file for the upload: {e}")
+    })?;
+    let send = |input: Input,
+                spool: Option<(u64, Arc<std::fs::File>)>,
+                permit: Option<OwnedSemaphorePermit>| {
+        ctx.events
+            .send(Event::Upload {
+                study: study.to_string(),
+                input,
+                spool,
+                permit,
+            })
+            .map_err(|_| "the coordinator is stopping".to_string())
+    };
+    send(
+        Input::UpdateBegin {
+            site: site.to_string(),
+            round,
+            upload,
+        },
+        Some((upload, Arc::clone(&spool))),
+        None,
+    )?;
+    let mut spooled = 0u64;
+    let result: Result<(), String> = async {
+        loop {
+            let chunk = match recv.read_chunk(1 << 20, true).await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) => return Err(e.to_string()),
+            };
+            let permit = Arc::clone(&ctx.uploads)
+                .acquire_owned()
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut offset = None;
+            let mut values: Vec<f32> = Vec::with_capacity(chunk.bytes.len() / 4 + 1);
+            if let Err(e) = decoder.feed(&chunk.bytes, &mut |off, v: &[f32]| {
+                offset.get_or_insert(off);
+                values.extend_from_slice(v);
+            }) {
+                let _ = recv.stop(transport::quic_io::var_int(e.close_code()));
+                return Err(e.to_string());
+            }
+            // Spool before the values can be folded: every folded value is on file.
+            write_spool(&spool, &chunk.bytes, spooled)
+                .map_err(|e| format!("spool write failed: {e}"))?;
+            spooled += chunk.bytes.len() as u64;
+            if let Some(offset) = offset {
+                send(
+                    Input::UpdateChunk {
+                        upload,
+                        offset,
+                        values,
+                    },
+                    None,
+                    Some(permit),
+                )?;
+            }
+        }
+        decoder.finish().map_err(|e| e.to_string())
+    }
+    .await;
+    send(
+        Input::UpdateEnd {
+            upload,
+            result: result.clone(),
+        },
+        None,
+        None,
+    )?;
+    result
+}
+
+/// A new spool file for upload `id`, unlinked at once: only the open handle reaches it, and
+/// the kernel frees it when the last handle is dropped (also after a crash).
+fn open_spool(dir: &Path, id: u64) -> std::io::Result<Arc<std::fs::File>> {
+    let path = dir.join(format!("upload-{id}.f32"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(Arc::new(file))
+}
+
+fn write_spool(file: &std::fs::File, bytes: &[u8], at: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(bytes, at)
+}
+
+/// Feeds the first `len` values of an upload back from its spool file as
+/// [`Input::Unfold`]s. False if they cannot be read (the caller then reports the unfold as
+/// failed, and the engine drops the round's aggregate).
+fn unfold_from_spool(
+    spool: Option<&Arc<std::fs::File>>,
+    upload: u64,
+    len: usize,
+    mut feed: impl FnMut(Input),
+) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Some(file) = spool else {
+        return false;
+    };
+    let mut bytes = vec![0u8; UNFOLD_VALUES.min(len) * 4];
+    let mut offset = 0usize;
+    while offset < len {
+        let n = UNFOLD_VALUES.min(len - offset);
+        let buf = &mut bytes[..n * 4];
+        if file.read_exact_at(buf, offset as u64 * 4).is_err() {
+            return false;
+        }
+        let values = buf
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        feed(Input::Unfold {
+            upload,
+            offset,
+            values,
+        });
+        offset += n;
+    }
+    true
 }

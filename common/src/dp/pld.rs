@@ -13,8 +13,8 @@
 //! plain Gaussian; add: the reverse) are composed and the larger epsilon is reported, as
 //! `dp_accounting`'s `PLDAccountant` does.
 
-use rustfft::num_complex::Complex64;
-use rustfft::FftPlanner;
+use realfft::num_complex::Complex64;
+use realfft::RealFftPlanner;
 
 use super::{grouped, SgmEvent};
 use crate::dp::accountant::AccountError;
@@ -352,33 +352,49 @@ fn compose(parts: &[(Pmf, u64)], interval: f64) -> Result<Pmf, AccountError> {
     if width > MAX_GRID * 4 {
         return Err(AccountError::GridTooLarge);
     }
-    let n = width.next_power_of_two();
-    let mut planner = FftPlanner::<f64>::new();
+    let n = fast_len(width);
+    // The pmfs are real: a real-to-complex transform does half the work of a complex one.
+    let mut planner = RealFftPlanner::<f64>::new();
     let fft = planner.plan_fft_forward(n);
     let ifft = planner.plan_fft_inverse(n);
-    let mut product = vec![Complex64::new(1.0, 0.0); n];
+    let mut product = fft.make_output_vec();
+    product
+        .iter_mut()
+        .for_each(|p| *p = Complex64::new(1.0, 0.0));
+    let mut spectrum = fft.make_output_vec();
     let mut base: i64 = 0;
     let mut infinity_survives = 1.0f64;
     for (pmf, t) in parts {
-        let mut buf = vec![Complex64::new(0.0, 0.0); n];
+        let mut buf = fft.make_input_vec();
         for (i, &m) in pmf.mass.iter().enumerate() {
-            buf[i % n].re += m;
+            buf[i % n] += m;
         }
-        fft.process(&mut buf);
-        let t_f = *t as f64;
-        for (p, z) in product.iter_mut().zip(&buf) {
+        fft.process(&mut buf, &mut spectrum)
+            .map_err(|_| AccountError::Numerical("FFT"))?;
+        for (p, z) in product.iter_mut().zip(&spectrum) {
             *p *= pow_u64(*z, *t);
         }
         base = base.saturating_add(pmf.offset.saturating_mul(*t as i64));
-        infinity_survives *= (1.0 - pmf.infinity).powf(t_f);
+        infinity_survives *= (1.0 - pmf.infinity).powf(*t as f64);
     }
-    ifft.process(&mut product);
+    // A real signal's spectrum has real DC and Nyquist terms; rounding may leave a trace.
+    if let Some(first) = product.first_mut() {
+        first.im = 0.0;
+    }
+    if n % 2 == 0 {
+        if let Some(last) = product.last_mut() {
+            last.im = 0.0;
+        }
+    }
+    let mut out = ifft.make_output_vec();
+    ifft.process(&mut product, &mut out)
+        .map_err(|_| AccountError::Numerical("inverse FFT"))?;
     let scale = 1.0 / n as f64;
     let nn = n as i64;
     let mass: Vec<f64> = (lo..=hi)
         .map(|idx| {
             let pos = (idx - base).rem_euclid(nn) as usize;
-            (product[pos].re * scale).max(0.0)
+            (out[pos] * scale).max(0.0)
         })
         .collect();
     Ok(Pmf {
@@ -386,6 +402,25 @@ fn compose(parts: &[(Pmf, u64)], interval: f64) -> Result<Pmf, AccountError> {
         mass,
         infinity: (1.0 - infinity_survives) + WINDOW_TAIL,
     })
+}
+
+/// Smallest even length >= `n` of the form 2^a 3^b 5^c, which the FFT handles fast.
+fn fast_len(n: usize) -> usize {
+    let mut best = n.next_power_of_two().max(2);
+    let mut p5 = 1usize;
+    while p5 < best {
+        let mut p35 = p5;
+        while p35 < best {
+            let mut len = p35 * 2;
+            while len < n {
+                len *= 2;
+            }
+            best = best.min(len);
+            p35 *= 3;
+        }
+        p5 *= 5;
+    }
+    best
 }
 
 /// Smallest epsilon >= 0 whose hockey-stick divergence is at most delta.
@@ -476,6 +511,22 @@ mod tests {
 
     fn ev(q: f64, s: f64, t: u64) -> SgmEvent {
         SgmEvent::new(q, s, t).expect("valid")
+    }
+
+    #[test]
+    fn fast_lengths_are_smooth_and_large_enough() {
+        for n in [1usize, 2, 7, 1000, 377_430, 1 << 20] {
+            let m = fast_len(n);
+            assert!(m >= n && m % 2 == 0, "{n} -> {m}");
+            let mut r = m;
+            for p in [2, 3, 5] {
+                while r % p == 0 {
+                    r /= p;
+                }
+            }
+            assert_eq!(r, 1, "{n} -> {m}");
+        }
+        assert_eq!(fast_len(377_430), 384_000);
     }
 
     #[test]

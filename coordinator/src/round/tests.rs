@@ -282,6 +282,7 @@ impl World {
                     reason,
                 } => self.rejected.push((site, round, reason)),
                 Action::SiteDeclined { .. } => {}
+                Action::Unfold { .. } => panic!("whole updates are never unfolded"),
                 Action::Checkpoint {
                     round,
                     contributors,
