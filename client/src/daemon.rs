@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use fedpriv_common::audit::AuditEvent;
+use fedpriv_common::audit_file::AuditLog;
 use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::pki;
 use fedpriv_common::protocol::{CoordinatorMessage, DeclineReason, SiteMessage, PROTOCOL_VERSION};
@@ -24,6 +26,8 @@ pub enum DaemonError {
     Config(String),
     #[error("site ledger: {0}")]
     Ledger(#[from] crate::store::StoreError),
+    #[error("audit log: {0}")]
+    Audit(#[from] fedpriv_common::audit_file::AuditError),
     #[error("{0}")]
     Dial(#[from] DialError),
     #[error("internal error: {0}")]
@@ -35,7 +39,38 @@ struct SiteState {
     cfg: SiteConfig,
     ledger: SiteLedger,
     noise: NoiseSource,
+    audit: AuditLog,
     studies: BTreeMap<String, Arc<PreparedStudy>>,
+}
+
+impl SiteState {
+    /// Appends an audit record (flushed to disk). Callers act only if it succeeded.
+    fn audit(&mut self, event: AuditEvent, details: serde_json::Value) -> Result<(), String> {
+        let actor = self.cfg.name.clone();
+        self.audit
+            .append_now(&actor, event, details)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The site's audit log, in its state directory.
+pub fn audit_path(cfg: &SiteConfig) -> std::path::PathBuf {
+    cfg.state_dir.join("audit.log")
+}
+
+/// Audits through the shared state; a failure is logged and returned.
+fn audit(
+    state: &Arc<Mutex<SiteState>>,
+    event: AuditEvent,
+    details: serde_json::Value,
+) -> Result<(), String> {
+    let mut guard = state
+        .lock()
+        .map_err(|_| "state lock poisoned".to_string())?;
+    guard
+        .audit(event, details)
+        .inspect_err(|e| tracing::error!(error = %e, "audit log write failed"))
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, DaemonError> {
@@ -55,11 +90,23 @@ pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result
         &TransportLimits::site(),
     )?;
     let noise = NoiseSource::from_os().map_err(|e| DaemonError::Internal(e.to_string()))?;
+    let mut audit_log = AuditLog::open(audit_path(&cfg))?;
+    let caps: BTreeMap<&String, f64> = cfg
+        .studies
+        .iter()
+        .map(|(id, s)| (id, s.epsilon_cap.get()))
+        .collect();
+    audit_log.append_now(
+        &cfg.name,
+        AuditEvent::ServiceStarted,
+        serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "coordinator": cfg.coordinator.to_string(), "epsilon_caps": caps, "max_delta": cfg.max_delta.get()}),
+    )?;
     let (addr, server_name, name) = (cfg.coordinator, cfg.server_name.clone(), cfg.name.clone());
     let state = Arc::new(Mutex::new(SiteState {
         cfg,
         ledger,
         noise,
+        audit: audit_log,
         studies: BTreeMap::new(),
     }));
     let mut backoff = Backoff::default();
@@ -88,6 +135,11 @@ pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result
         }
     }
     endpoint.wait_idle().await;
+    let _ = audit(
+        &state,
+        AuditEvent::ServiceStopped,
+        serde_json::json!({"reason": "shutdown requested"}),
+    );
     Ok(())
 }
 
@@ -101,6 +153,13 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
         return format!("hello failed: {e}");
     }
     let coordinator = conn.remote_address().to_string();
+    if let Err(e) = audit(
+        state,
+        AuditEvent::ConnectionAccepted,
+        serde_json::json!({"identity": "coordinator", "remote": coordinator}),
+    ) {
+        return format!("audit log: {e}");
+    }
     loop {
         let mut recv = match conn.accept_uni().await {
             Ok(r) => r,
@@ -131,6 +190,28 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                     })
                     .await
                     .unwrap_or_else(|e| Err(DeclineReason::Internal(e.to_string())));
+                    let columns: Vec<String> = match &prepared {
+                        Ok(p) => p
+                            .announcement
+                            .data
+                            .features
+                            .iter()
+                            .chain(std::iter::once(&p.announcement.data.label))
+                            .cloned()
+                            .collect(),
+                        Err(_) => Vec::new(),
+                    };
+                    let outcome = match &prepared {
+                        Ok(_) => {
+                            serde_json::json!({"study": study, "columns": columns, "outcome": "allowed"})
+                        }
+                        Err(reason) => {
+                            serde_json::json!({"study": study, "outcome": "refused", "reason": reason.to_string()})
+                        }
+                    };
+                    if let Err(e) = audit(state, AuditEvent::ColumnCheck, outcome) {
+                        return format!("audit log: {e}");
+                    }
                     let reply = match prepared {
                         Ok(p) => {
                             let records = p.data.n as u64;
@@ -182,7 +263,21 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                     let SiteState {
                         cfg, ledger, noise, ..
                     } = &mut *guard;
-                    site::run_task(cfg, &study, ledger, noise, &t, global, &coord)
+                    let result = site::run_task(cfg, &study, ledger, noise, &t, global, &coord);
+                    // The record of what this round spent is on disk before the update
+                    // leaves; if it cannot be written, nothing is sent.
+                    let (event, details) = match &result {
+                        Ok(_) => (
+                            AuditEvent::BudgetSpent,
+                            serde_json::json!({"study": t.study, "round": t.round, "q": t.cost.q.get(), "sigma": t.cost.sigma.get(), "steps": t.cost.steps, "delta": t.delta}),
+                        ),
+                        Err(reason) => (
+                            AuditEvent::Refused,
+                            serde_json::json!({"identity": "coordinator", "action": "task", "study": t.study, "round": t.round, "reason": reason.to_string()}),
+                        ),
+                    };
+                    guard.audit(event, details).map_err(DeclineReason::Internal)?;
+                    result
                 })
                 .await
                 .unwrap_or_else(|e| Err(DeclineReason::Internal(e.to_string())));

@@ -210,19 +210,43 @@ pub fn load_csv(
     selection: &ColumnSelection,
     options: &LoadOptions,
 ) -> Result<Dataset, DataError> {
+    load_csv_observed(path, selection, options, &mut |_, _| {})
+}
+
+/// [`load_csv`] that also shows every selected cell, once it has parsed as a finite number,
+/// to `observe` as `(slot, text)`: slot `0..d` is the feature in selection order, `d` the
+/// label; `text` is the cell as written (trimmed, without quotes), so that a check can see
+/// what the number loses (leading zeros, digits beyond `f32`). The identifier check of
+/// [`crate::identifiers`] uses it; `observe` must keep no cell content beyond what it needs.
+pub fn load_csv_observed(
+    path: impl AsRef<Path>,
+    selection: &ColumnSelection,
+    options: &LoadOptions,
+    observe: &mut dyn FnMut(usize, &str),
+) -> Result<Dataset, DataError> {
     let path = path.as_ref();
     let file = std::fs::File::open(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    read_csv(BufReader::new(file), selection, options)
+    read_csv_observed(BufReader::new(file), selection, options, observe)
 }
 
 /// [`load_csv`] from any reader (tests, stdin).
 pub fn read_csv<R: BufRead>(
+    reader: R,
+    selection: &ColumnSelection,
+    options: &LoadOptions,
+) -> Result<Dataset, DataError> {
+    read_csv_observed(reader, selection, options, &mut |_, _| {})
+}
+
+/// [`load_csv_observed`] from any reader.
+pub fn read_csv_observed<R: BufRead>(
     mut reader: R,
     selection: &ColumnSelection,
     options: &LoadOptions,
+    observe: &mut dyn FnMut(usize, &str),
 ) -> Result<Dataset, DataError> {
     check_selection(selection, options)?;
     let mut buf = Vec::new();
@@ -306,8 +330,12 @@ pub fn read_csv<R: BufRead>(
         }
         for &(col, slot) in &wanted {
             let column = || names[col].clone();
-            let value = match parse_cell(spans[col].text(text)) {
-                Ok(v) => v,
+            let cell = spans[col].text(text);
+            let value = match parse_cell(cell) {
+                Ok(v) => {
+                    observe(slot, cell.trim());
+                    v
+                }
                 Err(CellError::Missing) => {
                     return Err(DataError::MissingValue {
                         line,

@@ -32,6 +32,22 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// The site's audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain: reports any edited, deleted, reordered or truncated record and
+    /// where. Exit status 1 if the log does not verify.
+    Verify {
+        /// The log (default: audit.log in the state directory of --config).
+        #[arg(long, value_name = "FILE", required_unless_present = "config")]
+        log: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 async fn wait_for_signal() {
@@ -92,6 +108,21 @@ fn ledger(config: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
+fn audit_verify(log: Option<PathBuf>, config: Option<PathBuf>) -> Result<bool, String> {
+    let path = match (log, config) {
+        (Some(log), _) => log,
+        (None, Some(config)) => {
+            let cfg =
+                SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+            daemon::audit_path(&cfg)
+        }
+        (None, None) => return Err("give --log or --config".into()),
+    };
+    let report = fedpriv_common::audit_file::verify_file(&path).map_err(|e| e.to_string())?;
+    println!("{}: {report}", path.display());
+    Ok(report.is_ok())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -103,6 +134,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Ledger { config } => ledger(config),
+        Command::Audit(AuditCommand::Verify { log, config }) => match audit_verify(log, config) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

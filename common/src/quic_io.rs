@@ -8,6 +8,7 @@
 //! Timeouts are the caller's: wrap reads in `tokio::time::timeout` where a slow peer must
 //! not hold a task.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -192,6 +193,73 @@ pub async fn send_message<T: Serialize>(
     let frame = encode_frame(msg)?;
     let mut send = conn.open_uni().await?;
     write_frame_and_body(&mut send, &frame, body).await?;
+    send.finish().map_err(|_| StreamError::Closed)?;
+    match send.stopped().await {
+        Ok(None) => Ok(()),
+        Ok(Some(code)) => Err(StreamError::Stopped(code.into_inner())),
+        Err(quinn::StoppedError::ConnectionLost(e)) => Err(StreamError::Connection(e)),
+        Err(quinn::StoppedError::ZeroRttRejected) => Err(StreamError::Closed),
+    }
+}
+
+/// A tensor body shared by every stream it is sent on (the global model going to every
+/// site): quinn keeps references to it in each connection's send buffer until the peer
+/// acknowledges the bytes, instead of a copy per connection. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SharedBody(bytes::Bytes);
+
+/// Lets [`bytes::Bytes`] borrow the model's memory as little-endian bytes.
+struct F32Owner(Arc<Vec<f32>>);
+
+impl AsRef<[u8]> for F32Owner {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(self.0.as_slice())
+    }
+}
+
+impl SharedBody {
+    /// `values` as raw little-endian f32, without copying them on little-endian machines.
+    pub fn from_f32(values: Arc<Vec<f32>>) -> Self {
+        #[cfg(target_endian = "little")]
+        {
+            Self(bytes::Bytes::from_owner(F32Owner(values)))
+        }
+        #[cfg(not(target_endian = "little"))]
+        {
+            Self(bytes::Bytes::from(
+                wire::f32_body_bytes(&F32Owner(values).0).into_owned(),
+            ))
+        }
+    }
+
+    /// Body length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// As [`send_message`], with a [`SharedBody`]: the body is handed to quinn as slices of
+/// the shared buffer, so sending one model to N sites holds one copy of it, not N.
+pub async fn send_message_shared<T: Serialize>(
+    conn: &quinn::Connection,
+    msg: &T,
+    body: &SharedBody,
+) -> Result<(), StreamError> {
+    let frame = encode_frame(msg)?;
+    let mut send = conn.open_uni().await?;
+    send.write_all(&frame).await.map_err(map_write)?;
+    let mut start = 0;
+    while start < body.0.len() {
+        let end = (start + WRITE_CHUNK).min(body.0.len());
+        send.write_chunk(body.0.slice(start..end))
+            .await
+            .map_err(map_write)?;
+        start = end;
+    }
     send.finish().map_err(|_| StreamError::Closed)?;
     match send.stopped().await {
         Ok(None) => Ok(()),

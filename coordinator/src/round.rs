@@ -1018,4 +1018,6 @@ impl StudyEngine {
 }
 
 #[cfg(test)]
+mod stream_tests;
+#[cfg(test)]
 mod tests;
