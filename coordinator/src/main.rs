@@ -64,6 +64,24 @@ enum Command {
         #[command(subcommand)]
         cmd: ModelCommand,
     },
+    /// The coordinator's audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain: reports any edited, deleted, reordered or truncated record and
+    /// where. Exit status 1 if the log does not verify.
+    Verify {
+        /// The log (default: audit.log in --state).
+        #[arg(long, value_name = "FILE", required_unless_present = "state")]
+        log: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +260,13 @@ fn model_export(
     ))
 }
 
+fn audit_verify(log: Option<PathBuf>, state: Option<PathBuf>) -> Result<bool, String> {
+    let path = log.or_else(|| state.map(|s| s.join("audit.log"))).ok_or("give --log or --state")?;
+    let report = fedpriv_common::audit_file::verify_file(&path).map_err(|e| e.to_string())?;
+    println!("{}: {report}", path.display());
+    Ok(report.is_ok())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -275,6 +300,13 @@ fn main() -> ExitCode {
                     out,
                 },
         } => model_export(&study, &state, round, &out).map(|o| println!("{o}")),
+        Command::Audit {
+            cmd: AuditCommand::Verify { log, state },
+        } => match audit_verify(log, state) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -381,7 +381,7 @@ fn compose(parts: &[(Pmf, u64)], interval: f64) -> Result<Pmf, AccountError> {
     if let Some(first) = product.first_mut() {
         first.im = 0.0;
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         if let Some(last) = product.last_mut() {
             last.im = 0.0;
         }
@@ -517,10 +517,10 @@ mod tests {
     fn fast_lengths_are_smooth_and_large_enough() {
         for n in [1usize, 2, 7, 1000, 377_430, 1 << 20] {
             let m = fast_len(n);
-            assert!(m >= n && m % 2 == 0, "{n} -> {m}");
+            assert!(m >= n && m.is_multiple_of(2), "{n} -> {m}");
             let mut r = m;
             for p in [2, 3, 5] {
-                while r % p == 0 {
+                while r.is_multiple_of(p) {
                     r /= p;
                 }
             }
