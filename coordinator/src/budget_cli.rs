@@ -131,3 +131,141 @@ pub fn run(cmd: &BudgetCommand) -> Result<String, String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: BudgetCommand,
+    }
+
+    fn answer(args: &[&str]) -> Result<String, String> {
+        let cli = Cli::try_parse_from(std::iter::once("budget").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        run(&cli.cmd)
+    }
+
+    #[test]
+    fn json_answers_carry_the_figures() {
+        let out = answer(&[
+            "epsilon",
+            "--sample-rate",
+            "0.01",
+            "--noise-multiplier",
+            "1.0",
+            "--steps",
+            "1000",
+            "--delta",
+            "1e-5",
+            "--json",
+        ])
+        .expect("answer");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+        let eps = v["epsilon"].as_f64().expect("epsilon");
+        assert!((eps - 1.8282).abs() / 1.8282 < 0.02, "{eps}");
+        assert_eq!(v["accountant"], "pld");
+        let out = answer(&[
+            "steps",
+            "--sample-rate",
+            "0.01",
+            "--noise-multiplier",
+            "1.0",
+            "--epsilon",
+            "2",
+            "--delta",
+            "1e-5",
+            "--json",
+            "--accountant",
+            "rdp",
+        ])
+        .expect("answer");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let t = v["steps"].as_u64().expect("steps");
+        assert!(t > 500 && t < 1000, "{t}");
+        let out = answer(&[
+            "noise",
+            "--sample-rate",
+            "0.01",
+            "--steps",
+            "1000",
+            "--epsilon",
+            "1",
+            "--delta",
+            "1e-5",
+            "--json",
+        ])
+        .expect("answer");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert!(v["noise_multiplier"].as_f64().expect("sigma") > 0.5);
+    }
+
+    #[test]
+    fn bad_arguments_give_one_line_reasons() {
+        for args in [
+            &[
+                "epsilon",
+                "--sample-rate",
+                "1.5",
+                "--noise-multiplier",
+                "1",
+                "--steps",
+                "1",
+                "--delta",
+                "1e-5",
+            ][..],
+            &[
+                "epsilon",
+                "--sample-rate",
+                "0.1",
+                "--noise-multiplier=-1",
+                "--steps",
+                "1",
+                "--delta",
+                "1e-5",
+            ],
+            &[
+                "epsilon",
+                "--sample-rate",
+                "0.1",
+                "--noise-multiplier",
+                "1",
+                "--steps",
+                "1",
+                "--delta",
+                "0",
+            ],
+            &[
+                "noise",
+                "--sample-rate",
+                "0.1",
+                "--steps",
+                "0",
+                "--epsilon",
+                "1",
+                "--delta",
+                "1e-5",
+            ],
+            &[
+                "steps",
+                "--sample-rate",
+                "0.1",
+                "--noise-multiplier",
+                "1",
+                "--epsilon",
+                "NaN",
+                "--delta",
+                "1e-5",
+            ],
+        ] {
+            let err = answer(args).expect_err("must be refused");
+            assert!(
+                !err.trim().is_empty() && !err.trim().contains('\n'),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}

@@ -428,21 +428,34 @@ fn epsilon_for_delta(pmf: &Pmf, interval: f64, delta: f64) -> Result<f64, Accoun
     if pmf.infinity > delta {
         return Err(AccountError::Unbounded);
     }
-    // On the stretch above atom i, delta(eps) = a - b * exp(eps).
-    let (mut a, mut b) = (pmf.infinity, 0.0f64);
+    // On the stretch above atom i, delta(eps) = a - b * exp(eps), with b = sum p_j e^{-L_j}
+    // over the atoms above. b is kept as its logarithm: with losses in the thousands (huge
+    // step counts) e^{-L} underflows, and a zero b would read as epsilon 0.
+    let (mut a, mut log_b) = (pmf.infinity, f64::NEG_INFINITY);
     for i in (0..pmf.mass.len()).rev() {
         let loss = (pmf.offset + i as i64) as f64 * interval;
-        if a - b * loss.exp() > delta {
-            return Ok(((a - delta) / b).ln().max(0.0));
+        // log_b + loss <= log a here (every atom counted lies above `loss`): no overflow.
+        if log_b > f64::NEG_INFINITY && a - (log_b + loss).exp() > delta {
+            return Ok(((a - delta).ln() - log_b).max(0.0));
         }
-        a += pmf.mass[i];
-        b += pmf.mass[i] * (-loss).exp();
+        let m = pmf.mass[i];
+        if m > 0.0 {
+            a += m;
+            let term = m.ln() - loss;
+            log_b = if log_b == f64::NEG_INFINITY {
+                term
+            } else {
+                log_b.max(term) + (-(log_b - term).abs()).exp().ln_1p()
+            };
+        }
     }
-    if b > 0.0 && a > delta {
-        Ok(((a - delta) / b).ln().max(0.0))
-    } else {
-        Ok(0.0)
+    if a <= delta {
+        return Ok(0.0);
     }
+    if log_b == f64::NEG_INFINITY {
+        return Err(AccountError::Numerical("empty privacy loss distribution"));
+    }
+    Ok(((a - delta).ln() - log_b).max(0.0))
 }
 
 fn epsilon_in(
@@ -573,6 +586,14 @@ mod tests {
                 "q={q} s={s} t={t}: {got} vs {want}"
             );
         }
+    }
+
+    #[test]
+    fn huge_step_counts_give_large_finite_epsilons() {
+        // Losses in the tens of thousands: e^{-L} underflows, the answer must not.
+        let pld = epsilon(&[ev(0.01, 1.0, 1_000_000_000)], 1e-5).expect("finite");
+        let rdp = crate::dp::rdp::epsilon(&[ev(0.01, 1.0, 1_000_000_000)], 1e-5).expect("finite");
+        assert!(pld > 1e4 && pld <= rdp * 1.01, "pld {pld}, rdp {rdp}");
     }
 
     #[test]
