@@ -70,6 +70,11 @@ pub enum AuditError {
     )]
     Permissions { path: PathBuf, mode: u32 },
     #[error(
+        "audit log {} is open for writing by another process (one writer per log keeps the chain intact); stop that process first",
+        .path.display()
+    )]
+    InUse { path: PathBuf },
+    #[error(
         "audit log {} is missing but its head file {} exists: the log was deleted or moved; restore both from backup",
         .path.display(),
         .head.display()
@@ -91,6 +96,18 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Aud
         path: path.to_path_buf(),
         op,
         source,
+    }
+}
+
+/// Takes the log's exclusive advisory lock, held for as long as the file is open, so two
+/// processes can never interleave records.
+fn lock(path: &Path, file: &File) -> Result<(), AuditError> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(path, "lock")(e)),
     }
 }
 
@@ -131,6 +148,7 @@ impl AuditLog {
             Err(e) => return Err(io_err(&path, "open")(e)),
         };
         check_mode(&path, &file)?;
+        lock(&path, &file)?;
         let (report, _) = scan(&path, &file, head_file)?;
         if !report.is_ok() {
             return Err(broken(&path, &report));
@@ -164,6 +182,7 @@ impl AuditLog {
         opts.read(true).append(true).create_new(true);
         set_private_mode(&mut opts);
         let file = opts.open(&path).map_err(io_err(&path, "create"))?;
+        lock(&path, &file)?;
         sync_parent(&path)?;
         let head = AuditHead::genesis();
         write_head(&head_path, &head)?;
@@ -567,6 +586,17 @@ mod tests {
         let msg = err.to_string();
         assert!(matches!(err, AuditError::Broken { .. }), "{msg}");
         assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+    }
+
+    #[test]
+    fn a_second_writer_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        let _first = AuditLog::open(&path).expect("first writer");
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::InUse { .. })
+        ));
     }
 
     #[test]
