@@ -68,6 +68,10 @@ struct Args {
     lr: Option<f32>,
     #[arg(long)]
     clip: Option<f64>,
+    /// Breast-cancer feature set: all, worst, mean, or a comma-separated list of columns
+    /// (default: the recommended set).
+    #[arg(long)]
+    features: Option<String>,
     /// Site unit overrides.
     #[arg(long)]
     site_rounds: Option<u64>,
@@ -244,6 +248,10 @@ fn options(args: &Args, data: DemoData, unit: &str, non_iid: bool, epsilon: f64)
     } else {
         args.rounds.unwrap_or(rec_default.rounds)
     };
+    let features = match (&args.features, data) {
+        (Some(f), DemoData::BreastCancer) => feature_set(f),
+        _ => demo::recommended_features(data),
+    };
     DemoOptions {
         unit: unit.into(),
         epsilon,
@@ -251,6 +259,7 @@ fn options(args: &Args, data: DemoData, unit: &str, non_iid: bool, epsilon: f64)
         non_iid,
         site_cap: epsilon.max(10.0),
         data,
+        features,
         validation: args.validation,
         record,
         site,
@@ -258,6 +267,26 @@ fn options(args: &Args, data: DemoData, unit: &str, non_iid: bool, epsilon: f64)
         // Every planned round fits every site's budget, so wait for all three.
         min_sites: 3,
         ..DemoOptions::default()
+    }
+}
+
+/// A named breast-cancer feature set, or a comma-separated list of columns.
+fn feature_set(name: &str) -> Option<Vec<String>> {
+    let named = |f: &[&str]| Some(f.iter().map(|s| s.to_string()).collect());
+    match name {
+        "all" => None,
+        "worst" => named(&demo::WORST_FEATURES),
+        "mean" => named(&demo::MEAN_FEATURES),
+        list => Some(list.split(',').map(|s| s.trim().to_string()).collect()),
+    }
+}
+
+fn feature_label(f: &Option<Vec<String>>) -> String {
+    match f {
+        None => "all".into(),
+        Some(v) if v.iter().map(String::as_str).eq(demo::WORST_FEATURES) => "worst".into(),
+        Some(v) if v.iter().map(String::as_str).eq(demo::MEAN_FEATURES) => "mean".into(),
+        Some(v) => v.join("+"),
     }
 }
 
@@ -499,30 +528,36 @@ async fn tune(args: &Args, runner: &Runner) -> Result<(), String> {
     let has = |p: &str| args.parts.iter().any(|x| x == p);
     let frac = args.validation.unwrap_or(0.2);
     let mut jobs: Vec<(&str, DemoData, &str, Setting)> = Vec::new();
+    let feature_sets = [None, feature_set("worst")];
     if has("record") {
-        for plan in record_grid(DemoData::BreastCancer) {
-            jobs.push((
-                "breast-cancer/record",
-                DemoData::BreastCancer,
-                "record",
-                record_setting(plan),
-            ));
+        for features in &feature_sets {
+            for plan in record_grid(DemoData::BreastCancer) {
+                jobs.push((
+                    "breast-cancer/record",
+                    DemoData::BreastCancer,
+                    "record",
+                    with_features(record_setting(plan), features.clone()),
+                ));
+            }
         }
     }
     if has("site") {
-        for plan in site_grid() {
-            jobs.push((
-                "breast-cancer/site",
-                DemoData::BreastCancer,
-                "site",
-                Setting {
+        for features in &feature_sets {
+            for plan in site_grid() {
+                let setting = Setting {
                     label: plan.label(),
                     apply: Box::new(move |o| {
                         o.rounds = plan.rounds;
                         o.site = plan.training;
                     }),
-                },
-            ));
+                };
+                jobs.push((
+                    "breast-cancer/site",
+                    DemoData::BreastCancer,
+                    "site",
+                    with_features(setting, features.clone()),
+                ));
+            }
         }
     }
     if has("diabetes") {
@@ -584,6 +619,17 @@ async fn tune(args: &Args, runner: &Runner) -> Result<(), String> {
     Ok(())
 }
 
+fn with_features(setting: Setting, features: Option<Vec<String>>) -> Setting {
+    let Setting { label, apply } = setting;
+    Setting {
+        label: format!("features={} {label}", feature_label(&features)),
+        apply: Box::new(move |o| {
+            apply(o);
+            o.features = features.clone();
+        }),
+    }
+}
+
 fn record_setting(plan: RecordPlan) -> Setting {
     Setting {
         label: plan.label(),
@@ -594,25 +640,31 @@ fn record_setting(plan: RecordPlan) -> Setting {
     }
 }
 
-/// The record unit's grid: planned rounds and steps per round, expected batch, learning
-/// rate and clip norm.
-fn record_grid(_data: DemoData) -> Vec<RecordPlan> {
+/// The record unit's grid: steps per round (20 rounds), expected batch, and clip norm with
+/// learning rate (a large clip with a small rate, a small clip with a large rate). The
+/// regression grid takes smaller steps: its gradients are residuals on a [-1, 1] label.
+fn record_grid(data: DemoData) -> Vec<RecordPlan> {
+    let (steps, clip_lr): (&[u64], &[(f64, f32)]) = match data {
+        DemoData::BreastCancer => (&[5, 10, 20], &[(1.0, 1.0), (0.1, 5.0)]),
+        DemoData::Diabetes => (
+            &[2, 5, 10],
+            &[(1.0, 0.1), (0.25, 0.4), (0.1, 1.0), (0.1, 2.0)],
+        ),
+    };
     let mut out = Vec::new();
-    for (rounds, local_steps) in [(20, 5), (20, 10), (20, 20)] {
+    for &local_steps in steps {
         for expected_batch in [16.0, 32.0, 64.0] {
-            for learning_rate in [0.5, 1.0, 2.0] {
-                for clip_norm in [0.25, 1.0] {
-                    out.push(RecordPlan {
-                        rounds,
-                        training: RecordTraining {
-                            local_steps,
-                            expected_batch,
-                            learning_rate,
-                            clip_norm,
-                            server_learning_rate: 1.0,
-                        },
-                    });
-                }
+            for &(clip_norm, learning_rate) in clip_lr {
+                out.push(RecordPlan {
+                    rounds: 20,
+                    training: RecordTraining {
+                        local_steps,
+                        expected_batch,
+                        learning_rate,
+                        clip_norm,
+                        server_learning_rate: 1.0,
+                    },
+                });
             }
         }
     }

@@ -38,6 +38,7 @@ use fedpriv_common::model::Architecture;
 use fedpriv_common::pki::{self, Identity, Role};
 use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION};
 use fedpriv_common::quic_io::{self, TransportLimits};
+use fedpriv_common::wire::Dtype;
 use fedpriv_coordinator::transport::make_server_endpoint;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -51,6 +52,23 @@ const STUDY: &str = "bench";
 enum OnOff {
     On,
     Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Encoding {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Encoding {
+    fn dtype(self) -> Dtype {
+        match self {
+            Encoding::F32 => Dtype::F32,
+            Encoding::F16 => Dtype::F16,
+            Encoding::Bf16 => Dtype::Bf16,
+        }
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -68,6 +86,9 @@ struct Args {
     /// Clip and noise at the sites (secure generator) or send a fixed small update.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     dp: OnOff,
+    /// Wire encoding of the model and the updates (the study's `encoding`).
+    #[arg(long, value_enum, default_value_t = Encoding::F32)]
+    encoding: Encoding,
     /// The coordinator binary (default: next to this executable, in target/release).
     #[arg(long)]
     coordinator: Option<PathBuf>,
@@ -139,6 +160,7 @@ fn study_toml(
     hidden: usize,
     sites: usize,
     rounds: u64,
+    encoding: Dtype,
 ) -> Result<String, BoxError> {
     // Site unit, local noise: each round costs a site a Gaussian mechanism with sigma / 2
     // (replace-one adjacency, sensitivity 2C). The budget fits exactly the planned rounds.
@@ -156,6 +178,7 @@ model = {{ kind = "mlp", hidden = {hidden} }}
 rounds = {rounds}
 min_sites = {sites}
 round_timeout_secs = 600
+encoding = "{encoding}"
 
 [data]
 task = "binary"
@@ -186,6 +209,7 @@ enrolled = [{enrolled}]
         features = quoted.join(", "),
         ranges = ranges.join(", "),
         enrolled = enrolled.join(", "),
+        encoding = encoding.as_str(),
     ))
 }
 
@@ -295,6 +319,16 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// The 1-minute load average: other work on the machine skews every figure.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
@@ -378,20 +412,29 @@ fn bench_main(args: &Args) -> Result<(), BoxError> {
     let study = dir.join("study.toml");
     std::fs::write(
         &study,
-        study_toml(features, hidden, args.sites, args.rounds)?,
+        study_toml(
+            features,
+            hidden,
+            args.sites,
+            args.rounds,
+            args.encoding.dtype(),
+        )?,
     )?;
 
     let run = run_coordinator(args, &coordinator, &dir, &study)?;
     let baseline = if args.no_baseline {
-        Vec::new()
+        None
     } else {
-        run_baseline(args, &dir, d)?
+        Some(run_baseline(args, &dir, d)?)
     };
 
-    let model_bytes = d as u64 * 4;
+    // Bytes of one model or update on the wire; memory is counted in f32 copies.
+    let model_bytes = d as u64 * args.encoding.dtype().size();
+    let f32_bytes = d as u64 * 4;
     let bytes_per_round = 2 * args.sites as u64 * model_bytes;
     let fedpriv = stats(&run.round_secs);
-    let base = stats(&baseline);
+    let base = baseline.as_ref().map(|b| stats(&b.round_secs));
+    let per_round = |x: f64| (x / args.rounds as f64 * 1000.0).round() / 1000.0;
     let line = serde_json::json!({
         "bench": "round",
         "sites": args.sites,
@@ -399,18 +442,22 @@ fn bench_main(args: &Args) -> Result<(), BoxError> {
         "model": format!("mlp hidden={hidden} features={features}"),
         "rounds": args.rounds,
         "dp": args.dp == OnOff::On,
+        "encoding": args.encoding.dtype().as_str(),
         "round_s": fedpriv,
         "rounds_s": run.round_secs.iter().map(|x| (x * 10_000.0).round() / 10_000.0).collect::<Vec<_>>(),
         "coordinator_peak_rss_mib": (run.peak_rss_kib as f64 / 1024.0).round(),
-        "model_mib": (model_bytes as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
-        "peak_rss_in_model_copies": ((run.peak_rss_kib as f64 * 1024.0) / model_bytes as f64 * 100.0).round() / 100.0,
-        "coordinator_cpu_s": (run.cpu_secs * 100.0).round() / 100.0,
-        "sites_cpu_s": (run.site_cpu_secs * 100.0).round() / 100.0,
+        "model_mib": (f32_bytes as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
+        "peak_rss_in_model_copies": ((run.peak_rss_kib as f64 * 1024.0) / f32_bytes as f64 * 100.0).round() / 100.0,
+        "coordinator_cpu_s_per_round": per_round(run.cpu_secs),
+        "sites_cpu_s_per_round": per_round(run.site_cpu_secs),
         "updates_rejected": run.rejected,
         "bytes_per_round": bytes_per_round,
         "bytes_total": bytes_per_round * args.rounds,
-        "baseline_quinn_round_s": if baseline.is_empty() { serde_json::Value::Null } else { serde_json::to_value(&base)? },
-        "ratio_to_baseline": if baseline.is_empty() { serde_json::Value::Null } else { serde_json::json!(((fedpriv.median / base.median) * 100.0).round() / 100.0) },
+        "baseline_quinn_round_s": base,
+        "baseline_server_cpu_s_per_round": baseline.as_ref().map(|b| per_round(b.server_cpu_secs)),
+        "baseline_clients_cpu_s_per_round": baseline.as_ref().map(|b| per_round(b.client_cpu_secs)),
+        "ratio_to_baseline": base.as_ref().map(|b| ((fedpriv.median / b.median) * 100.0).round() / 100.0),
+        "load_average_1m": load_average(),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     });
     println!("{line}");
@@ -534,7 +581,15 @@ fn run_coordinator(
 /// The same bytes over bare quinn: per round, the server writes `d` f32 of model bytes to
 /// every client at once, and every client answers with `d` f32 of its own; the round ends
 /// when the last answer is read. Same certificates, same transport limits, same 1 MiB writes.
-fn run_baseline(args: &Args, dir: &Path, d: usize) -> Result<Vec<f64>, BoxError> {
+struct BaselineRun {
+    round_secs: Vec<f64>,
+    /// CPU seconds of the bare-quinn server (this process) over the timed rounds.
+    server_cpu_secs: f64,
+    client_cpu_secs: f64,
+}
+
+fn run_baseline(args: &Args, dir: &Path, d: usize) -> Result<BaselineRun, BoxError> {
+    let wire_bytes = d * args.encoding.dtype().size() as usize;
     let rt = runtime(2)?;
     rt.block_on(async {
         let endpoint = make_server_endpoint(
@@ -556,7 +611,7 @@ fn run_baseline(args: &Args, dir: &Path, d: usize) -> Result<Vec<f64>, BoxError>
                     .arg("--name")
                     .arg(format!("site-{i}"))
                     .arg("--params")
-                    .arg(d.to_string())
+                    .arg(wire_bytes.to_string())
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit())
                     .spawn()?,
@@ -569,8 +624,10 @@ fn run_baseline(args: &Args, dir: &Path, d: usize) -> Result<Vec<f64>, BoxError>
                 .ok_or("endpoint closed")?;
             conns.push(incoming.await?);
         }
-        let body: std::sync::Arc<Vec<u8>> = std::sync::Arc::new(vec![0x3cu8; d * 4]);
+        let body: std::sync::Arc<Vec<u8>> = std::sync::Arc::new(vec![0x3cu8; wire_bytes]);
         let mut times = Vec::new();
+        let me = std::process::id();
+        let cpu0 = cpu_secs(me).unwrap_or(f64::NAN);
         for _ in 0..args.rounds {
             let t0 = Instant::now();
             let mut set = tokio::task::JoinSet::new();
@@ -598,12 +655,18 @@ fn run_baseline(args: &Args, dir: &Path, d: usize) -> Result<Vec<f64>, BoxError>
             }
             times.push(t0.elapsed().as_secs_f64());
         }
+        let server_cpu_secs = cpu_secs(me).unwrap_or(f64::NAN) - cpu0;
+        let client_cpu_secs = procs.0.iter().filter_map(|c| cpu_secs(c.id())).sum();
         for c in &conns {
             c.close(0u32.into(), b"done");
         }
         endpoint.wait_idle().await;
         drop(procs);
-        Ok(times)
+        Ok(BaselineRun {
+            round_secs: times,
+            server_cpu_secs,
+            client_cpu_secs,
+        })
     })
 }
 
@@ -622,7 +685,8 @@ fn baseline_client_main(args: &Args) -> Result<(), BoxError> {
             &TransportLimits::site(),
         )?;
         let conn = connect(&ep, addr, "localhost").await?;
-        let reply = vec![0x5au8; args.params * 4];
+        // In this mode --params is the reply's size in bytes.
+        let reply = vec![0x5au8; args.params];
         loop {
             let mut recv = match conn.accept_uni().await {
                 Ok(r) => r,
@@ -684,7 +748,14 @@ fn site_main(args: &Args) -> Result<(), BoxError> {
                 }
                 CoordinatorMessage::Task(task) => {
                     let spec = specs.get(&task.study).ok_or("task for an unknown study")?;
-                    quic_io::recv_tensor_body(&mut recv, &task.header, spec, |_, _| {}).await?;
+                    quic_io::recv_tensor_body_accepting(
+                        &mut recv,
+                        &task.header,
+                        spec,
+                        &Dtype::ALL,
+                        |_, _| {},
+                    )
+                    .await?;
                     let update = if dp {
                         let mut src = noise.take().ok_or("noise source")?;
                         let mut u = base.clone();
@@ -706,7 +777,8 @@ fn site_main(args: &Args) -> Result<(), BoxError> {
                         round: task.round,
                         header: task.header.clone(),
                     };
-                    quic_io::send_message(&conn, &msg, Some(&update)).await?;
+                    // Answer in the encoding the model came in (the study's).
+                    quic_io::send_message_as(&conn, &msg, Some(&update), task.header.dtype).await?;
                 }
                 CoordinatorMessage::StudyEnded { .. } | CoordinatorMessage::Refused { .. } => break,
             }

@@ -134,6 +134,45 @@ impl Default for SiteTraining {
     }
 }
 
+/// The ten "worst" (largest of each image's cells) measurements of the breast-cancer data: a
+/// feature set fixed before any experiment (one of the data set's three published groups of
+/// ten), for studies that want fewer noised dimensions than all thirty.
+pub const WORST_FEATURES: [&str; 10] = [
+    "worst_radius",
+    "worst_texture",
+    "worst_perimeter",
+    "worst_area",
+    "worst_smoothness",
+    "worst_compactness",
+    "worst_concavity",
+    "worst_concave_points",
+    "worst_symmetry",
+    "worst_fractal_dimension",
+];
+
+/// The ten "mean" measurements of the breast-cancer data (another published group of ten).
+pub const MEAN_FEATURES: [&str; 10] = [
+    "mean_radius",
+    "mean_texture",
+    "mean_perimeter",
+    "mean_area",
+    "mean_smoothness",
+    "mean_compactness",
+    "mean_concavity",
+    "mean_concave_points",
+    "mean_symmetry",
+    "mean_fractal_dimension",
+];
+
+/// The feature columns the README recommends for each bundled data set (`None`: all),
+/// chosen with the other hyperparameters on validation data.
+pub fn recommended_features(data: DemoData) -> Option<Vec<String>> {
+    match data {
+        DemoData::BreastCancer => None,
+        DemoData::Diabetes => None,
+    }
+}
+
 /// A record-unit plan: planned rounds and local training.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RecordPlan {

@@ -66,6 +66,10 @@ struct RawStudy {
     data: PathBuf,
     /// This site's own epsilon cap for the study (at the study's delta).
     epsilon_cap: f64,
+    /// Columns the site knows hold no direct identifier although their name or values look
+    /// like one (see `crate::identifiers`).
+    #[serde(default)]
+    allow_identifier_columns: Vec<String>,
 }
 
 /// One study the site takes part in.
@@ -73,6 +77,9 @@ struct RawStudy {
 pub struct SiteStudy {
     pub data: PathBuf,
     pub epsilon_cap: Epsilon,
+    /// Columns of the data file this study may read although the identifier check would
+    /// refuse them (the site's decision, audited); empty by default.
+    pub allow_identifier_columns: Vec<String>,
 }
 
 /// A validated site config; relative paths are resolved against the config file's folder.
@@ -118,11 +125,14 @@ impl SiteConfig {
             validate_name(&id).map_err(|e| field(format!("studies.{id}"), e))?;
             let epsilon_cap = Epsilon::new(s.epsilon_cap)
                 .map_err(|e| field(format!("studies.{id}.epsilon_cap"), e))?;
+            let allow_identifier_columns = validate_allowed_columns(s.allow_identifier_columns)
+                .map_err(|e| field(format!("studies.{id}.allow_identifier_columns"), e))?;
             studies.insert(
                 id,
                 SiteStudy {
                     data: abs(s.data),
                     epsilon_cap,
+                    allow_identifier_columns,
                 },
             );
         }
@@ -139,6 +149,30 @@ impl SiteConfig {
             studies,
         })
     }
+}
+
+/// Column names as the CSV loader matches them: non-empty, no surrounding spaces (the
+/// loader trims header names, so such an entry could never match), no control characters,
+/// each listed once.
+fn validate_allowed_columns(columns: Vec<String>) -> Result<Vec<String>, String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for c in &columns {
+        if c.is_empty() {
+            return Err("a column name is empty".into());
+        }
+        if c.trim() != c {
+            return Err(format!(
+                "column {c:?} has leading or trailing spaces (header names are trimmed)"
+            ));
+        }
+        if c.chars().any(char::is_control) {
+            return Err(format!("column {c:?} contains a control character"));
+        }
+        if !seen.insert(c.as_str()) {
+            return Err(format!("column {c:?} is listed twice"));
+        }
+    }
+    Ok(columns)
 }
 
 #[cfg(test)]
@@ -171,6 +205,43 @@ epsilon_cap = 3.0
         assert_eq!(c.state_dir, PathBuf::from("/etc/fedpriv/state"));
         assert_eq!(c.studies["bc"].data, PathBuf::from("/data/bc.csv"));
         assert_eq!(c.studies["bc"].epsilon_cap.get(), 3.0);
+        assert!(c.studies["bc"].allow_identifier_columns.is_empty());
+    }
+
+    #[test]
+    fn allowed_identifier_columns_parse_and_are_validated() {
+        let ok = TOML.replace(
+            "epsilon_cap = 3.0",
+            "epsilon_cap = 3.0\nallow_identifier_columns = [\"zip3\", \"admission year\"]",
+        );
+        let c = SiteConfig::from_toml(&ok, Path::new("/")).expect("valid");
+        assert_eq!(
+            c.studies["bc"].allow_identifier_columns,
+            ["zip3", "admission year"]
+        );
+        for bad in [
+            r#"[""]"#,
+            r#"[" zip3"]"#,
+            r#"["zip3", "zip3"]"#,
+            r#"["a\u0007"]"#,
+        ] {
+            let text = TOML.replace(
+                "epsilon_cap = 3.0",
+                &format!("epsilon_cap = 3.0\nallow_identifier_columns = {bad}"),
+            );
+            assert!(
+                matches!(SiteConfig::from_toml(&text, Path::new("/")), Err(SiteConfigError::Field { field, .. }) if field == "studies.bc.allow_identifier_columns"),
+                "{bad}"
+            );
+        }
+        let wrong_type = TOML.replace(
+            "epsilon_cap = 3.0",
+            "epsilon_cap = 3.0\nallow_identifier_columns = \"zip3\"",
+        );
+        assert!(matches!(
+            SiteConfig::from_toml(&wrong_type, Path::new("/")),
+            Err(SiteConfigError::Parse(_))
+        ));
     }
 
     #[test]

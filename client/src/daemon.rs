@@ -81,7 +81,17 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, DaemonError> {
 pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&cfg.state_dir)
         .map_err(|e| DaemonError::Config(format!("{}: {e}", cfg.state_dir.display())))?;
-    let ledger = SiteLedger::open(cfg.state_dir.join("site-ledger.db"))?;
+    let ledger_path = cfg.state_dir.join("site-ledger.db");
+    if !ledger_path.exists() && audit_path(&cfg).exists() {
+        // The audit log shows earlier rounds; a fresh ledger would forget what they spent.
+        return Err(DaemonError::Config(format!(
+            "site ledger {} is missing but the audit log {} exists from earlier runs: restore the ledger from backup; \
+             it is never recreated silently (move the state directory aside to start from nothing)",
+            ledger_path.display(),
+            audit_path(&cfg).display()
+        )));
+    }
+    let ledger = SiteLedger::open(&ledger_path)?;
     let tls = pki::client_config(&read(&cfg.ca)?, &read(&cfg.cert)?, &read(&cfg.key)?)
         .map_err(|e| DaemonError::Config(e.to_string()))?;
     let endpoint = transport::client_endpoint(
@@ -182,30 +192,26 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                 for ann in studies {
                     let study = ann.study.clone();
                     let st = Arc::clone(state);
-                    let prepared = tokio::task::spawn_blocking(move || {
-                        let guard = st
-                            .lock()
-                            .map_err(|_| DeclineReason::Internal("state lock poisoned".into()))?;
-                        site::prepare_study(&guard.cfg, &ann)
+                    let preparation = tokio::task::spawn_blocking(move || match st.lock() {
+                        Ok(guard) => site::prepare_study_with_check(&guard.cfg, &ann),
+                        Err(_) => site::Preparation {
+                            result: Err(DeclineReason::Internal("state lock poisoned".into())),
+                            columns: None,
+                        },
                     })
                     .await
-                    .unwrap_or_else(|e| Err(DeclineReason::Internal(e.to_string())));
-                    let columns: Vec<String> = match &prepared {
-                        Ok(p) => p
-                            .announcement
-                            .data
-                            .features
-                            .iter()
-                            .chain(std::iter::once(&p.announcement.data.label))
-                            .cloned()
-                            .collect(),
-                        Err(_) => Vec::new(),
-                    };
-                    let outcome = match &prepared {
-                        Ok(_) => {
-                            serde_json::json!({"study": study, "columns": columns, "outcome": "allowed"})
+                    .unwrap_or_else(|e| site::Preparation {
+                        result: Err(DeclineReason::Internal(e.to_string())),
+                        columns: None,
+                    });
+                    let prepared = preparation.result;
+                    // What was checked, and the outcome; never a cell value.
+                    let outcome = match (&prepared, &preparation.columns) {
+                        (_, Some(check)) => {
+                            serde_json::json!({"study": study, "check": check.details(), "outcome": if prepared.is_ok() { "allowed" } else { "refused" }, "reason": prepared.as_ref().err().map(|r| r.to_string())})
                         }
-                        Err(reason) => {
+                        (Ok(_), None) => serde_json::json!({"study": study, "outcome": "allowed"}),
+                        (Err(reason), None) => {
                             serde_json::json!({"study": study, "outcome": "refused", "reason": reason.to_string()})
                         }
                     };

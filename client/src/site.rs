@@ -21,6 +21,7 @@ use fedpriv_common::protocol::{DeclineReason, StudyAnnouncement, Task};
 
 use crate::config::{SiteConfig, SiteStudy};
 use crate::data::{self, ColumnSelection, Dataset, FeatureRange, LoadOptions};
+use crate::identifiers::{ColumnCheck, ValueProfiler};
 use crate::store::{Cap, SiteLedger, StoreError};
 use crate::train::{self, LocalTraining};
 
@@ -40,22 +41,68 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The outcome of preparing a study, with the identifier check for the audit log.
+#[derive(Debug)]
+pub struct Preparation {
+    pub result: Result<PreparedStudy, DeclineReason>,
+    /// The identifier check of the study's columns and its outcome; `None` when the study
+    /// was refused before its columns were looked at (not configured at this site, delta
+    /// too large, a model the site cannot build).
+    pub columns: Option<ColumnCheck>,
+}
+
 /// Loads only the study's feature and label columns and scales them by the study's public
 /// ranges (no statistic of the site's patients leaves the site or shapes the scaling).
+///
+/// Minimum necessary: a column that looks like a direct identifier by its name (checked
+/// before the file is opened) or by its values (checked as it is read) is refused unless
+/// `allowed` (the site's `allow_identifier_columns` for the study) lists it; see
+/// [`crate::identifiers`]. Returns the check with the outcome, whatever the outcome.
 pub fn load_study_data(
     ann: &StudyAnnouncement,
     path: &std::path::Path,
-) -> Result<Dataset, DeclineReason> {
-    let unavailable = |e: &dyn std::fmt::Display| DeclineReason::DataUnavailable(e.to_string());
+    allowed: &[String],
+) -> (Result<Dataset, DeclineReason>, ColumnCheck) {
     let selection = ColumnSelection {
         features: ann.data.features.clone(),
         label: ann.data.label.clone(),
     };
+    let mut check = ColumnCheck::by_names(&selection, allowed);
+    if let Some(refusal) = check.refusal() {
+        return (
+            Err(DeclineReason::DataUnavailable(refusal.to_string())),
+            check,
+        );
+    }
+    let mut profiler = ValueProfiler::new(&selection);
+    let loaded = load_and_scale(ann, path, &selection, &mut profiler);
+    if loaded.is_ok() {
+        check.add_values(&profiler);
+        if let Some(refusal) = check.refusal() {
+            return (
+                Err(DeclineReason::DataUnavailable(refusal.to_string())),
+                check,
+            );
+        }
+    }
+    (loaded, check)
+}
+
+fn load_and_scale(
+    ann: &StudyAnnouncement,
+    path: &std::path::Path,
+    selection: &ColumnSelection,
+    profiler: &mut ValueProfiler,
+) -> Result<Dataset, DeclineReason> {
+    let unavailable = |e: &dyn std::fmt::Display| DeclineReason::DataUnavailable(e.to_string());
     let options = match ann.data.task {
         TaskKind::Binary => LoadOptions::binary(),
         TaskKind::Regression => LoadOptions::regression(),
     };
-    let mut ds = data::load_csv(path, &selection, &options).map_err(|e| unavailable(&e))?;
+    let mut ds = data::load_csv_observed(path, selection, &options, &mut |slot, cell| {
+        profiler.observe(slot, cell)
+    })
+    .map_err(|e| unavailable(&e))?;
     let ranges = ann
         .data
         .ranges
@@ -76,20 +123,53 @@ pub fn prepare_study(
     cfg: &SiteConfig,
     ann: &StudyAnnouncement,
 ) -> Result<PreparedStudy, DeclineReason> {
-    let local = cfg
-        .studies
-        .get(&ann.study)
-        .cloned()
-        .ok_or(DeclineReason::StudyNotAllowed)?;
+    prepare_study_with_check(cfg, ann).result
+}
+
+/// [`prepare_study`], also returning the identifier check of the study's columns so that
+/// the caller can audit it.
+pub fn prepare_study_with_check(cfg: &SiteConfig, ann: &StudyAnnouncement) -> Preparation {
+    let local = match cfg.studies.get(&ann.study) {
+        Some(local) => local.clone(),
+        None => {
+            return Preparation {
+                result: Err(DeclineReason::StudyNotAllowed),
+                columns: None,
+            }
+        }
+    };
     if ann.delta > cfg.max_delta.get() {
-        return Err(DeclineReason::DeltaTooLarge {
-            delta: ann.delta,
-            max: cfg.max_delta.get(),
-        });
+        return Preparation {
+            result: Err(DeclineReason::DeltaTooLarge {
+                delta: ann.delta,
+                max: cfg.max_delta.get(),
+            }),
+            columns: None,
+        };
     }
-    let spec = arch::model_spec(ann.model, ann.data.features.len(), 1)
-        .map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
-    let data = load_study_data(ann, &local.data)?;
+    let spec = match arch::model_spec(ann.model, ann.data.features.len(), 1) {
+        Ok(spec) => spec,
+        Err(e) => {
+            return Preparation {
+                result: Err(DeclineReason::TaskMismatch(e.to_string())),
+                columns: None,
+            }
+        }
+    };
+    let (data, check) = load_study_data(ann, &local.data, &local.allow_identifier_columns);
+    let result = data.and_then(|data| accept(ann, spec, data, local));
+    Preparation {
+        result,
+        columns: Some(check),
+    }
+}
+
+fn accept(
+    ann: &StudyAnnouncement,
+    spec: ModelSpec,
+    data: Dataset,
+    local: SiteStudy,
+) -> Result<PreparedStudy, DeclineReason> {
     if data.n == 0 {
         return Err(DeclineReason::DataUnavailable(
             "the data file has no records".into(),
@@ -240,4 +320,104 @@ pub fn run_task(
         ));
     }
     Ok(update)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::identifiers::IdentifierKind;
+    use fedpriv_common::config::DataSpec;
+    use fedpriv_common::model::Architecture;
+
+    fn config(dir: &std::path::Path, allow: &str) -> SiteConfig {
+        let toml = format!(
+            "[site]\nname = \"st-marys\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n\
+             [coordinator]\naddress = \"127.0.0.1:7443\"\nserver_name = \"localhost\"\n\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n\
+             [studies.s]\ndata = \"patients.csv\"\nepsilon_cap = 3.0\n{allow}\n"
+        );
+        SiteConfig::from_toml(&toml, dir).unwrap()
+    }
+
+    fn announcement(features: &[&str]) -> StudyAnnouncement {
+        StudyAnnouncement {
+            study: "s".into(),
+            model: Architecture::LogisticRegression,
+            data: DataSpec {
+                task: TaskKind::Binary,
+                label: "y".into(),
+                features: features.iter().map(|f| f.to_string()).collect(),
+                ranges: vec![[0.0, 100_000.0]; features.len()],
+                label_range: None,
+            },
+            unit: PrivacyUnit::Site,
+            placement: Placement::Local,
+            delta: 1e-6,
+        }
+    }
+
+    /// 40 patients: an ordinary feature, a ZIP code stored as a number, a label.
+    fn write_data(dir: &std::path::Path) -> Vec<String> {
+        let zips: Vec<String> = (0..40).map(|i| format!("0{}", 2101 + i * 3)).collect();
+        let mut text = String::from("age,lab_value,y\n");
+        for (i, z) in zips.iter().enumerate() {
+            text.push_str(&format!("{},{z},{}\n", 30 + i, i % 2));
+        }
+        std::fs::write(dir.join("patients.csv"), text).unwrap();
+        zips
+    }
+
+    #[test]
+    fn a_column_with_identifier_values_is_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let zips = write_data(dir.path());
+        let ann = announcement(&["age", "lab_value"]);
+
+        let p = prepare_study_with_check(&config(dir.path(), ""), &ann);
+        let Err(DeclineReason::DataUnavailable(msg)) = &p.result else {
+            panic!("{:?}", p.result)
+        };
+        assert!(msg.contains("lab_value") && msg.contains("ZIP"), "{msg}");
+        let check = p.columns.unwrap();
+        assert_eq!(check.refused.len(), 1);
+        assert_eq!(check.refused[0].kind, IdentifierKind::ZipCode);
+        assert!(check.values_checked);
+        let details = check.details().to_string();
+        for z in &zips {
+            assert!(!msg.contains(z.as_str()) && !details.contains(z.as_str()));
+        }
+
+        let allowed = config(dir.path(), "allow_identifier_columns = [\"lab_value\"]");
+        let p = prepare_study_with_check(&allowed, &ann);
+        let prepared = p.result.unwrap();
+        assert_eq!(prepared.data.n, 40);
+        let check = p.columns.unwrap();
+        assert!(check.passed());
+        assert_eq!(check.allowed_by_config, ["lab_value"]);
+        assert_eq!(check.allowed_matches[0].kind, IdentifierKind::ZipCode);
+        assert!(prepare_study(&allowed, &ann).is_ok());
+    }
+
+    #[test]
+    fn a_column_named_like_an_identifier_is_refused_before_the_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // No data file at all: the names alone decide.
+        let ann = announcement(&["age", "patient_ssn"]);
+        let p = prepare_study_with_check(&config(dir.path(), ""), &ann);
+        let Err(DeclineReason::DataUnavailable(msg)) = &p.result else {
+            panic!("{:?}", p.result)
+        };
+        assert!(msg.contains("patient_ssn") && msg.contains("social security"));
+        let check = p.columns.unwrap();
+        assert!(!check.values_checked);
+        assert_eq!(check.checked, ["age", "patient_ssn", "y"]);
+
+        // A study the site does not take part in is refused before any column is looked at.
+        let mut other = ann.clone();
+        other.study = "other".into();
+        let p = prepare_study_with_check(&config(dir.path(), ""), &other);
+        assert_eq!(p.result.unwrap_err(), DeclineReason::StudyNotAllowed);
+        assert!(p.columns.is_none());
+    }
 }

@@ -104,6 +104,8 @@ struct RawStudy {
     rounds: u64,
     min_sites: usize,
     round_timeout_secs: u64,
+    /// Wire encoding of the broadcast model and of updates: "f32" (default), "f16", "bf16".
+    encoding: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +201,10 @@ pub struct StudyConfig {
     pub rounds: u64,
     pub min_sites: usize,
     pub round_timeout_secs: u64,
+    /// How the model and the updates travel (see [`crate::wire::Dtype`]). The 16-bit
+    /// encodings halve the bytes; rounding already-noised values is post-processing and
+    /// costs no privacy. The coordinator keeps and aggregates in f32 whatever this says.
+    pub encoding: crate::wire::Dtype,
     pub data: DataSpec,
     pub strategy: Strategy,
     pub server_learning_rate: f32,
@@ -224,6 +230,15 @@ impl StudyConfig {
         if s.round_timeout_secs == 0 {
             return Err(field("study.round_timeout_secs", "must be at least 1"));
         }
+        let encoding = match s.encoding.as_deref() {
+            None => crate::wire::Dtype::F32,
+            Some(name) => crate::wire::Dtype::from_name(name).ok_or_else(|| {
+                field(
+                    "study.encoding",
+                    format!("{name:?}: use \"f32\", \"f16\" or \"bf16\""),
+                )
+            })?,
+        };
         if let Architecture::Mlp { hidden } = model {
             if hidden == 0 || hidden > 65_536 {
                 return Err(field("study.model.hidden", "must be between 1 and 65536"));
@@ -446,6 +461,7 @@ impl StudyConfig {
             rounds: s.rounds,
             min_sites: s.min_sites,
             round_timeout_secs: s.round_timeout_secs,
+            encoding,
             data: DataSpec {
                 task: d.task,
                 label: d.label,
@@ -624,6 +640,34 @@ enrolled = ["st-marys", "general", "north"]
         assert!(
             matches!(StudyConfig::from_toml(&text), Err(ConfigError::Parse(m)) if m.contains("epsilon"))
         );
+    }
+
+    #[test]
+    fn wire_encoding_defaults_to_f32_and_names_its_field() {
+        use crate::wire::Dtype;
+        assert_eq!(
+            StudyConfig::from_toml(SITE_TOML).expect("valid").encoding,
+            Dtype::F32
+        );
+        let text = SITE_TOML.replace(
+            "round_timeout_secs = 30",
+            "round_timeout_secs = 30\nencoding = \"bf16\"",
+        );
+        assert_eq!(
+            StudyConfig::from_toml(&text).expect("valid").encoding,
+            Dtype::Bf16
+        );
+        let text = SITE_TOML.replace(
+            "round_timeout_secs = 30",
+            "round_timeout_secs = 30\nencoding = \"int8\"",
+        );
+        assert!(matches!(
+            StudyConfig::from_toml(&text),
+            Err(ConfigError::Field {
+                field: "study.encoding",
+                ..
+            })
+        ));
     }
 
     #[test]

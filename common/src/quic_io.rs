@@ -18,8 +18,8 @@ use quinn::VarInt;
 
 use crate::model::ModelSpec;
 use crate::wire::{
-    self, decode_payload, encode_frame, frame_len, CloseCode, TensorBodyDecoder, TensorHeader,
-    WireError, FRAME_PREFIX_LEN,
+    self, decode_payload, encode_frame, frame_len, CloseCode, Dtype, TensorBodyDecoder,
+    TensorHeader, WireError, FRAME_PREFIX_LEN,
 };
 
 /// Bytes written per `write_all` call when sending a tensor body.
@@ -232,6 +232,17 @@ impl SharedBody {
         }
     }
 
+    /// `values` encoded in `dtype`: shared without a copy for f32 (little-endian), else
+    /// encoded once (2 bytes per value) and shared.
+    pub fn encode(values: Arc<Vec<f32>>, dtype: Dtype) -> Self {
+        match dtype {
+            Dtype::F32 => Self::from_f32(values),
+            Dtype::F16 | Dtype::Bf16 => Self(bytes::Bytes::from(
+                wire::encode_body(&values, dtype).into_owned(),
+            )),
+        }
+    }
+
     /// Body length in bytes.
     pub fn len(&self) -> usize {
         self.0.len()
@@ -259,6 +270,37 @@ pub async fn send_message_shared<T: Serialize>(
             .await
             .map_err(map_write)?;
         start = end;
+    }
+    send.finish().map_err(|_| StreamError::Closed)?;
+    match send.stopped().await {
+        Ok(None) => Ok(()),
+        Ok(Some(code)) => Err(StreamError::Stopped(code.into_inner())),
+        Err(quinn::StoppedError::ConnectionLost(e)) => Err(StreamError::Connection(e)),
+        Err(quinn::StoppedError::ZeroRttRejected) => Err(StreamError::Closed),
+    }
+}
+
+/// As [`send_message`], with the body encoded in `dtype` (the header in `msg` must say
+/// so). 16-bit bodies are encoded piece by piece: no encoded copy of the whole body.
+pub async fn send_message_as<T: Serialize>(
+    conn: &quinn::Connection,
+    msg: &T,
+    body: Option<&[f32]>,
+    dtype: Dtype,
+) -> Result<(), StreamError> {
+    if dtype == Dtype::F32 {
+        return send_message(conn, msg, body).await;
+    }
+    let frame = encode_frame(msg)?;
+    let mut send = conn.open_uni().await?;
+    send.write_all(&frame).await.map_err(map_write)?;
+    if let Some(values) = body {
+        let mut buf = vec![0u8; WRITE_CHUNK];
+        for piece in values.chunks(WRITE_CHUNK / 2) {
+            let out = &mut buf[..piece.len() * 2];
+            wire::encode_16_into(piece, dtype, out);
+            send.write_all(out).await.map_err(map_write)?;
+        }
     }
     send.finish().map_err(|_| StreamError::Closed)?;
     match send.stopped().await {
@@ -337,9 +379,21 @@ pub async fn recv_tensor_body(
     recv: &mut quinn::RecvStream,
     header: &TensorHeader,
     spec: &ModelSpec,
+    sink: impl FnMut(usize, &[f32]),
+) -> Result<(), StreamError> {
+    recv_tensor_body_accepting(recv, header, spec, &[Dtype::F32], sink).await
+}
+
+/// As [`recv_tensor_body`], for a body in any dtype in `accepted` (values reach the sink
+/// as f32 whatever the wire dtype).
+pub async fn recv_tensor_body_accepting(
+    recv: &mut quinn::RecvStream,
+    header: &TensorHeader,
+    spec: &ModelSpec,
+    accepted: &[Dtype],
     mut sink: impl FnMut(usize, &[f32]),
 ) -> Result<(), StreamError> {
-    let mut decoder = match TensorBodyDecoder::new(header, spec) {
+    let mut decoder = match TensorBodyDecoder::new_accepting(header, spec, accepted) {
         Ok(d) => d,
         Err(e) => {
             stop(recv, &e);

@@ -215,22 +215,163 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireErro
 // Tensors
 
 /// Element type of a tensor body.
+///
+/// The 16-bit types halve the bytes on the wire. They are accepted only where a caller
+/// opts in ([`TensorHeader::check_against_accepting`]); [`TensorHeader::check_against`]
+/// and [`TensorBodyDecoder::new`] accept f32 alone. Encoding to them rounds to nearest
+/// (ties to even) and saturates finite values at the type's largest finite value, so a
+/// finite model or update never becomes infinite on the wire. For already-noised updates
+/// this is post-processing: it costs no privacy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Dtype {
     F32,
-    /// Reserved for a later, bandwidth-saving encoding; refused for now.
+    /// IEEE 754 binary16: 10-bit mantissa, finite range +-65504 (saturated beyond).
     F16,
-    /// Reserved for a later, bandwidth-saving encoding; refused for now.
+    /// bfloat16: f32's exponent range with a 7-bit mantissa.
     Bf16,
 }
 
 impl Dtype {
+    /// Every supported dtype.
+    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
+
     /// Bytes per value.
     pub fn size(self) -> u64 {
         match self {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::Bf16 => 2,
         }
+    }
+
+    /// The configuration spelling: `f32`, `f16`, `bf16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Parses the configuration spelling.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == name)
+    }
+}
+
+/// f32 to bfloat16 bits: round to nearest, ties to even; NaN stays NaN; finite values
+/// beyond bfloat16's largest finite value saturate to it.
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    let lsb = (bits >> 16) & 1;
+    let h = (bits.wrapping_add(0x7fff + lsb) >> 16) as u16;
+    if x.is_finite() && h & 0x7fff == 0x7f80 {
+        // Rounded up to infinity: keep it finite.
+        return (h & 0x8000) | 0x7f7f;
+    }
+    h
+}
+
+/// bfloat16 bits to f32 (exact).
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// f32 to IEEE binary16 bits: round to nearest, ties to even (subnormals included); NaN
+/// stays NaN; finite values beyond +-65504 saturate to it.
+pub fn f32_to_f16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let man = bits & 0x7f_ffff;
+    if exp == 0xff {
+        return sign
+            | 0x7c00
+            | if man != 0 {
+                0x0200 | (man >> 13) as u16
+            } else {
+                0
+            };
+    }
+    let e = exp - 127;
+    if e > 15 {
+        return sign | 0x7bff;
+    }
+    if e >= -14 {
+        let mut h_exp = (e + 15) as u32;
+        let mut h_man = man >> 13;
+        let rest = man & 0x1fff;
+        if rest > 0x1000 || (rest == 0x1000 && h_man & 1 == 1) {
+            h_man += 1;
+            if h_man == 0x400 {
+                h_man = 0;
+                h_exp += 1;
+            }
+        }
+        if h_exp >= 31 {
+            return sign | 0x7bff;
+        }
+        return sign | (h_exp << 10) as u16 | h_man as u16;
+    }
+    if e < -25 {
+        // Below half the smallest subnormal (2^-25): zero.
+        return sign;
+    }
+    // A subnormal: the significand (with its implicit bit) in units of 2^-24.
+    let full = man | 0x80_0000;
+    let shift = (-14 - e) as u32 + 13;
+    let h_man = full >> shift;
+    let rest = full & ((1 << shift) - 1);
+    let half = 1 << (shift - 1);
+    let r = if rest > half || (rest == half && h_man & 1 == 1) {
+        h_man + 1
+    } else {
+        h_man
+    };
+    // r may reach 0x400: the smallest normal, which is exactly its encoding.
+    sign | r as u16
+}
+
+/// IEEE binary16 bits to f32 (exact).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let man = u32::from(h & 0x3ff);
+    match exp {
+        0 => {
+            // Zero or subnormal: man * 2^-24, exact in f32.
+            let v = man as f32 * f32::from_bits(0x3380_0000);
+            f32::from_bits(v.to_bits() | sign)
+        }
+        31 => f32::from_bits(sign | 0x7f80_0000 | (man << 13)),
+        _ => f32::from_bits(sign | ((exp + 112) << 23) | (man << 13)),
+    }
+}
+
+/// `values` encoded as a tensor body in `dtype` (borrowed for f32 on little-endian
+/// targets; a new buffer of 2 bytes per value for the 16-bit types).
+pub fn encode_body(values: &[f32], dtype: Dtype) -> std::borrow::Cow<'_, [u8]> {
+    match dtype {
+        Dtype::F32 => f32_body_bytes(values),
+        Dtype::F16 | Dtype::Bf16 => {
+            let mut out = vec![0u8; values.len() * 2];
+            encode_16_into(values, dtype, &mut out);
+            std::borrow::Cow::Owned(out)
+        }
+    }
+}
+
+/// Encodes `values` in a 16-bit `dtype` into `out` (2 bytes per value, little-endian).
+pub fn encode_16_into(values: &[f32], dtype: Dtype, out: &mut [u8]) {
+    let conv = if dtype == Dtype::F16 {
+        f32_to_f16
+    } else {
+        f32_to_bf16
+    };
+    for (o, &v) in out.chunks_exact_mut(2).zip(values) {
+        o.copy_from_slice(&conv(v).to_le_bytes());
     }
 }
 
@@ -274,9 +415,18 @@ impl TensorHeader {
     }
 
     /// Checks that this header describes exactly `spec` (same tensors, order, shapes,
-    /// count) in a supported dtype. The error names the first difference.
+    /// count) in f32. The error names the first difference.
     pub fn check_against(&self, spec: &ModelSpec) -> Result<(), WireError> {
-        if self.dtype != Dtype::F32 {
+        self.check_against_accepting(spec, &[Dtype::F32])
+    }
+
+    /// As [`TensorHeader::check_against`], accepting any dtype in `accepted`.
+    pub fn check_against_accepting(
+        &self,
+        spec: &ModelSpec,
+        accepted: &[Dtype],
+    ) -> Result<(), WireError> {
+        if !accepted.contains(&self.dtype) {
             return Err(WireError::UnsupportedDtype(self.dtype));
         }
         if self.tensors.len() != spec.tensors.len() {
@@ -357,11 +507,13 @@ pub fn f32_body_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
-/// Incremental, sans-IO decoder of one f32 tensor body. Feed it the bytes as they arrive,
-/// in any chunking; it calls the sink with `(offset in values, values)` and keeps at most
-/// one partial value between calls. It never allocates anything sized by the header.
+/// Incremental, sans-IO decoder of one tensor body. Feed it the bytes as they arrive, in
+/// any chunking; it calls the sink with `(offset in values, values)` (as f32, whatever the
+/// wire dtype) and keeps at most one partial value between calls. It never allocates
+/// anything sized by the header.
 #[derive(Debug)]
 pub struct TensorBodyDecoder {
+    dtype: Dtype,
     expected_bytes: u64,
     received_bytes: u64,
     /// The bytes of a value split across two chunks.
@@ -374,11 +526,22 @@ pub struct TensorBodyDecoder {
 }
 
 impl TensorBodyDecoder {
-    /// A decoder for the body `header` announces; checks the header against `spec` first.
+    /// A decoder for the f32 body `header` announces; checks the header against `spec`
+    /// first.
     pub fn new(header: &TensorHeader, spec: &ModelSpec) -> Result<Self, WireError> {
-        header.check_against(spec)?;
+        Self::new_accepting(header, spec, &[Dtype::F32])
+    }
+
+    /// As [`TensorBodyDecoder::new`], for a body in any dtype in `accepted`.
+    pub fn new_accepting(
+        header: &TensorHeader,
+        spec: &ModelSpec,
+        accepted: &[Dtype],
+    ) -> Result<Self, WireError> {
+        header.check_against_accepting(spec, accepted)?;
         let expected_bytes = header.body_len_bytes()?;
         Ok(Self {
+            dtype: header.dtype,
             expected_bytes,
             received_bytes: 0,
             carry: [0; 4],
@@ -412,24 +575,33 @@ impl TensorBodyDecoder {
         }
         self.received_bytes += bytes.len() as u64;
 
+        let size = self.dtype.size() as usize;
         // Complete a value split by the previous chunk boundary.
         if self.carry_len > 0 {
-            let take = (4 - self.carry_len).min(bytes.len());
+            let take = (size - self.carry_len).min(bytes.len());
             self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&bytes[..take]);
             self.carry_len += take;
             bytes = &bytes[take..];
-            if self.carry_len < 4 {
+            if self.carry_len < size {
                 return Ok(());
             }
             self.carry_len = 0;
-            let v = f32::from_le_bytes(self.carry);
+            let v = match self.dtype {
+                Dtype::F32 => f32::from_le_bytes(self.carry),
+                Dtype::F16 => f16_to_f32(u16::from_le_bytes([self.carry[0], self.carry[1]])),
+                Dtype::Bf16 => bf16_to_f32(u16::from_le_bytes([self.carry[0], self.carry[1]])),
+            };
             sink(self.next_value, &[v]);
             self.next_value += 1;
         }
 
-        let whole = bytes.len() / 4 * 4;
+        let whole = bytes.len() / size * size;
         let (body, tail) = bytes.split_at(whole);
-        self.emit_aligned(body, sink);
+        if self.dtype == Dtype::F32 {
+            self.emit_aligned(body, sink);
+        } else {
+            self.emit_16(body, sink);
+        }
 
         self.carry[..tail.len()].copy_from_slice(tail);
         self.carry_len = tail.len();
@@ -458,6 +630,30 @@ impl TensorBodyDecoder {
             #[cfg(not(target_endian = "little"))]
             for (o, b) in out.iter_mut().zip(chunk.chunks_exact(4)) {
                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            sink(self.next_value, out);
+            self.next_value += n;
+        }
+    }
+
+    /// Emits `body` (a multiple of 2 bytes of f16 or bf16) as f32 values.
+    fn emit_16(&mut self, body: &[u8], sink: &mut impl FnMut(usize, &[f32])) {
+        if body.is_empty() {
+            return;
+        }
+        if self.scratch.is_empty() {
+            self.scratch = vec![0.0; SCRATCH_VALUES];
+        }
+        let conv = if self.dtype == Dtype::F16 {
+            f16_to_f32
+        } else {
+            bf16_to_f32
+        };
+        for chunk in body.chunks(SCRATCH_VALUES * 2) {
+            let n = chunk.len() / 2;
+            let out = &mut self.scratch[..n];
+            for (o, b) in out.iter_mut().zip(chunk.chunks_exact(2)) {
+                *o = conv(u16::from_le_bytes([b[0], b[1]]));
             }
             sink(self.next_value, out);
             self.next_value += n;
@@ -659,6 +855,14 @@ mod tests {
             h.check_against(&spec),
             Err(WireError::UnsupportedDtype(Dtype::F16))
         );
+        // Accepted only where the caller opts in.
+        assert_eq!(h.check_against_accepting(&spec, &Dtype::ALL), Ok(()));
+        assert_eq!(h.body_len_bytes(), Ok(42));
+        assert_eq!(
+            TensorHeader::for_spec(&spec, Dtype::Bf16)
+                .check_against_accepting(&spec, &[Dtype::F16]),
+            Err(WireError::UnsupportedDtype(Dtype::Bf16))
+        );
         let mut long = ok.clone();
         long.tensors[0].name = "x".repeat(10_000);
         let e = long.check_against(&spec).expect_err("name").to_string();
@@ -776,5 +980,137 @@ mod tests {
         assert!(check_alpn(None).is_err());
         assert_eq!(CloseCode::from_code(3), Some(CloseCode::IdentityMismatch));
         assert_eq!(CloseCode::from_code(99), None);
+    }
+
+    #[test]
+    fn f16_round_trips_every_value_and_rounds_to_nearest_even() {
+        for h in 0..=u16::MAX {
+            let x = f16_to_f32(h);
+            if x.is_nan() {
+                assert!(f32_to_f16(x) & 0x7c00 == 0x7c00 && f32_to_f16(x) & 0x3ff != 0);
+                continue;
+            }
+            assert_eq!(f32_to_f16(x), h, "{h:#06x} -> {x}");
+        }
+        // Against a reference: the nearest of the two f16 neighbours, ties to even.
+        let mut rng = Rng(11);
+        for _ in 0..200_000 {
+            let x = f32::from_bits(rng.next() as u32);
+            if !x.is_finite() || x.abs() > 65504.0 {
+                continue;
+            }
+            let h = f32_to_f16(x);
+            let y = f64::from(f16_to_f32(h));
+            let err = (f64::from(x) - y).abs();
+            for n in [h.wrapping_add(1), h.wrapping_sub(1), h ^ 0x8000] {
+                let z = f16_to_f32(n);
+                if z.is_finite() {
+                    let other = (f64::from(x) - f64::from(z)).abs();
+                    assert!(
+                        err < other || (err == other && h & 1 == 0),
+                        "{x}: {h:#06x} vs {n:#06x}"
+                    );
+                }
+            }
+        }
+        // Ties: 1 + 2^-11 lies halfway between 1 and 1 + 2^-10 and goes to the even one.
+        assert_eq!(f32_to_f16(1.0 + 2f32.powi(-11)), 0x3c00);
+        assert_eq!(f32_to_f16(1.0 + 3.0 * 2f32.powi(-11)), 0x3c02);
+        // Subnormals, the smallest one's half (a tie to zero) and just above it.
+        assert_eq!(f32_to_f16(2f32.powi(-24)), 0x0001);
+        assert_eq!(f32_to_f16(2f32.powi(-25)), 0x0000);
+        assert_eq!(f32_to_f16(2f32.powi(-25) * 1.000_001), 0x0001);
+        assert_eq!(f32_to_f16(-2f32.powi(-30)), 0x8000);
+        // Saturation: finite stays finite, infinity stays infinite.
+        assert_eq!(f32_to_f16(1e6), 0x7bff);
+        assert_eq!(f32_to_f16(-65520.0), 0xfbff);
+        assert_eq!(f32_to_f16(f32::INFINITY), 0x7c00);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+    }
+
+    #[test]
+    fn bf16_round_trips_every_value_and_rounds_to_nearest_even() {
+        for h in 0..=u16::MAX {
+            let x = bf16_to_f32(h);
+            if x.is_nan() {
+                assert!(bf16_to_f32(f32_to_bf16(x)).is_nan());
+                continue;
+            }
+            assert_eq!(f32_to_bf16(x), h, "{h:#06x}");
+        }
+        let mut rng = Rng(12);
+        for _ in 0..200_000 {
+            let x = f32::from_bits(rng.next() as u32);
+            if !x.is_finite() || x.abs() > bf16_to_f32(0x7f7f) {
+                continue;
+            }
+            let h = f32_to_bf16(x);
+            let err = (f64::from(x) - f64::from(bf16_to_f32(h))).abs();
+            for n in [h.wrapping_add(1), h.wrapping_sub(1)] {
+                let z = bf16_to_f32(n);
+                if z.is_finite() && (z < 0.0) == (x < 0.0) {
+                    let other = (f64::from(x) - f64::from(z)).abs();
+                    assert!(err < other || (err == other && h & 1 == 0), "{x}");
+                }
+            }
+        }
+        assert_eq!(f32_to_bf16(f32::MAX), 0x7f7f);
+        assert_eq!(f32_to_bf16(f32::NEG_INFINITY), 0xff80);
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.5)), 1.5);
+    }
+
+    #[test]
+    fn sixteen_bit_bodies_decode_under_random_chunk_splits() {
+        let spec = spec();
+        let values: Vec<f32> = (0..spec.num_values())
+            .map(|i| i as f32 * 0.37 - 3.0)
+            .collect();
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            let conv = if dtype == Dtype::F16 {
+                f16_to_f32
+            } else {
+                bf16_to_f32
+            };
+            let enc = if dtype == Dtype::F16 {
+                f32_to_f16
+            } else {
+                f32_to_bf16
+            };
+            let want: Vec<f32> = values.iter().map(|&v| conv(enc(v))).collect();
+            let bytes = encode_body(&values, dtype).into_owned();
+            assert_eq!(bytes.len(), values.len() * 2);
+            let header = TensorHeader::for_spec(&spec, dtype);
+            assert!(
+                TensorBodyDecoder::new(&header, &spec).is_err(),
+                "f32 only by default"
+            );
+            let mut rng = Rng(99);
+            for _ in 0..500 {
+                let mut dec = TensorBodyDecoder::new_accepting(&header, &spec, &Dtype::ALL)
+                    .expect("accepted");
+                let mut out = vec![f32::NAN; values.len()];
+                let mut sink = |off: usize, v: &[f32]| out[off..off + v.len()].copy_from_slice(v);
+                let mut start = 0;
+                let mut cuts: Vec<usize> = (0..rng.below(8))
+                    .map(|_| rng.below(bytes.len() + 1))
+                    .collect();
+                cuts.sort_unstable();
+                for c in cuts {
+                    dec.feed(&bytes[start..c], &mut sink).expect("feeds");
+                    start = c;
+                }
+                dec.feed(&bytes[start..], &mut sink).expect("feeds");
+                dec.finish().expect("complete");
+                assert_eq!(out, want, "{dtype:?}");
+            }
+            // One byte short is refused.
+            let mut dec =
+                TensorBodyDecoder::new_accepting(&header, &spec, &Dtype::ALL).expect("ok");
+            dec.feed(&bytes[..bytes.len() - 1], &mut |_, _| {})
+                .expect("feeds");
+            assert!(matches!(dec.finish(), Err(WireError::BodyTooShort { .. })));
+        }
+        assert_eq!(Dtype::from_name("bf16"), Some(Dtype::Bf16));
+        assert_eq!(Dtype::from_name("fp8"), None);
     }
 }

@@ -175,8 +175,20 @@ async fn wait_for_signal() {
     }
 }
 
+/// Opens an existing state database; read-only commands never create one.
+fn open_existing(state: &std::path::Path) -> Result<Store, String> {
+    let db = state.join("coordinator.db");
+    if !db.exists() {
+        return Err(format!(
+            "no state database at {} (is --state the coordinator's state directory?)",
+            db.display()
+        ));
+    }
+    Store::open(&db).map_err(|e| e.to_string())
+}
+
 fn ledger_show(study: &str, state: &std::path::Path, json: bool) -> Result<String, String> {
-    let store = Store::open(state.join("coordinator.db")).map_err(|e| e.to_string())?;
+    let store = open_existing(state)?;
     let row = store
         .study(study)
         .map_err(|e| e.to_string())?
@@ -236,7 +248,7 @@ fn model_export(
     round: Option<u64>,
     out: &std::path::Path,
 ) -> Result<String, String> {
-    let store = Store::open(state.join("coordinator.db")).map_err(|e| e.to_string())?;
+    let store = open_existing(state)?;
     let rounds = store.rounds(study).map_err(|e| e.to_string())?;
     let round = match round {
         Some(r) => r,
@@ -261,7 +273,9 @@ fn model_export(
 }
 
 fn audit_verify(log: Option<PathBuf>, state: Option<PathBuf>) -> Result<bool, String> {
-    let path = log.or_else(|| state.map(|s| s.join("audit.log"))).ok_or("give --log or --state")?;
+    let path = log
+        .or_else(|| state.map(|s| s.join("audit.log")))
+        .ok_or("give --log or --state")?;
     let report = fedpriv_common::audit_file::verify_file(&path).map_err(|e| e.to_string())?;
     println!("{}: {report}", path.display());
     Ok(report.is_ok())

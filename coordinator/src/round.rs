@@ -35,7 +35,7 @@ use fedpriv_common::dp::sampling::poisson_sample;
 use fedpriv_common::dp::SgmEvent;
 use fedpriv_common::model::ModelSpec;
 use fedpriv_common::protocol::{DeclineReason, Task};
-use fedpriv_common::wire::{Dtype, TensorHeader};
+use fedpriv_common::wire::TensorHeader;
 
 use crate::strategy::{self, ServerOptimizer};
 
@@ -335,6 +335,12 @@ impl StudyEngine {
         &self.records
     }
 
+    /// Whether streamed upload `upload` is being received and folded (admitted, not
+    /// refused, not finished). The network layer stops reading uploads that are not.
+    pub fn is_receiving(&self, upload: u64) -> bool {
+        matches!(&self.phase, Phase::Collecting { uploads, .. } if uploads.get(&upload).is_some_and(|u| !u.unfolding))
+    }
+
     /// Whether `site` has a task outstanding in the current round.
     pub fn expects_update(&self, site: &str, round: u64) -> bool {
         matches!(&self.phase, Phase::Collecting { round: r, outstanding, .. } if *r == round && outstanding.contains(site))
@@ -612,7 +618,8 @@ impl StudyEngine {
         for (site, ev) in &charged {
             self.spent.entry(site.clone()).or_default().push(*ev);
         }
-        let header = TensorHeader::for_spec(&self.spec, Dtype::F32);
+        // The model goes out in the study's wire encoding; updates may come back in it.
+        let header = TensorHeader::for_spec(&self.spec, self.cfg.encoding);
         let p = &self.cfg.privacy;
         for site in &selected {
             let Some(cost) = charged.get(site) else {

@@ -56,15 +56,21 @@ pub struct Options {
     /// Studies to run (created on first start, resumed afterwards).
     pub studies: Vec<(StudyConfig, String)>,
     /// How much of the sites' uploads may wait, decoded, for the aggregator: this many
-    /// uploads' worth of [`CHUNKS_PER_UPLOAD`] chunks of at most 1 MiB each. Updates are
-    /// folded into the round's aggregate chunk by chunk as they arrive, so no upload ever
-    /// holds a model-sized buffer; this bounds the memory between the connections and the
-    /// aggregator (independent of the model size and of the number of sites).
+    /// uploads' worth of [`CHUNKS_PER_UPLOAD`] chunks of [`UPLOAD_CHUNK_VALUES`] values.
+    /// Updates are folded into the round's aggregate chunk by chunk as they arrive, so no
+    /// upload ever holds a model-sized buffer; this bounds the memory between the
+    /// connections and the aggregator (independent of the model size and of the number of
+    /// sites; each upload in progress also fills one chunk of its own).
     pub max_concurrent_uploads: usize,
 }
 
-/// Chunks (of at most 1 MiB) per unit of [`Options::max_concurrent_uploads`].
-pub const CHUNKS_PER_UPLOAD: usize = 4;
+/// Chunks per unit of [`Options::max_concurrent_uploads`].
+pub const CHUNKS_PER_UPLOAD: usize = 8;
+
+/// Values per upload chunk handed to the aggregator (128 KiB): network packets (about
+/// 1.2 kB each) are gathered up to this size so that spooling and folding work in large
+/// pieces, while each upload in progress holds little (64 sites: 8 MiB in all).
+pub const UPLOAD_CHUNK_VALUES: usize = 1 << 15;
 
 /// Values per piece when an upload's folded prefix is read back from its spool file.
 const UNFOLD_VALUES: usize = 1 << 18;
@@ -101,25 +107,35 @@ enum Event {
         study: String,
         input: Input,
     },
-    /// A streamed upload's begin, chunk or end (`input`), with its spool file (on begin)
-    /// and the permit its chunk holds (released once the chunk is folded).
+    /// A streamed upload's begin, chunk or end (`input`), with its spool (on begin) and
+    /// the permit its chunk holds (released once the chunk is folded).
     Upload {
         study: String,
         input: Input,
-        spool: Option<(u64, Arc<std::fs::File>)>,
+        spool: Option<(u64, Spool)>,
         permit: Option<OwnedSemaphorePermit>,
     },
 }
 
+/// An upload's spool file, and the flag that tells its connection task to stop reading
+/// (set once the upload is refused: the rest of its body is not worth receiving).
+#[derive(Clone)]
+struct Spool {
+    file: Arc<std::fs::File>,
+    refused: Arc<std::sync::atomic::AtomicBool>,
+}
+
 enum Outgoing {
     Message(CoordinatorMessage),
-    WithModel(CoordinatorMessage, Arc<Vec<f32>>),
+    WithModel(CoordinatorMessage, transport::quic_io::SharedBody),
 }
 
 struct StudyRuntime {
     engine: StudyEngine,
     spec: ModelSpec,
     announcement: StudyAnnouncement,
+    /// The model body of the round being sent out, encoded once for every site.
+    broadcast: Option<(u64, transport::quic_io::SharedBody)>,
 }
 
 fn unix_now() -> i64 {
@@ -327,10 +343,58 @@ fn load_studies(
                 engine,
                 spec,
                 announcement,
+                broadcast: None,
             },
         );
     }
     Ok(out)
+}
+
+/// The QUIC stateless-reset key, kept (0600) in the state directory so that it outlives a
+/// crash; created on first start.
+fn reset_key(state_dir: &Path) -> Result<[u8; 32], ServerError> {
+    use std::io::Write;
+    let path = state_dir.join("quic-reset.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes.try_into().map_err(|_| {
+            ServerError::Config(format!(
+                "{} is not a 32-byte key; delete it to make a new one",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                .map_err(|_| ServerError::Internal("no system randomness".into()))?;
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts.open(&path).map_err(io_err(&path))?;
+            f.write_all(&key)
+                .and_then(|()| f.sync_all())
+                .map_err(io_err(&path))?;
+            Ok(key)
+        }
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// A state directory that holds earlier runs' models or audit log but no database lost its
+/// ledger: starting afresh would reset every study's spent budget to zero. Refuse.
+fn refuse_missing_ledger(state_dir: &Path, db: &Path) -> Result<(), ServerError> {
+    let earlier = ["models", "audit.log"]
+        .iter()
+        .map(|f| state_dir.join(f))
+        .find(|p| p.exists());
+    match earlier {
+        Some(evidence) if !db.exists() => Err(ServerError::Config(format!(
+            "state database {} is missing but {} exists from earlier runs: restore the database from backup; \
+             the privacy ledger is never recreated silently (move the whole directory aside to start from nothing)",
+            db.display(),
+            evidence.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Runs the coordinator until `shutdown` turns true (or every study has ended and
@@ -342,10 +406,16 @@ pub async fn run(
     exit_when_done: bool,
 ) -> Result<(), ServerError> {
     std::fs::create_dir_all(&opts.state_dir).map_err(io_err(&opts.state_dir))?;
-    let mut store = Store::open(opts.state_dir.join("coordinator.db"))?;
+    let db = opts.state_dir.join("coordinator.db");
+    refuse_missing_ledger(&opts.state_dir, &db)?;
+    let mut store = Store::open(&db)?;
     let mut studies = load_studies(&mut store, &opts.state_dir, &opts.studies)?;
-    let endpoint =
-        transport::make_server_endpoint(opts.listen, opts.tls, &TransportLimits::default())?;
+    let endpoint = transport::make_server_endpoint_with_reset_key(
+        opts.listen,
+        opts.tls,
+        &TransportLimits::default(),
+        &reset_key(&opts.state_dir)?,
+    )?;
     tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), studies = studies.len(), "coordinator listening");
     let specs: Arc<HashMap<String, (ModelSpec, Vec<String>)>> = Arc::new(
         studies
@@ -407,7 +477,7 @@ pub async fn run(
     let mut noise = NoiseSource::from_os().map_err(|e| ServerError::Internal(e.to_string()))?;
     let mut sites: HashMap<String, (u64, mpsc::UnboundedSender<Outgoing>)> = HashMap::new();
     // Spool files of the streamed uploads in flight, by upload id.
-    let mut spools: HashMap<u64, Arc<std::fs::File>> = HashMap::new();
+    let mut spools: HashMap<u64, Spool> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let state_dir = opts.state_dir.clone();
     let mut result = Ok(());
@@ -420,6 +490,8 @@ pub async fn run(
         let mut _chunk_permit = None;
         // An upload that ended: its spool is dropped once its end is handled.
         let mut ended_upload = None;
+        // An upload that began: if the engine did not admit it, its sender stops.
+        let mut began_upload = None;
         let study_inputs: Vec<(String, Input)> = tokio::select! {
             _ = shutdown.changed() => break,
             _ = tick.tick() => studies.keys().map(|k| (k.clone(), Input::Tick)).collect(),
@@ -446,8 +518,9 @@ pub async fn run(
                     vec![(study, input)]
                 }
                 Some(Event::Upload { study, input, spool, permit }) => {
-                    if let Some((id, file)) = spool {
-                        spools.insert(id, file);
+                    if let Some((id, spool)) = spool {
+                        spools.insert(id, spool);
+                        began_upload = Some(id);
                     }
                     if let Input::UpdateEnd { upload, .. } = &input {
                         ended_upload = Some(*upload);
@@ -473,7 +546,13 @@ pub async fn run(
                 {
                     // Take a refused or cut-short upload's folded values back out, from its
                     // spool, before anything else reaches the engine.
-                    let ok = unfold_from_spool(spools.get(upload), *upload, *len, |input| {
+                    if let Some(spool) = spools.get(upload) {
+                        spool
+                            .refused
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let file = spools.get(upload).map(|s| &s.file);
+                    let ok = unfold_from_spool(file, *upload, *len, |input| {
                         queue.extend(rt.engine.handle(input, now_ms(), &mut noise))
                     });
                     if ok {
@@ -522,6 +601,19 @@ pub async fn run(
                             result = Err(ServerError::Store(e));
                         }
                     }
+                }
+            }
+            // Every task of a round leaves in one batch; holding its body longer would keep
+            // the old model alive when the round closes and force a copy of it.
+            rt.broadcast = None;
+        }
+        if let Some(id) = began_upload {
+            let admitted = studies.values().any(|s| s.engine.is_receiving(id));
+            if !admitted {
+                if let Some(spool) = spools.remove(&id) {
+                    spool
+                        .refused
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }
@@ -578,10 +670,19 @@ fn execute(
         }
         Action::SendTask { site, task, model } => {
             let round = task.round;
+            // One body per round, shared by every site's send buffer (not one copy each).
+            let body = match &rt.broadcast {
+                Some((r, body)) if *r == round => body.clone(),
+                _ => {
+                    let body = transport::quic_io::SharedBody::encode(model, task.header.dtype);
+                    rt.broadcast = Some((round, body.clone()));
+                    body
+                }
+            };
             match sites.get(&site) {
                 Some((_, tx))
                     if tx
-                        .send(Outgoing::WithModel(CoordinatorMessage::Task(task), model))
+                        .send(Outgoing::WithModel(CoordinatorMessage::Task(task), body))
                         .is_ok() =>
                 {
                     tracing::info!(%study, round, %site, "task sent");
@@ -771,10 +872,8 @@ async fn serve_site(peer: AuthenticatedPeer, mut ctx: ConnCtx) {
         while let Some(out) = rx.recv().await {
             let res = match &out {
                 Outgoing::Message(m) => transport::send_message(&writer_conn, m, None).await,
-                Outgoing::WithModel(m, model) => {
-                    // One copy of the model for every site's send buffer, not one each.
-                    let body = transport::quic_io::SharedBody::from_f32(Arc::clone(model));
-                    transport::quic_io::send_message_shared(&writer_conn, m, &body).await
+                Outgoing::WithModel(m, body) => {
+                    transport::quic_io::send_message_shared(&writer_conn, m, body).await
                 }
             };
             if let Err(e) = res {
@@ -890,21 +989,26 @@ async fn stream_update(
     ctx: &ConnCtx,
 ) -> Result<(), String> {
     use std::sync::atomic::Ordering;
-    let mut decoder = match fedpriv_common::wire::TensorBodyDecoder::new(header, spec) {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = recv.stop(transport::quic_io::var_int(e.close_code()));
-            return Err(e.to_string());
-        }
-    };
+    // Sites may send their update in any supported encoding (f32, f16, bf16): rounding a
+    // noised update is theirs to choose; the values are f32 from here on.
+    let accepted = fedpriv_common::wire::Dtype::ALL;
+    let mut decoder =
+        match fedpriv_common::wire::TensorBodyDecoder::new_accepting(header, spec, &accepted) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = recv.stop(transport::quic_io::var_int(e.close_code()));
+                return Err(e.to_string());
+            }
+        };
     let upload = ctx.next_upload.fetch_add(1, Ordering::Relaxed);
-    let spool = open_spool(&ctx.spool_dir, upload).map_err(|e| {
-        let _ = recv.stop(transport::quic_io::var_int(CloseCode::Normal));
-        format!("cannot open a spool file for the upload: {e}")
-    })?;
-    let send = |input: Input,
-                spool: Option<(u64, Arc<std::fs::File>)>,
-                permit: Option<OwnedSemaphorePermit>| {
+    let spool = Spool {
+        file: open_spool(&ctx.spool_dir, upload).map_err(|e| {
+            let _ = recv.stop(transport::quic_io::var_int(CloseCode::Normal));
+            format!("cannot open a spool file for the upload: {e}")
+        })?,
+        refused: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
+    let send = |input: Input, spool: Option<(u64, Spool)>, permit: Option<OwnedSemaphorePermit>| {
         ctx.events
             .send(Event::Upload {
                 study: study.to_string(),
@@ -920,47 +1024,66 @@ async fn stream_update(
             round,
             upload,
         },
-        Some((upload, Arc::clone(&spool))),
+        Some((upload, spool.clone())),
         None,
     )?;
-    let mut spooled = 0u64;
+    // Values gathered from network packets until a chunk is full, and where they start.
+    let mut buf: Vec<f32> = Vec::with_capacity(UPLOAD_CHUNK_VALUES + 1);
+    let mut buf_at = 0usize;
+    let flush = |buf: &mut Vec<f32>, buf_at: &mut usize, permit| -> Result<(), String> {
+        let values = std::mem::replace(buf, Vec::with_capacity(UPLOAD_CHUNK_VALUES + 1));
+        // Spool before the values can be folded: every folded value is on file.
+        let bytes = fedpriv_common::wire::f32_body_bytes(&values);
+        write_spool(&spool.file, &bytes, *buf_at as u64 * 4)
+            .map_err(|e| format!("spool write failed: {e}"))?;
+        let offset = *buf_at;
+        *buf_at += values.len();
+        send(
+            Input::UpdateChunk {
+                upload,
+                offset,
+                values,
+            },
+            None,
+            Some(permit),
+        )
+    };
     let result: Result<(), String> = async {
         loop {
-            let chunk = match recv.read_chunk(1 << 20, true).await {
+            if spool.refused.load(Ordering::Relaxed) {
+                let _ = recv.stop(transport::quic_io::var_int(CloseCode::ProtocolViolation));
+                return Err("refused by the aggregator".into());
+            }
+            // Never more than fits in the chunk (plus the end of a split value).
+            let room = (UPLOAD_CHUNK_VALUES.saturating_sub(buf.len()) * 4).max(4);
+            let chunk = match recv.read_chunk(room, true).await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 Err(e) => return Err(e.to_string()),
             };
-            let permit = Arc::clone(&ctx.uploads)
-                .acquire_owned()
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut offset = None;
-            let mut values: Vec<f32> = Vec::with_capacity(chunk.bytes.len() / 4 + 1);
-            if let Err(e) = decoder.feed(&chunk.bytes, &mut |off, v: &[f32]| {
-                offset.get_or_insert(off);
-                values.extend_from_slice(v);
+            if let Err(e) = decoder.feed(&chunk.bytes, &mut |_, v: &[f32]| {
+                buf.extend_from_slice(v);
             }) {
                 let _ = recv.stop(transport::quic_io::var_int(e.close_code()));
                 return Err(e.to_string());
             }
-            // Spool before the values can be folded: every folded value is on file.
-            write_spool(&spool, &chunk.bytes, spooled)
-                .map_err(|e| format!("spool write failed: {e}"))?;
-            spooled += chunk.bytes.len() as u64;
-            if let Some(offset) = offset {
-                send(
-                    Input::UpdateChunk {
-                        upload,
-                        offset,
-                        values,
-                    },
-                    None,
-                    Some(permit),
-                )?;
+            if buf.len() >= UPLOAD_CHUNK_VALUES {
+                let permit = Arc::clone(&ctx.uploads)
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                flush(&mut buf, &mut buf_at, permit)?;
             }
         }
-        decoder.finish().map_err(|e| e.to_string())
+        decoder.finish().map_err(|e| e.to_string())?;
+        if !buf.is_empty() {
+            let permit = Arc::clone(&ctx.uploads)
+                .acquire_owned()
+                .await
+                .map_err(|e| e.to_string())?;
+            flush(&mut buf, &mut buf_at, permit)?;
+        }
+        Ok(())
     }
     .await;
     send(

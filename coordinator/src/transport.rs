@@ -76,6 +76,32 @@ pub fn make_server_endpoint(
     quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
 }
 
+/// As [`make_server_endpoint`], with a stateless-reset key that survives restarts: after a
+/// crash the restarted coordinator can reset the sites' stale connections at once, instead
+/// of the sites waiting out their idle timeout before they reconnect.
+pub fn make_server_endpoint_with_reset_key(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    limits: &TransportLimits,
+    reset_key: &[u8; 32],
+) -> Result<quinn::Endpoint, EndpointError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
+        .map_err(|e| EndpointError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(
+        limits.transport_config().map_err(EndpointError::Limits)?,
+    ));
+    config.migration(false);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(key));
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| EndpointError::Bind { addr, source })?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| EndpointError::Limits("no async runtime for the QUIC endpoint".into()))?;
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+        .map_err(|source| EndpointError::Bind { addr, source })
+}
+
 /// Completes the handshake of an incoming connection and reads the peer's identity from its
 /// verified certificate. Refusals are logged (warn) with the address and reason, and the
 /// peer gets a close code: TLS failures (no certificate, unknown CA, expired, revoked,

@@ -1,0 +1,195 @@
+//! Criterion benches of the coordinator's aggregation: one round of N updates of D values
+//! folded into the round engine, streamed in 1 MiB chunks (what the server does) or whole
+//! (the reference path), through the round's close (mean, FedAvg step) and the start of
+//! the next round. Setup (sites ready, spend committed, update buffers) is not timed.
+//!
+//! `cargo bench --bench aggregate`; `FEDPRIV_BENCH_D=10000000` for a bigger model.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use fedpriv_common::config::StudyConfig;
+use fedpriv_common::dp::noise::NoiseSource;
+use fedpriv_common::model::{ModelSpec, TensorSpec};
+use fedpriv_coordinator::round::{Action, Input, StudyEngine};
+
+/// Values per streamed chunk: 1 MiB of f32, the server's read size.
+const CHUNK: usize = 1 << 18;
+
+fn study(sites: usize) -> Arc<StudyConfig> {
+    let enrolled: Vec<String> = (0..sites).map(|i| format!("\"s{i}\"")).collect();
+    let text = format!(
+        r#"
+[study]
+id = "bench"
+model = {{ kind = "logistic_regression" }}
+rounds = 1000000
+min_sites = {sites}
+round_timeout_secs = 600
+
+[data]
+task = "binary"
+label = "y"
+features = ["a"]
+ranges = {{ a = [0.0, 1.0] }}
+
+[training]
+strategy = "fedavg"
+local_epochs = 1
+batch_size = 8
+learning_rate = 0.1
+server_learning_rate = 1.0
+
+[privacy]
+unit = "site"
+placement = "local"
+site_sample_rate = 1.0
+clip_norm = 1.0
+noise_multiplier = 1.0
+epsilon = 1000000.0
+delta = 1e-5
+accountant = "rdp"
+
+[sites]
+enrolled = [{}]
+"#,
+        enrolled.join(", ")
+    );
+    match StudyConfig::from_toml(&text) {
+        Ok(c) => Arc::new(c),
+        Err(e) => panic!("bench study: {e}"),
+    }
+}
+
+/// An engine collecting round 1 from `sites` sites, and a noise source.
+fn collecting(sites: usize, d: usize) -> (StudyEngine, NoiseSource) {
+    let spec = match ModelSpec::new(vec![TensorSpec::new("w", &[d as u64])]) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let mut noise = match NoiseSource::from_os() {
+        Ok(n) => n,
+        Err(e) => panic!("{e}"),
+    };
+    let mut eng = StudyEngine::new(
+        study(sites),
+        spec,
+        vec![0.0; d],
+        1,
+        BTreeMap::new(),
+        BTreeMap::new(),
+    );
+    for i in 0..sites {
+        eng.handle(
+            Input::SiteReady {
+                site: format!("s{i}"),
+                records: 100,
+            },
+            0,
+            &mut noise,
+        );
+    }
+    let out = eng.handle(Input::SpendCommitted { round: 1 }, 0, &mut noise);
+    assert_eq!(out.len(), sites, "tasks: {out:?}");
+    (eng, noise)
+}
+
+fn update(d: usize, seed: usize) -> Vec<f32> {
+    (0..d)
+        .map(|i| ((i * 7 + seed * 13) % 101) as f32 * 1e-6 - 5e-5)
+        .collect()
+}
+
+fn closed(out: &[Action]) -> bool {
+    out.iter().any(|a| matches!(a, Action::Checkpoint { .. }))
+}
+
+fn rounds(c: &mut Criterion) {
+    let d: usize = std::env::var("FEDPRIV_BENCH_D")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let mut g = c.benchmark_group(format!("round_aggregate_d{d}"));
+    g.measurement_time(Duration::from_secs(8)).sample_size(20);
+    for sites in [4usize, 8] {
+        g.throughput(Throughput::Bytes((sites * d * 4) as u64));
+        let updates: Vec<Vec<f32>> = (0..sites).map(|s| update(d, s)).collect();
+        g.bench_with_input(
+            BenchmarkId::new("streamed_1MiB_chunks", sites),
+            &sites,
+            |b, &n| {
+                b.iter_batched(
+                    || {
+                        let (eng, noise) = collecting(n, d);
+                        // The chunks as the network layer hands them over (owned vectors).
+                        let chunks: Vec<Vec<Vec<f32>>> = updates
+                            .iter()
+                            .map(|u| u.chunks(CHUNK).map(<[f32]>::to_vec).collect())
+                            .collect();
+                        (eng, noise, chunks)
+                    },
+                    |(mut eng, mut noise, chunks)| {
+                        let mut done = false;
+                        for (i, site_chunks) in chunks.into_iter().enumerate() {
+                            let upload = i as u64 + 1;
+                            let begin = Input::UpdateBegin {
+                                site: format!("s{i}"),
+                                round: 1,
+                                upload,
+                            };
+                            eng.handle(begin, 1, &mut noise);
+                            for (k, values) in site_chunks.into_iter().enumerate() {
+                                let chunk = Input::UpdateChunk {
+                                    upload,
+                                    offset: k * CHUNK,
+                                    values,
+                                };
+                                eng.handle(chunk, 1, &mut noise);
+                            }
+                            let out = eng.handle(
+                                Input::UpdateEnd {
+                                    upload,
+                                    result: Ok(()),
+                                },
+                                1,
+                                &mut noise,
+                            );
+                            done |= closed(&out);
+                        }
+                        assert!(done, "the round did not close");
+                        eng
+                    },
+                    BatchSize::PerIteration,
+                )
+            },
+        );
+        g.bench_with_input(BenchmarkId::new("whole_updates", sites), &sites, |b, &n| {
+            b.iter_batched(
+                || {
+                    let (eng, noise) = collecting(n, d);
+                    (eng, noise, updates.clone())
+                },
+                |(mut eng, mut noise, updates)| {
+                    let mut done = false;
+                    for (i, values) in updates.into_iter().enumerate() {
+                        let input = Input::Update {
+                            site: format!("s{i}"),
+                            round: 1,
+                            values,
+                        };
+                        done |= closed(&eng.handle(input, 1, &mut noise));
+                    }
+                    assert!(done, "the round did not close");
+                    eng
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, rounds);
+criterion_main!(benches);
