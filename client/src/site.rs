@@ -296,7 +296,9 @@ pub fn run_task(
         } => {
             let mut m = model.clone();
             let q = expected_batch / study.data.n as f64;
+            let mut taken = 0u64;
             for _ in 0..*steps {
+                taken += 1;
                 let batch = poisson_sample(study.data.n, q, noise.rng());
                 let z = noise.gaussian(m.values.len(), sigma_c);
                 train::dp_sgd_step(
@@ -310,6 +312,12 @@ pub fn run_task(
                     *learning_rate,
                 )
                 .map_err(|e| internal(&e))?;
+            }
+            // The ledger was charged for `own.steps` steps; anything else must not leave.
+            if taken != own.steps || q.to_bits() != own.q.get().to_bits() {
+                return Err(DeclineReason::Internal(
+                    "DP-SGD did not run the steps the ledger paid for".into(),
+                ));
             }
             delta(&m.values, &model.values)
         }
@@ -355,6 +363,93 @@ mod tests {
             placement: Placement::Local,
             delta: 1e-6,
         }
+    }
+
+    #[test]
+    fn the_ledger_pays_exactly_the_dp_sgd_steps_taken_and_refuses_replays_and_underpricing() {
+        use fedpriv_common::dp::SgmEvent;
+        use fedpriv_common::wire::{Dtype, TensorHeader};
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::from("age,y\n");
+        for i in 0..200 {
+            text.push_str(&format!("{},{}\n", 30 + i % 50, i % 2));
+        }
+        std::fs::write(dir.path().join("patients.csv"), text).unwrap();
+        let mut ann = announcement(&["age"]);
+        ann.unit = PrivacyUnit::Record;
+        let cfg = config(dir.path(), "");
+        let study = prepare_study_with_check(&cfg, &ann).result.unwrap();
+        let mut ledger = SiteLedger::open(dir.path().join("ledger.db")).unwrap();
+        let mut noise = NoiseSource::from_os().unwrap();
+        let plan = LocalPlan::DpSgd {
+            steps: 7,
+            expected_batch: 20.0,
+            learning_rate: 0.5,
+        };
+        let cost = round_cost(
+            PrivacyUnit::Record,
+            Placement::Local,
+            2.0,
+            1.0,
+            &plan,
+            Some(200),
+        )
+        .unwrap();
+        let mut task = Task {
+            study: "s".into(),
+            round: 1,
+            header: TensorHeader::for_spec(&study.spec, Dtype::F32),
+            cost,
+            clip_norm: 1.0,
+            noise_multiplier: 2.0,
+            unit: PrivacyUnit::Record,
+            placement: Placement::Local,
+            local: plan,
+            delta: ann.delta,
+        };
+        let global = vec![0.0f32; study.spec.num_values()];
+        let update = run_task(
+            &cfg,
+            &study,
+            &mut ledger,
+            &mut noise,
+            &task,
+            global.clone(),
+            "coordinator",
+        )
+        .unwrap();
+        assert_eq!(update.len(), global.len());
+        assert!(update.iter().any(|v| *v != 0.0));
+        let paid = ledger.events("s").unwrap();
+        assert_eq!(paid, vec![SgmEvent::new(0.1, 2.0, 7).unwrap()]);
+        // A replayed task is refused and charges nothing.
+        let again = run_task(
+            &cfg,
+            &study,
+            &mut ledger,
+            &mut noise,
+            &task,
+            global.clone(),
+            "coordinator",
+        );
+        assert_eq!(again, Err(DeclineReason::AlreadySpent));
+        // A coordinator that under-prices a round (fewer steps than the plan runs) is refused.
+        task.round = 2;
+        task.cost = SgmEvent::new(0.1, 2.0, 3).unwrap();
+        let cheap = run_task(
+            &cfg,
+            &study,
+            &mut ledger,
+            &mut noise,
+            &task,
+            global,
+            "coordinator",
+        );
+        assert!(
+            matches!(cheap, Err(DeclineReason::TaskMismatch(_))),
+            "{cheap:?}"
+        );
+        assert_eq!(ledger.events("s").unwrap().len(), 1);
     }
 
     /// 40 patients: an ordinary feature, a ZIP code stored as a number, a label.
