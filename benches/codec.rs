@@ -1,7 +1,7 @@
 //! Criterion benches of the wire and file codecs on a 1M-value (4 MB) model: control
-//! frames, the tensor body decoder (aligned network chunks and unaligned packet-sized
-//! pieces), and checkpoint serialisation (the streamed writer against building the whole
-//! safetensors image in memory).
+//! frames, the tensor body decoder (f32 in aligned network chunks and in unaligned
+//! packet-sized pieces; f16 and bf16), the 16-bit encoders, and checkpoint serialisation
+//! (the streamed writer against building the whole safetensors image in memory).
 //!
 //! `cargo bench --bench codec`
 
@@ -14,7 +14,7 @@ use fedpriv_common::dp::SgmEvent;
 use fedpriv_common::model::{FlatModel, ModelSpec, TensorSpec};
 use fedpriv_common::protocol::{CoordinatorMessage, Task};
 use fedpriv_common::wire::{
-    decode_frame, encode_frame, f32_body_bytes, Dtype, TensorBodyDecoder, TensorHeader,
+    decode_frame, encode_body, encode_frame, Dtype, TensorBodyDecoder, TensorHeader,
 };
 use fedpriv_coordinator::server::write_safetensors;
 
@@ -70,31 +70,45 @@ fn frames(c: &mut Criterion) {
 
 fn body_decoder(c: &mut Criterion) {
     let spec = spec();
-    let header = TensorHeader::for_spec(&spec, Dtype::F32);
     let v = values(D);
-    let bytes = f32_body_bytes(&v).into_owned();
-    let mut g = c.benchmark_group("tensor_body_decode_4MB");
-    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    let mut g = c.benchmark_group("tensor_body_decode_1M_values");
+    // Throughput in values (the sink reads every value).
+    g.throughput(Throughput::Elements(D as u64));
     g.measurement_time(Duration::from_secs(5));
-    for (name, piece) in [
-        ("aligned_1MiB_chunks", 1usize << 20),
-        ("unaligned_1451B", 1451),
-    ] {
+    let cases = [
+        ("f32_1MiB_chunks", Dtype::F32, 1usize << 20),
+        ("f32_unaligned_1451B", Dtype::F32, 1451),
+        ("f16_1451B", Dtype::F16, 1451),
+        ("bf16_1451B", Dtype::Bf16, 1451),
+    ];
+    for (name, dtype, piece) in cases {
+        let header = TensorHeader::for_spec(&spec, dtype);
+        let bytes = encode_body(&v, dtype).into_owned();
         g.bench_function(name, |b| {
             b.iter(|| {
-                let mut dec = match TensorBodyDecoder::new(&header, &spec) {
+                let mut dec = match TensorBodyDecoder::new_accepting(&header, &spec, &Dtype::ALL) {
                     Ok(d) => d,
                     Err(e) => panic!("{e}"),
                 };
-                let mut seen = 0usize;
-                let mut sink = |_: usize, v: &[f32]| seen += black_box(v).len();
+                // Reads every value, cheaply (an xor of the bits vectorises).
+                let mut acc = 0u32;
+                let mut sink =
+                    |_: usize, v: &[f32]| acc ^= v.iter().fold(0, |a, x| a ^ x.to_bits());
                 for p in bytes.chunks(piece) {
-                    if let Err(e) = dec.feed(p, &mut sink) {
+                    if let Err(e) = dec.feed(black_box(p), &mut sink) {
                         panic!("{e}");
                     }
                 }
-                seen
+                acc
             })
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("tensor_body_encode_1M_values");
+    g.throughput(Throughput::Elements(D as u64));
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        g.bench_function(dtype.as_str(), |b| {
+            b.iter(|| encode_body(black_box(&v), dtype).len())
         });
     }
     g.finish();

@@ -1,5 +1,5 @@
 //! Accuracy per epsilon of the real federation (coordinator and three site daemons over
-//! loopback QUIC, through `fedpriv::demo`), for docs/accuracy.md:
+//! loopback QUIC with mutual TLS, through `fedpriv::demo`), for docs/accuracy.md:
 //!
 //! ```text
 //! cargo run --release --example accuracy               # the test-set tables (all parts)
@@ -8,15 +8,19 @@
 //!
 //! Test-set mode: breast cancer (logistic regression) at epsilon 0.5, 1, 2, 4, 8 with
 //! record-level DP and with site-level DP (local noise), on an even IID and an uneven
-//! non-IID split, next to the non-private federated model; diabetes (linear regression)
-//! RMSE at epsilon 1, 4, 8 next to least squares. Every cell is the mean and spread over
-//! `--seeds` runs; a run's seed picks the assignment of training records to sites, and the
-//! DP noise is fresh from the operating system's generator each run. The 20% test set is
-//! the same in every run (split seed 42). Hyperparameters are the recommended defaults of
-//! `fedpriv::demo` (chosen with `--tune` on validation data), overridable by flags.
+//! non-IID split, next to the non-private federated model and the majority class; diabetes
+//! (linear regression) RMSE at epsilon 1, 4, 8 next to least squares and the training mean.
+//! Every cell is the mean and spread over `--seeds` runs; a run's seed picks the assignment
+//! of training records to sites, and the DP noise and Poisson batches are fresh from the
+//! operating system's generator each run. The 20% test set is the same in every run (split
+//! seed 42). Hyperparameters are the recommended plans of `fedpriv::demo`
+//! (`recommended_record`, `recommended_site`, `recommended_features`, chosen with `--tune`
+//! on validation data), overridable by flags; the noise multiplier is calibrated per cell so
+//! that the planned rounds fit the budget at the smallest site's sampling rate.
 //!
-//! `--tune` never reads the test set: it carves a validation set out of the training part,
-//! runs a small grid at two epsilons and prints each setting's mean validation score.
+//! `--tune` never reads the test set: it carves 20% of the training part out as a
+//! validation set (the sites train on the rest), runs a grid at epsilon 1 and 4 on the IID
+//! split and prints each setting's mean validation score; the best mean wins.
 //!
 //! Prints one JSON line per cell (prefixed `json `) and the markdown tables at the end.
 
@@ -199,6 +203,19 @@ impl Runner {
             .collect()
     }
 
+    fn constant(&self, base: &DemoOptions) -> Result<Vec<f64>, String> {
+        (1..=self.seeds)
+            .map(|seed| {
+                let opts = DemoOptions {
+                    shard_seed: Some(seed),
+                    ..base.clone()
+                };
+                let sc = demo::constant_baseline(&opts)?;
+                Ok(sc.rmse.or(sc.accuracy).unwrap_or(f64::NAN))
+            })
+            .collect()
+    }
+
     fn least_squares(&self, base: &DemoOptions) -> Result<Vec<f64>, String> {
         (1..=self.seeds)
             .map(|seed| {
@@ -270,8 +287,11 @@ fn options(args: &Args, data: DemoData, unit: &str, non_iid: bool, epsilon: f64)
     }
 }
 
+/// A study's feature columns (`None`: all).
+type Features = Option<Vec<String>>;
+
 /// A named breast-cancer feature set, or a comma-separated list of columns.
-fn feature_set(name: &str) -> Option<Vec<String>> {
+fn feature_set(name: &str) -> Features {
     let named = |f: &[&str]| Some(f.iter().map(|s| s.to_string()).collect());
     match name {
         "all" => None,
@@ -281,7 +301,7 @@ fn feature_set(name: &str) -> Option<Vec<String>> {
     }
 }
 
-fn feature_label(f: &Option<Vec<String>>) -> String {
+fn feature_label(f: &Features) -> String {
     match f {
         None => "all".into(),
         Some(v) if v.iter().map(String::as_str).eq(demo::WORST_FEATURES) => "worst".into(),
@@ -369,7 +389,7 @@ async fn tables(args: &Args, runner: &Runner) -> Result<(), String> {
     let bc = DemoData::BreastCancer;
     if has("record") || has("site") {
         let units: Vec<&str> = ["record", "site"].into_iter().filter(|u| has(u)).collect();
-        let mut header = format!("| epsilon |");
+        let mut header = "| epsilon |".to_string();
         let mut rule = "|---|".to_string();
         for u in &units {
             for &n in &splits {
@@ -408,22 +428,60 @@ async fn tables(args: &Args, runner: &Runner) -> Result<(), String> {
             }
             rows.push(row);
         }
-        let mut row = "| non-private |".to_string();
-        for _ in &units {
+        // References, once per split, repeated under each unit.
+        let features = options(args, bc, "record", false, 1.0).features;
+        // (row label, JSON part, Some(feature set): non-private FedAvg; None: majority class)
+        let references: [(String, &str, Option<Features>); 3] = [
+            (
+                format!(
+                    "non-private federated, same features ({})",
+                    match feature_label(&features).as_str() {
+                        "worst" => "the 10 worst_* features".to_string(),
+                        other => other.to_string(),
+                    }
+                ),
+                "breast-cancer/non-private",
+                Some(features),
+            ),
+            (
+                "non-private federated, all 30 features".to_string(),
+                "breast-cancer/non-private-all-features",
+                Some(None),
+            ),
+            (
+                "always the training data's majority class".to_string(),
+                "breast-cancer/majority-class",
+                None,
+            ),
+        ];
+        for (label, part, features) in references {
+            let mut cells = Vec::new();
             for &n in &splits {
-                let opts = options(args, bc, "record", n, 1.0);
-                let v = runner.non_private(&opts, NON_PRIVATE_ROUNDS)?;
+                let mut opts = options(args, bc, "record", n, 1.0);
+                let v = match &features {
+                    Some(f) => {
+                        opts.features = f.clone();
+                        runner.non_private(&opts, NON_PRIVATE_ROUNDS)?
+                    }
+                    None => runner.constant(&opts)?,
+                };
                 json_line(
-                    "breast-cancer/non-private",
+                    part,
                     split_name(n),
                     None,
                     &v,
                     &format!(",\"set\":\"{set}\",\"metric\":\"accuracy\""),
                 );
-                row.push_str(&format!(" {} |", pct(&v)));
+                cells.push(pct(&v));
             }
+            let mut row = format!("| {label} |");
+            for _ in &units {
+                for c in &cells {
+                    row.push_str(&format!(" {c} |"));
+                }
+            }
+            rows.push(row);
         }
-        rows.push(row);
         md.push(format!(
             "Breast cancer, logistic regression, {set} accuracy in % (mean ± sd over {} seeds, min–max), delta = 1e-5:\n\n{header}\n{rule}\n{}\n\n{}",
             runner.seeds,
@@ -471,8 +529,9 @@ async fn tables(args: &Args, runner: &Runner) -> Result<(), String> {
             }
             rows.push(row);
         }
-        let mut ls_row = "| least squares (pooled, closed form) |".to_string();
+        let mut ls_row = "| least squares (pooled training data, closed form) |".to_string();
         let mut np_row = "| non-private federated |".to_string();
+        let mut mean_row = "| always the training data's mean |".to_string();
         for &n in &splits {
             let opts = options(args, data, "record", n, 1.0);
             let ls = runner.least_squares(&opts)?;
@@ -493,9 +552,19 @@ async fn tables(args: &Args, runner: &Runner) -> Result<(), String> {
                 &format!(",\"set\":\"{set}\",\"metric\":\"rmse\""),
             );
             np_row.push_str(&format!(" {} |", num(&np)));
+            let c = runner.constant(&opts)?;
+            json_line(
+                "diabetes/training-mean",
+                split_name(n),
+                None,
+                &c,
+                &format!(",\"set\":\"{set}\",\"metric\":\"rmse\""),
+            );
+            mean_row.push_str(&format!(" {} |", num(&c)));
         }
         rows.push(ls_row);
         rows.push(np_row);
+        rows.push(mean_row);
         md.push(format!(
             "Diabetes progression, linear regression, {set} RMSE in the label's units (mean ± sd over {} seeds, min–max), delta = 1e-5:\n\n{header}\n{rule}\n{}\n\n{}",
             runner.seeds,
@@ -609,7 +678,7 @@ async fn tune(args: &Args, runner: &Runner) -> Result<(), String> {
         ));
     }
     println!(
-        "\n| part | setting | mean validation score over epsilon {:?} | worst | mean validation loss |",
+        "\n| part | setting | mean validation score over epsilon {:?} (accuracy: higher is better; RMSE: lower) | worst | mean validation loss |",
         args.tune_epsilons
     );
     println!("|---|---|---|---|---|");
@@ -619,7 +688,7 @@ async fn tune(args: &Args, runner: &Runner) -> Result<(), String> {
     Ok(())
 }
 
-fn with_features(setting: Setting, features: Option<Vec<String>>) -> Setting {
+fn with_features(setting: Setting, features: Features) -> Setting {
     let Setting { label, apply } = setting;
     Setting {
         label: format!("features={} {label}", feature_label(&features)),

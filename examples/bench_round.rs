@@ -178,8 +178,7 @@ model = {{ kind = "mlp", hidden = {hidden} }}
 rounds = {rounds}
 min_sites = {sites}
 round_timeout_secs = 600
-encoding = "{encoding}"
-
+{encoding}
 [data]
 task = "binary"
 label = "y"
@@ -209,7 +208,13 @@ enrolled = [{enrolled}]
         features = quoted.join(", "),
         ranges = ranges.join(", "),
         enrolled = enrolled.join(", "),
-        encoding = encoding.as_str(),
+        // Only when it is not the default, so that coordinators from before the option
+        // (e.g. a baseline build of an older commit, via --coordinator) accept the study.
+        encoding = if encoding == Dtype::F32 {
+            String::new()
+        } else {
+            format!("encoding = \"{}\"\n", encoding.as_str())
+        },
     ))
 }
 

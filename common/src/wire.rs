@@ -365,13 +365,30 @@ pub fn encode_body(values: &[f32], dtype: Dtype) -> std::borrow::Cow<'_, [u8]> {
 
 /// Encodes `values` in a 16-bit `dtype` into `out` (2 bytes per value, little-endian).
 pub fn encode_16_into(values: &[f32], dtype: Dtype, out: &mut [u8]) {
-    let conv = if dtype == Dtype::F16 {
-        f32_to_f16
+    // One loop per conversion (not a function pointer) so that each inlines.
+    fn each(values: &[f32], out: &mut [u8], conv: impl Fn(f32) -> u16) {
+        for (o, &v) in out.chunks_exact_mut(2).zip(values) {
+            o.copy_from_slice(&conv(v).to_le_bytes());
+        }
+    }
+    if dtype == Dtype::F16 {
+        each(values, out, f32_to_f16);
     } else {
-        f32_to_bf16
-    };
-    for (o, &v) in out.chunks_exact_mut(2).zip(values) {
-        o.copy_from_slice(&conv(v).to_le_bytes());
+        each(values, out, f32_to_bf16);
+    }
+}
+
+/// Decodes little-endian 16-bit values of `dtype` from `bytes` into `out`.
+fn decode_16_into(bytes: &[u8], dtype: Dtype, out: &mut [f32]) {
+    fn each(bytes: &[u8], out: &mut [f32], conv: impl Fn(u16) -> f32) {
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            *o = conv(u16::from_le_bytes([b[0], b[1]]));
+        }
+    }
+    if dtype == Dtype::F16 {
+        each(bytes, out, f16_to_f32);
+    } else {
+        each(bytes, out, bf16_to_f32);
     }
 }
 
@@ -644,17 +661,10 @@ impl TensorBodyDecoder {
         if self.scratch.is_empty() {
             self.scratch = vec![0.0; SCRATCH_VALUES];
         }
-        let conv = if self.dtype == Dtype::F16 {
-            f16_to_f32
-        } else {
-            bf16_to_f32
-        };
         for chunk in body.chunks(SCRATCH_VALUES * 2) {
             let n = chunk.len() / 2;
             let out = &mut self.scratch[..n];
-            for (o, b) in out.iter_mut().zip(chunk.chunks_exact(2)) {
-                *o = conv(u16::from_le_bytes([b[0], b[1]]));
-            }
+            decode_16_into(chunk, self.dtype, out);
             sink(self.next_value, out);
             self.next_value += n;
         }

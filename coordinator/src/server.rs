@@ -117,8 +117,8 @@ enum Event {
     },
 }
 
-/// An upload's spool file, and the flag that tells its connection task to stop reading
-/// (set once the upload is refused: the rest of its body is not worth receiving).
+/// An upload's spool file, and the flag that tells its connection task to stop spooling
+/// and forwarding (set once the upload is refused: the rest of its body is drained).
 #[derive(Clone)]
 struct Spool {
     file: Arc<std::fs::File>,
@@ -1050,17 +1050,29 @@ async fn stream_update(
     };
     let result: Result<(), String> = async {
         loop {
-            if spool.refused.load(Ordering::Relaxed) {
-                let _ = recv.stop(transport::quic_io::var_int(CloseCode::ProtocolViolation));
-                return Err("refused by the aggregator".into());
-            }
+            let refused = spool.refused.load(Ordering::Relaxed);
             // Never more than fits in the chunk (plus the end of a split value).
-            let room = (UPLOAD_CHUNK_VALUES.saturating_sub(buf.len()) * 4).max(4);
+            let room = if refused {
+                1 << 20
+            } else {
+                (UPLOAD_CHUNK_VALUES.saturating_sub(buf.len()) * 4).max(4)
+            };
             let chunk = match recv.read_chunk(room, true).await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 Err(e) => return Err(e.to_string()),
             };
+            if refused {
+                // The aggregator refused the upload (already reported): drain the rest
+                // unspooled, length-checked, so the site sees its message delivered as
+                // before (stopping the stream would make it drop its connection).
+                buf.clear();
+                if let Err(e) = decoder.feed(&chunk.bytes, &mut |_, _: &[f32]| {}) {
+                    let _ = recv.stop(transport::quic_io::var_int(e.close_code()));
+                    return Err(e.to_string());
+                }
+                continue;
+            }
             if let Err(e) = decoder.feed(&chunk.bytes, &mut |_, v: &[f32]| {
                 buf.extend_from_slice(v);
             }) {
@@ -1076,7 +1088,7 @@ async fn stream_update(
             }
         }
         decoder.finish().map_err(|e| e.to_string())?;
-        if !buf.is_empty() {
+        if !buf.is_empty() && !spool.refused.load(Ordering::Relaxed) {
             let permit = Arc::clone(&ctx.uploads)
                 .acquire_owned()
                 .await
