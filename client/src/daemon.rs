@@ -253,9 +253,16 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                 };
                 let mut global = vec![0f32; study.spec.num_values()];
                 if let Err(e) =
-                    quic_io::recv_tensor_body(&mut recv, &task.header, &study.spec, |off, chunk| {
-                        global[off..off + chunk.len()].copy_from_slice(chunk);
-                    })
+                    // The study may send the model as bf16/f16 (post-processing, no privacy cost).
+                    quic_io::recv_tensor_body_accepting(
+                        &mut recv,
+                        &task.header,
+                        &study.spec,
+                        &Dtype::ALL,
+                        |off, chunk| {
+                            global[off..off + chunk.len()].copy_from_slice(chunk);
+                        },
+                    )
                     .await
                 {
                     tracing::warn!(error = %e, "task body refused");
@@ -290,9 +297,10 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                 let sent = match outcome {
                     Ok(update) => {
                         tracing::info!(study = %task.study, round = task.round, "update trained, noised and sent");
-                        let header =
-                            TensorHeader::for_spec(&task_spec(state, &task.study), Dtype::F32);
-                        quic_io::send_message(
+                        // Updates go back in the study's encoding; they are already noised.
+                        let dtype = task.header.dtype;
+                        let header = TensorHeader::for_spec(&task_spec(state, &task.study), dtype);
+                        quic_io::send_message_as(
                             conn,
                             &SiteMessage::Update {
                                 study: task.study.clone(),
@@ -300,6 +308,7 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                                 header,
                             },
                             Some(&update),
+                            dtype,
                         )
                         .await
                     }
