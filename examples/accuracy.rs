@@ -244,47 +244,27 @@ fn non_private_training(data: DemoData) -> LocalTraining {
 /// Rounds of the non-private reference (enough to converge).
 const NON_PRIVATE_ROUNDS: u64 = 100;
 
+/// The recommended plan for this cell, with the flags' overrides.
 fn options(args: &Args, data: DemoData, unit: &str, non_iid: bool, epsilon: f64) -> DemoOptions {
-    let rec_default = demo::recommended_record(data);
-    let record = RecordTraining {
-        local_steps: args.local_steps.unwrap_or(rec_default.training.local_steps),
-        expected_batch: args
-            .expected_batch
-            .unwrap_or(rec_default.training.expected_batch),
-        learning_rate: args.lr.unwrap_or(rec_default.training.learning_rate),
-        clip_norm: args.clip.unwrap_or(rec_default.training.clip_norm),
-        ..rec_default.training
-    };
-    let site_default = demo::recommended_site(data);
-    let site = SiteTraining {
-        clip_norm: args.site_clip.unwrap_or(site_default.training.clip_norm),
-        ..site_default.training
-    };
+    let mut o = DemoOptions::recommended(data, unit, epsilon);
+    let r = &mut o.record;
+    r.local_steps = args.local_steps.unwrap_or(r.local_steps);
+    r.expected_batch = args.expected_batch.unwrap_or(r.expected_batch);
+    r.learning_rate = args.lr.unwrap_or(r.learning_rate);
+    r.clip_norm = args.clip.unwrap_or(r.clip_norm);
+    o.site.clip_norm = args.site_clip.unwrap_or(o.site.clip_norm);
     let rounds = if unit == "site" {
-        args.site_rounds.unwrap_or(site_default.rounds)
+        args.site_rounds
     } else {
-        args.rounds.unwrap_or(rec_default.rounds)
+        args.rounds
     };
-    let features = match (&args.features, data) {
-        (Some(f), DemoData::BreastCancer) => feature_set(f),
-        _ => demo::recommended_features(data),
-    };
-    DemoOptions {
-        unit: unit.into(),
-        epsilon,
-        rounds,
-        non_iid,
-        site_cap: epsilon.max(10.0),
-        data,
-        features,
-        validation: args.validation,
-        record,
-        site,
-        noise: NoisePlan::Calibrated,
-        // Every planned round fits every site's budget, so wait for all three.
-        min_sites: 3,
-        ..DemoOptions::default()
+    o.rounds = rounds.unwrap_or(o.rounds);
+    if let (Some(f), DemoData::BreastCancer) = (&args.features, data) {
+        o.features = feature_set(f);
     }
+    o.non_iid = non_iid;
+    o.validation = args.validation;
+    o
 }
 
 /// A study's feature columns (`None`: all).

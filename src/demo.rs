@@ -288,23 +288,62 @@ pub struct DemoOptions {
 }
 
 impl Default for DemoOptions {
+    /// The hospitals demo's own plan, as before the recommended plans existed: all 30
+    /// features, a fixed noise multiplier of 2.5 with 5 DP-SGD steps of expected batch 16
+    /// per round (learning rate 1, clip norm 1), run until the budget of epsilon 2 or 40
+    /// rounds run out. [`DemoOptions::recommended`] gives the README's recommended plan.
     fn default() -> Self {
         Self {
             unit: "record".into(),
             epsilon: 2.0,
             delta: 1e-5,
-            rounds: 20,
+            rounds: 40,
             seed: 42,
             shard_seed: None,
             non_iid: true,
             site_cap: 10.0,
             data: DemoData::BreastCancer,
-            features: recommended_features(DemoData::BreastCancer),
+            features: None,
             validation: None,
-            record: RecordTraining::default(),
+            record: RecordTraining {
+                local_steps: 5,
+                expected_batch: 16.0,
+                learning_rate: 1.0,
+                clip_norm: 1.0,
+                server_learning_rate: 1.0,
+            },
             site: SiteTraining::default(),
-            noise: NoisePlan::Calibrated,
+            noise: NoisePlan::Fixed(2.5),
             min_sites: 2,
+        }
+    }
+}
+
+impl DemoOptions {
+    /// The recommended plan for `data` and `unit` (`record` or `site`) at budget `epsilon`:
+    /// the recommended features, rounds and local training (chosen on validation data, see
+    /// docs/accuracy.md), the noise multiplier calibrated so that every planned round fits
+    /// the budget at every site, and all three sites in every round.
+    pub fn recommended(data: DemoData, unit: &str, epsilon: f64) -> Self {
+        let record = recommended_record(data);
+        let site = recommended_site(data);
+        Self {
+            unit: unit.into(),
+            epsilon,
+            rounds: if unit == "site" {
+                site.rounds
+            } else {
+                record.rounds
+            },
+            data,
+            features: recommended_features(data),
+            record: record.training,
+            site: site.training,
+            noise: NoisePlan::Calibrated,
+            // Every planned round fits every site's budget, so each round waits for all three.
+            min_sites: SITES.len(),
+            site_cap: epsilon.max(10.0),
+            ..Self::default()
         }
     }
 }
@@ -1024,4 +1063,59 @@ fn solve(mut a: Vec<f64>, mut b: Vec<f64>, p: usize) -> DemoResult<Vec<f64>> {
         x[r] = (b[r] - tail) / a[r * p + r];
     }
     Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibrated_noise_fits_the_planned_rounds_and_no_less_does() {
+        let (q, steps, rounds, eps) = (64.0 / 151.0, 10, 20, 1.0);
+        let sigma = calibrate_record_noise(q, steps, rounds, eps, 1e-5).expect("calibrates");
+        let delta = Delta::new(1e-5).expect("delta");
+        let spent = |s: f64| {
+            let ev = SgmEvent::new(q, s, steps).expect("event");
+            accountant::epsilon(AccountantKind::Pld, &vec![ev; rounds as usize], delta)
+                .expect("epsilon")
+        };
+        assert!(spent(sigma) <= eps, "{}", spent(sigma));
+        assert!(spent(sigma * 0.99) > eps, "{}", spent(sigma * 0.99));
+    }
+
+    #[test]
+    fn validation_is_carved_from_the_training_part_only() {
+        let test_only = split(&DemoOptions::default()).expect("split");
+        let opts = DemoOptions {
+            validation: Some(0.2),
+            non_iid: false,
+            ..DemoOptions::default()
+        };
+        let val = split(&opts).expect("split");
+        let n_train: usize = test_only.shards.iter().map(|d| d.n).sum();
+        let n_fit: usize = val.shards.iter().map(|d| d.n).sum();
+        assert_eq!(test_only.test.n, 114);
+        assert_eq!(n_fit + val.test.n, n_train);
+        // No validation row is a test row.
+        let rows = |d: &Dataset| -> Vec<Vec<u32>> {
+            (0..d.n)
+                .map(|i| d.row(i).iter().map(|v| v.to_bits()).collect())
+                .collect()
+        };
+        let test_rows = rows(&test_only.test);
+        assert!(rows(&val.test).iter().all(|r| !test_rows.contains(r)));
+    }
+
+    #[test]
+    fn diabetes_study_parses_and_least_squares_beats_the_mean() {
+        let opts = DemoOptions::recommended(DemoData::Diabetes, "record", 4.0);
+        let sp = split(&opts).expect("split");
+        let sigma = noise_multiplier(&opts, &sp.shards).expect("sigma");
+        let cfg = StudyConfig::from_toml(&study_toml(&opts, &sp, sigma)).expect("valid study");
+        assert_eq!(cfg.model, Architecture::LinearRegression);
+        assert_eq!(cfg.data.label_range, Some([0.0, 400.0]));
+        let ls = least_squares(&opts).expect("ols").rmse.expect("rmse");
+        let mean = constant_baseline(&opts).expect("mean").rmse.expect("rmse");
+        assert!(ls > 40.0 && ls < 60.0 && mean > ls + 10.0, "{ls} {mean}");
+    }
 }
