@@ -620,3 +620,67 @@ fn record_unit_refuses_sites_too_small_for_delta() {
     assert!((s2.event.q.get() - 4.0 / 100.0).abs() < 1e-12 && s2.event.steps == 2);
     assert!(!entries.iter().any(|e| e.site == "s1"));
 }
+
+#[test]
+fn central_placement_noises_the_aggregate_before_release() {
+    // Sites send clipped deltas of zeros; only the coordinator's noise can move the model.
+    let cfg = config(&[
+        ("placement = \"local\"", "placement = \"central\""),
+        ("rounds = 40", "rounds = 1"),
+        ("epsilon = 6.0", "epsilon = 50.0"),
+    ]);
+    let mut eng = engine(cfg);
+    let mut noise = NoiseSource::insecure_from_seed(5);
+    let mut out = Vec::new();
+    for s in ["s1", "s2", "s3", "s4"] {
+        out.extend(eng.handle(
+            Input::SiteReady {
+                site: s.into(),
+                records: 100,
+            },
+            0,
+            &mut noise,
+        ));
+    }
+    let Some(Action::RecordSpend { round, .. }) =
+        out.iter().find(|a| matches!(a, Action::RecordSpend { .. }))
+    else {
+        panic!("{out:?}")
+    };
+    let round = *round;
+    let sent = eng.handle(Input::SpendCommitted { round }, 10, &mut noise);
+    let sites: Vec<String> = sent
+        .iter()
+        .filter_map(|a| {
+            if let Action::SendTask { site, .. } = a {
+                Some(site.clone())
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(sites.len(), 4);
+    let mut released = None;
+    for s in sites {
+        for a in eng.handle(
+            Input::Update {
+                site: s,
+                round,
+                values: vec![0.0; D],
+            },
+            20,
+            &mut noise,
+        ) {
+            if let Action::Checkpoint { model, .. } = a {
+                released = Some(model);
+            }
+        }
+    }
+    let model = released.expect("the round closed");
+    assert!(model.iter().all(|v| v.is_finite()));
+    // Every coordinate carries noise of std sigma * C / n (here 4 * 1 / 4).
+    assert!(
+        model.iter().filter(|v| **v != 0.0).count() == D,
+        "un-noised aggregate released: {model:?}"
+    );
+}
