@@ -134,11 +134,48 @@ fn checkpoint(c: &mut Criterion) {
             ring::digest::digest(&ring::digest::SHA256, &bytes)
         })
     });
-    // What it does now: stream from the model's memory, hashing as it writes.
-    g.bench_function("streamed_with_sha256", |b| {
+    // The plaintext stream alone.
+    g.bench_function("streamed", |b| {
         b.iter(|| write_safetensors(&spec, black_box(&v), &mut std::io::sink()))
     });
+    // What the coordinator writes: the stream sealed (AES-256-GCM, 1 MiB segments) and the
+    // sealed bytes hashed (SHA-256), as `server::write_checkpoint` does, minus the disk.
+    let key = match fedpriv_common::seal::generate_key_hex()
+        .and_then(|m| fedpriv_common::seal::SealKey::from_material(m.as_bytes()))
+    {
+        Ok(k) => k,
+        Err(e) => panic!("{e}"),
+    };
+    g.bench_function("streamed_sealed_with_sha256", |b| {
+        b.iter(|| {
+            let hashing = Sha256Sink(ring::digest::Context::new(&ring::digest::SHA256));
+            let mut w = match fedpriv_common::seal::SealWriter::new(&key, hashing, b"bench") {
+                Ok(w) => w,
+                Err(e) => panic!("{e}"),
+            };
+            if let Err(e) = write_safetensors(&spec, black_box(&v), &mut w) {
+                panic!("{e}");
+            }
+            match w.finish() {
+                Ok(h) => h.0.finish(),
+                Err(e) => panic!("{e}"),
+            }
+        })
+    });
     g.finish();
+}
+
+/// Hashes what is written and keeps nothing.
+struct Sha256Sink(ring::digest::Context);
+
+impl std::io::Write for Sha256Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 criterion_group!(benches, frames, body_decoder, checkpoint);

@@ -57,6 +57,10 @@ struct Args {
     /// Epsilons the selection runs at.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     tune_epsilons: Vec<f64>,
+    /// With `--tune`: the second, pre-registered selection (docs/accuracy.md), a breast-cancer
+    /// record-unit plan for larger budgets, and the budget from which it applies.
+    #[arg(long)]
+    second: bool,
     /// Score on a validation split (this fraction of the training part) instead of the
     /// test set, with the chosen hyperparameters (or the flags' overrides).
     #[arg(long)]
@@ -348,7 +352,9 @@ async fn main() -> Result<(), String> {
         seeds: args.seeds,
     };
     let started = Instant::now();
-    if args.tune {
+    if args.tune && args.second {
+        tune_second(&args, &runner).await?;
+    } else if args.tune {
         tune(&args, &runner).await?;
     } else {
         tables(&args, &runner).await?;
@@ -732,6 +738,169 @@ fn site_grid() -> Vec<SitePlan> {
                     ..SiteTraining::default()
                 },
             });
+        }
+    }
+    out
+}
+
+/// One candidate's validation runs, pooled over the epsilons it ran at.
+struct Scored {
+    label: String,
+    plan: RecordPlan,
+    values: Vec<f64>,
+    losses: Vec<f64>,
+}
+
+impl Scored {
+    fn standard_error(&self) -> f64 {
+        sd(&self.values) / (self.values.len().max(1) as f64).sqrt()
+    }
+}
+
+/// The second selection's rule, fixed before it ran (docs/accuracy.md): the highest mean
+/// validation accuracy wins, every candidate within one standard error of the best one's
+/// mean ties with it, and among the tied the lowest mean validation loss wins. Accuracy on
+/// 91 validation records moves in steps of 1.1 points, which the top plans do not clear;
+/// the loss, a proper score, still separates them.
+fn pick(scored: &[Scored]) -> Option<usize> {
+    let by_accuracy = (0..scored.len())
+        .max_by(|&a, &b| mean(&scored[a].values).total_cmp(&mean(&scored[b].values)))?;
+    let best = &scored[by_accuracy];
+    let floor = mean(&best.values) - best.standard_error();
+    (0..scored.len())
+        .filter(|&i| mean(&scored[i].values) >= floor)
+        .min_by(|&a, &b| mean(&scored[a].losses).total_cmp(&mean(&scored[b].losses)))
+}
+
+/// Runs every plan at every epsilon on the IID split's validation carve-outs (the 10
+/// `worst_*` features), printing one JSON line per cell.
+async fn score_plans(
+    args: &Args,
+    runner: &Runner,
+    plans: &[(String, RecordPlan)],
+    epsilons: &[f64],
+    step: &str,
+) -> Result<Vec<Scored>, String> {
+    let frac = args.validation.unwrap_or(0.2);
+    let mut out = Vec::new();
+    for (label, plan) in plans {
+        let (mut values, mut losses) = (Vec::new(), Vec::new());
+        for &eps in epsilons {
+            let mut opts = options(args, DemoData::BreastCancer, "record", false, eps);
+            opts.validation = Some(frac);
+            opts.features = feature_set("worst");
+            opts.rounds = plan.rounds;
+            opts.record = plan.training;
+            let t = Instant::now();
+            let cell = runner.cell(&opts).await?;
+            json_line(
+                &format!("tune-second/{step}"),
+                "iid",
+                Some(eps),
+                &cell.values,
+                &format!(
+                    ",\"set\":\"validation\",\"setting\":\"{label}\"{}",
+                    cell.extra(t.elapsed().as_secs_f64())
+                ),
+            );
+            values.extend(cell.values);
+            losses.extend(cell.losses);
+        }
+        out.push(Scored {
+            label: label.clone(),
+            plan: *plan,
+            values,
+            losses,
+        });
+    }
+    Ok(out)
+}
+
+fn print_scored(title: &str, scored: &[Scored], winner: Option<usize>) {
+    println!("\n{title}\n");
+    println!(
+        "| setting | validation accuracy (mean ± standard error) | mean validation loss | chosen |"
+    );
+    println!("|---|---|---|---|");
+    let mut order: Vec<usize> = (0..scored.len()).collect();
+    order.sort_by(|&a, &b| mean(&scored[b].values).total_cmp(&mean(&scored[a].values)));
+    for i in order {
+        let s = &scored[i];
+        println!(
+            "| {} | {:.2} ± {:.2} | {:.4} | {} |",
+            s.label,
+            100.0 * mean(&s.values),
+            100.0 * s.standard_error(),
+            mean(&s.losses),
+            if Some(i) == winner { "**yes**" } else { "" }
+        );
+    }
+}
+
+/// The second selection (docs/accuracy.md, "Second selection"): step 1 picks a plan B for
+/// larger budgets from a fixed grid at epsilon 4 and 8; step 2 sets where B takes over from
+/// the first selection's plan A by comparing the two at epsilon 2. Validation data only.
+async fn tune_second(args: &Args, runner: &Runner) -> Result<(), String> {
+    let plan_a = demo::recommended_record(DemoData::BreastCancer, 1.0);
+    let mut plans: Vec<(String, RecordPlan)> =
+        second_grid().into_iter().map(|p| (p.label(), p)).collect();
+    plans.push((format!("{} (plan A)", plan_a.label()), plan_a));
+    let scored = score_plans(args, runner, &plans, &[4.0, 8.0], "grid").await?;
+    let winner = pick(&scored).ok_or("empty grid")?;
+    print_scored(
+        "Step 1, epsilon 4 and 8 pooled (10 worst_* features, IID, validation):",
+        &scored,
+        Some(winner),
+    );
+    let plan_b = scored[winner].plan;
+    if plan_b == plan_a {
+        println!("\nPlan A won step 1: one plan for every budget.");
+        return Ok(());
+    }
+    let pair = [
+        (format!("{} (plan A)", plan_a.label()), plan_a),
+        (format!("{} (plan B)", plan_b.label()), plan_b),
+    ];
+    let at_two = score_plans(args, runner, &pair, &[2.0], "boundary").await?;
+    let w2 = pick(&at_two).ok_or("empty pair")?;
+    print_scored("Step 2, epsilon 2:", &at_two, Some(w2));
+    println!(
+        "\nRecommendation: {} plan A ({}), {} plan B ({}).",
+        if w2 == 1 {
+            "epsilon < 2:"
+        } else {
+            "epsilon <= 2:"
+        },
+        plan_a.label(),
+        if w2 == 1 {
+            "epsilon >= 2:"
+        } else {
+            "epsilon > 2:"
+        },
+        plan_b.label()
+    );
+    Ok(())
+}
+
+/// The second selection's grid, fixed before it ran: (rounds × local steps) {20 × 10,
+/// 40 × 10} × expected batch {32, 48} × (clip, learning rate) {(0.2, 4.5), (0.3, 3),
+/// (0.5, 3)}.
+fn second_grid() -> Vec<RecordPlan> {
+    let mut out = Vec::new();
+    for rounds in [20, 40] {
+        for expected_batch in [32.0, 48.0] {
+            for (clip_norm, learning_rate) in [(0.2, 4.5), (0.3, 3.0), (0.5, 3.0)] {
+                out.push(RecordPlan {
+                    rounds,
+                    training: RecordTraining {
+                        local_steps: 10,
+                        expected_batch,
+                        learning_rate,
+                        clip_norm,
+                        server_learning_rate: 1.0,
+                    },
+                });
+            }
         }
     }
     out

@@ -31,14 +31,14 @@ use clap::{Parser, ValueEnum};
 use fedpriv_client::transport::{client_endpoint, connect};
 use fedpriv_common::arch;
 use fedpriv_common::dp::accountant::{self, AccountantKind};
-use fedpriv_common::dp::clip::clip_l2;
-use fedpriv_common::dp::noise::NoiseSource;
+use fedpriv_common::dp::clip::{clip_factor, scale};
+use fedpriv_common::dp::noise::{available_threads, NoiseSource};
 use fedpriv_common::dp::{ClipNorm, Delta, SgmEvent};
 use fedpriv_common::model::Architecture;
 use fedpriv_common::pki::{self, Identity, Role};
 use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION};
 use fedpriv_common::quic_io::{self, TransportLimits};
-use fedpriv_common::wire::Dtype;
+use fedpriv_common::wire::{self, Dtype};
 use fedpriv_coordinator::transport::make_server_endpoint;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -143,16 +143,15 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, BoxError> {
 // ---------------------------------------------------------------------------------------
 // Setup: PKI, study, model size.
 
-/// An MLP over F features with H hidden units has H*(F+2)+1 values; pick F and H so that
-/// it is close to `params` with H within the config's limit of 65,536.
+/// An MLP over F features with H hidden units has H*(F+2)+1 values: ten features, and
+/// the width that brings it closest to `params` (the study's config bounds the count, not
+/// the width).
 fn mlp_for(params: usize) -> (usize, usize) {
-    let target = params.max(4) - 1;
-    let mut features = 10usize;
-    while target / (features + 2) > 65_536 {
-        features += 1;
-    }
-    let hidden = ((target as f64) / (features + 2) as f64).round().max(1.0) as usize;
-    (features, hidden.min(65_536))
+    const FEATURES: usize = 10;
+    let hidden = ((params.max(4) - 1) as f64 / (FEATURES + 2) as f64)
+        .round()
+        .max(1.0);
+    (FEATURES, hidden as usize)
 }
 
 fn study_toml(
@@ -487,6 +486,11 @@ fn run_coordinator(
         .arg(addr.to_string())
         .arg("--pki")
         .arg(dir)
+        // A throw-away at-rest key: this state directory lives for one run.
+        .env(
+            "FEDPRIV_AT_REST_KEY",
+            fedpriv_common::seal::generate_key_hex()?,
+        )
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
@@ -708,9 +712,99 @@ fn baseline_client_main(args: &Args) -> Result<(), BoxError> {
     })
 }
 
+/// Values per piece of a bench site's update: what a site holds of its update at once
+/// (a few pieces: the one being noised, the ones queued for sending).
+const PIECE: usize = 1 << 20;
+
+/// A site's stand-in for a trained delta: one fixed piece of small pseudo-random values
+/// (xorshift, +-1e-4), repeated to the model's size. Its norm is known without building
+/// the whole update, so a site can clip, noise and send it piece by piece and hold a few
+/// pieces, never the whole update (the bench's models reach 600M values).
+struct BenchUpdate {
+    piece: Vec<f32>,
+    len: usize,
+    norm: f64,
+}
+
+impl BenchUpdate {
+    fn new(len: usize, name: &str) -> Self {
+        let mut s = name.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let piece: Vec<f32> = (0..PIECE.min(len))
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2e-4
+            })
+            .collect();
+        let squares = |v: &[f32]| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        let (whole, rest) = (len / piece.len(), len % piece.len());
+        let norm = (whole as f64 * squares(&piece) + squares(&piece[..rest])).sqrt();
+        Self { piece, len, norm }
+    }
+
+    /// Produces the update piece by piece into `tx`: with `dp`, each piece scaled by the
+    /// whole update's clip factor (exactly what `clip_l2` does on the whole) and noised
+    /// with N(0, sigma^2 C^2) from the secure generator on every core, as the site daemon
+    /// does. Runs on its own thread; the channel's bound is what the site holds.
+    fn produce(
+        &self,
+        dp: Option<(&mut NoiseSource, ClipNorm, f64)>,
+        tx: &tokio::sync::mpsc::Sender<Vec<f32>>,
+    ) {
+        let factor = dp
+            .as_ref()
+            .and_then(|(_, clip, _)| clip_factor(self.norm, *clip));
+        let threads = available_threads();
+        let mut dp = dp;
+        let mut at = 0;
+        while at < self.len {
+            let n = PIECE.min(self.len - at);
+            let mut piece = self.piece[..n].to_vec();
+            if let Some((noise, _, sigma_c)) = dp.as_mut() {
+                if let Some(f) = factor {
+                    scale(&mut piece, f);
+                }
+                noise.add_gaussian(&mut piece, *sigma_c, threads);
+            }
+            if tx.blocking_send(piece).is_err() {
+                return;
+            }
+            at += n;
+        }
+    }
+}
+
+/// Sends an update whose body arrives piece by piece on `rx`, encoded in `dtype`.
+async fn send_streamed(
+    conn: &quic_io::quinn::Connection,
+    msg: &SiteMessage,
+    dtype: Dtype,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<f32>>,
+    expected: usize,
+) -> Result<(), BoxError> {
+    let frame = wire::encode_frame(msg)?;
+    let mut send = conn.open_uni().await?;
+    send.write_all(&frame).await?;
+    let mut sent = 0;
+    while let Some(piece) = rx.recv().await {
+        send.write_all(&wire::encode_body(&piece, dtype)).await?;
+        sent += piece.len();
+    }
+    if sent != expected {
+        return Err(format!("update producer stopped after {sent} of {expected} values").into());
+    }
+    send.finish()?;
+    match send.stopped().await? {
+        None => Ok(()),
+        Some(code) => Err(format!("coordinator refused the update (code {code})").into()),
+    }
+}
+
 /// A site that does no training: Hello, Ready for every announced study, and for each task
-/// an update of the model's size. With DP on: a small fixed "delta" clipped to C and noised
-/// with N(0, sigma^2 C^2) from the secure generator, as the real site daemon does.
+/// an update of the model's size (see [`BenchUpdate`]), in the encoding the task came in.
 fn site_main(args: &Args) -> Result<(), BoxError> {
     let addr = args.addr.ok_or("--addr")?;
     let dir = args.dir.clone().ok_or("--dir")?;
@@ -731,7 +825,7 @@ fn site_main(args: &Args) -> Result<(), BoxError> {
         quic_io::send_message(&conn, &hello, None).await?;
         let mut specs = std::collections::BTreeMap::new();
         let mut noise = Some(NoiseSource::from_os()?);
-        let mut base: Vec<f32> = Vec::new();
+        let mut update: Option<std::sync::Arc<BenchUpdate>> = None;
         loop {
             let mut recv = match conn.accept_uni().await {
                 Ok(r) => r,
@@ -742,7 +836,10 @@ fn site_main(args: &Args) -> Result<(), BoxError> {
                 CoordinatorMessage::Welcome { studies, .. } => {
                     for ann in studies {
                         let spec = arch::model_spec(ann.model, ann.data.features.len(), 1)?;
-                        base = small_update(spec.num_values(), &name);
+                        update = Some(std::sync::Arc::new(BenchUpdate::new(
+                            spec.num_values(),
+                            &name,
+                        )));
                         specs.insert(ann.study.clone(), spec);
                         let ready = SiteMessage::Ready {
                             study: ann.study,
@@ -753,6 +850,8 @@ fn site_main(args: &Args) -> Result<(), BoxError> {
                 }
                 CoordinatorMessage::Task(task) => {
                     let spec = specs.get(&task.study).ok_or("task for an unknown study")?;
+                    // The model is read and dropped piece by piece: a bench site does not
+                    // train, so it need not hold it.
                     quic_io::recv_tensor_body_accepting(
                         &mut recv,
                         &task.header,
@@ -761,51 +860,33 @@ fn site_main(args: &Args) -> Result<(), BoxError> {
                         |_, _| {},
                     )
                     .await?;
-                    let update = if dp {
-                        let mut src = noise.take().ok_or("noise source")?;
-                        let mut u = base.clone();
-                        let sigma_c = task.noise_multiplier * task.clip_norm;
-                        let clip = ClipNorm::new(task.clip_norm)?;
-                        let (u, src) = tokio::task::spawn_blocking(move || {
-                            clip_l2(&mut u, clip);
-                            src.add_gaussian(&mut u, sigma_c, 1);
-                            (u, src)
-                        })
-                        .await?;
-                        noise = Some(src);
-                        std::borrow::Cow::Owned(u)
-                    } else {
-                        std::borrow::Cow::Borrowed(base.as_slice())
-                    };
+                    let source = update.clone().ok_or("task before the study's welcome")?;
+                    let clip = ClipNorm::new(task.clip_norm)?;
+                    let sigma_c = task.noise_multiplier * task.clip_norm;
+                    let mut src = noise.take().ok_or("noise source")?;
+                    let (tx, rx) = tokio::sync::mpsc::channel(2);
+                    let producer = tokio::task::spawn_blocking(move || {
+                        source.produce(dp.then_some((&mut src, clip, sigma_c)), &tx);
+                        src
+                    });
                     let msg = SiteMessage::Update {
                         study: task.study.clone(),
                         round: task.round,
                         header: task.header.clone(),
                     };
                     // Answer in the encoding the model came in (the study's).
-                    quic_io::send_message_as(&conn, &msg, Some(&update), task.header.dtype).await?;
+                    let sent =
+                        send_streamed(&conn, &msg, task.header.dtype, rx, spec.num_values()).await;
+                    noise = Some(producer.await?);
+                    sent?;
                 }
                 CoordinatorMessage::StudyEnded { .. } | CoordinatorMessage::Refused { .. } => break,
+                // Studies created at runtime: not this scenario's.
+                CoordinatorMessage::StudyAnnounced(_) => {}
             }
         }
         conn.close(0u32.into(), b"done");
         ep.wait_idle().await;
         Ok(())
     })
-}
-
-/// A fixed small pseudo-random vector (xorshift; values in +-1e-4): a stand-in for a
-/// trained delta, well inside the clip norm.
-fn small_update(n: usize, name: &str) -> Vec<f32> {
-    let mut s = name.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2e-4
-        })
-        .collect()
 }

@@ -216,7 +216,7 @@ impl SitePlan {
 /// The record-unit plan the README recommends for each bundled data set, chosen on a
 /// validation split of the training data (docs/accuracy.md says how); the noise multiplier
 /// is then calibrated so that these rounds fit the budget.
-pub fn recommended_record(data: DemoData) -> RecordPlan {
+pub fn recommended_record(data: DemoData, _epsilon: f64) -> RecordPlan {
     match data {
         DemoData::BreastCancer => RecordPlan {
             rounds: 20,
@@ -285,6 +285,8 @@ pub struct DemoOptions {
     pub noise: NoisePlan,
     /// Fewest sites a round needs.
     pub min_sites: usize,
+    /// How the model and the updates travel (the study's `encoding`).
+    pub encoding: fedpriv_common::wire::Dtype,
 }
 
 impl Default for DemoOptions {
@@ -315,6 +317,7 @@ impl Default for DemoOptions {
             site: SiteTraining::default(),
             noise: NoisePlan::Fixed(2.5),
             min_sites: 2,
+            encoding: fedpriv_common::wire::Dtype::F32,
         }
     }
 }
@@ -325,7 +328,7 @@ impl DemoOptions {
     /// docs/accuracy.md), the noise multiplier calibrated so that every planned round fits
     /// the budget at every site, and all three sites in every round.
     pub fn recommended(data: DemoData, unit: &str, epsilon: f64) -> Self {
-        let record = recommended_record(data);
+        let record = recommended_record(data, epsilon);
         let site = recommended_site(data);
         Self {
             unit: unit.into(),
@@ -617,12 +620,13 @@ pub fn study_toml(opts: &DemoOptions, split: &Split, sigma: Option<f64>) -> Stri
         None => ("logistic_regression", "binary", String::new()),
     };
     format!(
-        "[study]\nid = \"{}\"\nmodel = {{ kind = \"{model}\" }}\nrounds = {}\nmin_sites = {}\nround_timeout_secs = 60\n\n\
+        "[study]\nid = \"{}\"\nmodel = {{ kind = \"{model}\" }}\nrounds = {}\nmin_sites = {}\nround_timeout_secs = 60\nencoding = \"{}\"\n\n\
          [data]\ntask = \"{task}\"\nlabel = \"{}\"\nfeatures = [{}]\nranges = {{ {} }}\n{label_range}\n\
          [training]\n{training}\n\n[privacy]\n{privacy}\n{noise}\nepsilon = {:?}\ndelta = {:?}\naccountant = \"pld\"\n\n[sites]\nenrolled = [{}]\n",
         opts.data.study_id(),
         opts.rounds,
         opts.min_sites,
+        opts.encoding.as_str(),
         opts.data.label(),
         split
             .features
@@ -721,6 +725,9 @@ pub struct Federation {
     /// The study's noise multiplier.
     pub noise_multiplier: f64,
     pub state_dir: PathBuf,
+    /// The coordinator's at-rest key (a throw-away 0600 file under the demo's root).
+    pub at_rest_key_file: PathBuf,
+    at_rest_key: std::sync::Arc<fedpriv_common::seal::SealKey>,
     sites: Vec<SiteConfig>,
     site_stop: watch::Sender<bool>,
     daemons: Vec<tokio::task::JoinHandle<Result<(), fedpriv_client::daemon::DaemonError>>>,
@@ -740,6 +747,13 @@ impl Federation {
         let label_scale = split.label_scale()?;
         let noise_multiplier = cfg.privacy.noise_multiplier.get();
         let (site_stop, _) = watch::channel(false);
+        let at_rest_key_file = root.join("at-rest.key");
+        if !at_rest_key_file.exists() {
+            fedpriv_coordinator::at_rest::write_new_key_file(&at_rest_key_file).map_err(s)?;
+        }
+        let at_rest_key =
+            fedpriv_coordinator::at_rest::load_key_from(Some(&at_rest_key_file), None)
+                .map_err(s)?;
         Ok(Self {
             addr,
             tls,
@@ -751,6 +765,8 @@ impl Federation {
             regression: opts.data.regression(),
             noise_multiplier,
             state_dir: root.join("coordinator"),
+            at_rest_key_file,
+            at_rest_key: std::sync::Arc::new(at_rest_key),
             sites,
             site_stop,
             daemons: Vec::new(),
@@ -794,6 +810,7 @@ impl Federation {
             tls: self.tls.clone(),
             studies: vec![self.study.clone()],
             max_concurrent_uploads: 2,
+            at_rest_key: std::sync::Arc::clone(&self.at_rest_key),
         };
         let join = tokio::spawn(server::run(opts, stop_rx, Some(note_tx), false));
         CoordinatorHandle { stop, notes, join }

@@ -210,6 +210,8 @@ struct Fixture {
     study_file: PathBuf,
     pki_dir: PathBuf,
     state_dir: PathBuf,
+    /// The coordinator's at-rest key (0600), passed with `--at-rest-key-file`.
+    at_rest_key: PathBuf,
     listen: SocketAddr,
     /// Per site: (name, config file, site ledger file, log file).
     sites: Vec<(String, PathBuf, PathBuf, PathBuf)>,
@@ -283,10 +285,13 @@ fn fixture(opts: &DemoOptions) -> Fixture {
             root.path().join(format!("{name}.log")),
         ));
     }
+    let at_rest_key = root.path().join("at-rest.key");
+    fedpriv_coordinator::at_rest::write_new_key_file(&at_rest_key).expect("at-rest key");
     Fixture {
         study: opts.data.study_id().to_string(),
         study_file,
         pki_dir,
+        at_rest_key,
         state_dir: root.path().join("coordinator"),
         listen,
         sites,
@@ -318,6 +323,8 @@ impl Fixture {
                 "--listen",
                 &listen,
                 "--exit-when-done",
+                "--at-rest-key-file",
+                path_str(&self.at_rest_key),
             ],
             &self.coordinator_log,
         )
@@ -480,6 +487,11 @@ fn assert_models_whole(fx: &Fixture, digests: &mut BTreeMap<u64, String>, when: 
                 path.display()
             )
         });
+        assert!(
+            bytes.starts_with(fedpriv_common::seal::STREAM_MAGIC)
+                && !bytes.windows(12).any(|w| w == b"__metadata__"),
+            "{when}: model file of round {round} is not sealed at rest"
+        );
         if let Some(recorded) = digests.get(&round) {
             assert_eq!(
                 &sha256_hex(&bytes),

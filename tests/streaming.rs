@@ -128,6 +128,8 @@ async fn site(
                 }
             }
             CoordinatorMessage::StudyEnded { .. } | CoordinatorMessage::Refused { .. } => break,
+            // Studies created at runtime: not this scenario's.
+            CoordinatorMessage::StudyAnnounced(_) => {}
         }
     }
     conn.close(0u32.into(), b"done");
@@ -181,13 +183,24 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
         .expect("port")
         .port();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let at_rest_key = std::sync::Arc::new(
+        fedpriv_common::seal::SealKey::from_material(
+            fedpriv_common::seal::generate_key_hex()
+                .expect("random key")
+                .as_bytes(),
+        )
+        .expect("key"),
+    );
     let opts = Options {
         listen: addr,
         state_dir: dir.path().join("state"),
         tls: server_tls,
         studies: vec![(cfg, text)],
         max_concurrent_uploads: 2,
+        at_rest_key: std::sync::Arc::clone(&at_rest_key),
     };
+    let state_dir = opts.state_dir.clone();
+    let study_id = opts.studies[0].0.id.clone();
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (note_tx, mut note_rx) = tokio::sync::mpsc::unbounded_channel();
     let coordinator = tokio::spawn(server::run(opts, stop_rx, Some(note_tx), true));
@@ -200,15 +213,16 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
         vec![bad, flaky_good],
     ));
 
-    let model = loop {
+    let (round, model) = loop {
         match tokio::time::timeout(Duration::from_secs(60), note_rx.recv()).await {
             Ok(Some(Notification::RoundCompleted {
+                round,
                 model,
                 contributors,
                 ..
             })) => {
                 assert_eq!(contributors, vec!["flaky".to_string(), "good".to_string()]);
-                break model;
+                break (round, model);
             }
             Ok(Some(Notification::RoundAborted { reason, .. })) => panic!("aborted: {reason}"),
             Ok(Some(_)) => {}
@@ -223,6 +237,27 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
         .fold(0f32, f32::max);
     assert!(worst < 1e-6, "model differs by up to {worst}");
     // Had the refused prefix stayed in, its first chunks would be off by 0.005.
+
+    // The checkpoint is sealed at rest: no plaintext model bytes or safetensors header on
+    // disk; it opens, with the key, to exactly the model.
+    let path = server::model_path(&state_dir, &study_id, round);
+    let sealed = std::fs::read(&path).expect("checkpoint");
+    assert!(sealed.starts_with(fedpriv_common::seal::STREAM_MAGIC));
+    assert!(!sealed.windows(12).any(|w| w == b"__metadata__"));
+    let needle: Vec<u8> = model[1000..1016]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    assert!(
+        !sealed.windows(needle.len()).any(|w| w == &needle[..]),
+        "plaintext model on disk"
+    );
+    let mut plain = Vec::new();
+    server::read_checkpoint(&at_rest_key, &path, &study_id, round, None, &mut plain)
+        .expect("opens with the key");
+    let back = fedpriv_common::model::FlatModel::from_safetensors_bytes(&plain, Some(&spec))
+        .expect("safetensors");
+    assert_eq!(back.values, model[..]);
     let _ = tokio::time::timeout(Duration::from_secs(30), coordinator).await;
     for s in [a, b] {
         let _ = tokio::time::timeout(Duration::from_secs(10), s).await;

@@ -9,7 +9,9 @@ use fedpriv_common::audit::AuditEvent;
 use fedpriv_common::audit_file::AuditLog;
 use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::pki;
-use fedpriv_common::protocol::{CoordinatorMessage, DeclineReason, SiteMessage, PROTOCOL_VERSION};
+use fedpriv_common::protocol::{
+    CoordinatorMessage, DeclineReason, SiteMessage, StudyAnnouncement, PROTOCOL_VERSION,
+};
 use fedpriv_common::quic_io::{self, TransportLimits};
 use fedpriv_common::wire::{Dtype, TensorHeader};
 use tokio::sync::watch;
@@ -182,6 +184,12 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                 continue;
             }
         };
+        if !matches!(msg, CoordinatorMessage::Task(_)) {
+            // Read to the end: a stream dropped half-read is stopped, and the coordinator
+            // stops writing to a site that stops its messages (a StudyEnded for one study
+            // would cut the site off from its others).
+            let _ = quic_io::recv_end(&mut recv).await;
+        }
         match msg {
             CoordinatorMessage::Welcome { version, studies } => {
                 if version != PROTOCOL_VERSION {
@@ -190,51 +198,15 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                     );
                 }
                 for ann in studies {
-                    let study = ann.study.clone();
-                    let st = Arc::clone(state);
-                    let preparation = tokio::task::spawn_blocking(move || match st.lock() {
-                        Ok(guard) => site::prepare_study_with_check(&guard.cfg, &ann),
-                        Err(_) => site::Preparation {
-                            result: Err(DeclineReason::Internal("state lock poisoned".into())),
-                            columns: None,
-                        },
-                    })
-                    .await
-                    .unwrap_or_else(|e| site::Preparation {
-                        result: Err(DeclineReason::Internal(e.to_string())),
-                        columns: None,
-                    });
-                    let prepared = preparation.result;
-                    // What was checked, and the outcome; never a cell value.
-                    let outcome = match (&prepared, &preparation.columns) {
-                        (_, Some(check)) => {
-                            serde_json::json!({"study": study, "check": check.details(), "outcome": if prepared.is_ok() { "allowed" } else { "refused" }, "reason": prepared.as_ref().err().map(|r| r.to_string())})
-                        }
-                        (Ok(_), None) => serde_json::json!({"study": study, "outcome": "allowed"}),
-                        (Err(reason), None) => {
-                            serde_json::json!({"study": study, "outcome": "refused", "reason": reason.to_string()})
-                        }
-                    };
-                    if let Err(e) = audit(state, AuditEvent::ColumnCheck, outcome) {
-                        return format!("audit log: {e}");
+                    if let Err(e) = take_up(conn, state, ann).await {
+                        return e;
                     }
-                    let reply = match prepared {
-                        Ok(p) => {
-                            let records = p.data.n as u64;
-                            if let Ok(mut g) = state.lock() {
-                                g.studies.insert(study.clone(), Arc::new(p));
-                            }
-                            tracing::info!(%study, records, "study data loaded; ready");
-                            SiteMessage::Ready { study, records }
-                        }
-                        Err(reason) => {
-                            tracing::warn!(%study, %reason, "cannot take part in an announced study");
-                            SiteMessage::Unable { study, reason }
-                        }
-                    };
-                    if let Err(e) = quic_io::send_message(conn, &reply, None).await {
-                        return format!("send failed: {e}");
-                    }
+                }
+            }
+            CoordinatorMessage::StudyAnnounced(ann) => {
+                // A study created after the welcome; the same checks apply.
+                if let Err(e) = take_up(conn, state, ann).await {
+                    return e;
                 }
             }
             CoordinatorMessage::Task(task) => {
@@ -338,6 +310,61 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
             }
         }
     }
+}
+
+/// Prepares an announced study (data checks, audited) and tells the coordinator whether
+/// the site can take part. An error ends the session.
+async fn take_up(
+    conn: &quinn::Connection,
+    state: &Arc<Mutex<SiteState>>,
+    ann: StudyAnnouncement,
+) -> Result<(), String> {
+    let study = ann.study.clone();
+    let st = Arc::clone(state);
+    let preparation = tokio::task::spawn_blocking(move || match st.lock() {
+        Ok(guard) => site::prepare_study_with_check(&guard.cfg, &ann),
+        Err(_) => site::Preparation {
+            result: Err(DeclineReason::Internal("state lock poisoned".into())),
+            columns: None,
+        },
+    })
+    .await
+    .unwrap_or_else(|e| site::Preparation {
+        result: Err(DeclineReason::Internal(e.to_string())),
+        columns: None,
+    });
+    let prepared = preparation.result;
+    // What was checked, and the outcome; never a cell value.
+    let outcome = match (&prepared, &preparation.columns) {
+        (_, Some(check)) => {
+            serde_json::json!({"study": study, "check": check.details(), "outcome": if prepared.is_ok() { "allowed" } else { "refused" }, "reason": prepared.as_ref().err().map(|r| r.to_string())})
+        }
+        (Ok(_), None) => serde_json::json!({"study": study, "outcome": "allowed"}),
+        (Err(reason), None) => {
+            serde_json::json!({"study": study, "outcome": "refused", "reason": reason.to_string()})
+        }
+    };
+    if let Err(e) = audit(state, AuditEvent::ColumnCheck, outcome) {
+        return Err(format!("audit log: {e}"));
+    }
+    let reply = match prepared {
+        Ok(p) => {
+            let records = p.data.n as u64;
+            if let Ok(mut g) = state.lock() {
+                g.studies.insert(study.clone(), Arc::new(p));
+            }
+            tracing::info!(%study, records, "study data loaded; ready");
+            SiteMessage::Ready { study, records }
+        }
+        Err(reason) => {
+            tracing::warn!(%study, %reason, "cannot take part in an announced study");
+            SiteMessage::Unable { study, reason }
+        }
+    };
+    if let Err(e) = quic_io::send_message(conn, &reply, None).await {
+        return Err(format!("send failed: {e}"));
+    }
+    Ok(())
 }
 
 fn task_spec(state: &Arc<Mutex<SiteState>>, study: &str) -> fedpriv_common::model::ModelSpec {

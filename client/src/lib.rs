@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod data;
 pub mod identifiers;
+pub mod inventory;
 pub mod site;
 pub mod store;
 pub mod train;

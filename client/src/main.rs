@@ -35,6 +35,20 @@ enum Command {
     /// The site's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// This site's data inventory: which studies touched its data, when (rounds paid and
+    /// declined, with times), the columns each read (from the audit log's column checks)
+    /// and the epsilon each has spent. Read-only: works while the daemon runs.
+    ///
+    /// Retention: the site keeps no model or update files (the global model is held in
+    /// memory for a task, the update is sent and never stored), so there is nothing to
+    /// prune here; the ledger and the audit log are kept (audit records at least six years).
+    Inventory {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +61,13 @@ enum AuditCommand {
         log: Option<PathBuf>,
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+    /// After a crash or power loss left the log unopenable: drop a torn last line and
+    /// rebuild a missing head file, and record that it did. Refuses anything a crash cannot
+    /// explain (an edited, deleted or reordered record): restore such a log from backup.
+    Recover {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
     },
 }
 
@@ -108,6 +129,20 @@ fn ledger(config: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
+fn inventory(config: PathBuf, json: bool) -> Result<(), String> {
+    let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let inv = fedpriv_client::inventory::build(&cfg)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&inv).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{inv}");
+    }
+    Ok(())
+}
+
 fn audit_verify(log: Option<PathBuf>, config: Option<PathBuf>) -> Result<bool, String> {
     let path = match (log, config) {
         (Some(log), _) => log,
@@ -123,6 +158,23 @@ fn audit_verify(log: Option<PathBuf>, config: Option<PathBuf>) -> Result<bool, S
     Ok(report.is_ok())
 }
 
+fn audit_recover(config: &std::path::Path) -> Result<(), String> {
+    let cfg = SiteConfig::load(config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let path = daemon::audit_path(&cfg);
+    let by = format!(
+        "local/{}",
+        std::env::var("USER").unwrap_or_else(|_| "operator".into())
+    );
+    let (_log, recovery) = fedpriv_common::audit_file::AuditLog::recover(&path, &by)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if recovery.did_something() {
+        println!("{}: {recovery}; the repair is on record", path.display());
+    } else {
+        println!("{}: nothing to recover", path.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -134,11 +186,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Ledger { config } => ledger(config),
+        Command::Inventory { config, json } => inventory(config, json),
         Command::Audit(AuditCommand::Verify { log, config }) => match audit_verify(log, config) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
+        Command::Audit(AuditCommand::Recover { config }) => audit_recover(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -146,6 +146,7 @@ const SPEC: DbSpec = DbSpec {
     app_id: APPLICATION_ID,
     kind: "fedpriv site ledger",
     migrations: MIGRATIONS,
+    read_only_standins: &[""],
 };
 
 /// The site's ledger.
@@ -159,7 +160,19 @@ impl SiteLedger {
     /// Opens the ledger at `path`, creating and migrating it when the file does not exist.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref();
-        let conn = open_db(path, &SPEC)?;
+        let conn = open_db(path, &SPEC, Access::ReadWrite)?;
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing ledger for reading only: never creates, migrates or writes it, so
+    /// it can run beside the running daemon (WAL readers do not block the writer). A missing
+    /// file is [`StoreError::Io`] of kind `NotFound`; write methods fail.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        let conn = open_db(path, &SPEC, Access::ReadOnly)?;
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -197,6 +210,15 @@ impl SiteLedger {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT DISTINCT study FROM spends ORDER BY study")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The studies this site has declined a task of, sorted.
+    pub fn refused_studies(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT study FROM refusals ORDER BY study")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -387,10 +409,23 @@ struct DbSpec {
     app_id: i32,
     kind: &'static str,
     migrations: &'static [&'static str],
+    /// One entry per migration: what a read-only open creates in TEMP for a file that
+    /// predates it ("" when the migration needs no stand-in).
+    read_only_standins: &'static [&'static str],
+}
+
+/// How [`open_db`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Create if missing, migrate, WAL with `synchronous=FULL`.
+    ReadWrite,
+    /// Never create, migrate or write (inventories that run beside the writer).
+    ReadOnly,
 }
 
 /// Opens `path`, creating it if missing, after checking it is ours, intact and not newer.
-fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
+/// With [`Access::ReadOnly`] a missing file is an `Io` error of kind `NotFound`.
+fn open_db(path: &Path, spec: &DbSpec, access: Access) -> Result<Connection, StoreError> {
     let io = |e: std::io::Error| StoreError::Io {
         path: path.to_path_buf(),
         source: e,
@@ -408,7 +443,9 @@ fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
     };
     match std::fs::metadata(path) {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_db(path, spec)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && access == Access::ReadWrite => {
+            create_db(path, spec)?
+        }
         Err(e) => return Err(io(e)),
     }
     // Look at the header ourselves: SQLite treats an empty file as a new database, and that
@@ -432,11 +469,12 @@ fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
         )));
     }
     // No CREATE flag: if the file vanished since the check, fail rather than make a new one.
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(check)?;
+    let mode = match access {
+        Access::ReadWrite => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        Access::ReadOnly => OpenFlags::SQLITE_OPEN_READ_ONLY,
+    };
+    let conn =
+        Connection::open_with_flags(path, mode | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(check)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // The file may have been edited: never run functions named in its schema.
     conn.pragma_update(None, "trusted_schema", false)?;
@@ -471,7 +509,9 @@ fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
             "{dangling} rows refer to rows that do not exist"
         ))));
     }
-    configure(&conn).map_err(check)?;
+    if access == Access::ReadWrite {
+        configure(&conn).map_err(check)?;
+    }
     let has_version: bool = conn
         .query_row(
             "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
@@ -497,6 +537,14 @@ fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
             found: version,
             supported,
         }));
+    }
+    if access == Access::ReadOnly {
+        let from = usize::try_from(version)
+            .map_err(|_| bad(FileProblem::Corrupt(format!("schema version {version}"))))?;
+        for standin in spec.read_only_standins.get(from..).unwrap_or_default() {
+            conn.execute_batch(standin)?;
+        }
+        return Ok(conn);
     }
     let mut conn = conn;
     if version < supported {

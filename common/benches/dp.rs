@@ -59,12 +59,32 @@ fn clip_noise(c: &mut Criterion) {
             }
         })
     });
+    // The four-draw construction as this crate computed it before block-wise generation
+    // (rand_distr's sampler on the stream, word by word): same output, for the comparison.
+    g.bench_function("normal_secure_four_draws_word_by_word", |b| {
+        b.iter(|| {
+            for v in out.iter_mut() {
+                let a: f64 = rng.sample(StandardNormal);
+                let b: f64 = rng.sample(StandardNormal);
+                let c: f64 = rng.sample(StandardNormal);
+                let d: f64 = rng.sample(StandardNormal);
+                *v = ((a + b + c + d) * 0.5) as f32;
+            }
+        })
+    });
     g.bench_function("normal_secure_four_draws", |b| {
         b.iter(|| {
             out.iter_mut().for_each(|v| *v = 0.0);
             src.add_gaussian(&mut out, 1.0, 1);
         })
     });
+    // What fewer ChaCha rounds would save (not used: see docs/performance.md).
+    let mut r12 = rand_chacha::ChaCha12Rng::from_os_rng();
+    g.bench_function("chacha12_raw_u64", |b| {
+        b.iter(|| r12.fill_bytes(&mut bytes))
+    });
+    let mut r8 = rand_chacha::ChaCha8Rng::from_os_rng();
+    g.bench_function("chacha8_raw_u64", |b| b.iter(|| r8.fill_bytes(&mut bytes)));
     g.finish();
     let _ = rng.next_u64();
 }

@@ -239,10 +239,8 @@ impl StudyConfig {
                 )
             })?,
         };
-        if let Architecture::Mlp { hidden } = model {
-            if hidden == 0 || hidden > 65_536 {
-                return Err(field("study.model.hidden", "must be between 1 and 65536"));
-            }
+        if let Architecture::Mlp { hidden: 0 } = model {
+            return Err(field("study.model.hidden", "must be at least 1"));
         }
         if model == Architecture::LinearRegression && raw.data.task != Task::Regression
             || model != Architecture::LinearRegression && raw.data.task == Task::Regression
@@ -455,7 +453,7 @@ impl StudyConfig {
             }
         };
 
-        Ok(Self {
+        let cfg = Self {
             id: s.id,
             model,
             rounds: s.rounds,
@@ -483,7 +481,49 @@ impl StudyConfig {
                 accountant,
             },
             enrolled: enrolled.into_iter().collect(),
-        })
+        };
+        cfg.check_model_size()?;
+        Ok(cfg)
+    }
+
+    /// The model's size is bounded by the wire format's limit on values
+    /// ([`MAX_MODEL_VALUES`](crate::model::MAX_MODEL_VALUES), 8 GiB of f32) and by this
+    /// machine's address space, not by a fixed layer width: what fits in memory is the
+    /// operator's to judge (the coordinator holds about two f32 copies, see
+    /// docs/performance.md). Returns the number of parameters.
+    fn check_model_size(&self) -> Result<u64, ConfigError> {
+        let spec = crate::arch::model_spec(self.model, self.data.features.len(), self.n_outputs())
+            .map_err(|e| {
+                let what = match self.model {
+                    Architecture::Mlp { hidden } => format!(
+                        "an MLP with {hidden} hidden units over {} features",
+                        self.data.features.len()
+                    ),
+                    _ => format!("a linear model over {} features", self.data.features.len()),
+                };
+                field(
+                    "study.model",
+                    format!(
+                        "{what} is too large: {e} (at most {} parameters, {} GiB of f32 per copy)",
+                        crate::model::MAX_MODEL_VALUES,
+                        (crate::model::MAX_MODEL_VALUES * 4) >> 30
+                    ),
+                )
+            })?;
+        let values = spec.num_values() as u64;
+        // Every copy of the model is one allocation of f32: it must fit this machine's
+        // address space (a 32-bit build cannot hold what a 64-bit one can).
+        let fits = values
+            .checked_mul(4)
+            .and_then(|b| usize::try_from(b).ok())
+            .is_some_and(|b| b <= isize::MAX as usize);
+        if !fits {
+            return Err(field(
+                "study.model",
+                format!("{values} parameters do not fit in this machine's address space"),
+            ));
+        }
+        Ok(values)
     }
 
     /// Number of model outputs.
@@ -665,6 +705,45 @@ enrolled = ["st-marys", "general", "north"]
             StudyConfig::from_toml(&text),
             Err(ConfigError::Field {
                 field: "study.encoding",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn model_size_is_bounded_by_the_value_limit_not_a_layer_width() {
+        let mlp = |hidden: &str| {
+            SITE_TOML.replace(
+                "model = { kind = \"logistic_regression\" }",
+                &format!("model = {{ kind = \"mlp\", hidden = {hidden} }}"),
+            )
+        };
+        // 600M parameters over two features: hidden * (2 + 2) + 1 values.
+        let c = StudyConfig::from_toml(&mlp("150000000")).expect("a 600M model is valid");
+        assert_eq!(
+            c.model,
+            Architecture::Mlp {
+                hidden: 150_000_000
+            }
+        );
+        // Just over 2^31 values, and the widest TOML integer (its value count overflows u64).
+        for hidden in ["536870912", "9223372036854775807"] {
+            match StudyConfig::from_toml(&mlp(hidden)) {
+                Err(ConfigError::Field { field, reason }) => {
+                    assert_eq!(field, "study.model");
+                    assert!(
+                        reason.contains(&format!("{hidden} hidden units")),
+                        "{reason}"
+                    );
+                    assert!(reason.contains("2147483648 parameters"), "{reason}");
+                }
+                other => panic!("hidden = {hidden}: expected a study.model error, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            StudyConfig::from_toml(&mlp("0")),
+            Err(ConfigError::Field {
+                field: "study.model.hidden",
                 ..
             })
         ));

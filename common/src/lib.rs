@@ -9,6 +9,7 @@
 //! What it does not do: no sockets, no async runtime, no file or database I/O in its core.
 //! Callers read bytes and pass them in; the binaries own every effect.
 
+pub mod admin;
 pub mod arch;
 pub mod audit;
 #[cfg(any(feature = "fs", test))]

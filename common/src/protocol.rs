@@ -125,6 +125,9 @@ pub enum CoordinatorMessage {
     Refused {
         reason: String,
     },
+    /// A study created after this connection's `Welcome`, in which this site is enrolled.
+    /// The site prepares it as it would one listed in a `Welcome`.
+    StudyAnnounced(StudyAnnouncement),
 }
 
 #[cfg(test)]

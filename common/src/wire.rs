@@ -100,6 +100,9 @@ pub enum CloseCode {
     BadVersion = 5,
     /// Our own failure; the peer may retry.
     Internal = 6,
+    /// A limit was reached (connections of one identity, a round's upload allowance); the
+    /// reason names it. Not a protocol error: the peer may try again later.
+    Limit = 7,
 }
 
 impl CloseCode {
@@ -116,6 +119,7 @@ impl CloseCode {
             4 => CloseCode::ProtocolViolation,
             5 => CloseCode::BadVersion,
             6 => CloseCode::Internal,
+            7 => CloseCode::Limit,
             _ => return None,
         })
     }

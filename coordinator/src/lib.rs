@@ -5,8 +5,15 @@
 //! What it does not do: it never sees a site's records, and it cannot spend more of a site's
 //! budget than the site's own cap allows (each site enforces its cap in its own ledger).
 
+pub mod admin;
+pub mod at_rest;
+pub mod audit;
 pub mod budget_cli;
+pub mod inventory;
+pub mod limits;
+pub mod metrics;
 pub mod pki_cli;
+pub mod retention;
 pub mod round;
 pub mod server;
 pub mod store;

@@ -7,10 +7,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fedpriv_common::config::StudyConfig;
 use fedpriv_common::pki;
+use fedpriv_coordinator::admin;
+use fedpriv_coordinator::at_rest;
 use fedpriv_coordinator::budget_cli::{self, BudgetCommand};
 use fedpriv_coordinator::pki_cli::{self, PkiCommand};
 use fedpriv_coordinator::server::{self, Options};
 use fedpriv_coordinator::store::Store;
+use fedpriv_coordinator::{inventory, retention};
 
 /// Federated learning coordinator with differential privacy.
 ///
@@ -35,8 +38,9 @@ enum Command {
     Pki(PkiCommand),
     /// Run studies: listen for sites over QUIC (mutual TLS) and run rounds until each study ends.
     Run {
-        /// Study configuration (TOML); repeat for several studies.
-        #[arg(long = "study", value_name = "FILE", required = true)]
+        /// Study configuration (TOML); repeat for several studies. Optional: operators can
+        /// also create studies at runtime (`admin create`), and those resume on restart.
+        #[arg(long = "study", value_name = "FILE")]
         studies: Vec<PathBuf>,
         /// State directory: the SQLite ledger and the model versions.
         #[arg(long, value_name = "DIR")]
@@ -53,6 +57,16 @@ enum Command {
         /// Exit once every study has ended (default: keep serving).
         #[arg(long)]
         exit_when_done: bool,
+        /// Key that encrypts model checkpoints at rest (made by `at-rest-key`; mode 0600,
+        /// owned by this user). Without it, the key comes from FEDPRIV_AT_REST_KEY (64 hex).
+        #[arg(long, value_name = "FILE")]
+        at_rest_key_file: Option<PathBuf>,
+    },
+    /// Make a new at-rest key file (mode 0600; never overwrites) for `run --at-rest-key-file`.
+    /// Back it up apart from the state directory: checkpoints cannot be read without it.
+    AtRestKey {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// The privacy ledger of a study.
     Ledger {
@@ -64,10 +78,52 @@ enum Command {
         #[command(subcommand)]
         cmd: ModelCommand,
     },
+    /// Talk to a running coordinator as an operator (create, change, stop studies) or an
+    /// auditor (ledgers, audit log), over its mTLS endpoint with your certificate.
+    /// Exit status: 2 config, 3 refused, 4 connection failed, 5 the coordinator failed.
+    Admin(admin::AdminArgs),
     /// The coordinator's audit log.
     Audit {
         #[command(subcommand)]
         cmd: AuditCommand,
+    },
+    /// Remove old model checkpoints under a retention policy you state; records what it
+    /// removed in the audit log (before deleting) and in the state database.
+    ///
+    /// Never removed: the latest version of each study, versions newer than the cut-off,
+    /// and the audit log (audit records are kept at least six years; nothing prunes them).
+    /// Refuses to run while the coordinator runs (it holds the audit log); `--dry-run`
+    /// lists what would go, records nothing, and works while it runs.
+    Prune {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// Keep model versions created within this many days.
+        #[arg(long, value_name = "N")]
+        keep_models_days: u32,
+        /// Also keep the N latest versions of each study, whatever their age (at least 1:
+        /// the latest is always kept, a restart resumes from it).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        keep_last: u32,
+        /// List what would be removed; delete and record nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Data inventory and lineage: per site, the studies that used its data, the rounds
+    /// charged to it and those its updates went into (with times), and the model versions
+    /// (round, sha256, file or "pruned") made from them; per study, its sites. Read-only:
+    /// works while the coordinator runs.
+    Inventory {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// Only this study.
+        #[arg(long)]
+        study: Option<String>,
+        /// Only this site (and the studies it is enrolled in).
+        #[arg(long)]
+        site: Option<String>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -81,6 +137,13 @@ enum AuditCommand {
         log: Option<PathBuf>,
         #[arg(long, value_name = "DIR")]
         state: Option<PathBuf>,
+    },
+    /// After a crash or power loss left the log unopenable: drop a torn last line and
+    /// rebuild a missing head file, and record that it did. Refuses anything a crash cannot
+    /// explain (an edited, deleted or reordered record): restore such a log from backup.
+    Recover {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
     },
 }
 
@@ -100,7 +163,7 @@ enum LedgerCommand {
 
 #[derive(Debug, Subcommand)]
 enum ModelCommand {
-    /// Copy a model version (default: the latest) to a safetensors file.
+    /// Decrypt a model version (default: the latest) to a plaintext safetensors file (0600).
     Export {
         #[arg(long)]
         study: String,
@@ -110,6 +173,9 @@ enum ModelCommand {
         round: Option<u64>,
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// The coordinator's at-rest key file (else FEDPRIV_AT_REST_KEY).
+        #[arg(long, value_name = "FILE")]
+        at_rest_key_file: Option<PathBuf>,
     },
 }
 
@@ -124,7 +190,10 @@ fn run_studies(
     pki_dir: PathBuf,
     crl: &[PathBuf],
     exit_when_done: bool,
+    at_rest_key_file: Option<&std::path::Path>,
 ) -> Result<(), String> {
+    let at_rest_key = at_rest::load_key(at_rest_key_file).map_err(|e| e.to_string())?;
+    tracing::info!(key_id = %at_rest_key.id_hex(), "at-rest key loaded");
     let mut configs = Vec::new();
     for path in studies {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -153,6 +222,7 @@ fn run_studies(
             tls,
             studies: configs,
             max_concurrent_uploads: 2,
+            at_rest_key: std::sync::Arc::new(at_rest_key),
         };
         server::run(opts, stop_rx, None, exit_when_done)
             .await
@@ -189,57 +259,16 @@ fn open_existing(state: &std::path::Path) -> Result<Store, String> {
 
 fn ledger_show(study: &str, state: &std::path::Path, json: bool) -> Result<String, String> {
     let store = open_existing(state)?;
-    let row = store
-        .study(study)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no study {study:?} in {}", state.display()))?;
-    let cfg = StudyConfig::from_toml(&row.config_toml).map_err(|e| e.to_string())?;
-    let ledger = store.ledger(study).map_err(|e| e.to_string())?;
-    let spent = store.spent_by_site(study).map_err(|e| e.to_string())?;
-    let acc = cfg.privacy.accountant;
-    let mut per_site = serde_json::Map::new();
-    for (site, events) in &spent {
-        let eps = fedpriv_common::dp::accountant::epsilon(acc, events, cfg.privacy.delta)
-            .map_err(|e| e.to_string())?;
-        per_site.insert(site.clone(), serde_json::json!(eps));
+    if store.study(study).map_err(|e| e.to_string())?.is_none() {
+        return Err(format!("no study {study:?} in {}", state.display()));
     }
-    let study_eps = per_site
-        .values()
-        .filter_map(|v| v.as_f64())
-        .fold(0.0, f64::max);
-    if json {
-        return Ok(serde_json::json!({
-            "study": study, "status": row.status, "end_reason": row.end_reason,
-            "budget": {"epsilon": cfg.privacy.epsilon.get(), "delta": cfg.privacy.delta.get(), "accountant": acc.as_str()},
-            "epsilon_spent": study_eps, "per_site_epsilon": per_site, "entries": ledger,
-        })
-        .to_string());
-    }
-    let mut out =
-        format!(
-        "study {study} ({:?}{}): epsilon {study_eps:.4} of {} spent at delta {} ({} accountant)\n",
-        row.status,
-        row.end_reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
-        cfg.privacy.epsilon,
-        cfg.privacy.delta,
-        acc.as_str()
-    );
-    out.push_str(&format!(
-        "{:<6} {:<20} {:>8} {:>8} {:>6} {:>10}\n",
-        "round", "site", "q", "sigma", "steps", "epsilon"
-    ));
-    for r in &ledger {
-        out.push_str(&format!(
-            "{:<6} {:<20} {:>8.4} {:>8.4} {:>6} {:>10.4}\n",
-            r.round,
-            r.site,
-            r.event.q.get(),
-            r.event.sigma.get(),
-            r.event.steps,
-            r.epsilon_after
-        ));
-    }
-    Ok(out)
+    // The same report the admin channel serves (`admin ledger`).
+    let report = admin::ledger_json(&store, study)?;
+    Ok(if json {
+        report.to_string()
+    } else {
+        admin::ledger_text(&report)
+    })
 }
 
 fn model_export(
@@ -247,6 +276,7 @@ fn model_export(
     state: &std::path::Path,
     round: Option<u64>,
     out: &std::path::Path,
+    at_rest_key_file: Option<&std::path::Path>,
 ) -> Result<String, String> {
     let store = open_existing(state)?;
     let rounds = store.rounds(study).map_err(|e| e.to_string())?;
@@ -264,12 +294,125 @@ fn model_export(
     {
         return Err(format!("round {round} of study {study} did not complete"));
     }
+    if let Some(note) = retention::pruned_note(&store, study, round).map_err(|e| e.to_string())? {
+        return Err(note);
+    }
+    let sha = store
+        .model_versions(study)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|v| v.round == round)
+        .map(|v| v.sha256)
+        .ok_or_else(|| format!("round {round} of study {study} has no model version"))?;
+    let key = at_rest::load_key(at_rest_key_file).map_err(|e| e.to_string())?;
     let src = server::model_path(state, study, round);
-    std::fs::copy(&src, out).map_err(|e| format!("{} -> {}: {e}", src.display(), out.display()))?;
+    // On record before the model leaves the state directory. The running coordinator holds
+    // the log: an export waits until it is stopped rather than go unrecorded.
+    let log_path = state.join("audit.log");
+    let mut log = fedpriv_common::audit_file::AuditLog::open(&log_path).map_err(|e| match e {
+        fedpriv_common::audit_file::AuditError::InUse { .. } => format!(
+            "the coordinator is running and holds the audit log {}: every export is recorded there, so stop it and export again",
+            log_path.display()
+        ),
+        e => format!("{}: {e}", log_path.display()),
+    })?;
+    let by = server::local_user();
+    log.append_now(
+        &by,
+        fedpriv_common::audit::AuditEvent::ModelExported,
+        serde_json::json!({"study": study, "model_version": round, "sha256": sha, "by": by, "to": out.display().to_string()}),
+    )
+    .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    if let Err(e) = export_decrypted(&key, &src, study, round, &sha, out) {
+        // The attempt is on record; so is that no model left.
+        let _ = log.append_now(
+            &by,
+            fedpriv_common::audit::AuditEvent::Refused,
+            serde_json::json!({"action": "model export", "study": study, "model_version": round, "reason": e}),
+        );
+        return Err(e);
+    }
     Ok(format!(
         "wrote round {round} of study {study} to {}",
         out.display()
     ))
+}
+
+/// Decrypts a checkpoint to `out` (mode 0600: the model is the study's result, not for
+/// every local user). Written beside `out` and renamed into place only once every segment
+/// authenticated and the digest matched, so a failed export leaves no partial model.
+fn export_decrypted(
+    key: &fedpriv_common::seal::SealKey,
+    src: &std::path::Path,
+    study: &str,
+    round: u64,
+    sha: &str,
+    out: &std::path::Path,
+) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = out
+        .file_name()
+        .ok_or_else(|| format!("{}: not a file path", out.display()))?;
+    let mut partial_name = name.to_os_string();
+    partial_name.push(".partial");
+    let partial = out.with_file_name(partial_name);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| format!("{}: {e}", partial.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let written = server::read_checkpoint(key, src, study, round, Some(sha), &mut w)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            w.flush()
+                .and_then(|()| w.get_ref().sync_all())
+                .map_err(|e| format!("{}: {e}", partial.display()))
+        })
+        .and_then(|()| {
+            std::fs::rename(&partial, out)
+                .map_err(|e| format!("{} -> {}: {e}", partial.display(), out.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
+}
+
+fn prune(
+    state: &std::path::Path,
+    keep_models_days: u32,
+    keep_last: u32,
+    dry_run: bool,
+) -> Result<String, String> {
+    let policy =
+        retention::RetentionPolicy::new(keep_models_days, keep_last).map_err(|e| e.to_string())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| format!("system clock before 1970: {e}"))?
+        .as_secs();
+    let now = i64::try_from(now).map_err(|e| e.to_string())?;
+    retention::prune(state, policy, now, dry_run)
+        .map(|report| report.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn inventory(
+    state: &std::path::Path,
+    study: Option<&str>,
+    site: Option<&str>,
+    json: bool,
+) -> Result<String, String> {
+    let inv = inventory::inventory_of(state, study, site).map_err(|e| e.to_string())?;
+    if json {
+        serde_json::to_string(&inv)
+            .map(|s| s + "\n")
+            .map_err(|e| e.to_string())
+    } else {
+        Ok(inv.to_string())
+    }
 }
 
 fn audit_verify(log: Option<PathBuf>, state: Option<PathBuf>) -> Result<bool, String> {
@@ -279,6 +422,18 @@ fn audit_verify(log: Option<PathBuf>, state: Option<PathBuf>) -> Result<bool, St
     let report = fedpriv_common::audit_file::verify_file(&path).map_err(|e| e.to_string())?;
     println!("{}: {report}", path.display());
     Ok(report.is_ok())
+}
+
+fn audit_recover(state: &std::path::Path) -> Result<String, String> {
+    let path = state.join("audit.log");
+    let by = server::local_user();
+    let (_log, recovery) = fedpriv_common::audit_file::AuditLog::recover(&path, &by)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(if recovery.did_something() {
+        format!("{}: {recovery}; the repair is on record", path.display())
+    } else {
+        format!("{}: nothing to recover", path.display())
+    })
 }
 
 fn main() -> ExitCode {
@@ -299,7 +454,25 @@ fn main() -> ExitCode {
             pki,
             crl,
             exit_when_done,
-        } => run_studies(&studies, state, listen, pki, &crl, exit_when_done),
+            at_rest_key_file,
+        } => run_studies(
+            &studies,
+            state,
+            listen,
+            pki,
+            &crl,
+            exit_when_done,
+            at_rest_key_file.as_deref(),
+        ),
+        Command::AtRestKey { out } => at_rest::write_new_key_file(&out)
+            .map(|id| {
+                println!(
+                    "wrote a new at-rest key to {} (key id {id}); back it up apart from the \
+                     state directory: checkpoints cannot be read without it",
+                    out.display()
+                )
+            })
+            .map_err(|e| e.to_string()),
         Command::Ledger {
             cmd: LedgerCommand::Show { study, state, json },
         } => {
@@ -312,8 +485,10 @@ fn main() -> ExitCode {
                     state,
                     round,
                     out,
+                    at_rest_key_file,
                 },
-        } => model_export(&study, &state, round, &out).map(|o| println!("{o}")),
+        } => model_export(&study, &state, round, &out, at_rest_key_file.as_deref())
+            .map(|o| println!("{o}")),
         Command::Audit {
             cmd: AuditCommand::Verify { log, state },
         } => match audit_verify(log, state) {
@@ -321,6 +496,31 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
+        Command::Audit {
+            cmd: AuditCommand::Recover { state },
+        } => audit_recover(&state).map(|o| println!("{o}")),
+        Command::Admin(args) => match admin::run_cli(&args) {
+            Ok(out) => {
+                print!("{out}{}", if out.ends_with('\n') { "" } else { "\n" });
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(e.exit_code());
+            }
+        },
+        Command::Prune {
+            state,
+            keep_models_days,
+            keep_last,
+            dry_run,
+        } => prune(&state, keep_models_days, keep_last, dry_run).map(|o| println!("{o}")),
+        Command::Inventory {
+            state,
+            study,
+            site,
+            json,
+        } => inventory(&state, study.as_deref(), site.as_deref(), json).map(|o| print!("{o}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

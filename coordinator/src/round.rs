@@ -191,6 +191,37 @@ struct Upload {
 /// Sum of squares of `values` in f64 (eight lanes, so it vectorises), or the index of the
 /// first value that is not finite. Any NaN or infinity makes the sum non-finite, and a
 /// sum of at most 2^31 squares of finite f32 values (each below 1.2e77) never overflows.
+/// Least norm an honest update of `d` values can have: the noise the study's mechanism adds
+/// (a d-dimensional Gaussian's norm is sigma C sqrt(d) give or take a unit; 9 below that
+/// has probability under e^-32) less the most the clipped signal can cancel. A smaller
+/// norm means the site left (some of) its noise out; 0 when no floor is meaningful (central
+/// noise, or too few dimensions for the noise to dominate).
+pub fn norm_floor(cfg: &StudyConfig, d: usize) -> f64 {
+    let p = &cfg.privacy;
+    let (c, sigma) = (p.clip_norm.get(), p.noise_multiplier.get());
+    let chi = (d as f64).sqrt() - 9.0;
+    let floor = match (&cfg.local, p.unit, p.placement) {
+        (_, PrivacyUnit::Site, Placement::Local) => sigma * c * chi - c,
+        (
+            LocalPlan::DpSgd {
+                steps,
+                expected_batch,
+                learning_rate,
+            },
+            PrivacyUnit::Record,
+            _,
+        ) => {
+            // Steps' noises add up to N(0, steps (lr sigma C / B)^2); the clipped sums move
+            // at most lr 3C per step (as in the upper bound).
+            let lr = f64::from(*learning_rate);
+            let steps = *steps as f64;
+            lr * sigma * c * steps.sqrt() * chi / expected_batch - lr * steps * 3.0 * c
+        }
+        _ => 0.0,
+    };
+    floor.max(0.0)
+}
+
 fn sum_squares(values: &[f32]) -> Result<f64, usize> {
     let mut lanes = [0f64; 8];
     let mut chunks = values.chunks_exact(8);
@@ -310,6 +341,12 @@ impl StudyEngine {
 
     pub fn global(&self) -> &Arc<Vec<f32>> {
         &self.global
+    }
+
+    /// Takes an operator's runtime change (rounds, timeout, min_sites, a lower budget; see
+    /// [`fedpriv_common::admin::apply_changes`]); it applies from the next decision on.
+    pub fn set_config(&mut self, cfg: Arc<StudyConfig>) {
+        self.cfg = cfg;
     }
 
     /// Ends the study from outside (it ended before a restart, or its ledger failed).

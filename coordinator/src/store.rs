@@ -162,10 +162,30 @@ pub struct RoundRow {
     pub reason: Option<String>,
 }
 
+/// One model version (the checkpoint a completed round produced).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelVersionRow {
+    pub round: u64,
+    /// Path of the checkpoint, relative to the state directory.
+    pub file: String,
+    pub sha256: String,
+    pub created_at: i64,
+    /// Set once the retention policy removed the file.
+    pub pruned: Option<Pruned>,
+}
+
+/// When a model version's file was removed, and the audit record that announced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    pub at: i64,
+    pub audit_seq: u64,
+}
+
 const APPLICATION_ID: i32 = 0x6670_7263; // "fprc"
 
 /// `MIGRATIONS[i]` takes the schema from version i to i + 1.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT;
 CREATE TABLE studies (
     id TEXT PRIMARY KEY NOT NULL,
@@ -231,12 +251,43 @@ CREATE TABLE lineage (
     FOREIGN KEY (study, round) REFERENCES model_versions(study, round),
     FOREIGN KEY (study, site, round) REFERENCES ledger(study, site, round)
 ) STRICT;
-"];
+",
+    "
+-- A model version whose file the retention policy removed: when, and the seq of the audit
+-- record that announced it before the file was deleted. The version's row and its lineage
+-- stay: what the version was and which sites made it outlive its file.
+CREATE TABLE model_prunes (
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    pruned_at INTEGER NOT NULL,
+    audit_seq INTEGER NOT NULL CHECK (audit_seq > 0),
+    PRIMARY KEY (study, round),
+    FOREIGN KEY (study, round) REFERENCES model_versions(study, round)
+) STRICT;
+CREATE TRIGGER model_prunes_no_update BEFORE UPDATE ON model_prunes
+    BEGIN SELECT RAISE(ABORT, 'prune records are never changed'); END;
+CREATE TRIGGER model_prunes_no_delete BEFORE DELETE ON model_prunes
+    BEGIN SELECT RAISE(ABORT, 'prune records are never deleted'); END;
+",
+];
+
+/// `READ_ONLY_STANDINS[i]`: empty TEMP tables standing in for what `MIGRATIONS[i]` adds,
+/// created by a read-only open of a file whose schema predates that migration, so the read
+/// queries work on a file an older fedpriv wrote without migrating it (a read-only open
+/// never writes the file; the running coordinator migrates it when it next starts).
+const READ_ONLY_STANDINS: &[&str] = &[
+    "",
+    "CREATE TEMP TABLE model_prunes (
+        study TEXT NOT NULL, round INTEGER NOT NULL, pruned_at INTEGER NOT NULL,
+        audit_seq INTEGER NOT NULL, PRIMARY KEY (study, round)
+    ) STRICT;",
+];
 
 const SPEC: DbSpec = DbSpec {
     app_id: APPLICATION_ID,
     kind: "fedpriv coordinator database",
     migrations: MIGRATIONS,
+    read_only_standins: READ_ONLY_STANDINS,
 };
 
 /// The coordinator's state database.
@@ -250,7 +301,19 @@ impl Store {
     /// Opens the store at `path`, creating and migrating it when the file does not exist.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref();
-        let conn = open_db(path, &SPEC)?;
+        let conn = open_db(path, &SPEC, Access::ReadWrite)?;
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing store for reading only: never creates, migrates or writes it, so
+    /// it can run beside a running coordinator (WAL readers do not block the writer). A
+    /// missing file is [`StoreError::Io`] of kind `NotFound`; write methods fail.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        let conn = open_db(path, &SPEC, Access::ReadOnly)?;
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -281,6 +344,21 @@ impl Store {
                 params![id, site],
             )
             .map_err(|e| constraint(e, || format!("site {site:?} is listed twice")))?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Replaces a study's stored config (an operator's runtime change, already checked by
+    /// [`fedpriv_common::admin::apply_changes`]).
+    pub fn set_study_config(&mut self, id: &str, config_toml: &str) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        let n = tx.execute(
+            "UPDATE studies SET config_toml = ?2 WHERE id = ?1",
+            params![id, config_toml],
+        )?;
+        if n == 0 {
+            return Err(StoreError::Invalid(format!("no study {id:?}")));
         }
         tx.commit()?;
         Ok(())
@@ -602,6 +680,81 @@ impl Store {
         Ok(out)
     }
 
+    /// Every model version of the study, in round order, with its prune record if the
+    /// retention policy removed its file.
+    pub fn model_versions(&self, study: &str) -> Result<Vec<ModelVersionRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT m.round, m.file, m.sha256, m.created_at, p.pruned_at, p.audit_seq
+             FROM model_versions m
+             LEFT JOIN model_prunes p ON p.study = m.study AND p.round = m.round
+             WHERE m.study = ?1 ORDER BY m.round",
+        )?;
+        let rows = stmt.query_map([study], |r| {
+            let pruned_at: Option<i64> = r.get(4)?;
+            let seq: Option<u64> = r.get(5)?;
+            Ok(ModelVersionRow {
+                round: r.get(0)?,
+                file: r.get(1)?,
+                sha256: r.get(2)?,
+                created_at: r.get(3)?,
+                pruned: pruned_at
+                    .zip(seq)
+                    .map(|(at, audit_seq)| Pruned { at, audit_seq }),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records that the files of `rounds` of `study` are removed under the retention policy,
+    /// announced by audit record `audit_seq`; one transaction. Call it after the audit
+    /// record is on disk and before deleting the files. Refused, recording nothing, for a
+    /// round without a model version, one already pruned, or the study's latest version
+    /// (a restart resumes from it: it is never pruned).
+    pub fn record_prunes(
+        &mut self,
+        study: &str,
+        rounds: &[u64],
+        audit_seq: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if audit_seq == 0 {
+            return Err(StoreError::Invalid(
+                "a prune needs the seq of the audit record that announced it".into(),
+            ));
+        }
+        let tx = self.write()?;
+        let latest: Option<u64> = tx.query_row(
+            "SELECT max(round) FROM model_versions WHERE study = ?1",
+            [study],
+            |r| r.get(0),
+        )?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO model_prunes (study, round, pruned_at, audit_seq)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for &round in rounds {
+                if Some(round) == latest {
+                    return Err(StoreError::Conflict(format!(
+                        "round {round} is the latest model version of study {study:?}: it is \
+                         never pruned (a restart resumes from it)"
+                    )));
+                }
+                ins.execute(params![study, round, now, audit_seq])
+                    .map_err(|e| {
+                        constraint(e, || {
+                            format!(
+                                "round {round} of study {study:?} has no model version or was \
+                                 already pruned"
+                            )
+                        })
+                    })?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// A write transaction that takes the lock up front, so it never fails half-way with
     /// "busy" when a reader (`ledger show`) holds the file.
     fn write(&mut self) -> Result<rusqlite::Transaction<'_>, StoreError> {
@@ -700,10 +853,23 @@ struct DbSpec {
     app_id: i32,
     kind: &'static str,
     migrations: &'static [&'static str],
+    /// One entry per migration: what a read-only open creates in TEMP for a file that
+    /// predates it ("" when the migration needs no stand-in).
+    read_only_standins: &'static [&'static str],
+}
+
+/// How [`open_db`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Create if missing, migrate, WAL with `synchronous=FULL`.
+    ReadWrite,
+    /// Never create, migrate or write (inventories that run beside the writer).
+    ReadOnly,
 }
 
 /// Opens `path`, creating it if missing, after checking it is ours, intact and not newer.
-fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
+/// With [`Access::ReadOnly`] a missing file is an `Io` error of kind `NotFound`.
+fn open_db(path: &Path, spec: &DbSpec, access: Access) -> Result<Connection, StoreError> {
     let io = |e: std::io::Error| StoreError::Io {
         path: path.to_path_buf(),
         source: e,
@@ -721,7 +887,9 @@ fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
     };
     match std::fs::metadata(path) {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_db(path, spec)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && access == Access::ReadWrite => {
+            create_db(path, spec)?
+        }
         Err(e) => return Err(io(e)),
     }
     // Look at the header ourselves: SQLite treats an empty file as a new database, and that
@@ -745,11 +913,12 @@ fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
         )));
     }
     // No CREATE flag: if the file vanished since the check, fail rather than make a new one.
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(check)?;
+    let mode = match access {
+        Access::ReadWrite => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        Access::ReadOnly => OpenFlags::SQLITE_OPEN_READ_ONLY,
+    };
+    let conn =
+        Connection::open_with_flags(path, mode | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(check)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // The file may have been edited: never run functions named in its schema.
     conn.pragma_update(None, "trusted_schema", false)?;
@@ -784,7 +953,9 @@ fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
             "{dangling} rows refer to rows that do not exist"
         ))));
     }
-    configure(&conn).map_err(check)?;
+    if access == Access::ReadWrite {
+        configure(&conn).map_err(check)?;
+    }
     let has_version: bool = conn
         .query_row(
             "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
@@ -810,6 +981,14 @@ fn open_db(path: &Path, spec: &DbSpec) -> Result<Connection, StoreError> {
             found: version,
             supported,
         }));
+    }
+    if access == Access::ReadOnly {
+        let from = usize::try_from(version)
+            .map_err(|_| bad(FileProblem::Corrupt(format!("schema version {version}"))))?;
+        for standin in spec.read_only_standins.get(from..).unwrap_or_default() {
+            conn.execute_batch(standin)?;
+        }
+        return Ok(conn);
     }
     let mut conn = conn;
     if version < supported {
@@ -1346,5 +1525,131 @@ mod tests {
         Store::open(&path).expect("open over leftovers");
         assert!(!dir.path().join("coordinator.db.init").exists());
         Store::open(&path).expect("reopen");
+    }
+
+    /// A file as the first schema wrote it, with one completed round.
+    fn version_one_file(path: &Path) {
+        let mut conn = Connection::open(path).expect("open");
+        configure(&conn).expect("configure");
+        let tx = conn.transaction().expect("tx");
+        tx.pragma_update(None, "application_id", APPLICATION_ID)
+            .expect("app id");
+        migrate(&tx, 0, &MIGRATIONS[..1]).expect("v1");
+        tx.execute_batch(&format!(
+            "INSERT INTO studies VALUES ('s1', '', 1, 'active', NULL);
+             INSERT INTO enrolments VALUES ('s1', 'a');
+             INSERT INTO rounds VALUES ('s1', 0, 'completed', 2, 3, NULL);
+             INSERT INTO ledger VALUES ('s1', 'a', 0, 0.1, 1.0, 1, 0.1, 2);
+             INSERT INTO model_versions VALUES ('s1', 0, 'm0', '{SHA}', 3);
+             INSERT INTO lineage VALUES ('s1', 0, 'a');"
+        ))
+        .expect("rows");
+        tx.commit().expect("commit");
+        conn.close().expect("close");
+    }
+
+    fn schema_version(path: &Path) -> i64 {
+        Connection::open(path)
+            .expect("raw open")
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .expect("version")
+    }
+
+    #[test]
+    fn version_one_file_reads_without_migrating_and_migrates_on_open() {
+        assert_eq!(READ_ONLY_STANDINS.len(), MIGRATIONS.len());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("coordinator.db");
+        version_one_file(&path);
+        let before = std::fs::read(&path).expect("read");
+        {
+            let mut ro = Store::open_read_only(&path).expect("read-only open of a v1 file");
+            let versions = ro.model_versions("s1").expect("versions");
+            assert_eq!(versions.len(), 1);
+            assert_eq!(versions[0].pruned, None);
+            assert!(ro.record_prunes("s1", &[0], 1, 9).is_err(), "read-only");
+        }
+        assert_eq!(schema_version(&path), 1, "a read-only open never migrates");
+        assert_eq!(std::fs::read(&path).expect("read"), before);
+        let store = Store::open(&path).expect("read-write open migrates");
+        assert_eq!(store.model_versions("s1").expect("versions")[0].sha256, SHA);
+        assert_eq!(
+            store.lineage("s1").expect("lineage"),
+            vec![(0, sites(&["a"]))]
+        );
+        drop(store);
+        assert_eq!(schema_version(&path), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn read_only_open_never_creates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("coordinator.db");
+        match Store::open_read_only(&path) {
+            Err(StoreError::Io { source, .. }) => {
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound)
+            }
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn read_only_open_reads_beside_a_writer() {
+        let (_dir, path, mut store) = fresh();
+        let ro = Store::open_read_only(&path).expect("read-only beside the writer");
+        store
+            .record_spend("s1", 0, &[("a".into(), ev(0.1, 1.0, 1), 0.1)], 1)
+            .expect("the writer is not blocked");
+        assert_eq!(ro.ledger("s1").expect("ledger").len(), 1);
+    }
+
+    #[test]
+    fn prunes_are_recorded_once_and_never_the_latest() {
+        let (_dir, path, mut store) = fresh();
+        for round in 0..3u64 {
+            store
+                .record_spend("s1", round, &[("a".into(), ev(0.1, 1.0, 1), 0.1)], 1)
+                .expect("spend");
+            store
+                .complete_round("s1", round, &format!("m{round}"), SHA, &sites(&["a"]), 10)
+                .expect("complete");
+        }
+        assert!(matches!(
+            store.record_prunes("s1", &[0, 2], 5, 20),
+            Err(StoreError::Conflict(m)) if m.contains("latest")
+        ));
+        assert!(matches!(
+            store.record_prunes("s1", &[0, 7], 5, 20),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.record_prunes("s1", &[0], 0, 20),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(store
+            .model_versions("s1")
+            .expect("versions")
+            .iter()
+            .all(|v| v.pruned.is_none()));
+        store.record_prunes("s1", &[0, 1], 5, 20).expect("prune");
+        assert!(matches!(
+            store.record_prunes("s1", &[1], 6, 21),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(store.conn.execute("DELETE FROM model_prunes", []).is_err());
+        drop(store);
+        let store = Store::open(&path).expect("reopen");
+        let pruned: Vec<_> = store
+            .model_versions("s1")
+            .expect("versions")
+            .iter()
+            .map(|v| v.pruned)
+            .collect();
+        let p = Some(Pruned {
+            at: 20,
+            audit_seq: 5,
+        });
+        assert_eq!(pruned, vec![p, p, None]);
     }
 }

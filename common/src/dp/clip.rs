@@ -18,22 +18,35 @@ pub struct Clipped {
 /// Scales `values` in place so that its L2 norm is at most `clip`.
 pub fn clip_l2(values: &mut [f32], clip: ClipNorm) -> Clipped {
     let norm = l2_norm(values);
-    let c = clip.get();
-    if norm > c {
-        // Round the factor down so that float rounding cannot leave the norm above C.
-        let factor = (c / norm) * (1.0 - 1e-6);
-        for v in values.iter_mut() {
-            *v = (f64::from(*v) * factor) as f32;
+    match clip_factor(norm, clip) {
+        Some(factor) => {
+            scale(values, factor);
+            Clipped {
+                pre_norm: norm,
+                scaled: true,
+            }
         }
-        Clipped {
-            pre_norm: norm,
-            scaled: true,
-        }
-    } else {
-        Clipped {
+        None => Clipped {
             pre_norm: norm,
             scaled: false,
-        }
+        },
+    }
+}
+
+/// The factor [`clip_l2`] scales a vector of L2 norm `norm` by, or `None` when it is
+/// within the bound. For callers that know the norm without holding the whole vector (a
+/// vector produced and sent piece by piece): scaling every piece with [`scale`] gives
+/// exactly what `clip_l2` gives on the whole.
+pub fn clip_factor(norm: f64, clip: ClipNorm) -> Option<f64> {
+    let c = clip.get();
+    // Round the factor down so that float rounding cannot leave the norm above C.
+    (norm > c).then(|| (c / norm) * (1.0 - 1e-6))
+}
+
+/// Multiplies every value by `factor` in f64, rounding once to f32.
+pub fn scale(values: &mut [f32], factor: f64) {
+    for v in values.iter_mut() {
+        *v = (f64::from(*v) * factor) as f32;
     }
 }
 
@@ -75,6 +88,24 @@ mod tests {
         assert!(l2_norm(&batch[0..2]) <= 2.0 && l2_norm(&batch[0..2]) > 1.99);
         assert_eq!(&batch[2..4], &[0.6, 0.8]);
         assert_eq!(&batch[4..6], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn piecewise_scaling_equals_clipping_the_whole() {
+        let c = ClipNorm::new(0.5).expect("valid");
+        let whole: Vec<f32> = (0..10_007)
+            .map(|i| ((i % 13) as f32 - 6.0) * 1e-2)
+            .collect();
+        let mut clipped = whole.clone();
+        let out = clip_l2(&mut clipped, c);
+        let factor = clip_factor(l2_norm(&whole), c).expect("over the bound");
+        let mut pieces = whole.clone();
+        for piece in pieces.chunks_mut(1000) {
+            scale(piece, factor);
+        }
+        assert!(out.scaled);
+        assert_eq!(pieces, clipped);
+        assert_eq!(clip_factor(0.4, c), None);
     }
 
     #[test]

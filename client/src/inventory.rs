@@ -1,0 +1,507 @@
+//! The site's own data inventory: `fedpriv-client inventory`. Which studies touched this
+//! site's data, when (rounds and times), which columns they read, and the epsilon each
+//! has spent, from the site's own records only.
+//!
+//! Sources, read-only (both work beside the running daemon): the site ledger (rounds paid,
+//! with times; tasks declined) and the site audit log (column checks: the columns each
+//! study reads; `budget_spent` records: the study's delta). The audit log is used only if
+//! it verifies; otherwise the inventory says so and leaves out what only the log knows.
+//!
+//! Retention: the site keeps no model or update files. The global model of a task is held
+//! in memory, trained on and dropped; the update leaves over the network and is not
+//! stored. The site's state is the ledger and the audit log, both kept (audit records at
+//! least six years), so a site has nothing to prune.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use fedpriv_common::audit::{decode_line, AuditEvent};
+use fedpriv_common::dp::accountant;
+use fedpriv_common::dp::Delta;
+use serde::Serialize;
+
+use crate::config::SiteConfig;
+use crate::store::{SiteLedger, StoreError};
+
+/// What the site keeps, stated in every inventory.
+pub const RETENTION_NOTE: &str = "this site keeps no model or update files (the global model \
+     is held in memory for a task and the update is sent, never stored): its state is the \
+     ledger and the audit log, both kept, so there is nothing to prune";
+
+/// How the audit log was found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditSource {
+    pub path: PathBuf,
+    pub verified: bool,
+    /// Why it was not used, when it was not.
+    pub problem: Option<String>,
+    pub records: u64,
+}
+
+/// A round this site paid for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PaidRound {
+    pub round: u64,
+    pub at: i64,
+    pub coordinator: String,
+    pub q: f64,
+    pub sigma: f64,
+    pub steps: u64,
+}
+
+/// A task this site declined (its data was not trained on for that round).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Declined {
+    pub round: u64,
+    pub at: i64,
+    pub reason: String,
+}
+
+/// The columns the study read, from the audit log's column checks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ColumnsRead {
+    /// Every column named by a check that let the study load its data.
+    pub columns: Vec<String>,
+    pub checks_allowed: u64,
+    pub checks_refused: u64,
+    pub first_at: i64,
+    pub last_at: i64,
+}
+
+/// Epsilon spent on one study, recomputed from the ledger's events.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpsilonSpent {
+    pub epsilon: f64,
+    pub delta: f64,
+}
+
+/// One study's use of this site's data.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StudyUse {
+    pub study: String,
+    /// The site's own cap for it, if its config still names the study.
+    pub epsilon_cap: Option<f64>,
+    /// `None` when the study's delta is not known from a verified audit log (computing at
+    /// another delta would understate or overstate it).
+    pub epsilon_spent: Option<EpsilonSpent>,
+    pub paid_rounds: Vec<PaidRound>,
+    pub declined: Vec<Declined>,
+    /// `None` when the audit log is unusable or records no column check for the study.
+    pub columns_read: Option<ColumnsRead>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SiteInventory {
+    pub site: String,
+    pub ledger: PathBuf,
+    pub audit_log: AuditSource,
+    pub retention: &'static str,
+    pub studies: Vec<StudyUse>,
+}
+
+/// What the audit log adds, per study.
+#[derive(Default)]
+struct FromLog {
+    columns: BTreeMap<String, ColumnsRead>,
+    /// The smallest delta a `budget_spent` record names (the largest epsilon, if two differ).
+    delta: BTreeMap<String, f64>,
+}
+
+/// Builds the inventory of the site `cfg` describes, opening its ledger read-only.
+pub fn build(cfg: &SiteConfig) -> Result<SiteInventory, String> {
+    let ledger_path = cfg.state_dir.join("site-ledger.db");
+    let ledger = match SiteLedger::open_read_only(&ledger_path) {
+        Ok(l) => l,
+        Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "no site ledger at {} (has this site run yet? is state_dir in the config right?)",
+                ledger_path.display()
+            ))
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let (audit_log, log) = read_log(&crate::daemon::audit_path(cfg));
+    let mut ids: BTreeSet<String> = ledger
+        .studies()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    ids.extend(ledger.refused_studies().map_err(|e| e.to_string())?);
+    ids.extend(log.columns.keys().cloned());
+    let mut studies = Vec::new();
+    for study in ids {
+        let spends = ledger.spends(&study).map_err(|e| e.to_string())?;
+        let epsilon_spent = match log.delta.get(&study) {
+            Some(&d) if !spends.is_empty() => {
+                let delta = Delta::new(d).map_err(|e| format!("study {study}: delta {d}: {e}"))?;
+                let events: Vec<_> = spends.iter().map(|s| s.event).collect();
+                let epsilon = accountant::epsilon(cfg.accountant, &events, delta)
+                    .map_err(|e| format!("study {study}: {e}"))?;
+                Some(EpsilonSpent { epsilon, delta: d })
+            }
+            _ => None,
+        };
+        studies.push(StudyUse {
+            epsilon_cap: cfg.studies.get(&study).map(|s| s.epsilon_cap.get()),
+            epsilon_spent,
+            paid_rounds: spends
+                .iter()
+                .map(|s| PaidRound {
+                    round: s.round,
+                    at: s.recorded_at,
+                    coordinator: s.coordinator.clone(),
+                    q: s.event.q.get(),
+                    sigma: s.event.sigma.get(),
+                    steps: s.event.steps,
+                })
+                .collect(),
+            declined: ledger
+                .refusals(&study)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|r| Declined {
+                    round: r.round,
+                    at: r.at,
+                    reason: r.reason,
+                })
+                .collect(),
+            columns_read: log.columns.get(&study).cloned(),
+            study,
+        });
+    }
+    Ok(SiteInventory {
+        site: cfg.name.clone(),
+        ledger: ledger_path,
+        audit_log,
+        retention: RETENTION_NOTE,
+        studies,
+    })
+}
+
+/// Verifies the log, then collects column checks and deltas from it; an unusable log gives
+/// nothing (and says why).
+fn read_log(path: &Path) -> (AuditSource, FromLog) {
+    let mut source = AuditSource {
+        path: path.to_path_buf(),
+        verified: false,
+        problem: None,
+        records: 0,
+    };
+    let report = match fedpriv_common::audit_file::verify_file(path) {
+        Ok(r) => r,
+        Err(e) => {
+            source.problem = Some(e.to_string());
+            return (source, FromLog::default());
+        }
+    };
+    if !report.is_ok() {
+        source.problem = Some(format!(
+            "does not verify ({report}); run `fedpriv-client audit verify`"
+        ));
+        return (source, FromLog::default());
+    }
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            source.problem = Some(format!("{}: {e}", path.display()));
+            return (source, FromLog::default());
+        }
+    };
+    source.verified = true;
+    let mut out = FromLog::default();
+    // Lines appended since the verification are used only if each checks on its own; a
+    // half-written last line does not parse and is skipped.
+    for line in std::io::BufReader::new(file).lines() {
+        let Ok(line) = line else { break };
+        let Some(rec) = decode_line(&line) else {
+            continue;
+        };
+        source.records += 1;
+        let d = &rec.details;
+        let Some(study) = d.get("study").and_then(|s| s.as_str()) else {
+            continue;
+        };
+        match rec.event {
+            AuditEvent::ColumnCheck => {
+                let allowed = d.get("outcome").and_then(|o| o.as_str()) == Some("allowed");
+                let entry = out.columns.entry(study.to_string()).or_insert(ColumnsRead {
+                    columns: Vec::new(),
+                    checks_allowed: 0,
+                    checks_refused: 0,
+                    first_at: rec.ts,
+                    last_at: rec.ts,
+                });
+                entry.first_at = entry.first_at.min(rec.ts);
+                entry.last_at = entry.last_at.max(rec.ts);
+                if allowed {
+                    entry.checks_allowed += 1;
+                    let named = d
+                        .pointer("/check/checked")
+                        .and_then(|c| c.as_array())
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| c.as_str());
+                    for column in named {
+                        if !entry.columns.iter().any(|c| c == column) {
+                            entry.columns.push(column.to_string());
+                        }
+                    }
+                } else {
+                    entry.checks_refused += 1;
+                }
+            }
+            AuditEvent::BudgetSpent => {
+                if let Some(delta) = d.get("delta").and_then(|x| x.as_f64()) {
+                    let e = out.delta.entry(study.to_string()).or_insert(delta);
+                    *e = e.min(delta);
+                }
+            }
+            _ => {}
+        }
+    }
+    (source, out)
+}
+
+impl std::fmt::Display for SiteInventory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "site {} (ledger {})", self.site, self.ledger.display())?;
+        match &self.audit_log.problem {
+            None => writeln!(
+                f,
+                "audit log {}: verified, {} records",
+                self.audit_log.path.display(),
+                self.audit_log.records
+            )?,
+            Some(p) => writeln!(
+                f,
+                "audit log {}: not used: {p} (columns read and epsilon are left out)",
+                self.audit_log.path.display()
+            )?,
+        }
+        writeln!(f, "retention: {}", self.retention)?;
+        for s in &self.studies {
+            let cap = s
+                .epsilon_cap
+                .map(|c| format!("cap {c}"))
+                .unwrap_or_else(|| "not in the config".into());
+            let eps = s
+                .epsilon_spent
+                .as_ref()
+                .map(|e| format!("epsilon {:.4} spent at delta {}", e.epsilon, e.delta))
+                .unwrap_or_else(|| "epsilon not computed (study delta unknown)".into());
+            writeln!(
+                f,
+                "study {} ({cap}): {eps}; {} round(s) paid, {} declined",
+                s.study,
+                s.paid_rounds.len(),
+                s.declined.len()
+            )?;
+            match &s.columns_read {
+                Some(c) => writeln!(
+                    f,
+                    "  columns read: {} ({} check(s) allowed, {} refused, {} to {})",
+                    if c.columns.is_empty() {
+                        "none recorded".to_string()
+                    } else {
+                        c.columns.join(", ")
+                    },
+                    c.checks_allowed,
+                    c.checks_refused,
+                    utc_datetime(c.first_at),
+                    utc_datetime(c.last_at)
+                )?,
+                None => writeln!(f, "  columns read: not recorded")?,
+            }
+            for r in &s.paid_rounds {
+                writeln!(
+                    f,
+                    "  round {:>5} paid {}: q {:.4} sigma {:.4} steps {} (for {})",
+                    r.round,
+                    utc_datetime(r.at),
+                    r.q,
+                    r.sigma,
+                    r.steps,
+                    r.coordinator
+                )?;
+            }
+            for d in &s.declined {
+                writeln!(
+                    f,
+                    "  round {:>5} declined {}: {}",
+                    d.round,
+                    utc_datetime(d.at),
+                    d.reason
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SSZ` (UTC) for unix seconds. The coordinator has the same function
+/// (`retention::utc_datetime`); the crates share no code outside `common`.
+pub fn utc_datetime(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil conversion (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use fedpriv_common::audit_file::AuditLog;
+    use fedpriv_common::dp::accountant::AccountantKind;
+    use fedpriv_common::dp::SgmEvent;
+    use serde_json::json;
+
+    fn config(dir: &Path) -> SiteConfig {
+        let toml = "[site]\nname = \"st-marys\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\
+             accountant = \"rdp\"\n\n\
+             [coordinator]\naddress = \"127.0.0.1:7443\"\nserver_name = \"localhost\"\n\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n\
+             [studies.s1]\ndata = \"a.csv\"\nepsilon_cap = 3.0\n\n\
+             [studies.s2]\ndata = \"b.csv\"\nepsilon_cap = 1.0\n";
+        SiteConfig::from_toml(toml, dir).unwrap()
+    }
+
+    fn ev(q: f64) -> SgmEvent {
+        SgmEvent::new(q, 1.1, 20).unwrap()
+    }
+
+    /// A site that took part in two studies: s1 twice (columns age, bmi, y), s2 once
+    /// (columns age, y) plus a declined round, and a third study refused by the column check.
+    fn site(dir: &Path) -> SiteConfig {
+        let cfg = config(dir);
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let mut ledger = SiteLedger::open(cfg.state_dir.join("site-ledger.db")).unwrap();
+        let mut log = AuditLog::open(crate::daemon::audit_path(&cfg)).unwrap();
+        let check = |study: &str, cols: &[&str], outcome: &str| json!({"study": study, "check": {"checked": cols}, "outcome": outcome});
+        log.append(
+            "st-marys",
+            AuditEvent::ColumnCheck,
+            check("s1", &["age", "bmi", "y"], "allowed"),
+            1_000,
+        )
+        .unwrap();
+        log.append(
+            "st-marys",
+            AuditEvent::ColumnCheck,
+            check("s2", &["age", "y"], "allowed"),
+            1_001,
+        )
+        .unwrap();
+        log.append(
+            "st-marys",
+            AuditEvent::ColumnCheck,
+            check("s3", &["ssn", "y"], "refused"),
+            1_002,
+        )
+        .unwrap();
+        for (study, round, q, at) in [
+            ("s1", 0, 0.1, 1_010),
+            ("s2", 0, 0.2, 1_020),
+            ("s1", 1, 0.1, 1_030),
+        ] {
+            ledger
+                .record_spend(study, round, ev(q), "coordinator/main", at)
+                .unwrap();
+            log.append(
+                "st-marys",
+                AuditEvent::BudgetSpent,
+                json!({"study": study, "round": round, "delta": 1e-6}),
+                at,
+            )
+            .unwrap();
+        }
+        ledger
+            .record_refusal("s2", 1, "coordinator/main", "over the site's cap", 1_040)
+            .unwrap();
+        // The daemon keeps both open while an inventory runs.
+        std::mem::forget(ledger);
+        std::mem::forget(log);
+        cfg
+    }
+
+    #[test]
+    fn inventory_of_two_studies_from_the_sites_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = site(dir.path());
+        let inv = build(&cfg).unwrap();
+        assert!(inv.audit_log.verified, "{:?}", inv.audit_log);
+        assert_eq!(inv.audit_log.records, 6);
+        let ids: Vec<&str> = inv.studies.iter().map(|s| s.study.as_str()).collect();
+        assert_eq!(ids, ["s1", "s2", "s3"]);
+        let s1 = &inv.studies[0];
+        let rounds: Vec<(u64, i64)> = s1.paid_rounds.iter().map(|r| (r.round, r.at)).collect();
+        assert_eq!(rounds, [(0, 1_010), (1, 1_030)]);
+        let cols = s1.columns_read.as_ref().unwrap();
+        assert_eq!(cols.columns, ["age", "bmi", "y"]);
+        let eps = s1.epsilon_spent.as_ref().unwrap();
+        assert_eq!(eps.delta, 1e-6);
+        let expected = accountant::epsilon(
+            AccountantKind::Rdp,
+            &[ev(0.1), ev(0.1)],
+            Delta::new(1e-6).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(eps.epsilon, expected);
+        assert_eq!(s1.epsilon_cap, Some(3.0));
+        let s2 = &inv.studies[1];
+        assert_eq!(s2.paid_rounds.len(), 1);
+        assert_eq!(s2.declined.len(), 1);
+        assert_eq!(s2.columns_read.as_ref().unwrap().columns, ["age", "y"]);
+        let s3 = &inv.studies[2];
+        assert!(s3.paid_rounds.is_empty() && s3.epsilon_spent.is_none());
+        let c3 = s3.columns_read.as_ref().unwrap();
+        assert!(c3.columns.is_empty());
+        assert_eq!((c3.checks_allowed, c3.checks_refused), (0, 1));
+        assert_eq!(s3.epsilon_cap, None);
+        let text = inv.to_string();
+        assert!(text.contains("columns read: age, bmi, y"), "{text}");
+        assert!(text.contains("nothing to prune"), "{text}");
+    }
+
+    #[test]
+    fn a_log_that_does_not_verify_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = site(dir.path());
+        let path = crate::daemon::audit_path(&cfg);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("\"bmi\"", "\"bmj\"", 1)).unwrap();
+        let inv = build(&cfg).unwrap();
+        assert!(!inv.audit_log.verified);
+        assert!(inv.audit_log.problem.is_some());
+        assert!(inv
+            .studies
+            .iter()
+            .all(|s| s.columns_read.is_none() && s.epsilon_spent.is_none()));
+        // The ledger's part stands.
+        assert_eq!(inv.studies[0].paid_rounds.len(), 2);
+    }
+
+    #[test]
+    fn missing_ledger_is_an_error_and_is_not_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let err = build(&cfg).unwrap_err();
+        assert!(err.contains("no site ledger"), "{err}");
+        assert!(!cfg.state_dir.join("site-ledger.db").exists());
+    }
+}

@@ -1,0 +1,715 @@
+//! Operational limits of the coordinator's network side: how many handshakes may be in
+//! flight, how fast one source may start them, how many connections one identity may
+//! hold, how fast a connection's messages are read, and how many bytes of update body a
+//! site may send per round.
+//!
+//! These are availability parameters, not privacy ones: changing them never changes what a
+//! study spends or releases. The defaults suit a study of a few hundred sites on one
+//! coordinator; every one of them is a bound on work or memory that a peer could otherwise
+//! choose. The pieces here are pure (time is an argument, in milliseconds of a monotonic
+//! clock) so that they are tested without a network; `server.rs` applies them.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fedpriv_common::quic_io::TransportLimits;
+
+/// A sustained rate with a burst allowance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// Most tokens held at once (what a quiet source may spend at once).
+    pub burst: u32,
+}
+
+impl Rate {
+    /// Milliseconds for one token to come back (at least 1).
+    fn ms_per_token(&self) -> f64 {
+        if self.per_second > 0.0 {
+            (1000.0 / self.per_second).max(1.0)
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+/// Every limit the coordinator's network side applies. See each field for its default and
+/// why.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// QUIC settings: idle timeout, flow-control windows, and the concurrent streams a
+    /// peer may open (`max_uni_streams`: 8, `max_bidi_streams`: 4). A site sends one message
+    /// per stream and waits for each, so 8 is slack; a peer that opens more waits for
+    /// credit, without costing us anything.
+    pub transport: TransportLimits,
+    /// Handshakes (connections not yet authenticated) in progress at once; beyond it new
+    /// connection attempts are refused at once, before any cryptography. Default 256:
+    /// more than the sites of a study reconnecting together, small enough that the
+    /// handshakes' state stays in the low tens of MB.
+    pub handshakes_in_flight: usize,
+    /// Above this many handshakes in flight, a source whose address is not yet validated
+    /// gets a QUIC Retry first (one round trip, no state on our side) so that a spoofed
+    /// flood costs us nothing. Default 64.
+    pub retry_above: usize,
+    /// A handshake (and the first message, the hello) must finish within this. Default
+    /// 10 s: a site on a slow hospital link needs well under a second.
+    pub handshake_timeout: Duration,
+    /// Handshakes one source (an IPv4 address, or an IPv6 /64) may start: default 2 per
+    /// second, with bursts of 16. A site keeps one connection; this only bites a source
+    /// that reconnects in a loop or presents bad certificates over and over.
+    pub handshake_rate: Rate,
+    /// Sources whose handshake rate is tracked at once; when full, sources idle long
+    /// enough to be back at a full burst are forgotten. Default 65,536 (a few MB).
+    pub tracked_sources: usize,
+    /// Connection attempts quinn may queue before the acceptor looks at them. Default
+    /// 1,024.
+    pub incoming_queue: usize,
+    /// Connections one operator or auditor identity may hold at once; more are refused.
+    /// Default 4. A site always holds one: a new connection of the same site replaces the
+    /// old one (closed with a reason), because a site whose network dropped reconnects
+    /// long before the coordinator can notice the old connection is dead (the idle
+    /// timeout); refusing would lock it out until then.
+    pub connections_per_identity: usize,
+    /// Messages read from one connection: default 50 per second, bursts of 200. Over it,
+    /// the connection's next message is simply read later; the peer can open at most
+    /// `max_uni_streams` streams meanwhile, so it queues nothing on our side.
+    pub message_rate: Rate,
+    /// Update bodies a site may send per round task: default 2 (one update, plus one retry
+    /// after an update that was refused). The allowance is reset by each task of the
+    /// study, in f32 bytes of that study's model whatever encoding the site uses; an
+    /// upload beyond it is cut off (its stream stopped) before a byte of its body is read,
+    /// and the refusal audited.
+    pub upload_bodies_per_task: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            transport: TransportLimits::default(),
+            handshakes_in_flight: 256,
+            retry_above: 64,
+            handshake_timeout: Duration::from_secs(10),
+            handshake_rate: Rate {
+                per_second: 2.0,
+                burst: 16,
+            },
+            tracked_sources: 65_536,
+            incoming_queue: 1024,
+            connections_per_identity: 4,
+            message_rate: Rate {
+                per_second: 50.0,
+                burst: 200,
+            },
+            upload_bodies_per_task: 2,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the limits make sense together (the operator's configuration).
+    pub fn validate(&self) -> Result<(), String> {
+        let rate_ok = |r: &Rate| r.per_second.is_finite() && r.per_second > 0.0 && r.burst >= 1;
+        if self.handshakes_in_flight == 0 {
+            return Err("config error: handshakes_in_flight must be at least 1".into());
+        }
+        if self.retry_above > self.handshakes_in_flight {
+            return Err(format!(
+                "config error: retry_above ({}) is over handshakes_in_flight ({})",
+                self.retry_above, self.handshakes_in_flight
+            ));
+        }
+        if !rate_ok(&self.handshake_rate) || !rate_ok(&self.message_rate) {
+            return Err(
+                "config error: rates need a positive, finite per_second and a burst of at least 1"
+                    .into(),
+            );
+        }
+        if self.tracked_sources == 0 || self.incoming_queue == 0 {
+            return Err(
+                "config error: tracked_sources and incoming_queue must be at least 1".into(),
+            );
+        }
+        if self.connections_per_identity == 0 || self.upload_bodies_per_task == 0 {
+            return Err(
+                "config error: connections_per_identity and upload_bodies_per_task must be at least 1"
+                    .into(),
+            );
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("config error: handshake_timeout must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// A token bucket. Starts full.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenBucket {
+    tokens: f64,
+    last_ms: u64,
+}
+
+impl TokenBucket {
+    pub fn full(rate: &Rate, now_ms: u64) -> Self {
+        Self {
+            tokens: f64::from(rate.burst),
+            last_ms: now_ms,
+        }
+    }
+
+    fn refill(&mut self, rate: &Rate, now_ms: u64) {
+        // A clock that steps back adds nothing (and takes nothing).
+        let elapsed = now_ms.saturating_sub(self.last_ms);
+        self.last_ms = self.last_ms.max(now_ms);
+        self.tokens =
+            (self.tokens + elapsed as f64 / rate.ms_per_token()).min(f64::from(rate.burst));
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, rate: &Rate, now_ms: u64) -> bool {
+        self.refill(rate, now_ms);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Milliseconds until a token is available (0 if one is now).
+    pub fn wait_ms(&mut self, rate: &Rate, now_ms: u64) -> u64 {
+        self.refill(rate, now_ms);
+        if self.tokens >= 1.0 {
+            0
+        } else {
+            ((1.0 - self.tokens) * rate.ms_per_token()).ceil() as u64
+        }
+    }
+
+    /// True once the bucket has refilled to a full burst (nothing to remember).
+    pub fn is_full(&mut self, rate: &Rate, now_ms: u64) -> bool {
+        self.refill(rate, now_ms);
+        self.tokens >= f64::from(rate.burst)
+    }
+}
+
+/// Whom a handshake rate is charged to: an IPv4 address, or the /64 of an IPv6 address
+/// (one host commonly holds a whole /64, so per-address limits there are no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    V4([u8; 4]),
+    V6Prefix([u8; 8]),
+}
+
+impl Source {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Source::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4.octets()),
+                None => {
+                    let o = v6.octets();
+                    let mut p = [0u8; 8];
+                    p.copy_from_slice(&o[..8]);
+                    Source::V6Prefix(p)
+                }
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::V4(o) => write!(f, "{}", std::net::Ipv4Addr::from(*o)),
+            Source::V6Prefix(p) => {
+                let mut o = [0u8; 16];
+                o[..8].copy_from_slice(p);
+                write!(f, "{}/64", std::net::Ipv6Addr::from(o))
+            }
+        }
+    }
+}
+
+/// Why a connection attempt was turned away before its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyRefusal {
+    /// `handshakes_in_flight` handshakes are already in progress.
+    Busy,
+    /// The source started more handshakes than `handshake_rate` allows.
+    RateLimited,
+}
+
+impl EarlyRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            EarlyRefusal::Busy => "too many handshakes in progress",
+            EarlyRefusal::RateLimited => "handshake rate limit of this source exceeded",
+        }
+    }
+}
+
+/// What to do with a connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeDecision {
+    /// Start the handshake.
+    Accept,
+    /// Ask the source to prove its address first (stateless, one round trip).
+    Retry,
+    /// Refuse at once (cheap: no cryptography, no state).
+    Refuse(EarlyRefusal),
+}
+
+/// Decides, per connection attempt, whether to start a handshake. Owned by the acceptor.
+#[derive(Debug)]
+pub struct HandshakeGate {
+    max_in_flight: usize,
+    retry_above: usize,
+    rate: Rate,
+    tracked: usize,
+    buckets: HashMap<Source, TokenBucket>,
+    last_prune_ms: Option<u64>,
+    untracked: u64,
+}
+
+impl HandshakeGate {
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            max_in_flight: limits.handshakes_in_flight,
+            retry_above: limits.retry_above,
+            rate: limits.handshake_rate,
+            tracked: limits.tracked_sources,
+            buckets: HashMap::new(),
+            last_prune_ms: None,
+            untracked: 0,
+        }
+    }
+
+    /// One connection attempt from `ip`; `in_flight` handshakes are in progress now,
+    /// `validated` says whether quinn already knows the source owns its address (after a
+    /// Retry), `may_retry` whether a Retry is still possible.
+    pub fn decide(
+        &mut self,
+        ip: IpAddr,
+        validated: bool,
+        may_retry: bool,
+        in_flight: usize,
+        now_ms: u64,
+    ) -> HandshakeDecision {
+        if in_flight >= self.max_in_flight {
+            return HandshakeDecision::Refuse(EarlyRefusal::Busy);
+        }
+        // Before charging the source: an address that may be spoofed should not spend
+        // the real owner's allowance.
+        if in_flight >= self.retry_above && !validated && may_retry {
+            return HandshakeDecision::Retry;
+        }
+        let source = Source::of(ip);
+        if !self.buckets.contains_key(&source) && self.buckets.len() >= self.tracked {
+            self.prune(now_ms);
+            if self.buckets.len() >= self.tracked {
+                // Every tracked source is busy: the new one goes unlimited rather than
+                // being refused (its handshakes still count against `max_in_flight`, the
+                // bound that protects us; refusing would lock out sites that share
+                // nothing with the flood).
+                self.untracked += 1;
+                return HandshakeDecision::Accept;
+            }
+        }
+        let rate = self.rate;
+        let bucket = self
+            .buckets
+            .entry(source)
+            .or_insert_with(|| TokenBucket::full(&rate, now_ms));
+        if bucket.take(&rate, now_ms) {
+            HandshakeDecision::Accept
+        } else {
+            HandshakeDecision::Refuse(EarlyRefusal::RateLimited)
+        }
+    }
+
+    /// Forgets sources back at a full burst; at most once a second, so a table full of
+    /// busy sources does not make every attempt a full scan.
+    fn prune(&mut self, now_ms: u64) {
+        if self
+            .last_prune_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) < 1000)
+        {
+            return;
+        }
+        self.last_prune_ms = Some(now_ms);
+        let rate = self.rate;
+        self.buckets.retain(|_, b| !b.is_full(&rate, now_ms));
+    }
+
+    /// Sources tracked now.
+    pub fn tracked_sources(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Attempts let through unlimited because the table was full.
+    pub fn untracked_accepts(&self) -> u64 {
+        self.untracked
+    }
+}
+
+/// What to do with a newly authenticated connection of an identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Keep it.
+    Admit,
+    /// Keep it and close these older connections of the same identity.
+    Replace(Vec<u64>),
+    /// Refuse it: the identity holds its maximum.
+    Refuse { held: usize },
+}
+
+/// Live connections per identity, by connection id.
+#[derive(Debug, Default)]
+pub struct IdentitySlots {
+    held: HashMap<String, Vec<u64>>,
+}
+
+impl IdentitySlots {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connection `conn_id` of `identity` was authenticated. With `replace`, the newest
+    /// connections win (the oldest beyond `max` are to be closed); without, connections
+    /// beyond `max` are refused.
+    pub fn admit(&mut self, identity: &str, conn_id: u64, max: usize, replace: bool) -> Admission {
+        let max = max.max(1);
+        let held = self.held.entry(identity.to_string()).or_default();
+        if held.len() < max {
+            held.push(conn_id);
+            return Admission::Admit;
+        }
+        if !replace {
+            return Admission::Refuse { held: held.len() };
+        }
+        let excess = held.len() + 1 - max;
+        let old: Vec<u64> = held.drain(..excess).collect();
+        held.push(conn_id);
+        Admission::Replace(old)
+    }
+
+    /// Connection `conn_id` of `identity` ended (a no-op if it was replaced or refused).
+    pub fn release(&mut self, identity: &str, conn_id: u64) {
+        if let Some(held) = self.held.get_mut(identity) {
+            held.retain(|&c| c != conn_id);
+            if held.is_empty() {
+                self.held.remove(identity);
+            }
+        }
+    }
+
+    /// Connections held by `identity`.
+    pub fn held(&self, identity: &str) -> usize {
+        self.held.get(identity).map_or(0, Vec::len)
+    }
+
+    /// Identities holding connections.
+    pub fn identities(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// Why an upload was cut off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverAllowance {
+    pub wanted: u64,
+    pub left: u64,
+}
+
+impl std::fmt::Display for OverAllowance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.left == 0 && self.wanted > 0 {
+            write!(
+                f,
+                "upload of {} bytes over the site's allowance for this round (none left, or no task was sent for this study)",
+                self.wanted
+            )
+        } else {
+            write!(
+                f,
+                "upload of {} bytes over the site's allowance for this round ({} bytes left)",
+                self.wanted, self.left
+            )
+        }
+    }
+}
+
+/// Bytes of update body one connection (one site) may still send, per study. Each task
+/// the coordinator sends resets that study's allowance; the writer grants, the reader
+/// takes.
+#[derive(Debug, Default)]
+pub struct UploadAllowance {
+    left: Mutex<HashMap<String, u64>>,
+}
+
+impl UploadAllowance {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A task of `study` is being sent: the site may now send `bytes` of body for it
+    /// (whatever it had left for an earlier round is gone).
+    pub fn grant(&self, study: &str, bytes: u64) {
+        if let Ok(mut left) = self.left.lock() {
+            left.insert(study.to_string(), bytes);
+        }
+    }
+
+    /// Charges an upload of `bytes` to `study`'s allowance, or says why it may not go on.
+    pub fn take(&self, study: &str, bytes: u64) -> Result<(), OverAllowance> {
+        let Ok(mut left) = self.left.lock() else {
+            // Poisoned only if a holder panicked; fail closed.
+            return Err(OverAllowance {
+                wanted: bytes,
+                left: 0,
+            });
+        };
+        let have = left.get(study).copied().unwrap_or(0);
+        if bytes > have {
+            return Err(OverAllowance {
+                wanted: bytes,
+                left: have,
+            });
+        }
+        left.insert(study.to_string(), have - bytes);
+        Ok(())
+    }
+
+    /// Bytes left for `study`.
+    pub fn left(&self, study: &str) -> u64 {
+        self.left
+            .lock()
+            .ok()
+            .and_then(|l| l.get(study).copied())
+            .unwrap_or(0)
+    }
+}
+
+/// The f32 body size of `values` values: the largest encoding a site may send.
+pub fn f32_body_bytes(values: u64) -> u64 {
+    values.saturating_mul(4)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let mut l = Limits {
+            retry_above: 1000,
+            ..Limits::default()
+        };
+        assert!(l.validate().unwrap_err().contains("retry_above"));
+        l = Limits::default();
+        l.handshake_rate.per_second = f64::NAN;
+        assert!(l.validate().unwrap_err().contains("rates"));
+        l = Limits::default();
+        l.upload_bodies_per_task = 0;
+        assert!(l.validate().unwrap_err().contains("upload_bodies_per_task"));
+    }
+
+    #[test]
+    fn a_bucket_spends_its_burst_then_refills_at_its_rate() {
+        let rate = Rate {
+            per_second: 2.0,
+            burst: 3,
+        };
+        let mut b = TokenBucket::full(&rate, 1000);
+        assert!((0..3).all(|_| b.take(&rate, 1000)));
+        assert!(!b.take(&rate, 1000));
+        assert_eq!(b.wait_ms(&rate, 1000), 500);
+        assert!(!b.take(&rate, 1499));
+        assert!(b.take(&rate, 1500));
+        // A long pause refills no further than the burst.
+        assert!(b.is_full(&rate, 100_000));
+        assert_eq!((0..10).filter(|_| b.take(&rate, 100_000)).count(), 3);
+        // A clock stepping back neither adds nor panics.
+        assert!(!b.take(&rate, 50));
+        assert_eq!(b.wait_ms(&rate, 100_250), 250);
+    }
+
+    fn limits(in_flight: usize, retry_above: usize, burst: u32, tracked: usize) -> Limits {
+        Limits {
+            handshakes_in_flight: in_flight,
+            retry_above,
+            handshake_rate: Rate {
+                per_second: 1.0,
+                burst,
+            },
+            tracked_sources: tracked,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn one_flooding_source_is_limited_while_others_get_through() {
+        let mut g = HandshakeGate::new(&limits(100, 100, 5, 100));
+        let bad = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 66));
+        let good = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let outcomes: Vec<_> = (0..1000)
+            .map(|_| g.decide(bad, true, false, 0, 0))
+            .collect();
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|d| **d == HandshakeDecision::Accept)
+                .count(),
+            5
+        );
+        assert_eq!(
+            outcomes[5],
+            HandshakeDecision::Refuse(EarlyRefusal::RateLimited)
+        );
+        assert_eq!(g.decide(good, true, false, 0, 0), HandshakeDecision::Accept);
+        // A second later the flooder gets one more.
+        assert_eq!(
+            g.decide(bad, true, false, 0, 1000),
+            HandshakeDecision::Accept
+        );
+        assert_ne!(
+            g.decide(bad, true, false, 0, 1000),
+            HandshakeDecision::Accept
+        );
+    }
+
+    #[test]
+    fn busy_refuses_everyone_and_load_asks_unvalidated_sources_to_retry() {
+        let mut g = HandshakeGate::new(&limits(10, 4, 5, 100));
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(
+            g.decide(ip, true, true, 10, 0),
+            HandshakeDecision::Refuse(EarlyRefusal::Busy)
+        );
+        assert_eq!(g.decide(ip, false, true, 4, 0), HandshakeDecision::Retry);
+        // A Retry charges nothing: the whole burst is still there once validated.
+        assert_eq!(
+            (0..5)
+                .filter(|_| g.decide(ip, true, true, 4, 0) == HandshakeDecision::Accept)
+                .count(),
+            5
+        );
+        // Under the threshold, or once a Retry was used, no Retry.
+        let other = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(
+            g.decide(other, false, true, 3, 0),
+            HandshakeDecision::Accept
+        );
+        assert_eq!(
+            g.decide(other, false, false, 4, 0),
+            HandshakeDecision::Accept
+        );
+    }
+
+    #[test]
+    fn ipv6_sources_are_charged_per_64_and_mapped_v4_as_v4() {
+        let mut g = HandshakeGate::new(&limits(100, 100, 2, 100));
+        let a: Ipv6Addr = "2001:db8:1:2::1".parse().unwrap();
+        let b: Ipv6Addr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(Source::of(a.into()), Source::of(b.into()));
+        assert_eq!(
+            g.decide(a.into(), true, false, 0, 0),
+            HandshakeDecision::Accept
+        );
+        assert_eq!(
+            g.decide(b.into(), true, false, 0, 0),
+            HandshakeDecision::Accept
+        );
+        assert_ne!(
+            g.decide(a.into(), true, false, 0, 0),
+            HandshakeDecision::Accept
+        );
+        let mapped: Ipv6Addr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(
+            Source::of(mapped.into()),
+            Source::of(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)))
+        );
+        assert_eq!(Source::of(a.into()).to_string(), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn the_source_table_stays_bounded_under_address_spraying() {
+        let mut g = HandshakeGate::new(&limits(100, 100, 2, 50));
+        for i in 0..10_000u32 {
+            let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            // All at one instant: no bucket is back to full, so nothing can be forgotten.
+            assert_eq!(g.decide(ip, true, false, 0, 0), HandshakeDecision::Accept);
+            assert!(g.tracked_sources() <= 50);
+        }
+        assert_eq!(g.untracked_accepts(), 10_000 - 50);
+        // Later, idle sources are forgotten and new ones are tracked (and limited) again.
+        let late = IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1));
+        assert_eq!(
+            g.decide(late, true, false, 0, 60_000),
+            HandshakeDecision::Accept
+        );
+        assert_eq!(g.tracked_sources(), 1);
+        assert_eq!(
+            g.decide(late, true, false, 0, 60_000),
+            HandshakeDecision::Accept
+        );
+        assert_ne!(
+            g.decide(late, true, false, 0, 60_000),
+            HandshakeDecision::Accept
+        );
+    }
+
+    #[test]
+    fn sites_keep_their_newest_connection_operators_are_capped() {
+        let mut s = IdentitySlots::new();
+        assert_eq!(s.admit("site/a", 1, 1, true), Admission::Admit);
+        assert_eq!(s.admit("site/a", 2, 1, true), Admission::Replace(vec![1]));
+        assert_eq!(s.held("site/a"), 1);
+        // The replaced connection's end does not free the new one's slot.
+        s.release("site/a", 1);
+        assert_eq!(s.held("site/a"), 1);
+        s.release("site/a", 2);
+        assert_eq!(s.held("site/a"), 0);
+        assert_eq!(s.identities(), 0);
+
+        assert_eq!(s.admit("operator/o", 3, 2, false), Admission::Admit);
+        assert_eq!(s.admit("operator/o", 4, 2, false), Admission::Admit);
+        assert_eq!(
+            s.admit("operator/o", 5, 2, false),
+            Admission::Refuse { held: 2 }
+        );
+        s.release("operator/o", 3);
+        assert_eq!(s.admit("operator/o", 6, 2, false), Admission::Admit);
+    }
+
+    #[test]
+    fn the_upload_allowance_is_reset_per_task_and_never_overdrawn() {
+        let a = UploadAllowance::new();
+        let body = f32_body_bytes(1000);
+        assert_eq!(
+            a.take("s", 1),
+            Err(OverAllowance { wanted: 1, left: 0 }),
+            "no task, no upload"
+        );
+        a.grant("s", 2 * body);
+        assert_eq!(a.take("s", body), Ok(()));
+        assert_eq!(a.take("s", body), Ok(()));
+        let e = a.take("s", body).unwrap_err();
+        assert_eq!(e.left, 0);
+        assert!(e.to_string().contains("over the site's allowance"));
+        // Another study has its own allowance.
+        assert!(a.take("t", body).is_err());
+        // The next round's task resets it, without banking what was left.
+        a.grant("s", 2 * body);
+        assert_eq!(a.take("s", body / 2), Ok(()));
+        a.grant("s", 2 * body);
+        assert_eq!(a.left("s"), 2 * body);
+    }
+}

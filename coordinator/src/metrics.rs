@@ -1,0 +1,278 @@
+//! Counters an operator's monitoring scrapes, and alerts.
+//!
+//! The counters are written in the Prometheus text format to `metrics.prom` in the state
+//! directory (for node_exporter's textfile collector, the usual way a hospital's monitoring
+//! picks up a service's figures without opening a port), replaced atomically every few
+//! seconds and at shutdown. They hold counts and names only: never a value of an update.
+//!
+//! An alert is a warning in the log, a counter (`fedpriv_alerts_total{kind=...}`) and an
+//! audit record: repeated refusals from one address or identity, a site whose updates do
+//! not fit its clip norm and noise, a study close to its budget.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use fedpriv_common::audit::AuditEvent;
+use serde_json::json;
+
+use crate::audit::{AuditHandle, COORDINATOR};
+
+/// Counter names (with their help text).
+pub const CONNECTIONS_ACCEPTED: &str = "fedpriv_connections_accepted_total";
+pub const CONNECTIONS_REFUSED: &str = "fedpriv_connections_refused_total";
+pub const REFUSALS: &str = "fedpriv_refusals_total";
+pub const UPDATES_ACCEPTED: &str = "fedpriv_updates_accepted_total";
+pub const UPDATES_REJECTED: &str = "fedpriv_updates_rejected_total";
+pub const UPDATE_BYTES: &str = "fedpriv_update_bytes_total";
+pub const ROUNDS_COMPLETED: &str = "fedpriv_rounds_completed_total";
+pub const ROUNDS_ABORTED: &str = "fedpriv_rounds_aborted_total";
+pub const ALERTS: &str = "fedpriv_alerts_total";
+pub const AUDIT_SUPPRESSED: &str = "fedpriv_audit_records_suppressed_total";
+
+fn help(name: &str) -> &'static str {
+    match name {
+        CONNECTIONS_ACCEPTED => "mTLS connections accepted",
+        CONNECTIONS_REFUSED => "connections or handshakes refused",
+        REFUSALS => "requests refused (role, enrolment, rate limit, cap)",
+        UPDATES_ACCEPTED => "site updates accepted into a round",
+        UPDATES_REJECTED => "site updates rejected",
+        UPDATE_BYTES => "bytes of update bodies received",
+        ROUNDS_COMPLETED => "rounds completed",
+        ROUNDS_ABORTED => "rounds aborted",
+        ALERTS => "alerts raised",
+        AUDIT_SUPPRESSED => "repeated refusals counted but not written one by one to the audit log",
+        _ => "fedpriv counter",
+    }
+}
+
+/// Alert kinds.
+pub mod alert {
+    /// Many refusals from one remote address or identity.
+    pub const REPEATED_REFUSALS: &str = "repeated_refusals";
+    /// An update's norm does not fit the study's clip norm and noise.
+    pub const NORM_ANOMALY: &str = "norm_anomaly";
+    /// A study has spent most of its budget.
+    pub const BUDGET_NEAR: &str = "budget_near_limit";
+}
+
+type Key = (&'static str, Vec<(&'static str, String)>);
+
+/// Shared counters. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    counters: Arc<Mutex<BTreeMap<Key, u64>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `by` to a counter with the given labels.
+    pub fn add(&self, name: &'static str, labels: &[(&'static str, &str)], by: u64) {
+        let key = (
+            name,
+            labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        );
+        if let Ok(mut c) = self.counters.lock() {
+            *c.entry(key).or_insert(0) += by;
+        }
+    }
+
+    pub fn inc(&self, name: &'static str, labels: &[(&'static str, &str)]) {
+        self.add(name, labels, 1);
+    }
+
+    /// A counter's value (0 if never touched).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let Ok(c) = self.counters.lock() else {
+            return 0;
+        };
+        c.iter()
+            .find(|((n, l), _)| {
+                *n == name
+                    && l.len() == labels.len()
+                    && l.iter()
+                        .zip(labels)
+                        .all(|((k, v), (k2, v2))| k == k2 && v == v2)
+            })
+            .map_or(0, |(_, v)| *v)
+    }
+
+    /// The counters in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let Ok(c) = self.counters.lock() else {
+            return String::new();
+        };
+        let mut out = String::new();
+        let mut last: Option<&str> = None;
+        for ((name, labels), value) in c.iter() {
+            if last != Some(name) {
+                out.push_str(&format!(
+                    "# HELP {name} {}\n# TYPE {name} counter\n",
+                    help(name)
+                ));
+                last = Some(name);
+            }
+            out.push_str(name);
+            if !labels.is_empty() {
+                let l: Vec<String> = labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                    .collect();
+                out.push_str(&format!("{{{}}}", l.join(",")));
+            }
+            out.push_str(&format!(" {value}\n"));
+        }
+        out
+    }
+
+    /// Replaces `dir/metrics.prom` atomically (write, then rename).
+    pub fn write_file(&self, dir: &Path) -> std::io::Result<()> {
+        let path = dir.join("metrics.prom");
+        let tmp = dir.join("metrics.prom.tmp");
+        std::fs::write(&tmp, self.render())?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Raises an alert: a warning in the log, the alerts counter, and an audit record
+    /// (not waited for: an alert reports, it does not gate an action).
+    pub fn alert(
+        &self,
+        audit: Option<&AuditHandle>,
+        kind: &'static str,
+        subject: &str,
+        detail: &str,
+    ) {
+        tracing::warn!(alert = kind, %subject, %detail, "ALERT");
+        self.inc(ALERTS, &[("kind", kind)]);
+        if let Some(a) = audit {
+            a.record_detached(
+                COORDINATOR,
+                AuditEvent::Alert,
+                json!({"kind": kind, "subject": subject, "detail": detail}),
+            );
+        }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Counts refusals per source (a remote address or an identity) in fixed windows and says
+/// when to alert and whether to write this one to the audit log.
+///
+/// Why: a flood of bad handshakes must not turn into a flood of fsynced audit records that
+/// delays valid sites' records; the first refusals from a source in a window are audited
+/// one by one, the rest are counted and summarised when the window closes.
+#[derive(Debug)]
+pub struct RefusalTracker {
+    window_ms: u64,
+    audit_per_window: u32,
+    alert_at: u32,
+    sources: BTreeMap<String, Window>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start_ms: u64,
+    count: u32,
+}
+
+/// What to do about one refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalVerdict {
+    /// Write this refusal to the audit log.
+    pub audit: bool,
+    /// Raise the repeated-refusals alert now (once per window per source).
+    pub alert: bool,
+    /// Refusals from this source in the window that closed with this one and were not
+    /// audited one by one (to be written as one summary record).
+    pub suppressed_in_closed_window: u32,
+}
+
+impl RefusalTracker {
+    /// Audits the first `audit_per_window` refusals per source per window and alerts at the
+    /// `alert_at`-th.
+    pub fn new(window_ms: u64, audit_per_window: u32, alert_at: u32) -> Self {
+        Self {
+            window_ms,
+            audit_per_window,
+            alert_at,
+            sources: BTreeMap::new(),
+        }
+    }
+
+    /// One refusal from `source` at `now_ms` (a monotonic clock).
+    pub fn refused(&mut self, source: &str, now_ms: u64) -> RefusalVerdict {
+        let mut suppressed = 0;
+        let w = self.sources.entry(source.to_string()).or_insert(Window {
+            start_ms: now_ms,
+            count: 0,
+        });
+        if now_ms.saturating_sub(w.start_ms) >= self.window_ms {
+            suppressed = w.count.saturating_sub(self.audit_per_window);
+            *w = Window {
+                start_ms: now_ms,
+                count: 0,
+            };
+        }
+        w.count = w.count.saturating_add(1);
+        let verdict = RefusalVerdict {
+            audit: w.count <= self.audit_per_window,
+            alert: w.count == self.alert_at,
+            suppressed_in_closed_window: suppressed,
+        };
+        // Keep the map bounded under address-spraying floods: forget closed windows.
+        if self.sources.len() > 100_000 {
+            let window = self.window_ms;
+            self.sources
+                .retain(|_, w| now_ms.saturating_sub(w.start_ms) < window);
+        }
+        verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_in_prometheus_text_format() {
+        let m = Metrics::new();
+        m.inc(ALERTS, &[("kind", alert::NORM_ANOMALY)]);
+        m.inc(ALERTS, &[("kind", alert::NORM_ANOMALY)]);
+        m.add(UPDATE_BYTES, &[("study", "s\"1")], 40);
+        let text = m.render();
+        assert!(text.contains("# TYPE fedpriv_alerts_total counter"));
+        assert!(text.contains("fedpriv_alerts_total{kind=\"norm_anomaly\"} 2\n"));
+        assert!(text.contains("fedpriv_update_bytes_total{study=\"s\\\"1\"} 40\n"));
+        assert_eq!(m.get(ALERTS, &[("kind", "norm_anomaly")]), 2);
+        assert_eq!(m.get(ALERTS, &[("kind", "other")]), 0);
+    }
+
+    #[test]
+    fn repeated_refusals_are_audited_up_to_a_cap_alerted_once_and_summarised() {
+        let mut t = RefusalTracker::new(1000, 3, 5);
+        let v: Vec<RefusalVerdict> = (0..8).map(|i| t.refused("10.0.0.9", i)).collect();
+        assert_eq!(v.iter().filter(|v| v.audit).count(), 3);
+        assert_eq!(v.iter().filter(|v| v.alert).count(), 1);
+        assert!(v[4].alert);
+        // Another source is counted on its own.
+        assert!(t.refused("10.0.0.10", 9).audit);
+        // The window closes: the 5 not audited are reported, counting starts again.
+        let next = t.refused("10.0.0.9", 1500);
+        assert_eq!(next.suppressed_in_closed_window, 5);
+        assert!(next.audit && !next.alert);
+    }
+}

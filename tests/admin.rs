@@ -1,0 +1,932 @@
+//! Least privilege over the real endpoint: operators and auditors use the admin protocol
+//! with their own certificates against a real coordinator (`server::run`, real QUIC, real
+//! SQLite, real audit log); sites speak the site protocol on raw connections so the test
+//! sees every message a site receives.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedpriv_common::admin::{AdminRequest, Whose};
+use fedpriv_common::audit_file::verify_file;
+use fedpriv_common::pki::{self, Role};
+use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION};
+use fedpriv_common::quic_io::{self, TransportLimits};
+use fedpriv_common::seal::SealKey;
+use fedpriv_coordinator::admin::{self, ClientError};
+use fedpriv_coordinator::pki_cli::{self, PkiCommand};
+use fedpriv_coordinator::server::{self, Options};
+use fedpriv_coordinator::store::Store;
+use serde_json::Value;
+use tokio::sync::watch;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn study(id: &str, enrolled: &[&str], min_sites: usize) -> String {
+    let enrolled: Vec<String> = enrolled.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        r#"[study]
+id = "{id}"
+model = {{ kind = "logistic_regression" }}
+rounds = 10
+min_sites = {min_sites}
+round_timeout_secs = 30
+
+[data]
+task = "binary"
+label = "y"
+features = ["a", "b"]
+ranges = {{ a = [0.0, 1.0], b = [-1.0, 1.0] }}
+
+[training]
+strategy = "fedavg"
+local_epochs = 1
+batch_size = 8
+learning_rate = 0.1
+server_learning_rate = 1.0
+
+[privacy]
+unit = "site"
+placement = "central"
+site_sample_rate = 1.0
+clip_norm = 1.0
+noise_multiplier = 5.0
+epsilon = 3.0
+delta = 1e-5
+
+[sites]
+enrolled = [{}]
+"#,
+        enrolled.join(", ")
+    )
+}
+
+/// A study CA with everyone's certificates, and a coordinator over a state directory.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    state: PathBuf,
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    join: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        pki_cli::run(&PkiCommand::Init {
+            out: root.join("ca"),
+            names: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            days: 30,
+            ca_days: 60,
+            ca_name: "admin test CA".into(),
+        })
+        .unwrap();
+        for (role, name) in [
+            (Role::Operator, "alice"),
+            (Role::Auditor, "carol"),
+            (Role::Site, "site-a"),
+            (Role::Site, "site-b"),
+            (Role::Site, "site-c"),
+        ] {
+            pki_cli::run(&PkiCommand::Issue {
+                ca_dir: root.join("ca"),
+                role,
+                name: name.into(),
+                out: root.join("issued"),
+                days: 5,
+            })
+            .unwrap();
+        }
+        let (stop, _) = watch::channel(false);
+        let mut fx = Self {
+            _dir: dir,
+            state: root.join("state"),
+            root,
+            addr: free_udp_port(),
+            stop,
+            join: None,
+        };
+        fx.run_coordinator(Vec::new()).await;
+        fx
+    }
+
+    /// (Re)starts the coordinator with `studies` given as `--study` files would be.
+    async fn run_coordinator(&mut self, studies: Vec<String>) {
+        let ca = self.root.join("ca");
+        let tls = pki::server_config(
+            &read(&ca.join(pki_cli::CA_CERT)),
+            &read(&ca.join(pki_cli::SERVER_CERT)),
+            &read(&ca.join(pki_cli::SERVER_KEY)),
+            &[],
+        )
+        .unwrap();
+        let studies = studies
+            .into_iter()
+            .map(|t| {
+                (
+                    fedpriv_common::config::StudyConfig::from_toml(&t).unwrap(),
+                    t,
+                )
+            })
+            .collect();
+        let opts = Options {
+            listen: self.addr,
+            state_dir: self.state.clone(),
+            tls,
+            studies,
+            max_concurrent_uploads: 2,
+            at_rest_key: Arc::new(SealKey::from_bytes(&[7; 32]).unwrap()),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        self.stop = stop;
+        self.join = Some(tokio::spawn(server::run(opts, stop_rx, None, false)));
+        // Listening once an operator gets an answer.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            // A dial that raced the bind is retried (its first packets went nowhere).
+            let probe = async {
+                let (_endpoint, conn) = self.dial("alice").await.ok()?;
+                admin::request(&conn, &AdminRequest::Metrics).await.ok()
+            };
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "coordinator did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop_coordinator(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(j) = self.join.take() {
+            tokio::time::timeout(WAIT, j)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    fn cert(&self, name: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let issued = self.root.join("issued");
+        (
+            read(&self.root.join("ca").join(pki_cli::CA_CERT)),
+            read(&issued.join(format!("{name}.pem"))),
+            read(&issued.join(format!("{name}.key"))),
+        )
+    }
+
+    async fn dial(&self, name: &str) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
+        let (ca, cert, key) = self.cert(name);
+        admin::connect(self.addr, "localhost", &ca, &cert, &key).await
+    }
+
+    /// One request as `name`, on a connection of its own.
+    async fn ask(&self, name: &str, req: AdminRequest) -> Result<String, ClientError> {
+        let (_endpoint, conn) = self.dial(name).await?;
+        let out = admin::request(&conn, &req).await.map(|r| r.text);
+        conn.close(0u32.into(), b"done");
+        out
+    }
+
+    async fn site(&self, name: &str) -> RawSite {
+        let (ca, cert, key) = self.cert(name);
+        let tls = pki::client_config(&ca, &cert, &key).unwrap();
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(
+            TransportLimits::site().transport_config().unwrap(),
+        ));
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(config);
+        let conn = endpoint
+            .connect(self.addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let hello = SiteMessage::Hello {
+            version: PROTOCOL_VERSION,
+            claimed_site: name.into(),
+        };
+        quic_io::send_message(&conn, &hello, None).await.unwrap();
+        let mut site = RawSite {
+            _endpoint: endpoint,
+            conn,
+            seen: Vec::new(),
+        };
+        match site.next().await {
+            CoordinatorMessage::Welcome { .. } => {}
+            other => panic!("{name}: expected a welcome, got {other:?}"),
+        }
+        site
+    }
+
+    fn audit_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state.join("audit.log"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+fn free_udp_port() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A site on a raw connection: every message it receives is kept.
+struct RawSite {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    seen: Vec<CoordinatorMessage>,
+}
+
+impl RawSite {
+    async fn next(&mut self) -> CoordinatorMessage {
+        self.next_within(WAIT).await.expect("a message in time")
+    }
+
+    async fn next_within(&mut self, wait: Duration) -> Option<CoordinatorMessage> {
+        // None also when the coordinator closed the connection (a newer one replaced it).
+        let mut recv = tokio::time::timeout(wait, self.conn.accept_uni())
+            .await
+            .ok()?
+            .ok()?;
+        let msg: CoordinatorMessage = quic_io::recv_frame(&mut recv).await.unwrap();
+        // Read to the end: a stream dropped half-read is stopped, and the coordinator's
+        // writer gives up on a site that stops its messages.
+        let _ = recv.read_to_end(1 << 26).await;
+        self.seen.push(msg.clone());
+        Some(msg)
+    }
+
+    async fn send(&self, msg: &SiteMessage) {
+        quic_io::send_message(&self.conn, msg, None).await.unwrap();
+    }
+
+    /// The studies named in what this site received. Every kind of message is listed, so a
+    /// new kind (one that might carry another site's data) must be looked at here.
+    fn studies_seen(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for m in &self.seen {
+            match m {
+                CoordinatorMessage::Welcome { studies, .. } => {
+                    out.extend(studies.iter().map(|a| a.study.clone()))
+                }
+                CoordinatorMessage::StudyAnnounced(a) => out.push(a.study.clone()),
+                // A task carries the global model (the noised aggregate), never an update.
+                CoordinatorMessage::Task(t) => out.push(t.study.clone()),
+                CoordinatorMessage::StudyEnded { study, .. } => out.push(study.clone()),
+                CoordinatorMessage::Refused { .. } => {}
+            }
+        }
+        out
+    }
+}
+
+fn refused(r: Result<String, ClientError>) -> String {
+    match r {
+        Err(ClientError::Refused(reason)) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn list(text: &str) -> Vec<Value> {
+    serde_json::from_str::<Value>(text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn studies_created_at_runtime_reach_only_their_enrolled_sites() {
+    let fx = Fixture::start().await;
+    let mut a = fx.site("site-a").await;
+    let mut b = fx.site("site-b").await;
+
+    let out = fx
+        .ask(
+            "alice",
+            AdminRequest::CreateStudy {
+                config_toml: study("s1", &["site-a", "site-c"], 2),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(out.contains("created study s1"), "{out}");
+    fx.ask(
+        "alice",
+        AdminRequest::CreateStudy {
+            config_toml: study("s2", &["site-b", "site-c"], 2),
+        },
+    )
+    .await
+    .unwrap();
+    // Connected sites hear of the studies they are enrolled in, and only those.
+    match a.next().await {
+        CoordinatorMessage::StudyAnnounced(ann) => assert_eq!(ann.study, "s1"),
+        other => panic!("{other:?}"),
+    }
+    match b.next().await {
+        CoordinatorMessage::StudyAnnounced(ann) => assert_eq!(ann.study, "s2"),
+        other => panic!("{other:?}"),
+    }
+    // An id is never reused.
+    match fx
+        .ask(
+            "alice",
+            AdminRequest::CreateStudy {
+                config_toml: study("s1", &["site-a"], 1),
+            },
+        )
+        .await
+    {
+        Err(ClientError::Failed {
+            whose: Whose::Peer,
+            reason,
+        }) => assert!(reason.contains("already exists"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+
+    // The announced study takes the site's answer (it is in the connection tasks' view).
+    a.send(&SiteMessage::Ready {
+        study: "s1".into(),
+        records: 100,
+    })
+    .await;
+    let db = fx.state.join("coordinator.db");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !Store::open_read_only(&db)
+        .unwrap()
+        .site_records("s1")
+        .unwrap()
+        .contains_key("site-a")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "ready not taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A site that says it is ready for a study it is not enrolled in is not taken.
+    b.send(&SiteMessage::Ready {
+        study: "s1".into(),
+        records: 100,
+    })
+    .await;
+
+    // Sites that connect later get what they are enrolled in in their welcome.
+    let mut c = fx.site("site-c").await;
+    let mut late_b = fx.site("site-b").await;
+    assert_eq!(c.studies_seen(), ["s1", "s2"]);
+    assert_eq!(late_b.studies_seen(), ["s2"]);
+
+    assert!(a.next_within(Duration::from_millis(300)).await.is_none());
+    assert!(b.next_within(Duration::from_millis(10)).await.is_none());
+    assert!(c.next_within(Duration::from_millis(10)).await.is_none());
+    assert!(late_b
+        .next_within(Duration::from_millis(10))
+        .await
+        .is_none());
+    assert_eq!(a.studies_seen(), ["s1"]);
+    assert_eq!(b.studies_seen(), ["s2"]);
+    let records = Store::open_read_only(&db)
+        .unwrap()
+        .site_records("s1")
+        .unwrap();
+    assert_eq!(records.keys().collect::<Vec<_>>(), ["site-a"]);
+
+    // Each creation is on record, by the operator's certificate identity.
+    let created: Vec<(String, String)> = fx
+        .audit_lines()
+        .iter()
+        .filter(|r| r["event"] == "study_created")
+        .map(|r| {
+            (
+                r["actor"].as_str().unwrap().to_string(),
+                r["details"]["study"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        created,
+        [
+            ("operator/alice".to_string(), "s1".to_string()),
+            ("operator/alice".to_string(), "s2".to_string())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_stops_a_study_and_its_sites_are_told() {
+    let fx = Fixture::start().await;
+    fx.ask(
+        "alice",
+        AdminRequest::CreateStudy {
+            config_toml: study("s1", &["site-a", "site-b"], 2),
+        },
+    )
+    .await
+    .unwrap();
+    let mut a = fx.site("site-a").await;
+    let mut c = fx.site("site-c").await;
+    assert_eq!(a.studies_seen(), ["s1"]);
+    fx.ask(
+        "alice",
+        AdminRequest::StopStudy {
+            study: "s1".into(),
+            reason: "protocol amendment".into(),
+        },
+    )
+    .await
+    .unwrap();
+    match a.next().await {
+        CoordinatorMessage::StudyEnded { study, reason } => {
+            assert_eq!(study, "s1");
+            assert!(
+                reason.contains("operator/alice") && reason.contains("protocol amendment"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.next_within(Duration::from_millis(300)).await.is_none());
+    let studies = list(&fx.ask("carol", AdminRequest::ListStudies).await.unwrap());
+    assert_eq!(studies[0]["status"], "stopped");
+    // Stopping twice, or a study that does not exist, is the requester's error.
+    for s in ["s1", "nope"] {
+        match fx
+            .ask(
+                "alice",
+                AdminRequest::StopStudy {
+                    study: s.into(),
+                    reason: "again".into(),
+                },
+            )
+            .await
+        {
+            Err(ClientError::Failed {
+                whose: Whose::Peer, ..
+            }) => {}
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+    let stopped = fx
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["event"] == "study_stopped")
+        .collect::<Vec<_>>();
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(stopped[0]["actor"], "operator/alice");
+    assert_eq!(stopped[0]["details"]["reason"], "protocol amendment");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auditors_read_but_cannot_write_and_every_refusal_is_audited_first() {
+    let mut fx = Fixture::start().await;
+    fx.ask(
+        "alice",
+        AdminRequest::CreateStudy {
+            config_toml: study("s1", &["site-a", "site-b"], 2),
+        },
+    )
+    .await
+    .unwrap();
+
+    let (_ep, conn) = fx.dial("carol").await.unwrap();
+    let studies = list(
+        &admin::request(&conn, &AdminRequest::ListStudies)
+            .await
+            .unwrap()
+            .text,
+    );
+    assert_eq!(studies.len(), 1);
+    assert_eq!(studies[0]["study"], "s1");
+    let ledger: Value = serde_json::from_str(
+        &admin::request(&conn, &AdminRequest::ShowLedger { study: "s1".into() })
+            .await
+            .unwrap()
+            .text,
+    )
+    .unwrap();
+    assert_eq!(ledger["study"], "s1");
+    assert_eq!(ledger["budget"]["epsilon"], 3.0);
+    assert!(admin::ledger_text(&ledger).starts_with("study s1 (active)"));
+    let metrics = admin::request(&conn, &AdminRequest::Metrics).await.unwrap();
+    assert!(metrics.text.contains("fedpriv_connections_accepted_total"));
+
+    // Writes are refused, on the same connection, and each refusal is on file before the
+    // auditor hears of it: the very next read of the log has it.
+    for req in [
+        AdminRequest::CreateStudy {
+            config_toml: study("s2", &["site-a"], 1),
+        },
+        AdminRequest::StopStudy {
+            study: "s1".into(),
+            reason: "no".into(),
+        },
+        AdminRequest::ChangeStudy {
+            study: "s1".into(),
+            changes: vec![("rounds".into(), "20".into())],
+        },
+    ] {
+        let action = req.action();
+        let reason = match admin::request(&conn, &req).await {
+            Err(ClientError::Refused(r)) => r,
+            other => panic!("{action}: {other:?}"),
+        };
+        assert!(reason.contains("auditor"), "{reason}");
+        let log = admin::fetch_audit(&conn, 1, None).await.unwrap();
+        let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+        assert_eq!(last["event"], "refused");
+        assert_eq!(last["actor"], "auditor/carol");
+        assert_eq!(last["details"]["action"], action);
+    }
+    // Paging: one record at a time gives the same log.
+    let whole = admin::fetch_audit(&conn, 1, None).await.unwrap();
+    let mut paged = String::new();
+    let mut from = 1;
+    loop {
+        let page = admin::request(
+            &conn,
+            &AdminRequest::FetchAudit {
+                from_seq: from,
+                max: 1,
+            },
+        )
+        .await
+        .unwrap();
+        paged.push_str(&page.text);
+        match page.next {
+            Some(n) => from = n,
+            None => break,
+        }
+    }
+    assert!(
+        paged.starts_with(&whole),
+        "paged reads give the log as it was"
+    );
+    assert!(whole.lines().count() >= 8, "{whole}");
+    assert!(admin::fetch_audit(&conn, 3, Some(2))
+        .await
+        .unwrap()
+        .starts_with(r#"{"seq":3,"#));
+
+    // Operators do not read the audit log.
+    assert!(refused(
+        fx.ask(
+            "alice",
+            AdminRequest::FetchAudit {
+                from_seq: 1,
+                max: 10
+            }
+        )
+        .await
+    )
+    .contains("auditors"));
+    // Nothing the auditor asked for happened.
+    assert_eq!(
+        list(&fx.ask("alice", AdminRequest::ListStudies).await.unwrap()).len(),
+        1
+    );
+
+    conn.close(0u32.into(), b"done");
+    fx.stop_coordinator().await;
+    let report = verify_file(fx.state.join("audit.log")).unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    let refusals: Vec<(String, String)> = fx
+        .audit_lines()
+        .iter()
+        .filter(|r| r["event"] == "refused")
+        .map(|r| {
+            (
+                r["actor"].as_str().unwrap().to_string(),
+                r["details"]["action"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            ("auditor/carol", "create_study"),
+            ("auditor/carol", "stop_study"),
+            ("auditor/carol", "change_study"),
+            ("operator/alice", "fetch_audit"),
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_certificate_gets_nothing_on_the_admin_channel() {
+    let fx = Fixture::start().await;
+    for req in [AdminRequest::ListStudies, AdminRequest::Metrics] {
+        let reason = refused(fx.ask("site-a", req).await);
+        assert!(reason.contains("role site"), "{reason}");
+    }
+    // An operator may not speak the site protocol either.
+    let (ca, cert, key) = fx.cert("alice");
+    let tls = pki::client_config(&ca, &cert, &key).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(fx.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let hello = SiteMessage::Hello {
+        version: PROTOCOL_VERSION,
+        claimed_site: "alice".into(),
+    };
+    let _ = quic_io::send_message(&conn, &hello, None).await;
+    let closed = tokio::time::timeout(WAIT, conn.closed()).await.unwrap();
+    assert!(
+        quic_io::describe_close(&closed).contains("RoleNotAllowed"),
+        "{closed}"
+    );
+
+    let refusals: Vec<(String, String)> = fx
+        .audit_lines()
+        .iter()
+        .filter(|r| r["event"] == "refused")
+        .map(|r| {
+            (
+                r["details"]["identity"].as_str().unwrap().to_string(),
+                r["details"]["action"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            ("site/site-a", "list_studies"),
+            ("site/site-a", "metrics"),
+            ("operator/alice", "site_protocol"),
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_terms_cannot_be_loosened_and_safe_changes_survive_a_restart() {
+    let mut fx = Fixture::start().await;
+    let toml = study("s1", &["site-a", "site-b"], 1);
+    fx.ask(
+        "alice",
+        AdminRequest::CreateStudy {
+            config_toml: toml.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let change = |k: &str, v: &str| AdminRequest::ChangeStudy {
+        study: "s1".into(),
+        changes: vec![(k.into(), v.into())],
+    };
+    for (k, v) in [
+        ("privacy.epsilon", "5"),
+        ("privacy.delta", "1e-3"),
+        ("privacy.clip_norm", "10"),
+        ("privacy.noise_multiplier", "0.5"),
+        ("privacy.unit", "record"),
+        ("sites.enrolled", "site-z"),
+    ] {
+        let reason = refused(fx.ask("alice", change(k, v)).await);
+        assert!(!reason.is_empty(), "{k}");
+    }
+    fx.ask("alice", change("rounds", "20")).await.unwrap();
+    fx.ask("alice", change("min_sites", "2")).await.unwrap();
+    fx.ask("alice", change("privacy.epsilon", "2.5"))
+        .await
+        .unwrap();
+    let show = |text: String| list(&text)[0].clone();
+    let s = show(fx.ask("carol", AdminRequest::ListStudies).await.unwrap());
+    assert_eq!(
+        (
+            &s["rounds"]["planned"],
+            &s["budget"]["epsilon"],
+            &s["budget"]["delta"]
+        ),
+        (&Value::from(20), &Value::from(2.5), &Value::from(1e-5))
+    );
+    let refusals = fx
+        .audit_lines()
+        .iter()
+        .filter(|r| r["event"] == "refused" && r["details"]["action"] == "change_study")
+        .count();
+    assert_eq!(refusals, 6);
+    let changes = fx
+        .audit_lines()
+        .iter()
+        .filter(|r| r["event"] == "study_changed")
+        .count();
+    assert_eq!(changes, 3);
+
+    // A restart without --study resumes the runtime study as changed; one with its original
+    // file keeps the stored (changed) config too.
+    fx.stop_coordinator().await;
+    fx.run_coordinator(Vec::new()).await;
+    let s = show(fx.ask("carol", AdminRequest::ListStudies).await.unwrap());
+    assert_eq!(
+        (&s["status"], &s["rounds"]["planned"]),
+        (&Value::from("active"), &Value::from(20))
+    );
+    assert!(refused(fx.ask("alice", change("privacy.epsilon", "2.8")).await).contains("lowered"));
+    fx.stop_coordinator().await;
+    fx.run_coordinator(vec![toml]).await;
+    fx.ask("alice", change("privacy.epsilon", "2.0"))
+        .await
+        .unwrap();
+    let s = show(fx.ask("carol", AdminRequest::ListStudies).await.unwrap());
+    assert_eq!(s["budget"]["epsilon"], 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_command_tells_refusals_from_config_and_request_errors() {
+    let fx = Fixture::start().await;
+    let file = fx.root.join("s1.toml");
+    std::fs::write(&file, study("s1", &["site-a", "site-b"], 2)).unwrap();
+    let run = |who: &str, cmd: admin::AdminCli| {
+        let issued = fx.root.join("issued");
+        let args = admin::AdminArgs {
+            server: fx.addr.to_string(),
+            server_name: Some("localhost".into()),
+            ca: fx.root.join("ca").join(pki_cli::CA_CERT),
+            cert: issued.join(format!("{who}.pem")),
+            key: issued.join(format!("{who}.key")),
+            cmd,
+        };
+        // The command makes its own runtime, as the binary does.
+        tokio::task::spawn_blocking(move || admin::run_cli(&args))
+    };
+    let out = run(
+        "alice",
+        admin::AdminCli::Create {
+            study: file.clone(),
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.contains("created study s1"), "{out}");
+    let table = run(
+        "carol",
+        admin::AdminCli::Ledger {
+            study: "s1".into(),
+            json: false,
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        table.starts_with("study s1 (active): epsilon 0.0000 of 3 spent"),
+        "{table}"
+    );
+    let audit = run(
+        "carol",
+        admin::AdminCli::Audit {
+            from: 1,
+            max: Some(3),
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(audit.lines().count(), 3);
+
+    let code = |r: Result<String, ClientError>| r.map(|_| 0).unwrap_or_else(|e| e.exit_code());
+    // Refused for the role: 3.
+    let r = run("carol", admin::AdminCli::Create { study: file })
+        .await
+        .unwrap();
+    assert_eq!(code(r), 3);
+    // The requester's own files: 2, before anything is sent.
+    let r = run("nobody", admin::AdminCli::List).await.unwrap();
+    assert_eq!(code(r), 2);
+    // A request the coordinator cannot serve: 5, with whose fault it is.
+    let r = run(
+        "alice",
+        admin::AdminCli::Ledger {
+            study: "nope".into(),
+            json: true,
+        },
+    )
+    .await
+    .unwrap();
+    match &r {
+        Err(ClientError::Failed {
+            whose: Whose::Peer, ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(code(r), 5);
+    let r = run(
+        "alice",
+        admin::AdminCli::Change {
+            study: "s1".into(),
+            set: vec!["rounds".into()],
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(code(r), 2, "KEY=VALUE is checked before dialing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_site_daemon_takes_up_a_study_created_after_it_connected() {
+    let fx = Fixture::start().await;
+    let dir = fx.root.join("site-a");
+    std::fs::create_dir_all(&dir).unwrap();
+    let issued = fx.root.join("issued");
+    let mut csv = String::from("a,b,y\n");
+    for i in 0..40 {
+        csv.push_str(&format!(
+            "{},{},{}\n",
+            i as f32 / 40.0,
+            0.5 - i as f32 / 40.0,
+            i % 2
+        ));
+    }
+    std::fs::write(dir.join("patients.csv"), csv).unwrap();
+    let toml = format!(
+        "[site]\nname = \"site-a\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n\
+         [coordinator]\naddress = \"{}\"\nserver_name = \"localhost\"\n\n\
+         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n\
+         [studies.s1]\ndata = \"patients.csv\"\nepsilon_cap = 2.0\n",
+        fx.addr,
+        fx.root.join("ca").join(pki_cli::CA_CERT),
+        issued.join("site-a.pem"),
+        issued.join("site-a.key"),
+    );
+    std::fs::write(dir.join("site.toml"), toml).unwrap();
+    let cfg = fedpriv_client::config::SiteConfig::load(&dir.join("site.toml")).unwrap();
+    let (stop, stop_rx) = watch::channel(false);
+    let daemon = tokio::spawn(fedpriv_client::daemon::run(cfg, stop_rx));
+    // Connected (its connection is on record) before the study exists.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !fx
+        .audit_lines()
+        .iter()
+        .any(|r| r["event"] == "connection_accepted" && r["actor"] == "site/site-a")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "site did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.ask(
+        "alice",
+        AdminRequest::CreateStudy {
+            config_toml: study("s1", &["site-a", "site-c"], 2),
+        },
+    )
+    .await
+    .unwrap();
+    // The daemon checked its data against the announced study and said it is ready.
+    let db = fx.state.join("coordinator.db");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let records = Store::open_read_only(&db)
+            .unwrap()
+            .site_records("s1")
+            .unwrap();
+        if let Some(n) = records.get("site-a") {
+            assert_eq!(*n, 40);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "announcement not taken up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
