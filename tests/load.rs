@@ -62,7 +62,12 @@ async fn a_round_of_100_sites_completes_through_a_flood_of_bad_handshakes_and_me
     }
     // Refusals are all counted, but audited one by one only up to the cap per source
     // (10 per source per minute): not one fsynced record per bad handshake.
-    assert!(out.connections_refused >= 1000, "{figures}");
+    // (Every refusal a bad peer saw was counted; under loopback bursts a few attempts'
+    // packets are lost on the way in, so the count is not exactly 1,000.)
+    assert!(
+        out.connections_refused >= (load(&h.refused_early) + load(&h.failed_tls)) as u64,
+        "{figures}"
+    );
     let refused_records = out
         .audit_events
         .get("connection_refused")

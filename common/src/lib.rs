@@ -22,4 +22,5 @@ pub mod protocol;
 #[cfg(feature = "quic")]
 pub mod quic_io;
 pub mod seal;
+pub mod time;
 pub mod wire;

@@ -154,6 +154,7 @@ impl AuditThread {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use fedpriv_common::audit_file::verify_file;
     use serde_json::json;
