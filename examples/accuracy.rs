@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example accuracy               # the test-set tables (all parts)
 //! cargo run --release --example accuracy -- --tune     # hyperparameter selection (validation only)
+//! cargo run --release --example accuracy -- --tune --second --seeds 10   # second selection
 //! ```
 //!
 //! Test-set mode: breast cancer (logistic regression) at epsilon 0.5, 1, 2, 4, 8 with
@@ -13,14 +14,17 @@
 //! Every cell is the mean and spread over `--seeds` runs; a run's seed picks the assignment
 //! of training records to sites, and the DP noise and Poisson batches are fresh from the
 //! operating system's generator each run. The 20% test set is the same in every run (split
-//! seed 42). Hyperparameters are the recommended plans of `fedpriv::demo`
+//! seed 42). Hyperparameters are the recommended plans of `fedpriv::demo` for each budget
 //! (`recommended_record`, `recommended_site`, `recommended_features`, chosen with `--tune`
-//! on validation data), overridable by flags; the noise multiplier is calibrated per cell so
+//! and `--tune --second` on validation data), overridable by flags; the noise multiplier is calibrated per cell so
 //! that the planned rounds fit the budget at the smallest site's sampling rate.
 //!
 //! `--tune` never reads the test set: it carves 20% of the training part out as a
 //! validation set (the sites train on the rest), runs a grid at epsilon 1 and 4 on the IID
-//! split and prints each setting's mean validation score; the best mean wins.
+//! split and prints each setting's mean validation score; the best mean wins. With
+//! `--second` it runs the second, pre-registered selection instead (docs/accuracy.md): a
+//! breast-cancer record plan for larger budgets chosen at epsilon 4 and 8, then the budget
+//! from which it applies, chosen at epsilon 2.
 //!
 //! Prints one JSON line per cell (prefixed `json `) and the markdown tables at the end.
 
@@ -88,6 +92,14 @@ struct Args {
     /// Where the runs' throw-away state goes (default: the system's temporary folder).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// The study's wire encoding of the model and the updates: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = parse_encoding)]
+    encoding: fedpriv_common::wire::Dtype,
+}
+
+fn parse_encoding(name: &str) -> Result<fedpriv_common::wire::Dtype, String> {
+    fedpriv_common::wire::Dtype::from_name(name)
+        .ok_or_else(|| format!("{name:?}: use f32, bf16 or f16"))
 }
 
 /// What one cell measured.
@@ -268,6 +280,7 @@ fn options(args: &Args, data: DemoData, unit: &str, non_iid: bool, epsilon: f64)
     }
     o.non_iid = non_iid;
     o.validation = args.validation;
+    o.encoding = args.encoding;
     o
 }
 
