@@ -394,6 +394,8 @@ struct CoordinatorRun {
     peak_rss_kib: u64,
     cpu_secs: f64,
     site_cpu_secs: f64,
+    /// The largest `VmHWM` of any site process, as last read while the study ran.
+    site_peak_rss_kib: u64,
     rejected: u64,
 }
 
@@ -452,6 +454,7 @@ fn bench_main(args: &Args) -> Result<(), BoxError> {
         "coordinator_peak_rss_mib": (run.peak_rss_kib as f64 / 1024.0).round(),
         "model_mib": (f32_bytes as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
         "peak_rss_in_model_copies": ((run.peak_rss_kib as f64 * 1024.0) / f32_bytes as f64 * 100.0).round() / 100.0,
+        "sites_peak_rss_mib": (run.site_peak_rss_kib as f64 / 1024.0).round(),
         "coordinator_cpu_s_per_round": per_round(run.cpu_secs),
         "sites_cpu_s_per_round": per_round(run.site_cpu_secs),
         "updates_rejected": run.rejected,
@@ -551,12 +554,14 @@ fn run_coordinator(
     let mut round_secs = Vec::new();
     let mut rejected = 0;
     let mut site_cpu = vec![0.0f64; site_pids.len()];
+    let mut site_hwm = 0u64;
     loop {
         let (at, line) = next_line("study end")?;
         for (cpu, pid) in site_cpu.iter_mut().zip(&site_pids) {
             if let Some(c) = cpu_secs(*pid) {
                 *cpu = c;
             }
+            site_hwm = site_hwm.max(vm_hwm_kib(*pid).unwrap_or(0));
         }
         if line.contains("budget spent and recorded") {
             if let Some(r) = field_u64(&line, "round") {
@@ -583,6 +588,7 @@ fn run_coordinator(
         peak_rss_kib: peak,
         cpu_secs: cpu,
         site_cpu_secs: site_cpu.iter().sum(),
+        site_peak_rss_kib: site_hwm,
         rejected,
     })
 }

@@ -287,3 +287,44 @@ async fn a_bf16_study_aggregates_the_rounded_updates_and_broadcasts_in_bf16() {
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), coordinator).await;
 }
+
+/// The real site daemons in a bf16 study: they train, clip and noise (DP-SGD), receive the
+/// model in bf16 and answer in bf16; every round takes all three sites' updates (none is
+/// refused for its encoding) and the model learns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_daemons_train_in_a_bf16_study() {
+    use fedpriv::demo::{self, DemoOptions, SITES};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = DemoOptions {
+        rounds: 5,
+        epsilon: 3.0,
+        non_iid: false,
+        // Every round needs all three sites: a refused bf16 update aborts it.
+        min_sites: SITES.len(),
+        encoding: Dtype::Bf16,
+        ..DemoOptions::default()
+    };
+    let report = demo::run(dir.path(), &opts, |_| {})
+        .await
+        .expect("demo runs");
+    assert_eq!(report.rounds.len(), 5, "ended: {}", report.end_reason);
+    for r in &report.rounds {
+        assert_eq!(
+            r.sites.len(),
+            SITES.len(),
+            "round {}: {:?}",
+            r.round,
+            r.sites
+        );
+    }
+    let store = fedpriv_coordinator::store::Store::open(report.state_dir.join("coordinator.db"))
+        .expect("store");
+    let row = store.study(&report.study_id).expect("read").expect("study");
+    let cfg = fedpriv_common::config::StudyConfig::from_toml(&row.config_toml).expect("config");
+    assert_eq!(cfg.encoding, Dtype::Bf16);
+    assert!(
+        report.final_accuracy > 0.8,
+        "final accuracy {}",
+        report.final_accuracy
+    );
+}

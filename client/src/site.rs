@@ -13,7 +13,7 @@ use rand::RngCore;
 use fedpriv_common::arch;
 use fedpriv_common::config::{round_cost, LocalPlan, Placement, PrivacyUnit, Task as TaskKind};
 use fedpriv_common::dp::clip::clip_l2;
-use fedpriv_common::dp::noise::NoiseSource;
+use fedpriv_common::dp::noise::{available_threads, NoiseSource};
 use fedpriv_common::dp::sampling::poisson_sample;
 use fedpriv_common::dp::{ClipNorm, Delta};
 use fedpriv_common::model::{delta, FlatModel, ModelSpec};
@@ -285,7 +285,8 @@ pub fn run_task(
             let mut d = delta(&trained.values, &model.values);
             clip_l2(&mut d, clip);
             if ann.placement == Placement::Local {
-                noise.add_gaussian(&mut d, sigma_c, 1);
+                // Every core: the noise does not depend on how many fill it.
+                noise.add_gaussian(&mut d, sigma_c, available_threads());
             }
             d
         }

@@ -1037,7 +1037,13 @@ impl StudyEngine {
         let mut sum = sum;
         let denom = if p.unit == PrivacyUnit::Site && p.placement == Placement::Central {
             // Noise once on the sum, and a denominator fixed before any data was seen.
-            noise.add_gaussian(&mut sum, p.noise_multiplier.get() * p.clip_norm.get(), 1);
+            // The noise is the same whatever the number of threads that fill it (fixed
+            // chunks, each its own stream), so using every core changes no outcome.
+            noise.add_gaussian(
+                &mut sum,
+                p.noise_multiplier.get() * p.clip_norm.get(),
+                fedpriv_common::dp::noise::available_threads(),
+            );
             selected.len().max(1)
         } else {
             received.len()

@@ -16,11 +16,11 @@
 //!
 //! Each draw is `rand_distr`'s 256-layer ziggurat ([`StandardNormal`] in rand_distr 0.5),
 //! re-implemented here over generator output taken in blocks: bit for bit the same values
-//! from the same ChaCha20 stream (the tests check it against rand_distr itself), at about
-//! two thirds of the cost per value. The four draws of a value are tried together: in about
-//! 95% of values all four land inside their layer's rectangle and the value costs four
-//! table look-ups; otherwise the draws from the first that did not are finished one by one,
-//! in order, as rand_distr does.
+//! from the same ChaCha20 stream (the tests check it against rand_distr itself), for about
+//! three quarters of the time per value; two thirds of what remains is the keystream. The
+//! four draws of a value are tried together: in about 94% of values all four land inside
+//! their layer's rectangle and the value costs four table look-ups; otherwise the draws
+//! from the first that did not are finished one by one, in order, as rand_distr does.
 //!
 //! [`StandardNormal`]: https://docs.rs/rand_distr/0.5/rand_distr/struct.StandardNormal.html
 //!
@@ -28,7 +28,11 @@
 //! in this crate's own tests); production builds cannot construct one.
 
 use rand::{Rng, RngCore, SeedableRng};
-use rand_chacha::ChaCha20Rng;
+
+/// The noise generator. ChaCha20 (20 rounds) on purpose: ChaCha12 (rand's `StdRng`) would
+/// make the noise about a quarter cheaper (docs/performance.md); this is the one line to
+/// change if that trade is ever made.
+type NoiseRng = rand_chacha::ChaCha20Rng;
 
 mod tables;
 
@@ -46,7 +50,7 @@ pub struct NoiseError(String);
 
 /// A cryptographically secure source of Gaussian noise.
 pub struct NoiseSource {
-    rng: ChaCha20Rng,
+    rng: NoiseRng,
 }
 
 impl std::fmt::Debug for NoiseSource {
@@ -58,13 +62,13 @@ impl std::fmt::Debug for NoiseSource {
 
 /// One chunk's ChaCha20 stream, read a block of words at a time, in stream order.
 struct Words {
-    rng: ChaCha20Rng,
+    rng: NoiseRng,
     buf: [u64; WORDS],
     pos: usize,
 }
 
 impl Words {
-    fn new(rng: ChaCha20Rng) -> Self {
+    fn new(rng: NoiseRng) -> Self {
         Self {
             rng,
             buf: [0; WORDS],
@@ -192,7 +196,7 @@ fn finish_one_by_one(w: &mut Words, fast: [(f64, bool); 4]) -> f64 {
 /// Adds `std` times secure standard normal noise to every value of one chunk, from the
 /// chunk's own stream.
 fn fill_chunk(key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
-    let mut rng = ChaCha20Rng::from_seed(key);
+    let mut rng = NoiseRng::from_seed(key);
     rng.set_stream(index as u64);
     let mut words = Words::new(rng);
     for v in chunk.iter_mut() {
@@ -203,7 +207,7 @@ fn fill_chunk(key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
 impl NoiseSource {
     /// Keyed from the operating system's generator.
     pub fn from_os() -> Result<Self, NoiseError> {
-        ChaCha20Rng::try_from_os_rng()
+        NoiseRng::try_from_os_rng()
             .map(|rng| Self { rng })
             .map_err(|e| NoiseError(e.to_string()))
     }
@@ -212,13 +216,13 @@ impl NoiseSource {
     #[cfg(any(test, feature = "insecure-test-seed"))]
     pub fn insecure_from_seed(seed: u64) -> Self {
         Self {
-            rng: ChaCha20Rng::seed_from_u64(seed),
+            rng: NoiseRng::seed_from_u64(seed),
         }
     }
 
     /// The underlying secure generator, for sampling decisions (Poisson batches, site
     /// selection) that must be as unpredictable as the noise.
-    pub fn rng(&mut self) -> &mut ChaCha20Rng {
+    pub fn rng(&mut self) -> &mut NoiseRng {
         &mut self.rng
     }
 
@@ -350,7 +354,7 @@ mod tests {
     /// the chunk's ChaCha20 stream word by word.
     fn reference_chunk(key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
         use rand_distr::StandardNormal;
-        let mut rng = ChaCha20Rng::from_seed(key);
+        let mut rng = NoiseRng::from_seed(key);
         rng.set_stream(index as u64);
         for v in chunk.iter_mut() {
             let a: f64 = rng.sample(StandardNormal);
@@ -365,7 +369,7 @@ mod tests {
     fn draws_equal_rand_distr_bit_for_bit() {
         // Single draws, every path: 2M draws take the wedge ~24,000 times and the tail
         // beyond R ~500 times.
-        let mut rng = ChaCha20Rng::seed_from_u64(41);
+        let mut rng = NoiseRng::seed_from_u64(41);
         rng.set_stream(3);
         let mut words = Words::new(rng.clone());
         let mut tail = 0;
