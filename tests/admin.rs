@@ -275,8 +275,8 @@ impl RawSite {
             .ok()?
             .ok()?;
         let msg: CoordinatorMessage = quic_io::recv_frame(&mut recv).await.unwrap();
-        // Read to the end: a stream dropped half-read is stopped, and the coordinator's
-        // writer gives up on a site that stops its messages.
+        // Read to the end: a stream dropped half-read is stopped, which the coordinator
+        // takes as the site refusing that message.
         let _ = recv.read_to_end(1 << 26).await;
         self.seen.push(msg.clone());
         Some(msg)
@@ -562,10 +562,12 @@ async fn auditors_read_but_cannot_write_and_every_refusal_is_audited_first() {
         assert_eq!(last["actor"], "auditor/carol");
         assert_eq!(last["details"]["action"], action);
     }
-    // Paging: one record at a time gives the same log.
+    // Paging: one record at a time gives the same log. Each page is itself on record, so
+    // the log grows as fast as this reads it: paging stops at the head of the first page.
     let whole = admin::fetch_audit(&conn, 1, None).await.unwrap();
     let mut paged = String::new();
     let mut from = 1;
+    let mut head = None;
     loop {
         let page = admin::request(
             &conn,
@@ -576,10 +578,11 @@ async fn auditors_read_but_cannot_write_and_every_refusal_is_audited_first() {
         )
         .await
         .unwrap();
+        let head = *head.get_or_insert(page.head.unwrap());
         paged.push_str(&page.text);
         match page.next {
-            Some(n) => from = n,
-            None => break,
+            Some(n) if n <= head => from = n,
+            _ => break,
         }
     }
     assert!(
@@ -929,4 +932,215 @@ async fn a_connected_site_daemon_takes_up_a_study_created_after_it_connected() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// HIPAA access log: every read an operator or auditor is served is on record, by whom and
+/// of what, before the answer arrives; a read that fails is not. Paging the audit log one
+/// record at a time ends although every page adds a record (the pager stops at the head
+/// its first page saw).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_served_read_is_on_record_before_its_answer_and_paging_ends() {
+    let mut fx = Fixture::start().await;
+    fx.ask(
+        "alice",
+        AdminRequest::CreateStudy {
+            config_toml: study("s1", &["site-a", "site-b"], 2),
+        },
+    )
+    .await
+    .unwrap();
+    let last = |fx: &Fixture| fx.audit_lines().pop().unwrap();
+    let (_ep, carol) = fx.dial("carol").await.unwrap();
+    let (_ep2, alice) = fx.dial("alice").await.unwrap();
+    let reads = [
+        (&carol, "auditor/carol", AdminRequest::ListStudies),
+        (
+            &carol,
+            "auditor/carol",
+            AdminRequest::ShowLedger { study: "s1".into() },
+        ),
+        (&carol, "auditor/carol", AdminRequest::Metrics),
+        (&alice, "operator/alice", AdminRequest::ListStudies),
+        (
+            &alice,
+            "operator/alice",
+            AdminRequest::ShowLedger { study: "s1".into() },
+        ),
+        (&alice, "operator/alice", AdminRequest::Metrics),
+    ];
+    for (conn, who, req) in reads {
+        let action = req.action();
+        let study = req.study().map(str::to_string);
+        admin::request(conn, &req).await.unwrap();
+        // On file by the time the answer is here.
+        let rec = last(&fx);
+        assert_eq!(
+            (&rec["event"], &rec["actor"]),
+            (&Value::from("access_granted"), &Value::from(who)),
+            "{action}: {rec}"
+        );
+        assert_eq!(rec["details"]["identity"], who);
+        assert_eq!(rec["details"]["action"], action);
+        assert_eq!(rec["details"]["study"].as_str(), study.as_deref());
+    }
+    // A read that is not served is not an access.
+    let before = fx.audit_lines().len();
+    let failed = admin::request(
+        &carol,
+        &AdminRequest::ShowLedger {
+            study: "nope".into(),
+        },
+    )
+    .await;
+    assert!(matches!(
+        failed,
+        Err(ClientError::Failed {
+            whose: Whose::Peer,
+            ..
+        })
+    ));
+    assert_eq!(fx.audit_lines().len(), before);
+
+    // Paging one record per request: the log grows by one record per page, as fast as it
+    // is read; the pager stops at the head of its first page, which is that page's own
+    // access record.
+    let paged = tokio::time::timeout(WAIT, admin::fetch_audit_in_pages(&carol, 1, None, 1))
+        .await
+        .expect("paging ends")
+        .unwrap();
+    let pages: Vec<Value> = paged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (i, rec) in pages.iter().enumerate() {
+        assert_eq!(rec["seq"], i as u64 + 1, "consecutive from 1");
+    }
+    let head = pages.last().unwrap();
+    assert_eq!(head["event"], "access_granted");
+    assert_eq!(
+        (
+            &head["details"]["action"],
+            &head["details"]["from_seq"],
+            &head["details"]["records"]
+        ),
+        (
+            &Value::from("fetch_audit"),
+            &Value::from(1),
+            &Value::from(1)
+        )
+    );
+    assert_eq!(head["seq"].as_u64().unwrap() as usize, before + 1);
+    // Every page was recorded: as many page records as records read.
+    let page_records = fx
+        .audit_lines()
+        .iter()
+        .filter(|r| r["event"] == "access_granted" && r["details"]["action"] == "fetch_audit")
+        .count();
+    assert_eq!(page_records, pages.len());
+    // A page that ends at the log's end needs no head to stop, and holds no record of itself.
+    let whole = admin::fetch_audit(&carol, 1, None).await.unwrap();
+    assert_eq!(whole.lines().count(), before + pages.len());
+    carol.close(0u32.into(), b"done");
+    alice.close(0u32.into(), b"done");
+    fx.stop_coordinator().await;
+    let report = verify_file(fx.state.join("audit.log")).unwrap();
+    assert!(report.is_ok(), "{report:?}");
+}
+
+/// Refusals on the admin channel share the coordinator's per-source cap (keyed by
+/// identity): the first 10 a minute are on record before the requester hears of them, the
+/// rest are counted (and would be summarised when the window closes), so a requester that
+/// loops on forbidden requests cannot turn them into a flood of fsyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_refusals_are_capped_per_identity_and_counted_in_full() {
+    let fx = Fixture::start().await;
+    let (_ep, conn) = fx.dial("carol").await.unwrap();
+    let on_record = |fx: &Fixture| {
+        fx.audit_lines()
+            .iter()
+            .filter(|r| r["event"] == "refused" && r["actor"] == "auditor/carol")
+            .count()
+    };
+    for i in 1..=14 {
+        let r = admin::request(
+            &conn,
+            &AdminRequest::StopStudy {
+                study: "s1".into(),
+                reason: "no".into(),
+            },
+        )
+        .await;
+        assert!(matches!(r, Err(ClientError::Refused(_))), "{i}: {r:?}");
+        assert_eq!(on_record(&fx), i.min(10), "after refusal {i}");
+    }
+    // Another identity has its own allowance.
+    assert!(refused(fx.ask("site-a", AdminRequest::ListStudies).await).contains("role site"));
+    assert_eq!(
+        fx.audit_lines()
+            .iter()
+            .filter(|r| r["event"] == "refused" && r["actor"] == "site/site-a")
+            .count(),
+        1
+    );
+    let metrics = admin::request(&conn, &AdminRequest::Metrics)
+        .await
+        .unwrap()
+        .text;
+    assert!(metrics.contains("fedpriv_refusals_total 15\n"), "{metrics}");
+    assert!(
+        metrics.contains("fedpriv_audit_records_suppressed_total 4\n"),
+        "{metrics}"
+    );
+}
+
+/// The coordinator's writer keeps serving a site that stopped one message's stream (a site
+/// may refuse one message, e.g. one it cannot use): the next message on the same
+/// connection still arrives. The raw site's stream window is smaller than the welcome, so
+/// its stop reaches the coordinator while the welcome is still being written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_stops_one_message_still_gets_the_next() {
+    let fx = Fixture::start().await;
+    let (ca, cert, key) = fx.cert("site-a");
+    let tls = pki::client_config(&ca, &cert, &key).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = TransportLimits::site().transport_config().unwrap();
+    transport.stream_receive_window(4u32.into());
+    config.transport_config(Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint
+        .connect(fx.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let hello = SiteMessage::Hello {
+        version: PROTOCOL_VERSION,
+        claimed_site: "site-a".into(),
+    };
+    quic_io::send_message(&conn, &hello, None).await.unwrap();
+    // The welcome's stream: refused before it could be read whole.
+    let mut welcome = tokio::time::timeout(WAIT, conn.accept_uni())
+        .await
+        .unwrap()
+        .unwrap();
+    welcome.stop(7u32.into()).unwrap();
+    let mut site = RawSite {
+        _endpoint: endpoint,
+        conn,
+        seen: Vec::new(),
+    };
+    fx.ask(
+        "alice",
+        AdminRequest::CreateStudy {
+            config_toml: study("s1", &["site-a", "site-b"], 2),
+        },
+    )
+    .await
+    .unwrap();
+    match site.next().await {
+        CoordinatorMessage::StudyAnnounced(ann) => assert_eq!(ann.study, "s1"),
+        other => panic!("{other:?}"),
+    }
+    assert!(site.conn.close_reason().is_none());
 }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use fedpriv_client::config::SiteConfig;
 use fedpriv_common::config::{PrivacyUnit, StudyConfig};
+use fedpriv_coordinator::limits::Limits;
 
 #[test]
 fn example_study_and_site_configs_are_valid() {
@@ -14,4 +15,27 @@ fn example_study_and_site_configs_are_valid() {
     let site = SiteConfig::load(&root.join("site.toml")).expect("valid site config");
     assert!(site.studies.contains_key(&study.id));
     assert!(study.enrolled.contains(&site.name));
+}
+
+/// The example limits file lists every key at its default: it parses (so every key in it
+/// is known), and gives exactly the built-in defaults (so the documented values are the
+/// real ones, and a changed default is noticed here).
+#[test]
+fn example_limits_file_lists_the_defaults() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs");
+    let text = std::fs::read_to_string(root.join("limits.toml")).expect("read");
+    let limits = Limits::from_toml(&text).expect("valid limits");
+    assert_eq!(format!("{limits:?}"), format!("{:?}", Limits::default()));
+    // Every key is there: leaving out any one still gives the defaults, so count them
+    // instead (10 top-level keys or tables, 2 + 2 rate keys, 6 transport keys).
+    let keys = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| l.contains('=') || l.starts_with('['))
+        .count();
+    assert_eq!(keys, 10 + 2 + 2 + 6, "every limit is listed");
+    // A misspelt key in an operator's copy is refused by name, not ignored.
+    let typo = text.replace("handshakes_in_flight", "handshakes_inflight");
+    let e = Limits::from_toml(&typo).expect_err("unknown key");
+    assert!(e.contains("handshakes_inflight"), "{e}");
 }

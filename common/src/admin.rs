@@ -166,8 +166,15 @@ pub enum AdminResponse {
     /// A piece of a large payload; more frames follow.
     Part { text: String },
     /// Done: the payload is the parts so far followed by `text`. For a paged read, `next`
-    /// is what to ask for next when more may follow.
-    Ok { text: String, next: Option<u64> },
+    /// is what to ask for next when more may follow. For a page of the audit log, `head`
+    /// is the seq of the record of this very read (the log's last record once the read was
+    /// on record): every page read is recorded, so the log grows while it is paged, and a
+    /// client stops at the `head` of its first page rather than chase its own records.
+    Ok {
+        text: String,
+        next: Option<u64>,
+        head: Option<u64>,
+    },
     /// Not allowed (role or policy). Already in the coordinator's audit log.
     Refused { reason: String },
     /// Could not be done.
@@ -175,8 +182,8 @@ pub enum AdminResponse {
 }
 
 /// Splits a payload into response frames, each under the control-frame cap (cut at char
-/// boundaries).
-pub fn into_frames(text: &str, next: Option<u64>) -> Vec<AdminResponse> {
+/// boundaries); `next` and `head` go in the final `Ok`.
+pub fn into_frames(text: &str, next: Option<u64>, head: Option<u64>) -> Vec<AdminResponse> {
     let mut out = Vec::new();
     let mut rest = text;
     while rest.len() > PART_BYTES {
@@ -193,6 +200,7 @@ pub fn into_frames(text: &str, next: Option<u64>) -> Vec<AdminResponse> {
     out.push(AdminResponse::Ok {
         text: rest.to_string(),
         next,
+        head,
     });
     out
 }
@@ -587,7 +595,7 @@ enrolled = ["a", "b", "c"]
 
         // Multi-byte characters straddling a cut stay whole.
         let text = "é".repeat(PART_BYTES);
-        let frames = into_frames(&text, Some(9));
+        let frames = into_frames(&text, Some(9), Some(12));
         assert!(frames.len() >= 2);
         let mut joined = String::new();
         for (i, f) in frames.iter().enumerate() {
@@ -598,14 +606,14 @@ enrolled = ["a", "b", "c"]
                     assert!(i + 1 < frames.len());
                     joined.push_str(&text)
                 }
-                AdminResponse::Ok { text, next } => {
-                    assert_eq!((i + 1, next), (frames.len(), Some(9)));
+                AdminResponse::Ok { text, next, head } => {
+                    assert_eq!((i + 1, next, head), (frames.len(), Some(9), Some(12)));
                     joined.push_str(&text)
                 }
                 other => panic!("{other:?}"),
             }
         }
         assert_eq!(joined, text);
-        assert_eq!(into_frames("", None).len(), 1);
+        assert_eq!(into_frames("", None, None).len(), 1);
     }
 }

@@ -8,6 +8,10 @@
 //!
 //! What it does not do: no sockets, no async runtime, no file or database I/O in its core.
 //! Callers read bytes and pass them in; the binaries own every effect.
+//!
+//! Optional features add the I/O the two binaries share, so it is written once: `fs` the
+//! audit-log file (`audit_file`), `quic` the quinn stream helpers (`quic_io`), and `sqlite`
+//! opening, checking, creating and migrating a state database (`state_db`).
 
 pub mod admin;
 pub mod arch;
@@ -22,5 +26,7 @@ pub mod protocol;
 #[cfg(feature = "quic")]
 pub mod quic_io;
 pub mod seal;
+#[cfg(any(feature = "sqlite", test))]
+pub mod state_db;
 pub mod time;
 pub mod wire;

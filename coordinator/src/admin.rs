@@ -12,10 +12,14 @@
 //! operator has no need of it to run studies (least privilege). Sites use their own
 //! protocol and see only the studies they are enrolled in.
 //!
-//! Every refusal is written to the audit log (durably) and counted before the requester
-//! hears of it. Reads are served from a read-only SQLite connection and the audit file;
-//! writes go to the task that owns the studies ([`AdminCommand`]), which audits them before
-//! they take effect.
+//! Every refusal is counted, and written to the audit log (durably) before the requester
+//! hears of it, up to the per-identity cap the coordinator applies to all refusals (10 a
+//! minute, then counted and summarised: a requester looping on forbidden requests cannot
+//! turn them into a flood of fsyncs). Every read that is served (study list, ledger,
+//! metrics, a page of the audit log) is on record as `access_granted` before its answer
+//! leaves, and is not served if it cannot be recorded. Reads are served from a read-only
+//! SQLite connection and the audit file; writes go to the task that owns the studies
+//! ([`AdminCommand`]), which audits them before they take effect.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
@@ -37,8 +41,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::audit::AuditHandle;
-use crate::metrics::{self, Metrics};
-use crate::server::StudyRuntime;
+use crate::metrics::Metrics;
+use crate::server::{RefusalCap, StudyRuntime};
 use crate::store::{Store, StudyStatus};
 use crate::transport::{self, AuthenticatedPeer};
 
@@ -111,6 +115,8 @@ pub struct AdminCtx {
     pub metrics: Metrics,
     pub owner: mpsc::UnboundedSender<AdminCommand>,
     pub shutdown: watch::Receiver<bool>,
+    /// The coordinator's per-source refusal cap (keyed here by identity).
+    pub refusals: RefusalCap,
 }
 
 /// Serves an operator's or auditor's connection: one request per bidirectional stream, in
@@ -130,7 +136,7 @@ pub async fn serve_admin(peer: AuthenticatedPeer, mut ctx: AdminCtx) {
             uni = conn.accept_uni() => {
                 if uni.is_ok() {
                     let reason = format!("role {} may not use the site protocol", peer.identity.role);
-                    record_refusal(&ctx, &peer, "site_protocol", &reason).await;
+                    record_refusal(&ctx, &peer, "site_protocol", None, &reason).await;
                     let _ = transport::refuse(&peer, CloseCode::RoleNotAllowed, &reason);
                 }
                 return;
@@ -198,15 +204,25 @@ fn error(whose: Whose, reason: impl Into<String>) -> AdminResponse {
     }
 }
 
-/// Audits (durably) and counts a refusal; only then may the requester be told.
-async fn record_refusal(ctx: &AdminCtx, peer: &AuthenticatedPeer, action: &str, reason: &str) {
+/// Counts a refusal and, within the identity's cap, audits it durably; only then may the
+/// requester be told.
+async fn record_refusal(
+    ctx: &AdminCtx,
+    peer: &AuthenticatedPeer,
+    action: &str,
+    study: Option<&str>,
+    reason: &str,
+) {
     let who = peer.identity.to_string();
-    ctx.metrics.inc(
-        metrics::REFUSALS,
-        &[("kind", "admin"), ("role", peer.identity.role.as_str())],
-    );
-    let details = json!({"identity": who, "action": action, "reason": reason, "remote": peer.remote_address().to_string()});
-    if let Err(e) = ctx.audit.record(&who, AuditEvent::Refused, details).await {
+    let mut details = json!({"identity": who, "action": action, "reason": reason, "remote": peer.remote_address().to_string()});
+    if let Some(study) = study {
+        details["study"] = json!(study);
+    }
+    if let Err(e) = ctx
+        .refusals
+        .note(&ctx.audit, &ctx.metrics, &who, details)
+        .await
+    {
         // The refusal stands (it is the safe outcome); the missing record is the
         // operator's to investigate.
         tracing::error!(error = %e, identity = %who, action, "refusal not audited");
@@ -219,8 +235,9 @@ async fn answer(peer: &AuthenticatedPeer, ctx: &AdminCtx, req: AdminRequest) -> 
     if let Err(reason) = req.check_bounds() {
         return vec![error(Whose::Peer, reason)];
     }
+    let study = req.study().map(str::to_string);
     if let Err(refusal) = authorize(peer.identity.role, &req) {
-        record_refusal(ctx, peer, refusal.action, &refusal.reason).await;
+        record_refusal(ctx, peer, refusal.action, study.as_deref(), &refusal.reason).await;
         return vec![AdminResponse::Refused {
             reason: refusal.reason,
         }];
@@ -239,21 +256,66 @@ async fn answer(peer: &AuthenticatedPeer, ctx: &AdminCtx, req: AdminRequest) -> 
             .await
             .unwrap_or_else(|_| error(Whose::Internal, "the coordinator is stopping"));
         if let AdminResponse::Refused { reason } = &resp {
-            // Refused by policy (e.g. loosening privacy): the owner audited it.
+            // Refused by policy (e.g. loosening privacy). Audited here rather than by the
+            // owner: under the identity's cap, and without an fsync in the owner's loop.
             tracing::warn!(identity = %peer.identity, action, %reason, "admin request refused");
+            record_refusal(ctx, peer, action, study.as_deref(), reason).await;
         }
         return vec![resp];
     }
-    if let AdminRequest::Metrics = req {
-        return admin::into_frames(&ctx.metrics.render(), None);
+    let audit_from = match &req {
+        AdminRequest::FetchAudit { from_seq, .. } => Some(*from_seq),
+        _ => None,
+    };
+    let served = if let AdminRequest::Metrics = req {
+        Ok((ctx.metrics.render(), None))
+    } else {
+        let state_dir = ctx.state_dir.clone();
+        match tokio::task::spawn_blocking(move || serve_read(&state_dir, &req)).await {
+            Ok(read) => read,
+            Err(e) => Err(error(Whose::Internal, e.to_string())),
+        }
+    };
+    let (text, next) = match served {
+        Ok(read) => read,
+        Err(e) => return vec![e],
+    };
+    match record_access(ctx, peer, action, study.as_deref(), audit_from, &text).await {
+        // The seq of this read's own record is the head a pager stops at.
+        Ok(seq) => admin::into_frames(&text, next, audit_from.map(|_| seq)),
+        Err(e) => vec![e],
     }
-    let state_dir = ctx.state_dir.clone();
-    let read = tokio::task::spawn_blocking(move || serve_read(&state_dir, &req)).await;
-    match read {
-        Ok(Ok((text, next))) => admin::into_frames(&text, next),
-        Ok(Err(e)) => vec![e],
-        Err(e) => vec![error(Whose::Internal, e.to_string())],
+}
+
+/// Puts a read on record (HIPAA access log) before its answer leaves. A read that cannot
+/// be recorded is not served: the error is the operator's (the audit log's disk).
+async fn record_access(
+    ctx: &AdminCtx,
+    peer: &AuthenticatedPeer,
+    action: &str,
+    study: Option<&str>,
+    audit_from: Option<u64>,
+    text: &str,
+) -> Result<u64, AdminResponse> {
+    let who = peer.identity.to_string();
+    let mut details = json!({"identity": who, "action": action});
+    if let Some(study) = study {
+        details["study"] = json!(study);
     }
+    if let Some(from) = audit_from {
+        details["from_seq"] = json!(from);
+        details["records"] = json!(text.lines().count());
+    }
+    ctx.audit
+        .record(&who, AuditEvent::AccessGranted, details)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, identity = %who, action, "read not audited; not served");
+            error(
+                Whose::Operator,
+                format!("{e}; the read was not served (every read is recorded first)"),
+            )
+        })
 }
 
 /// A read: from a read-only connection to the state database, or the audit file.
@@ -462,7 +524,6 @@ pub(crate) struct Owner<'a> {
     pub state_dir: &'a Path,
     pub at_rest_key: &'a Arc<SealKey>,
     pub audit: &'a AuditHandle,
-    pub metrics: &'a Metrics,
     /// Messages for each study's enrolled, connected sites.
     pub broadcast: &'a mut Vec<(String, CoordinatorMessage)>,
 }
@@ -490,18 +551,11 @@ impl Owner<'_> {
             .map_err(|e| error(Whose::Operator, format!("{e}; nothing was changed")))
     }
 
+    /// A policy refusal. Not audited here: the requester's connection audits it (under the
+    /// identity's refusal cap) before the requester is told, keeping fsyncs of a requester
+    /// that loops on refused changes out of the owner's loop.
     fn refuse(&self, who: &str, action: &str, study: &str, reason: String) -> AdminResponse {
-        self.metrics.inc(
-            metrics::REFUSALS,
-            &[("kind", "admin"), ("role", "operator")],
-        );
-        if let Err(e) = self.audit.record_blocking(
-            who,
-            AuditEvent::Refused,
-            json!({"identity": who, "action": action, "study": study, "reason": reason}),
-        ) {
-            tracing::error!(error = %e, identity = %who, action, "refusal not audited");
-        }
+        tracing::info!(identity = %who, action, %study, "refused by policy");
         AdminResponse::Refused { reason }
     }
 
@@ -563,6 +617,7 @@ impl Owner<'_> {
                 cfg.privacy.delta
             ),
             next: None,
+            head: None,
         }
     }
 
@@ -620,6 +675,7 @@ impl Owner<'_> {
         AdminResponse::Ok {
             text: format!("changed study {study}: {}", list.join(", ")),
             next: None,
+            head: None,
         }
     }
 
@@ -663,6 +719,7 @@ impl Owner<'_> {
         AdminResponse::Ok {
             text: format!("stopped study {study}"),
             next: None,
+            head: None,
         }
     }
 }
@@ -706,11 +763,13 @@ impl ClientError {
     }
 }
 
-/// A successful answer: the payload and, for paged reads, what to ask for next.
+/// A successful answer: the payload and, for paged reads, what to ask for next and (for
+/// the audit log) the head to stop at (see [`AdminResponse::Ok`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub text: String,
     pub next: Option<u64>,
+    pub head: Option<u64>,
 }
 
 /// Dials the coordinator as the holder of `cert`/`key` (PEM), trusting `ca` (PEM).
@@ -775,9 +834,13 @@ pub async fn request(conn: &quinn::Connection, req: &AdminRequest) -> Result<Rep
                 }
                 text.push_str(&t)
             }
-            AdminResponse::Ok { text: t, next } => {
+            AdminResponse::Ok {
+                text: t,
+                next,
+                head,
+            } => {
                 text.push_str(&t);
-                return Ok(Reply { text, next });
+                return Ok(Reply { text, next, head });
             }
             AdminResponse::Refused { reason } => return Err(ClientError::Refused(reason)),
             AdminResponse::Error { reason, whose } => {
@@ -787,19 +850,31 @@ pub async fn request(conn: &quinn::Connection, req: &AdminRequest) -> Result<Rep
     }
 }
 
-/// Fetches audit records from `from_seq` on, page by page, up to `limit` records.
+/// Fetches audit records from `from_seq` on, page by page, up to `limit` records, and no
+/// further than the log's head when the first page was served: each page is itself put
+/// on record, so a pager that followed the log's end would never reach it.
 pub async fn fetch_audit(
     conn: &quinn::Connection,
     from_seq: u64,
     limit: Option<u64>,
 ) -> Result<String, ClientError> {
+    fetch_audit_in_pages(conn, from_seq, limit, admin::MAX_AUDIT_PAGE).await
+}
+
+/// As [`fetch_audit`], asking for at most `page` records per request.
+pub async fn fetch_audit_in_pages(
+    conn: &quinn::Connection,
+    from_seq: u64,
+    limit: Option<u64>,
+    page: u32,
+) -> Result<String, ClientError> {
+    let page = u64::from(page.clamp(1, admin::MAX_AUDIT_PAGE));
     let mut out = String::new();
     let mut from = from_seq.max(1);
     let mut got = 0u64;
+    let mut stop_at: Option<u64> = None;
     loop {
-        let want = limit.map_or(admin::MAX_AUDIT_PAGE as u64, |l| {
-            (l - got).min(admin::MAX_AUDIT_PAGE as u64)
-        });
+        let want = limit.map_or(page, |l| l.saturating_sub(got).min(page));
         if want == 0 {
             return Ok(out);
         }
@@ -811,10 +886,20 @@ pub async fn fetch_audit(
             },
         )
         .await?;
-        got += reply.text.lines().count() as u64;
-        out.push_str(&reply.text);
+        // A coordinator that gives no head: its log does not grow per page.
+        let head = *stop_at.get_or_insert(reply.head.unwrap_or(u64::MAX));
+        // Line k of a page holds seq from + k: keep those up to the head.
+        let keep = head.saturating_sub(from).saturating_add(1);
+        for line in reply
+            .text
+            .split_inclusive('\n')
+            .take(usize::try_from(keep).unwrap_or(usize::MAX))
+        {
+            out.push_str(line);
+            got += 1;
+        }
         match reply.next {
-            Some(n) if n > from => from = n,
+            Some(n) if n > from && n <= head => from = n,
             _ => return Ok(out),
         }
     }

@@ -109,39 +109,227 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Checks the limits make sense together (the operator's configuration).
+    /// Checks the limits make sense together (the operator's configuration). Each error
+    /// names the field as the `--limits` file spells it. Values that would lock every peer
+    /// out (no handshake slot, no stream, a zero rate) are refused rather than obeyed.
     pub fn validate(&self) -> Result<(), String> {
-        let rate_ok = |r: &Rate| r.per_second.is_finite() && r.per_second > 0.0 && r.burst >= 1;
-        if self.handshakes_in_flight == 0 {
-            return Err("config error: handshakes_in_flight must be at least 1".into());
-        }
+        let err = |field: &str, why: String| Err(format!("config error: {field}: {why}"));
+        let at_least_one = |field: &str, v: u64, lockout: &str| {
+            if v == 0 {
+                err(field, format!("must be at least 1 (0 would {lockout})"))
+            } else {
+                Ok(())
+            }
+        };
+        at_least_one(
+            "handshakes_in_flight",
+            self.handshakes_in_flight as u64,
+            "refuse every connection",
+        )?;
         if self.retry_above > self.handshakes_in_flight {
-            return Err(format!(
-                "config error: retry_above ({}) is over handshakes_in_flight ({})",
-                self.retry_above, self.handshakes_in_flight
-            ));
-        }
-        if !rate_ok(&self.handshake_rate) || !rate_ok(&self.message_rate) {
-            return Err(
-                "config error: rates need a positive, finite per_second and a burst of at least 1"
-                    .into(),
-            );
-        }
-        if self.tracked_sources == 0 || self.incoming_queue == 0 {
-            return Err(
-                "config error: tracked_sources and incoming_queue must be at least 1".into(),
-            );
-        }
-        if self.connections_per_identity == 0 || self.upload_bodies_per_task == 0 {
-            return Err(
-                "config error: connections_per_identity and upload_bodies_per_task must be at least 1"
-                    .into(),
+            return err(
+                "retry_above",
+                format!(
+                    "{} is over handshakes_in_flight ({})",
+                    self.retry_above, self.handshakes_in_flight
+                ),
             );
         }
         if self.handshake_timeout.is_zero() {
-            return Err("config error: handshake_timeout must be positive".into());
+            return err(
+                "handshake_timeout_secs",
+                "must be positive (0 would drop every handshake)".into(),
+            );
         }
-        Ok(())
+        for (name, rate) in [
+            ("handshake_rate", &self.handshake_rate),
+            ("message_rate", &self.message_rate),
+        ] {
+            if !(rate.per_second.is_finite() && rate.per_second > 0.0) {
+                return err(
+                    &format!("{name}.per_second"),
+                    format!("{} must be positive and finite", rate.per_second),
+                );
+            }
+            at_least_one(
+                &format!("{name}.burst"),
+                u64::from(rate.burst),
+                "refuse everything",
+            )?;
+        }
+        at_least_one(
+            "tracked_sources",
+            self.tracked_sources as u64,
+            "leave no room to track a source",
+        )?;
+        at_least_one(
+            "incoming_queue",
+            self.incoming_queue as u64,
+            "drop every connection attempt",
+        )?;
+        at_least_one(
+            "connections_per_identity",
+            self.connections_per_identity as u64,
+            "refuse every operator and auditor",
+        )?;
+        at_least_one(
+            "upload_bodies_per_task",
+            u64::from(self.upload_bodies_per_task),
+            "refuse every update",
+        )?;
+        self.validate_transport()
+    }
+
+    fn validate_transport(&self) -> Result<(), String> {
+        let t = &self.transport;
+        let err = |field: &str, why: String| Err(format!("config error: transport.{field}: {why}"));
+        // Sites ping every `keep_alive`; a shorter idle timeout drops every site that is
+        // busy training between two pings, and a task pushed meanwhile is lost.
+        let site_ping = TransportLimits::site()
+            .keep_alive
+            .unwrap_or(Duration::from_secs(10));
+        if t.idle_timeout <= site_ping {
+            return err(
+                "idle_timeout_secs",
+                format!(
+                    "{} s must be over the sites' keep-alive interval ({} s)",
+                    t.idle_timeout.as_secs_f64(),
+                    site_ping.as_secs()
+                ),
+            );
+        }
+        // A site sends each message on a uni stream; operators and auditors ask on bidi ones.
+        if t.max_uni_streams == 0 {
+            return err(
+                "max_uni_streams",
+                "must be at least 1 (0 would shut every site out)".into(),
+            );
+        }
+        if t.max_bidi_streams == 0 {
+            return err(
+                "max_bidi_streams",
+                "must be at least 1 (0 would shut every operator and auditor out)".into(),
+            );
+        }
+        // Smaller windows than one control frame would stall a message half-way.
+        let frame = fedpriv_common::wire::MAX_CONTROL_FRAME as u64;
+        for (field, v) in [
+            ("stream_receive_window", u64::from(t.stream_receive_window)),
+            ("receive_window", u64::from(t.receive_window)),
+            ("send_window", t.send_window),
+        ] {
+            if v < frame {
+                return err(
+                    field,
+                    format!("{v} bytes is under one control frame ({frame} bytes)"),
+                );
+            }
+        }
+        if t.receive_window < t.stream_receive_window {
+            return err(
+                "receive_window",
+                format!(
+                    "{} is under stream_receive_window ({})",
+                    t.receive_window, t.stream_receive_window
+                ),
+            );
+        }
+        t.transport_config().map(|_| ()).map_err(|e| {
+            let why = e.trim_start_matches("config error: ");
+            format!("config error: transport.idle_timeout_secs: {why}")
+        })
+    }
+
+    /// Reads an operator's limits file (`run --limits FILE`): TOML, every key optional
+    /// (absent keys keep their default), unknown keys refused so a misspelt limit is not
+    /// silently ignored; then [`Limits::validate`].
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let file: LimitsFile =
+            toml::from_str(text).map_err(|e| format!("config error: {}", e.to_string().trim()))?;
+        let limits = file.apply(Limits::default());
+        limits.validate()?;
+        Ok(limits)
+    }
+}
+
+/// The `--limits` file as written; see `examples/configs/limits.toml`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    handshakes_in_flight: Option<usize>,
+    retry_above: Option<usize>,
+    handshake_timeout_secs: Option<u64>,
+    handshake_rate: Option<RateFile>,
+    tracked_sources: Option<usize>,
+    incoming_queue: Option<usize>,
+    connections_per_identity: Option<usize>,
+    message_rate: Option<RateFile>,
+    upload_bodies_per_task: Option<u32>,
+    transport: Option<TransportFile>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateFile {
+    per_second: Option<f64>,
+    burst: Option<u32>,
+}
+
+impl RateFile {
+    fn apply(self, rate: Rate) -> Rate {
+        Rate {
+            per_second: self.per_second.unwrap_or(rate.per_second),
+            burst: self.burst.unwrap_or(rate.burst),
+        }
+    }
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransportFile {
+    idle_timeout_secs: Option<u64>,
+    max_uni_streams: Option<u32>,
+    max_bidi_streams: Option<u32>,
+    stream_receive_window: Option<u32>,
+    receive_window: Option<u32>,
+    send_window: Option<u64>,
+}
+
+impl LimitsFile {
+    fn apply(self, d: Limits) -> Limits {
+        let t = self.transport.unwrap_or_default();
+        let dt = d.transport;
+        Limits {
+            transport: TransportLimits {
+                idle_timeout: t
+                    .idle_timeout_secs
+                    .map_or(dt.idle_timeout, Duration::from_secs),
+                keep_alive: dt.keep_alive,
+                max_uni_streams: t.max_uni_streams.unwrap_or(dt.max_uni_streams),
+                max_bidi_streams: t.max_bidi_streams.unwrap_or(dt.max_bidi_streams),
+                stream_receive_window: t.stream_receive_window.unwrap_or(dt.stream_receive_window),
+                receive_window: t.receive_window.unwrap_or(dt.receive_window),
+                send_window: t.send_window.unwrap_or(dt.send_window),
+            },
+            handshakes_in_flight: self.handshakes_in_flight.unwrap_or(d.handshakes_in_flight),
+            retry_above: self.retry_above.unwrap_or(d.retry_above),
+            handshake_timeout: self
+                .handshake_timeout_secs
+                .map_or(d.handshake_timeout, Duration::from_secs),
+            handshake_rate: self
+                .handshake_rate
+                .unwrap_or_default()
+                .apply(d.handshake_rate),
+            tracked_sources: self.tracked_sources.unwrap_or(d.tracked_sources),
+            incoming_queue: self.incoming_queue.unwrap_or(d.incoming_queue),
+            connections_per_identity: self
+                .connections_per_identity
+                .unwrap_or(d.connections_per_identity),
+            message_rate: self.message_rate.unwrap_or_default().apply(d.message_rate),
+            upload_bodies_per_task: self
+                .upload_bodies_per_task
+                .unwrap_or(d.upload_bodies_per_task),
+        }
     }
 }
 
@@ -515,10 +703,102 @@ mod tests {
         assert!(l.validate().unwrap_err().contains("retry_above"));
         l = Limits::default();
         l.handshake_rate.per_second = f64::NAN;
-        assert!(l.validate().unwrap_err().contains("rates"));
+        assert!(l
+            .validate()
+            .unwrap_err()
+            .contains("handshake_rate.per_second"));
         l = Limits::default();
         l.upload_bodies_per_task = 0;
         assert!(l.validate().unwrap_err().contains("upload_bodies_per_task"));
+    }
+
+    #[test]
+    fn an_empty_limits_file_is_the_defaults_and_keys_override_one_by_one() {
+        let d = format!("{:?}", Limits::default());
+        assert_eq!(format!("{:?}", Limits::from_toml("").unwrap()), d);
+        let l = Limits::from_toml(
+            "handshakes_in_flight = 32\nretry_above = 8\nhandshake_timeout_secs = 3\n\
+             [message_rate]\nburst = 5\n[transport]\nidle_timeout_secs = 30\n",
+        )
+        .unwrap();
+        assert_eq!((l.handshakes_in_flight, l.retry_above), (32, 8));
+        assert_eq!(l.handshake_timeout, Duration::from_secs(3));
+        // A table given in part keeps the defaults of the keys it leaves out.
+        assert_eq!(
+            l.message_rate,
+            Rate {
+                per_second: 50.0,
+                burst: 5
+            }
+        );
+        assert_eq!(l.transport.idle_timeout, Duration::from_secs(30));
+        assert_eq!(l.transport.max_uni_streams, 8);
+        // An integer rate is a rate.
+        assert_eq!(
+            Limits::from_toml("[handshake_rate]\nper_second = 4")
+                .unwrap()
+                .handshake_rate
+                .per_second,
+            4.0
+        );
+    }
+
+    #[test]
+    fn limits_files_with_unknown_keys_or_lockout_values_are_refused_by_name() {
+        let refused = |text: &str, names: &str| {
+            let e = Limits::from_toml(text).unwrap_err();
+            assert!(e.contains(names), "{text:?}: {e}");
+            assert!(e.starts_with("config error"), "{e}");
+        };
+        // Misspelt keys, at the top and in a table, are named rather than ignored.
+        refused("handshakes_in_flite = 10", "handshakes_in_flite");
+        refused("[transport]\nidle_timeout = 30", "idle_timeout");
+        refused("[message_rate]\nrate = 3", "rate");
+        refused("connections_per_identity = -1", "connections_per_identity");
+        refused(
+            "handshakes_in_flight = 0\nretry_above = 0",
+            "handshakes_in_flight",
+        );
+        refused("retry_above = 300", "retry_above");
+        refused("handshake_timeout_secs = 0", "handshake_timeout_secs");
+        refused(
+            "[handshake_rate]\nper_second = 0.0",
+            "handshake_rate.per_second",
+        );
+        refused(
+            "[message_rate]\nper_second = nan",
+            "message_rate.per_second",
+        );
+        refused("[message_rate]\nburst = 0", "message_rate.burst");
+        refused("tracked_sources = 0", "tracked_sources");
+        refused("incoming_queue = 0", "incoming_queue");
+        refused("connections_per_identity = 0", "connections_per_identity");
+        refused("upload_bodies_per_task = 0", "upload_bodies_per_task");
+        refused(
+            "[transport]\nidle_timeout_secs = 5",
+            "transport.idle_timeout_secs",
+        );
+        refused(
+            "[transport]\nmax_uni_streams = 0",
+            "transport.max_uni_streams",
+        );
+        refused(
+            "[transport]\nmax_bidi_streams = 0",
+            "transport.max_bidi_streams",
+        );
+        refused(
+            "[transport]\nstream_receive_window = 1024",
+            "transport.stream_receive_window",
+        );
+        refused(
+            "[transport]\nreceive_window = 1048576",
+            "transport.receive_window",
+        );
+        refused("[transport]\nsend_window = 0", "transport.send_window");
+        refused(
+            "[transport]\nidle_timeout_secs = 9223372036854775807",
+            "transport.idle_timeout_secs",
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use fedpriv_common::pki;
 use fedpriv_coordinator::admin;
 use fedpriv_coordinator::at_rest;
 use fedpriv_coordinator::budget_cli::{self, BudgetCommand};
+use fedpriv_coordinator::limits::Limits;
 use fedpriv_coordinator::pki_cli::{self, PkiCommand};
 use fedpriv_coordinator::server::{self, Options};
 use fedpriv_coordinator::store::Store;
@@ -61,6 +62,11 @@ enum Command {
         /// owned by this user). Without it, the key comes from FEDPRIV_AT_REST_KEY (64 hex).
         #[arg(long, value_name = "FILE")]
         at_rest_key_file: Option<PathBuf>,
+        /// Network limits (TOML: handshakes, rates, connections per identity, upload
+        /// allowance, QUIC windows); every key optional, unknown keys refused. See
+        /// examples/configs/limits.toml for each key and its default.
+        #[arg(long, value_name = "FILE")]
+        limits: Option<PathBuf>,
     },
     /// Make a new at-rest key file (mode 0600; never overwrites) for `run --at-rest-key-file`.
     /// Back it up apart from the state directory: checkpoints cannot be read without it.
@@ -183,6 +189,18 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The operator's limits file, or the defaults without one.
+fn load_limits(path: Option<&std::path::Path>) -> Result<Limits, String> {
+    let Some(path) = path else {
+        return Ok(Limits::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let limits = Limits::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    tracing::info!(file = %path.display(), ?limits, "network limits loaded");
+    Ok(limits)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_studies(
     studies: &[PathBuf],
     state: PathBuf,
@@ -191,7 +209,10 @@ fn run_studies(
     crl: &[PathBuf],
     exit_when_done: bool,
     at_rest_key_file: Option<&std::path::Path>,
+    limits_file: Option<&std::path::Path>,
 ) -> Result<(), String> {
+    // Before anything else: a bad limits file is the operator's to fix, and says so at once.
+    let limits = load_limits(limits_file)?;
     let at_rest_key = at_rest::load_key(at_rest_key_file).map_err(|e| e.to_string())?;
     tracing::info!(key_id = %at_rest_key.id_hex(), "at-rest key loaded");
     let mut configs = Vec::new();
@@ -224,7 +245,7 @@ fn run_studies(
             max_concurrent_uploads: 2,
             at_rest_key: std::sync::Arc::new(at_rest_key),
         };
-        server::run(opts, stop_rx, None, exit_when_done)
+        server::run_with_limits(opts, limits, stop_rx, None, exit_when_done)
             .await
             .map_err(|e| e.to_string())
     })
@@ -455,6 +476,7 @@ fn main() -> ExitCode {
             crl,
             exit_when_done,
             at_rest_key_file,
+            limits,
         } => run_studies(
             &studies,
             state,
@@ -463,6 +485,7 @@ fn main() -> ExitCode {
             &crl,
             exit_when_done,
             at_rest_key_file.as_deref(),
+            limits.as_deref(),
         ),
         Command::AtRestKey { out } => at_rest::write_new_key_file(&out)
             .map(|id| {

@@ -181,6 +181,11 @@ pub struct RefusalTracker {
     audit_per_window: u32,
     alert_at: u32,
     sources: BTreeMap<String, Window>,
+    /// All sources together: a flood sprayed from many addresses (an IPv6 prefix holds
+    /// millions) must not buy ten fsynced records per address either.
+    audit_all_per_window: u32,
+    all: Window,
+    all_unaudited: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -199,22 +204,54 @@ pub struct RefusalVerdict {
     /// Refusals from this source in the window that closed with this one and were not
     /// audited one by one (to be written as one summary record).
     pub suppressed_in_closed_window: u32,
+    /// Refusals from any source, in the global window that closed with this one, that were
+    /// not audited one by one because of the global cap (one summary record).
+    pub suppressed_globally_in_closed_window: u32,
 }
 
 impl RefusalTracker {
     /// Audits the first `audit_per_window` refusals per source per window and alerts at the
     /// `alert_at`-th.
     pub fn new(window_ms: u64, audit_per_window: u32, alert_at: u32) -> Self {
+        Self::with_global_cap(window_ms, audit_per_window, alert_at, u32::MAX)
+    }
+
+    /// As [`RefusalTracker::new`], and at most `audit_all_per_window` refusals audited one
+    /// by one per window over all sources together.
+    pub fn with_global_cap(
+        window_ms: u64,
+        audit_per_window: u32,
+        alert_at: u32,
+        audit_all_per_window: u32,
+    ) -> Self {
         Self {
             window_ms,
             audit_per_window,
             alert_at,
             sources: BTreeMap::new(),
+            audit_all_per_window,
+            all: Window {
+                start_ms: 0,
+                count: 0,
+            },
+            all_unaudited: 0,
         }
     }
 
-    /// One refusal from `source` at `now_ms` (a monotonic clock).
+    /// One refusal of an authenticated identity `source` at `now_ms` (a monotonic clock):
+    /// capped per identity only (identities are as many as the PKI issued, so they cannot
+    /// be sprayed, and what they were refused is worth keeping).
     pub fn refused(&mut self, source: &str, now_ms: u64) -> RefusalVerdict {
+        self.tally(source, now_ms, false)
+    }
+
+    /// One refusal of an unauthenticated source (an address): capped per source and, over
+    /// all such sources together, by the global cap.
+    pub fn refused_anonymous(&mut self, source: &str, now_ms: u64) -> RefusalVerdict {
+        self.tally(source, now_ms, true)
+    }
+
+    fn tally(&mut self, source: &str, now_ms: u64, anonymous: bool) -> RefusalVerdict {
         let mut suppressed = 0;
         let w = self.sources.entry(source.to_string()).or_insert(Window {
             start_ms: now_ms,
@@ -228,10 +265,30 @@ impl RefusalTracker {
             };
         }
         w.count = w.count.saturating_add(1);
+        let per_source_ok = w.count <= self.audit_per_window;
+        let alert = w.count == self.alert_at;
+        let mut suppressed_globally = 0;
+        if now_ms.saturating_sub(self.all.start_ms) >= self.window_ms {
+            suppressed_globally = self.all_unaudited;
+            self.all = Window {
+                start_ms: now_ms,
+                count: 0,
+            };
+            self.all_unaudited = 0;
+        }
+        let audit = per_source_ok && (!anonymous || self.all.count < self.audit_all_per_window);
+        if audit && anonymous {
+            self.all.count = self.all.count.saturating_add(1);
+        } else if per_source_ok && anonymous {
+            // Within its source's share but over the global cap: only the global summary
+            // reports it (the per-source summary counts what its own cap held back).
+            self.all_unaudited = self.all_unaudited.saturating_add(1);
+        }
         let verdict = RefusalVerdict {
-            audit: w.count <= self.audit_per_window,
-            alert: w.count == self.alert_at,
+            audit,
+            alert,
             suppressed_in_closed_window: suppressed,
+            suppressed_globally_in_closed_window: suppressed_globally,
         };
         // Keep the map bounded under address-spraying floods: forget closed windows.
         if self.sources.len() > 100_000 {
@@ -275,5 +332,22 @@ mod tests {
         let next = t.refused("10.0.0.9", 1500);
         assert_eq!(next.suppressed_in_closed_window, 5);
         assert!(next.audit && !next.alert);
+    }
+
+    #[test]
+    fn a_flood_from_many_sources_is_capped_globally_and_summarised() {
+        let mut t = RefusalTracker::with_global_cap(1000, 10, 20, 50);
+        let audited = (0..1000u64)
+            .filter(|i| {
+                t.refused_anonymous(&format!("10.0.{}.{}", i / 256, i % 256), *i / 10)
+                    .audit
+            })
+            .count();
+        assert_eq!(audited, 50, "one record per source would be 1000");
+        // An authenticated identity's refusals are not crowded out by the flood.
+        assert!(t.refused("site/st-marys", 100).audit);
+        let next = t.refused_anonymous("10.9.9.9", 5000);
+        assert_eq!(next.suppressed_globally_in_closed_window, 950);
+        assert!(next.audit);
     }
 }

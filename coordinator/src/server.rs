@@ -125,6 +125,8 @@ enum ActError {
 const REFUSAL_WINDOW_MS: u64 = 60_000;
 const REFUSALS_AUDITED_PER_WINDOW: u32 = 10;
 const REFUSALS_ALERT_AT: u32 = 20;
+/// Over all sources together (a flood sprayed from many addresses).
+const REFUSALS_AUDITED_PER_WINDOW_ALL: u32 = 200;
 
 /// Share of a study's budget spent at which the near-budget alert fires (once per study
 /// and process).
@@ -152,21 +154,26 @@ fn actor(peer: &AuthenticatedPeer) -> String {
     peer.identity.to_string()
 }
 
-/// Audits a refusal unless the source already had its share this window (then it is
-/// counted, and summarised when the window closes), and raises the repeated-refusals alert.
-fn note_refusal(
+/// Counts a refusal, writes the summary of the source's window that just closed, and says
+/// whether this refusal is within the source's cap (to be audited one by one) and whether
+/// the repeated-refusals alert is due.
+fn tally_refusal(
     tracker: &std::sync::Mutex<RefusalTracker>,
     started: Instant,
     audit: &AuditHandle,
     metrics: &Metrics,
     source: &str,
     event: AuditEvent,
-    details: serde_json::Value,
-) {
+) -> Option<metrics::RefusalVerdict> {
     let now = started.elapsed().as_millis() as u64;
-    let verdict = match tracker.lock() {
-        Ok(mut t) => t.refused(source, now),
-        Err(_) => return,
+    let verdict = {
+        let mut t = tracker.lock().ok()?;
+        // Failed handshakes name no identity we issued: only their address.
+        if event == AuditEvent::ConnectionRefused {
+            t.refused_anonymous(source, now)
+        } else {
+            t.refused(source, now)
+        }
     };
     let counter = if event == AuditEvent::ConnectionRefused {
         metrics::CONNECTIONS_REFUSED
@@ -181,21 +188,91 @@ fn note_refusal(
             json!({"source": source, "suppressed_refusals": verdict.suppressed_in_closed_window, "window_s": REFUSAL_WINDOW_MS / 1000}),
         );
     }
-    if verdict.audit {
-        audit.record_detached(source, event, details);
-    } else {
+    if verdict.suppressed_globally_in_closed_window > 0 {
+        audit.record_detached(
+            COORDINATOR,
+            AuditEvent::Refused,
+            json!({"source": "all", "suppressed_refusals": verdict.suppressed_globally_in_closed_window, "window_s": REFUSAL_WINDOW_MS / 1000}),
+        );
+    }
+    if !verdict.audit {
         metrics.inc(metrics::AUDIT_SUPPRESSED, &[]);
     }
+    Some(verdict)
+}
+
+fn alert_repeated_refusals(audit: &AuditHandle, metrics: &Metrics, source: &str) {
+    metrics.alert(
+        Some(audit),
+        metrics::alert::REPEATED_REFUSALS,
+        source,
+        &format!(
+            "{REFUSALS_ALERT_AT} refusals within {} s",
+            REFUSAL_WINDOW_MS / 1000
+        ),
+    );
+}
+
+/// Audits a refusal unless the source already had its share this window (then it is
+/// counted, and summarised when the window closes), and raises the repeated-refusals alert.
+fn note_refusal(
+    tracker: &std::sync::Mutex<RefusalTracker>,
+    started: Instant,
+    audit: &AuditHandle,
+    metrics: &Metrics,
+    source: &str,
+    event: AuditEvent,
+    details: serde_json::Value,
+) {
+    let Some(verdict) = tally_refusal(tracker, started, audit, metrics, source, event) else {
+        return;
+    };
+    if verdict.audit {
+        audit.record_detached(source, event, details);
+    }
     if verdict.alert {
-        metrics.alert(
-            Some(audit),
-            metrics::alert::REPEATED_REFUSALS,
-            source,
-            &format!(
-                "{REFUSALS_ALERT_AT} refusals within {} s",
-                REFUSAL_WINDOW_MS / 1000
-            ),
-        );
+        alert_repeated_refusals(audit, metrics, source);
+    }
+}
+
+/// The per-source refusal cap, for refusals made outside a site connection (the admin
+/// channel): the same tracker and clock as the acceptor's and the sites', so an identity's
+/// refusals are capped whichever way it is refused.
+#[derive(Debug, Clone)]
+pub struct RefusalCap {
+    tracker: Arc<std::sync::Mutex<RefusalTracker>>,
+    started: Instant,
+}
+
+impl RefusalCap {
+    /// As [`note_refusal`], keyed by `source`, but a refusal within the cap is on disk
+    /// before this returns: the requester is told of it next, and what it is told of must
+    /// already be on record. Err if that record could not be written.
+    pub async fn note(
+        &self,
+        audit: &AuditHandle,
+        metrics: &Metrics,
+        source: &str,
+        details: serde_json::Value,
+    ) -> Result<(), AuditFailed> {
+        let event = AuditEvent::Refused;
+        // A poisoned tracker (a panic elsewhere) must not silence refusals: audit them all.
+        let verdict = tally_refusal(&self.tracker, self.started, audit, metrics, source, event)
+            .unwrap_or(metrics::RefusalVerdict {
+                audit: true,
+                alert: false,
+                suppressed_in_closed_window: 0,
+                suppressed_globally_in_closed_window: 0,
+            });
+        let written = if verdict.audit {
+            audit.record(source, event, details).await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        if verdict.alert {
+            alert_repeated_refusals(audit, metrics, source);
+        }
+        written
     }
 }
 
@@ -799,12 +876,24 @@ async fn serve(
     // latest directory; the owner publishes a new one after each change.
     let (specs_tx, specs) = watch::channel(directory(&studies));
     let (admin_tx, mut admin_rx) = mpsc::unbounded_channel::<crate::admin::AdminCommand>();
+    let refusals = Arc::new(std::sync::Mutex::new(RefusalTracker::with_global_cap(
+        REFUSAL_WINDOW_MS,
+        REFUSALS_AUDITED_PER_WINDOW,
+        REFUSALS_ALERT_AT,
+        REFUSALS_AUDITED_PER_WINDOW_ALL,
+    )));
+    // The clock origin of the refusal windows, shared by everyone who uses `refusals`.
+    let refusals_started = Instant::now();
     let admin_ctx = crate::admin::AdminCtx {
         state_dir: opts.state_dir.clone(),
         audit: audit.clone(),
         metrics: metrics.clone(),
         owner: admin_tx,
         shutdown: shutdown.clone(),
+        refusals: RefusalCap {
+            tracker: Arc::clone(&refusals),
+            started: refusals_started,
+        },
     };
     let at_rest_key = Arc::clone(&opts.at_rest_key);
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<Event>();
@@ -819,11 +908,6 @@ async fn serve(
     }
     std::fs::create_dir_all(&spool_dir).map_err(io_err(&spool_dir))?;
     let next_upload = Arc::new(std::sync::atomic::AtomicU64::new(1));
-    let refusals = Arc::new(std::sync::Mutex::new(RefusalTracker::new(
-        REFUSAL_WINDOW_MS,
-        REFUSALS_AUDITED_PER_WINDOW,
-        REFUSALS_ALERT_AT,
-    )));
     let mut tasks = JoinSet::new();
 
     // Acceptor: handshakes run in their own tasks so a slow or hostile peer blocks no one.
@@ -834,7 +918,7 @@ async fn serve(
         let audit = audit.clone();
         let metrics = metrics.clone();
         let refusals = Arc::clone(&refusals);
-        let started = Instant::now();
+        let started = refusals_started;
         let limits = Arc::clone(&limits);
         tasks.spawn(async move {
             let mut conn_id = 0u64;
@@ -929,7 +1013,6 @@ async fn serve(
                     state_dir: &state_dir,
                     at_rest_key: &at_rest_key,
                     audit,
-                    metrics,
                     broadcast: &mut broadcast,
                 }
                 .execute(cmd.request, &cmd.by);

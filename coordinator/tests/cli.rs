@@ -143,3 +143,41 @@ fn audit_recover_repairs_a_torn_tail_and_refuses_an_edited_log() {
     assert!(!out.status.success());
     assert_eq!(verify("edited").status.code(), Some(1));
 }
+
+#[test]
+fn run_refuses_a_limits_file_with_an_unknown_key_before_anything_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = dir.path().join("limits.toml");
+    std::fs::write(&limits, "handshakes_in_flight = 64\nmax_handshakes = 10\n").expect("write");
+    let state = dir.path().join("state");
+    let out = bin()
+        .args(["run", "--listen", "127.0.0.1:0", "--pki"])
+        .arg(dir.path().join("no-pki"))
+        .arg("--state")
+        .arg(&state)
+        .arg("--limits")
+        .arg(&limits)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "a configuration error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_handshakes") && err.contains("limits.toml"),
+        "{err}"
+    );
+    // Refused before the state directory (or anything in it) was made.
+    assert!(!state.exists());
+
+    std::fs::write(&limits, "connections_per_identity = 0\n").expect("write");
+    let out = bin()
+        .args(["run", "--listen", "127.0.0.1:0", "--pki"])
+        .arg(dir.path().join("no-pki"))
+        .arg("--state")
+        .arg(&state)
+        .arg("--limits")
+        .arg(&limits)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connections_per_identity"));
+}
