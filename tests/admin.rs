@@ -394,6 +394,18 @@ async fn studies_created_at_runtime_reach_only_their_enrolled_sites() {
         records: 100,
     })
     .await;
+    // Wait for its refusal to be on record, so the checks below see it handled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !fx.audit_lines().iter().any(|r| {
+        r["event"] == "refused"
+            && r["actor"] == "site/site-b"
+            && r["details"]["reason"]
+                .as_str()
+                .is_some_and(|x| x.contains("not enrolled"))
+    }) {
+        assert!(tokio::time::Instant::now() < deadline, "ready not refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Sites that connect later get what they are enrolled in in their welcome.
     let mut c = fx.site("site-c").await;
@@ -758,6 +770,11 @@ async fn privacy_terms_cannot_be_loosened_and_safe_changes_survive_a_restart() {
     assert!(refused(fx.ask("alice", change("privacy.epsilon", "2.8")).await).contains("lowered"));
     fx.stop_coordinator().await;
     fx.run_coordinator(vec![toml]).await;
+    // The stored, changed terms won over the file's: 20 planned rounds, epsilon 2.5.
+    let s = show(fx.ask("carol", AdminRequest::ListStudies).await.unwrap());
+    assert_eq!(s["rounds"]["planned"], 20);
+    assert_eq!(s["budget"]["epsilon"], 2.5);
+    assert!(refused(fx.ask("alice", change("privacy.epsilon", "2.8")).await).contains("lowered"));
     fx.ask("alice", change("privacy.epsilon", "2.0"))
         .await
         .unwrap();
@@ -1061,7 +1078,7 @@ async fn admin_refusals_are_capped_per_identity_and_counted_in_full() {
             .filter(|r| r["event"] == "refused" && r["actor"] == "auditor/carol")
             .count()
     };
-    for i in 1..=14 {
+    for i in 1..=20 {
         let r = admin::request(
             &conn,
             &AdminRequest::StopStudy {
@@ -1086,11 +1103,23 @@ async fn admin_refusals_are_capped_per_identity_and_counted_in_full() {
         .await
         .unwrap()
         .text;
-    assert!(metrics.contains("fedpriv_refusals_total 15\n"), "{metrics}");
+    assert!(metrics.contains("fedpriv_refusals_total 21\n"), "{metrics}");
     assert!(
-        metrics.contains("fedpriv_audit_records_suppressed_total 4\n"),
+        metrics.contains("fedpriv_audit_records_suppressed_total 10\n"),
         "{metrics}"
     );
+    // The 20th refusal within the minute raised the repeated-refusals alert, once.
+    assert!(
+        metrics.contains("fedpriv_alerts_total{kind=\"repeated_refusals\"} 1\n"),
+        "{metrics}"
+    );
+    let alerts: Vec<_> = fx
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["event"] == "alert" && r["details"]["kind"] == "repeated_refusals")
+        .collect();
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0]["details"]["subject"], "auditor/carol");
 }
 
 /// The coordinator's writer keeps serving a site that stopped one message's stream (a site

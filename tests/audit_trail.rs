@@ -118,6 +118,22 @@ async fn a_federation_leaves_a_complete_ordered_verifiable_trail_and_tampering_s
     let fin = &recs[pos("round_finished", last_round)[0]];
     assert_eq!(fin.details["sha256"], sha.as_str());
 
+    // The near-budget alert is on record, once, exactly when the worst site's epsilon
+    // reached 90% of the budget (a site that joined late may keep the study below it).
+    let alerts: Vec<_> = of(&recs, "alert")
+        .into_iter()
+        .filter(|r| r.details["kind"] == "budget_near_limit")
+        .collect();
+    let worst = of(&recs, "budget_spent")
+        .iter()
+        .map(|r| r.details["epsilon"].as_f64().expect("epsilon"))
+        .fold(0.0, f64::max);
+    let expected = usize::from(worst >= 0.9 * opts.epsilon);
+    assert_eq!(alerts.len(), expected, "worst {worst}: {names:?}");
+    if let Some(a) = alerts.first() {
+        assert_eq!(a.details["subject"], study.as_str());
+    }
+
     // The counters the monitoring scrapes.
     let prom = std::fs::read_to_string(fed.state_dir.join("metrics.prom")).expect("metrics");
     assert!(

@@ -712,7 +712,7 @@ impl Owner<'_> {
             tracing::error!(%study, error = %e, "cannot store the study's stop");
             return error(
                 Whose::Internal,
-                format!("the study stopped, but its status was not stored ({e}); it will not resume after a restart only if the store recovers"),
+                format!("the study stopped in this process, but the state database did not record the stop ({e}): a restart would resume it; repair the state database and stop the study again"),
             );
         }
         tracing::info!(%study, by = %who, "study stopped");

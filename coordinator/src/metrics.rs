@@ -186,6 +186,10 @@ pub struct RefusalTracker {
     audit_all_per_window: u32,
     all: Window,
     all_unaudited: u32,
+    /// Refusals not audited one by one from sources forgotten to keep the map bounded,
+    /// reported by the next [`RefusalTracker::flush`].
+    evicted_unaudited: u32,
+    last_sweep_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -193,6 +197,10 @@ struct Window {
     start_ms: u64,
     count: u32,
 }
+
+/// Sources (addresses, identities) with a window of their own; beyond it a flood's new
+/// addresses are tallied only against the global cap.
+const MAX_TRACKED_SOURCES: usize = 100_000;
 
 /// What to do about one refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,7 +243,37 @@ impl RefusalTracker {
                 count: 0,
             },
             all_unaudited: 0,
+            evicted_unaudited: 0,
+            last_sweep_ms: 0,
         }
+    }
+
+    /// Summaries due: per source whose window has closed (or every source with `all`, at
+    /// shutdown), the refusals its cap kept out of the log; `"all"` for the global cap and
+    /// for forgotten sources. Those windows are forgotten. Called on a timer, so a burst
+    /// followed by silence is still summarised.
+    pub fn flush(&mut self, now_ms: u64, all: bool) -> Vec<(String, u32)> {
+        let (window, cap) = (self.window_ms, self.audit_per_window);
+        let closed = |w: &Window| all || now_ms.saturating_sub(w.start_ms) >= window;
+        let mut out: Vec<(String, u32)> = self
+            .sources
+            .iter()
+            .filter(|(_, w)| closed(w) && w.count > cap)
+            .map(|(s, w)| (s.clone(), w.count - cap))
+            .collect();
+        self.sources.retain(|_, w| !closed(w));
+        let mut global = std::mem::take(&mut self.evicted_unaudited);
+        if closed(&self.all) {
+            global = global.saturating_add(std::mem::take(&mut self.all_unaudited));
+            self.all = Window {
+                start_ms: now_ms,
+                count: 0,
+            };
+        }
+        if global > 0 {
+            out.push(("all".into(), global));
+        }
+        out
     }
 
     /// One refusal of an authenticated identity `source` at `now_ms` (a monotonic clock):
@@ -252,6 +290,33 @@ impl RefusalTracker {
     }
 
     fn tally(&mut self, source: &str, now_ms: u64, anonymous: bool) -> RefusalVerdict {
+        if self.sources.len() >= MAX_TRACKED_SOURCES && !self.sources.contains_key(source) {
+            self.sweep(now_ms);
+        }
+        if self.sources.len() >= MAX_TRACKED_SOURCES && !self.sources.contains_key(source) {
+            // The table is full of live windows (an address-spraying flood): this source
+            // is tallied only against the global cap, so memory stays bounded.
+            let mut suppressed_globally = 0;
+            if now_ms.saturating_sub(self.all.start_ms) >= self.window_ms {
+                suppressed_globally = std::mem::take(&mut self.all_unaudited);
+                self.all = Window {
+                    start_ms: now_ms,
+                    count: 0,
+                };
+            }
+            let audit = self.all.count < self.audit_all_per_window;
+            if audit {
+                self.all.count = self.all.count.saturating_add(1);
+            } else {
+                self.all_unaudited = self.all_unaudited.saturating_add(1);
+            }
+            return RefusalVerdict {
+                audit,
+                alert: false,
+                suppressed_in_closed_window: 0,
+                suppressed_globally_in_closed_window: suppressed_globally,
+            };
+        }
         let mut suppressed = 0;
         let w = self.sources.entry(source.to_string()).or_insert(Window {
             start_ms: now_ms,
@@ -276,27 +341,45 @@ impl RefusalTracker {
             };
             self.all_unaudited = 0;
         }
-        let audit = per_source_ok && (!anonymous || self.all.count < self.audit_all_per_window);
+        let within_global = self.all.count < self.audit_all_per_window;
+        let audit = per_source_ok && (!anonymous || within_global);
         if audit && anonymous {
             self.all.count = self.all.count.saturating_add(1);
-        } else if per_source_ok && anonymous {
-            // Within its source's share but over the global cap: only the global summary
-            // reports it (the per-source summary counts what its own cap held back).
+        } else if anonymous && (per_source_ok || !within_global) {
+            // Over the global cap: only the global summary reports it.
             self.all_unaudited = self.all_unaudited.saturating_add(1);
         }
-        let verdict = RefusalVerdict {
-            audit,
-            alert,
-            suppressed_in_closed_window: suppressed,
-            suppressed_globally_in_closed_window: suppressed_globally,
-        };
-        // Keep the map bounded under address-spraying floods: forget closed windows.
-        if self.sources.len() > 100_000 {
-            let window = self.window_ms;
-            self.sources
-                .retain(|_, w| now_ms.saturating_sub(w.start_ms) < window);
+        // Past the global cap an address flood must not buy records any other way either:
+        // no per-address alert, no per-address summary (both fold into the global one).
+        let quiet = anonymous && !within_global;
+        if quiet {
+            self.all_unaudited = self.all_unaudited.saturating_add(suppressed);
         }
-        verdict
+        RefusalVerdict {
+            audit,
+            alert: alert && !quiet,
+            suppressed_in_closed_window: if quiet { 0 } else { suppressed },
+            suppressed_globally_in_closed_window: suppressed_globally,
+        }
+    }
+
+    /// Forgets closed windows, keeping what their caps held back for the next summary; at
+    /// most once per window (it walks the whole map).
+    fn sweep(&mut self, now_ms: u64) {
+        if now_ms.saturating_sub(self.last_sweep_ms) < self.window_ms {
+            return;
+        }
+        self.last_sweep_ms = now_ms;
+        let (window, cap) = (self.window_ms, self.audit_per_window);
+        let mut evicted = 0u32;
+        self.sources.retain(|_, w| {
+            let keep = now_ms.saturating_sub(w.start_ms) < window;
+            if !keep {
+                evicted = evicted.saturating_add(w.count.saturating_sub(cap));
+            }
+            keep
+        });
+        self.evicted_unaudited = self.evicted_unaudited.saturating_add(evicted);
     }
 }
 
@@ -335,6 +418,23 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_then_silence_is_summarised_by_the_timer_and_at_shutdown() {
+        let mut t = RefusalTracker::new(1000, 3, 100);
+        for i in 0..8 {
+            t.refused("10.0.0.1", i);
+        }
+        t.refused("10.0.0.2", 500);
+        for i in 0..5 {
+            t.refused("10.0.0.2", 500 + i);
+        }
+        assert!(t.flush(900, false).is_empty(), "windows still open");
+        assert_eq!(t.flush(1100, false), vec![("10.0.0.1".to_string(), 5)]);
+        assert!(t.flush(1100, false).is_empty(), "reported once");
+        // Shutdown: open windows too.
+        assert_eq!(t.flush(1200, true), vec![("10.0.0.2".to_string(), 3)]);
+    }
+
+    #[test]
     fn a_flood_from_many_sources_is_capped_globally_and_summarised() {
         let mut t = RefusalTracker::with_global_cap(1000, 10, 20, 50);
         let audited = (0..1000u64)
@@ -346,8 +446,15 @@ mod tests {
         assert_eq!(audited, 50, "one record per source would be 1000");
         // An authenticated identity's refusals are not crowded out by the flood.
         assert!(t.refused("site/st-marys", 100).audit);
+        // Past the global cap an address reaching the alert threshold raises no alert of
+        // its own (each would be an fsynced record).
+        let alerts = (0..30)
+            .filter(|i| t.refused_anonymous("10.8.8.8", 200 + i).alert)
+            .count();
+        assert_eq!(alerts, 0);
         let next = t.refused_anonymous("10.9.9.9", 5000);
-        assert_eq!(next.suppressed_globally_in_closed_window, 950);
+        // 950 from the spray, 30 from the address past the cap.
+        assert_eq!(next.suppressed_globally_in_closed_window, 980);
         assert!(next.audit);
     }
 }

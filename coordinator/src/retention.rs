@@ -212,8 +212,11 @@ pub fn plan(
     for study in store.studies()? {
         let versions = store.model_versions(&study.id)?;
         let mut live: Vec<&ModelVersionRow> = Vec::new();
+        let latest = versions.iter().map(|v| v.round).max();
         for v in &versions {
-            if v.pruned.is_some() {
+            // The latest version is never deleted, whatever a (damaged or edited) prune
+            // row says: a restart resumes from it.
+            if v.pruned.is_some() && Some(v.round) != latest {
                 if checkpoint_path(state_dir, &study.id, v)?.exists() {
                     leftovers.push(removal(&study.id, v));
                 }
@@ -264,14 +267,17 @@ fn checkpoint_path(
     let under_models = parts.next() == Some(Component::Normal("models".as_ref()))
         && parts.clone().next().is_some()
         && parts.all(|c| matches!(c, Component::Normal(_)));
-    if !under_models {
+    // The path is derivable from (study, round): a row naming any other file (another
+    // study's or round's checkpoint) is refused, never followed.
+    let derived = crate::server::model_path(state_dir, study, v.round);
+    if !under_models || state_dir.join(rel) != derived {
         return Err(RetentionError::BadPath {
             study: study.to_string(),
             round: v.round,
             file: v.file.clone(),
         });
     }
-    Ok(state_dir.join(rel))
+    Ok(derived)
 }
 
 /// Applies `policy` to the state directory: see the module docs for the order. With
@@ -443,6 +449,9 @@ mod tests {
             "audit.log",
             "models",
             "models/./x/../../audit.log",
+            // Under models/, but another study's or round's checkpoint.
+            "models/other/round-00001.safetensors",
+            "models/s/round-00002.safetensors",
         ] {
             assert!(
                 matches!(

@@ -597,7 +597,10 @@ impl StudyEngine {
         // Enough sites: give the others a moment to connect before starting without them.
         if candidates.len() < affordable.len() {
             let since = *self.gathering_since.get_or_insert(now_ms);
-            if now_ms < since.saturating_add(GATHER_MS.min(self.cfg.round_timeout_secs * 1000)) {
+            if now_ms
+                < since
+                    .saturating_add(GATHER_MS.min(self.cfg.round_timeout_secs.saturating_mul(1000)))
+            {
                 return;
             }
         }

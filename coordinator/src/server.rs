@@ -1024,6 +1024,7 @@ async fn serve(
             _ = tick.tick() => {
                 if metrics_written.elapsed() >= Duration::from_secs(5) {
                     metrics_written = Instant::now();
+                    flush_refusals(&refusals, refusals_started, audit, false);
                     if let Err(e) = metrics.write_file(&state_dir) {
                         tracing::warn!(error = %e, "cannot write metrics.prom");
                     }
@@ -1203,10 +1204,33 @@ async fn serve(
     // Peers that vanished without closing (a flood's half-open handshakes) would hold this
     // until the idle timeout; the close frames have gone out by then in practice.
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    flush_refusals(&refusals, refusals_started, audit, true);
     if let Err(e) = metrics.write_file(&state_dir) {
         tracing::warn!(error = %e, "cannot write metrics.prom");
     }
     result
+}
+
+/// Writes the summaries of refusals the caps kept out of the log (see
+/// [`RefusalTracker::flush`]); `all` at shutdown.
+fn flush_refusals(
+    tracker: &std::sync::Mutex<RefusalTracker>,
+    started: Instant,
+    audit: &AuditHandle,
+    all: bool,
+) {
+    let now = started.elapsed().as_millis() as u64;
+    let due = match tracker.lock() {
+        Ok(mut t) => t.flush(now, all),
+        Err(_) => return,
+    };
+    for (source, n) in due {
+        audit.record_detached(
+            COORDINATOR,
+            AuditEvent::Refused,
+            json!({"source": source, "suppressed_refusals": n, "window_s": REFUSAL_WINDOW_MS / 1000}),
+        );
+    }
 }
 
 /// What `execute` writes to: the ledger, the audit log, the counters.

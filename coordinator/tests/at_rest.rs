@@ -271,6 +271,17 @@ fn model_export_decrypts_with_the_right_key_from_a_file_or_the_environment() {
     assert!(!material.is_empty() && !stderr(&res).contains(material.trim()));
     assert!(!out_bad.exists());
     assert!(!dir.path().join("model-bad.safetensors.partial").exists());
+    // The attempt went on record before the file was decrypted, and so did its failure.
+    let log = std::fs::read_to_string(state.join("audit.log")).expect("audit log");
+    let tail: Vec<&str> = log.lines().rev().take(2).collect();
+    assert!(
+        tail[1].contains("\"model_exported\"") && tail[1].contains("model-bad.safetensors"),
+        "{log}"
+    );
+    assert!(
+        tail[0].contains("\"refused\"") && tail[0].contains("model export"),
+        "{log}"
+    );
 
     // Both a file and the variable: which key is meant is a guess, so refused.
     let res = export(&state, &out_bad, Some(&key_path), Some(material.trim()));
