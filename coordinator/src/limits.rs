@@ -427,6 +427,9 @@ impl std::fmt::Display for Source {
 pub enum EarlyRefusal {
     /// `handshakes_in_flight` handshakes are already in progress.
     Busy,
+    /// This source already has its share of the handshakes in progress (see
+    /// [`SourceSlots`]).
+    SourceBusy,
     /// The source started more handshakes than `handshake_rate` allows.
     RateLimited,
 }
@@ -435,6 +438,7 @@ impl EarlyRefusal {
     pub fn reason(self) -> &'static str {
         match self {
             EarlyRefusal::Busy => "too many handshakes in progress",
+            EarlyRefusal::SourceBusy => "too many handshakes in progress from this source",
             EarlyRefusal::RateLimited => "handshake rate limit of this source exceeded",
         }
     }
@@ -449,6 +453,65 @@ pub enum HandshakeDecision {
     Retry,
     /// Refuse at once (cheap: no cryptography, no state).
     Refuse(EarlyRefusal),
+}
+
+/// Handshakes in progress per source, so that a few addresses that complete the Retry and
+/// then stall cannot hold every one of the `handshakes_in_flight` slots for the handshake
+/// timeout. Each source may hold 1/64 of the slots (at least 1: 4 by default); a site
+/// needs one at a time. Shared by the acceptor, which takes a slot, and the handshake
+/// task, whose [`SourceSlot`] gives it back when dropped.
+#[derive(Debug)]
+pub struct SourceSlots {
+    per_source: usize,
+    held: Mutex<HashMap<Source, usize>>,
+}
+
+/// One source's handshake in progress; released on drop.
+#[derive(Debug)]
+pub struct SourceSlot {
+    slots: std::sync::Arc<SourceSlots>,
+    source: Source,
+}
+
+impl SourceSlots {
+    pub fn new(limits: &Limits) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            per_source: (limits.handshakes_in_flight / 64).max(1),
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for `source`, unless it already holds its share.
+    pub fn try_take(self: &std::sync::Arc<Self>, source: Source) -> Option<SourceSlot> {
+        let mut held = self.held.lock().ok()?;
+        let n = held.entry(source).or_insert(0);
+        if *n >= self.per_source {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            slots: std::sync::Arc::clone(self),
+            source,
+        })
+    }
+
+    /// Sources holding a slot now (the map never outgrows the handshakes in flight).
+    pub fn sources(&self) -> usize {
+        self.held.lock().map_or(0, |h| h.len())
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.slots.held.lock() {
+            if let Some(n) = held.get_mut(&self.source) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    held.remove(&self.source);
+                }
+            }
+        }
+    }
 }
 
 /// Decides, per connection attempt, whether to start a handshake. Owned by the acceptor.
@@ -692,6 +755,22 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn one_source_holds_at_most_its_share_of_handshakes_and_gets_it_back() {
+        let slots = SourceSlots::new(&Limits::default());
+        let a = Source::of("192.0.2.1".parse().unwrap());
+        let b = Source::of("192.0.2.2".parse().unwrap());
+        let held: Vec<SourceSlot> = (0..10).filter_map(|_| slots.try_take(a)).collect();
+        assert_eq!(held.len(), 4, "256 slots / 64");
+        // Another source is not affected.
+        let other = slots.try_take(b);
+        assert!(other.is_some());
+        drop(held);
+        drop(other);
+        assert_eq!(slots.sources(), 0, "released on drop");
+        assert!(slots.try_take(a).is_some());
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_values_are_named() {

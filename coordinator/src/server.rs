@@ -927,6 +927,7 @@ async fn serve(
             // certificates or none) costs a refusal packet each, not a handshake.
             let mut gate = HandshakeGate::new(&limits);
             let handshakes = Arc::new(Semaphore::new(limits.handshakes_in_flight));
+            let source_slots = crate::limits::SourceSlots::new(&limits);
             let table = transport::ConnectionTable::new(&limits);
             loop {
                 tokio::select! {
@@ -935,8 +936,15 @@ async fn serve(
                         let addr = incoming.remote_address();
                         let in_flight = limits.handshakes_in_flight.saturating_sub(handshakes.available_permits());
                         let decision = gate.decide(addr.ip(), incoming.remote_address_validated(), incoming.may_retry(), in_flight, started.elapsed().as_millis() as u64);
+                        let mut decision = decision;
                         let permit = match decision {
-                            HandshakeDecision::Accept => Arc::clone(&handshakes).try_acquire_owned().ok(),
+                            HandshakeDecision::Accept => match source_slots.try_take(Source::of(addr.ip())) {
+                                Some(slot) => Arc::clone(&handshakes).try_acquire_owned().ok().map(|p| (p, slot)),
+                                None => {
+                                    decision = HandshakeDecision::Refuse(EarlyRefusal::SourceBusy);
+                                    None
+                                }
+                            },
                             HandshakeDecision::Retry => {
                                 transport::retry_or_refuse(incoming);
                                 continue;
