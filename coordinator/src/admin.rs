@@ -117,6 +117,10 @@ pub struct AdminCtx {
     pub shutdown: watch::Receiver<bool>,
     /// The coordinator's per-source refusal cap (keyed here by identity).
     pub refusals: RefusalCap,
+    /// Requests read per connection (as for sites' messages): each read is an fsynced
+    /// access record and a database check, so an operator or auditor in a loop is slowed,
+    /// not served flat out.
+    pub message_rate: crate::limits::Rate,
 }
 
 /// Serves an operator's or auditor's connection: one request per bidirectional stream, in
@@ -124,7 +128,20 @@ pub struct AdminCtx {
 /// protocol) from such a peer is refused, audited, and ends the connection.
 pub async fn serve_admin(peer: AuthenticatedPeer, mut ctx: AdminCtx) {
     let conn = peer.conn.clone();
+    let rate = ctx.message_rate;
+    let opened = std::time::Instant::now();
+    let mut requests = crate::limits::TokenBucket::full(&rate, 0);
     loop {
+        // Over the rate, the next request is read later (the peer may open only
+        // `max_bidi_streams` meanwhile, so nothing piles up here).
+        let wait = requests.wait_ms(&rate, opened.elapsed().as_millis() as u64);
+        if wait > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
+                _ = ctx.shutdown.changed() => return,
+            }
+        }
+        requests.take(&rate, opened.elapsed().as_millis() as u64);
         tokio::select! {
             bi = conn.accept_bi() => match bi {
                 Ok((send, recv)) => serve_request(&peer, &ctx, send, recv).await,

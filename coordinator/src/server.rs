@@ -894,6 +894,7 @@ async fn serve(
             tracker: Arc::clone(&refusals),
             started: refusals_started,
         },
+        message_rate: limits.message_rate,
     };
     let at_rest_key = Arc::clone(&opts.at_rest_key);
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<Event>();
