@@ -51,6 +51,7 @@
 //! the chain; against a privileged insider, copy the head (or the log) to another machine
 //! or a write-once store from time to time and verify against that copy.
 
+use crate::digest::hex;
 use std::fmt;
 use std::fmt::Write as _;
 
@@ -376,14 +377,6 @@ fn body_hash(body: &str) -> String {
     ctx.update(body.as_bytes());
     ctx.update(b"}");
     hex(ctx.finish().as_ref())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 fn is_hex_hash(s: &str) -> bool {

@@ -19,6 +19,7 @@ pub mod audit;
 #[cfg(any(feature = "fs", test))]
 pub mod audit_file;
 pub mod config;
+pub mod digest;
 pub mod dp;
 pub mod model;
 pub mod pki;

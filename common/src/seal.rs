@@ -41,6 +41,7 @@
 //! 64 hex characters (surrounding whitespace, such as a trailing newline, ignored): what
 //! [`generate_key_hex`] makes and what a key file or environment variable holds.
 
+use crate::digest::hex;
 use std::fmt;
 use std::io::{Read, Write};
 
@@ -598,15 +599,6 @@ fn hex_digit(c: u8) -> Result<u8, SealError> {
         b'A'..=b'F' => Ok(c - b'A' + 10),
         _ => Err(SealError::KeyNotHex),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@
 //! SQLite connection and the audit file; writes go to the task that owns the studies
 //! ([`AdminCommand`]), which audits them before they take effect.
 
+use fedpriv_common::digest::sha256_hex;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -739,14 +740,6 @@ impl Owner<'_> {
             head: None,
         }
     }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedpriv_common::arch;
 use fedpriv_common::config::StudyConfig;
+use fedpriv_common::digest::{hex, sha256_hex};
 use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::model::{FlatModel, ModelSpec};
 use fedpriv_common::pki::Role;
@@ -563,18 +564,6 @@ pub fn read_checkpoint(
         ))),
         _ => Ok(()),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Opens the store and builds each study's engine, creating new studies and resuming
