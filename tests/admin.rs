@@ -23,45 +23,26 @@ use fedpriv_coordinator::store::Store;
 use serde_json::Value;
 use tokio::sync::watch;
 
+#[allow(dead_code)]
+#[path = "support/study.rs"]
+mod study;
+use study::Study;
+
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The admin tests' study: a logistic regression on two features with central noise and the
+/// default accountant.
 fn study(id: &str, enrolled: &[&str], min_sites: usize) -> String {
-    let enrolled: Vec<String> = enrolled.iter().map(|s| format!("{s:?}")).collect();
-    format!(
-        r#"[study]
-id = "{id}"
-model = {{ kind = "logistic_regression" }}
-rounds = 10
-min_sites = {min_sites}
-round_timeout_secs = 30
-
-[data]
-task = "binary"
-label = "y"
-features = ["a", "b"]
-ranges = {{ a = [0.0, 1.0], b = [-1.0, 1.0] }}
-
-[training]
-strategy = "fedavg"
-local_epochs = 1
-batch_size = 8
-learning_rate = 0.1
-server_learning_rate = 1.0
-
-[privacy]
-unit = "site"
-placement = "central"
-site_sample_rate = 1.0
-clip_norm = 1.0
-noise_multiplier = 5.0
-epsilon = 3.0
-delta = 1e-5
-
-[sites]
-enrolled = [{}]
-"#,
-        enrolled.join(", ")
-    )
+    Study::new(id)
+        .named_features(&[("a", 0.0, 1.0), ("b", -1.0, 1.0)])
+        .rounds(10)
+        .min_sites(min_sites)
+        .round_timeout_secs(30)
+        .placement("central")
+        .noise(5.0, 3.0)
+        .accountant(None)
+        .enrolled(enrolled.iter().copied())
+        .toml()
 }
 
 /// A study CA with everyone's certificates, and a coordinator over a state directory.

@@ -17,54 +17,14 @@ use fedpriv_common::quic_io::{self, TransportLimits};
 use fedpriv_common::wire::{bf16_to_f32, f32_to_bf16, Dtype};
 use fedpriv_coordinator::server::{self, Notification, Options};
 
+#[allow(dead_code)]
+#[path = "support/study.rs"]
+mod study;
+use study::Study;
+
 const HIDDEN: usize = 10_000;
 const FEATURES: usize = 8;
 const ROUNDS: u64 = 2;
-
-fn study_toml() -> String {
-    let names: Vec<String> = (0..FEATURES).map(|i| format!("\"f{i}\"")).collect();
-    let ranges: Vec<String> = (0..FEATURES)
-        .map(|i| format!("f{i} = [0.0, 1.0]"))
-        .collect();
-    format!(
-        r#"[study]
-id = "half"
-model = {{ kind = "mlp", hidden = {HIDDEN} }}
-rounds = {ROUNDS}
-min_sites = 2
-round_timeout_secs = 120
-encoding = "bf16"
-
-[data]
-task = "binary"
-label = "y"
-features = [{}]
-ranges = {{ {} }}
-
-[training]
-strategy = "fedavg"
-local_epochs = 1
-batch_size = 8
-learning_rate = 0.1
-server_learning_rate = 1.0
-
-[privacy]
-unit = "site"
-placement = "local"
-site_sample_rate = 1.0
-clip_norm = 1.0
-noise_multiplier = 2.0
-epsilon = 80.0
-delta = 1e-5
-accountant = "rdp"
-
-[sites]
-enrolled = ["east", "west"]
-"#,
-        names.join(", "),
-        ranges.join(", ")
-    )
-}
 
 fn bf16(v: f32) -> f32 {
     bf16_to_f32(f32_to_bf16(v))
@@ -181,7 +141,14 @@ async fn a_bf16_study_aggregates_the_rounded_updates_and_broadcasts_in_bf16() {
         )
         .expect("client tls")
     };
-    let text = study_toml();
+    let text = Study::new("half")
+        .mlp(HIDDEN)
+        .features(FEATURES)
+        .rounds(ROUNDS)
+        .encoding("bf16")
+        .noise(2.0, 80.0)
+        .enrolled(["east", "west"])
+        .toml();
     let cfg = StudyConfig::from_toml(&text).expect("study");
     assert_eq!(cfg.encoding, Dtype::Bf16);
     let spec = arch::model_spec(cfg.model, FEATURES, 1).expect("spec");

@@ -16,52 +16,13 @@ use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION
 use fedpriv_common::quic_io::{self, TransportLimits};
 use fedpriv_coordinator::server::{self, Notification, Options};
 
+#[allow(dead_code)]
+#[path = "support/study.rs"]
+mod study;
+use study::Study;
+
 const HIDDEN: usize = 1000;
 const FEATURES: usize = 98;
-
-fn study_toml() -> String {
-    let names: Vec<String> = (0..FEATURES).map(|i| format!("\"f{i}\"")).collect();
-    let ranges: Vec<String> = (0..FEATURES)
-        .map(|i| format!("f{i} = [0.0, 1.0]"))
-        .collect();
-    format!(
-        r#"[study]
-id = "stream"
-model = {{ kind = "mlp", hidden = {HIDDEN} }}
-rounds = 1
-min_sites = 2
-round_timeout_secs = 120
-
-[data]
-task = "binary"
-label = "y"
-features = [{}]
-ranges = {{ {} }}
-
-[training]
-strategy = "fedavg"
-local_epochs = 1
-batch_size = 8
-learning_rate = 0.1
-server_learning_rate = 1.0
-
-[privacy]
-unit = "site"
-placement = "local"
-site_sample_rate = 1.0
-clip_norm = 1.0
-noise_multiplier = 2.0
-epsilon = 50.0
-delta = 1e-5
-accountant = "rdp"
-
-[sites]
-enrolled = ["good", "flaky"]
-"#,
-        names.join(", "),
-        ranges.join(", ")
-    )
-}
 
 /// A small, exactly representable update that differs per site.
 fn good_update(d: usize, salt: usize) -> Vec<f32> {
@@ -158,7 +119,11 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
         )
         .expect("client tls")
     };
-    let text = study_toml();
+    let text = Study::new("stream")
+        .mlp(HIDDEN)
+        .features(FEATURES)
+        .enrolled(["good", "flaky"])
+        .toml();
     let cfg = StudyConfig::from_toml(&text).expect("study");
     let spec = arch::model_spec(cfg.model, FEATURES, 1).expect("spec");
     let d = spec.num_values();

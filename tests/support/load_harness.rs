@@ -26,6 +26,11 @@ use fedpriv_coordinator::server::{self, Notification, Options};
 use fedpriv_coordinator::store::Store;
 use rustls::pki_types::pem::PemObject;
 
+#[allow(dead_code)]
+#[path = "study.rs"]
+mod study;
+use study::Study;
+
 pub const STUDY: &str = "load";
 const FEATURES: usize = 8;
 /// Sources (loopback addresses) the bad handshakes come from, and the attackers with
@@ -129,54 +134,6 @@ fn proc_status_kb(field: &str) -> u64 {
 
 fn site_name(i: usize) -> String {
     format!("site-{i:03}")
-}
-
-fn study_toml(sites: usize) -> String {
-    let names: Vec<String> = (0..FEATURES).map(|i| format!("\"f{i}\"")).collect();
-    let ranges: Vec<String> = (0..FEATURES)
-        .map(|i| format!("f{i} = [0.0, 1.0]"))
-        .collect();
-    let enrolled: Vec<String> = (0..sites)
-        .map(|i| format!("\"{}\"", site_name(i)))
-        .collect();
-    format!(
-        r#"[study]
-id = "{STUDY}"
-model = {{ kind = "logistic_regression" }}
-rounds = 1
-min_sites = {sites}
-round_timeout_secs = 120
-
-[data]
-task = "binary"
-label = "y"
-features = [{}]
-ranges = {{ {} }}
-
-[training]
-strategy = "fedavg"
-local_epochs = 1
-batch_size = 8
-learning_rate = 0.1
-server_learning_rate = 1.0
-
-[privacy]
-unit = "site"
-placement = "local"
-site_sample_rate = 1.0
-clip_norm = 1.0
-noise_multiplier = 2.0
-epsilon = 50.0
-delta = 1e-5
-accountant = "rdp"
-
-[sites]
-enrolled = [{}]
-"#,
-        names.join(", "),
-        ranges.join(", "),
-        enrolled.join(", ")
-    )
 }
 
 fn spec() -> ModelSpec {
@@ -534,7 +491,11 @@ pub async fn run(scenario: Scenario) -> Outcome {
             })
             .collect(),
     );
-    let text = study_toml(scenario.sites);
+    let text = Study::new(STUDY)
+        .features(FEATURES)
+        .min_sites(scenario.sites)
+        .enrolled((0..scenario.sites).map(site_name))
+        .toml();
     let cfg = StudyConfig::from_toml(&text).expect("study");
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let state = dir.path().join("state");
