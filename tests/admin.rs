@@ -1154,3 +1154,69 @@ async fn a_site_that_stops_one_message_still_gets_the_next() {
     }
     assert!(site.conn.close_reason().is_none());
 }
+
+/// A site daemon whose CA did not sign the coordinator's certificate refuses it, and its
+/// own audit log says so once (not once per retry), with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_refusing_the_coordinators_certificate_puts_it_on_record_once() {
+    let fx = Fixture::start().await;
+    // Another CA: what the site trusts; the coordinator's certificate is not from it.
+    pki_cli::run(&PkiCommand::Init {
+        out: fx.root.join("other-ca"),
+        names: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".parse().unwrap()],
+        days: 30,
+        ca_days: 60,
+        ca_name: "another hospital CA".into(),
+    })
+    .unwrap();
+    let dir = fx.root.join("site-a");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("patients.csv"), "a,b,y\n0.1,0.2,1\n").unwrap();
+    let issued = fx.root.join("issued");
+    let toml = format!(
+        "[site]\nname = \"site-a\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n\
+         [coordinator]\naddress = \"{}\"\nserver_name = \"localhost\"\n\n\
+         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n\
+         [studies.s1]\ndata = \"patients.csv\"\nepsilon_cap = 2.0\n",
+        fx.addr,
+        fx.root.join("other-ca").join(pki_cli::CA_CERT),
+        issued.join("site-a.pem"),
+        issued.join("site-a.key"),
+    );
+    std::fs::write(dir.join("site.toml"), toml).unwrap();
+    let cfg = fedpriv_client::config::SiteConfig::load(&dir.join("site.toml")).unwrap();
+    let log = fedpriv_client::daemon::audit_path(&cfg);
+    let (stop, stop_rx) = watch::channel(false);
+    let daemon = tokio::spawn(fedpriv_client::daemon::run(cfg, stop_rx));
+    let refusals = || -> Vec<Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["event"] == "connection_refused")
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while refusals().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refusal on record"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several more attempts (backoff starts at 200 ms): still one record.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(true).unwrap();
+    daemon.await.unwrap().unwrap();
+    let recs = refusals();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let reason = recs[0]["details"]["reason"].as_str().unwrap();
+    assert!(reason.contains("we refused the coordinator"), "{reason}");
+    assert!(verify_file(&log).unwrap().is_ok());
+    // It never reached the coordinator as a connection.
+    assert!(!fx
+        .audit_lines()
+        .iter()
+        .any(|r| r["event"] == "connection_accepted" && r["actor"] == "site/site-a"));
+}

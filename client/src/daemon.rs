@@ -122,17 +122,36 @@ pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result
         studies: BTreeMap::new(),
     }));
     let mut backoff = Backoff::default();
+    // A refusal is audited when its reason is new, not at every retry: a coordinator with
+    // a bad certificate would otherwise write a record per backoff step.
+    let mut last_refusal: Option<String> = None;
     loop {
-        let conn = match transport::connect_with_backoff(
+        let mut on_failure = |e: &DialError| {
+            if let Some(reason) = e.refusal() {
+                if last_refusal.as_deref() != Some(reason.as_str()) {
+                    let _ = audit(
+                        &state,
+                        AuditEvent::ConnectionRefused,
+                        serde_json::json!({"identity": "coordinator", "remote": addr.to_string(), "reason": reason}),
+                    );
+                    last_refusal = Some(reason);
+                }
+            }
+        };
+        let conn = match transport::connect_with_backoff_reporting(
             &endpoint,
             addr,
             &server_name,
             &mut backoff,
             &mut shutdown,
+            &mut on_failure,
         )
         .await
         {
-            Ok(c) => c,
+            Ok(c) => {
+                last_refusal = None;
+                c
+            }
             Err(DialError::Shutdown) => break,
             Err(e) => return Err(e.into()),
         };

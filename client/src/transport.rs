@@ -47,6 +47,30 @@ impl DialError {
     pub fn is_transient(&self) -> bool {
         matches!(self, DialError::Connect { .. })
     }
+
+    /// Why the connection was refused, when one side refused the other: we did not accept
+    /// the coordinator's certificate, or it did not accept ours (TLS alerts), or it closed
+    /// the connection with a reason. None for a coordinator that is down or unreachable.
+    pub fn refusal(&self) -> Option<String> {
+        let DialError::Connect { source, .. } = self else {
+            return None;
+        };
+        // TLS alerts travel as QUIC's CRYPTO_ERROR codes 0x100-0x1ff.
+        let crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+        match source {
+            quinn::ConnectionError::TransportError(e) if crypto(e.code) => {
+                Some(format!("we refused the coordinator: {e}"))
+            }
+            quinn::ConnectionError::ConnectionClosed(c) if crypto(c.error_code) => {
+                Some(format!("the coordinator refused us: {c}"))
+            }
+            quinn::ConnectionError::ApplicationClosed(_) => Some(format!(
+                "the coordinator refused us: {}",
+                quic_io::describe_close(source)
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// The local address to bind for dialing `server`: any port, same address family.
@@ -172,6 +196,27 @@ pub async fn connect_with_backoff(
     backoff: &mut Backoff,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<quinn::Connection, DialError> {
+    connect_with_backoff_reporting(
+        endpoint,
+        server_addr,
+        server_name,
+        backoff,
+        shutdown,
+        &mut |_| {},
+    )
+    .await
+}
+
+/// [`connect_with_backoff`], telling `on_failure` of every failed attempt that will be
+/// retried (the daemon audits refusals).
+pub async fn connect_with_backoff_reporting(
+    endpoint: &quinn::Endpoint,
+    server_addr: SocketAddr,
+    server_name: &str,
+    backoff: &mut Backoff,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    on_failure: &mut (dyn FnMut(&DialError) + Send),
+) -> Result<quinn::Connection, DialError> {
     loop {
         if *shutdown.borrow_and_update() {
             return Err(DialError::Shutdown);
@@ -187,6 +232,7 @@ pub async fn connect_with_backoff(
                 return Ok(conn);
             }
             Err(e) if e.is_transient() => {
+                on_failure(&e);
                 let delay = backoff.next_delay();
                 tracing::warn!(server = %server_addr, error = %e, retry_in = ?delay, "connection failed");
                 tokio::select! {
