@@ -211,6 +211,20 @@ impl Fixture {
         site
     }
 
+    /// (actor, `details[key]`) of every `event` record, in log order.
+    fn audited(&self, event: &str, key: &str) -> Vec<(String, String)> {
+        self.audit_lines()
+            .iter()
+            .filter(|r| r["event"] == event)
+            .map(|r| {
+                (
+                    r["actor"].as_str().unwrap().to_string(),
+                    r["details"][key].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
     fn audit_lines(&self) -> Vec<Value> {
         std::fs::read_to_string(self.state.join("audit.log"))
             .unwrap()
@@ -410,17 +424,7 @@ async fn studies_created_at_runtime_reach_only_their_enrolled_sites() {
     assert_eq!(records.keys().collect::<Vec<_>>(), ["site-a"]);
 
     // Each creation is on record, by the operator's certificate identity.
-    let created: Vec<(String, String)> = fx
-        .audit_lines()
-        .iter()
-        .filter(|r| r["event"] == "study_created")
-        .map(|r| {
-            (
-                r["actor"].as_str().unwrap().to_string(),
-                r["details"]["study"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let created = fx.audited("study_created", "study");
     assert_eq!(
         created,
         [
@@ -610,17 +614,7 @@ async fn auditors_read_but_cannot_write_and_every_refusal_is_audited_first() {
     fx.stop_coordinator().await;
     let report = verify_file(fx.state.join("audit.log")).unwrap();
     assert!(report.is_ok(), "{report:?}");
-    let refusals: Vec<(String, String)> = fx
-        .audit_lines()
-        .iter()
-        .filter(|r| r["event"] == "refused")
-        .map(|r| {
-            (
-                r["actor"].as_str().unwrap().to_string(),
-                r["details"]["action"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let refusals = fx.audited("refused", "action");
     assert_eq!(
         refusals,
         [

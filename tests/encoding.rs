@@ -11,7 +11,6 @@ use fedpriv_client::transport::{client_endpoint, connect};
 use fedpriv_common::arch;
 use fedpriv_common::config::StudyConfig;
 use fedpriv_common::model::Architecture;
-use fedpriv_common::pki::{self, Identity, Role};
 use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION};
 use fedpriv_common::quic_io::{self, TransportLimits};
 use fedpriv_common::wire::{bf16_to_f32, f32_to_bf16, Dtype};
@@ -20,6 +19,8 @@ use fedpriv_coordinator::server::{self, Notification, Options};
 #[allow(dead_code)]
 #[path = "support/study.rs"]
 mod study;
+#[path = "support/test_pki.rs"]
+mod test_pki;
 use study::Study;
 
 const HIDDEN: usize = 10_000;
@@ -122,25 +123,9 @@ async fn site(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bf16_study_aggregates_the_rounded_updates_and_broadcasts_in_bf16() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = pki::generate_ca("test CA", 1).expect("ca");
-    let server_cert = pki::issue_server_cert(&ca, &["localhost".into()], &[], 1).expect("cert");
-    let server_tls = pki::server_config(
-        ca.cert_pem.as_bytes(),
-        server_cert.cert_pem.as_bytes(),
-        server_cert.key_pem.as_bytes(),
-        &[],
-    )
-    .expect("server tls");
-    let site_tls = |name: &str| {
-        let cert = pki::issue_identity_cert(&ca, &Identity::new(Role::Site, name).expect("id"), 1)
-            .expect("cert");
-        pki::client_config(
-            ca.cert_pem.as_bytes(),
-            cert.cert_pem.as_bytes(),
-            cert.key_pem.as_bytes(),
-        )
-        .expect("client tls")
-    };
+    let ca = test_pki::ca("test CA");
+    let server_tls = test_pki::server_tls(&ca);
+    let site_tls = |name: &str| test_pki::site_tls(&ca, name);
     let text = Study::new("half")
         .mlp(HIDDEN)
         .features(FEATURES)

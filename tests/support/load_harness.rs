@@ -29,6 +29,8 @@ use rustls::pki_types::pem::PemObject;
 #[allow(dead_code)]
 #[path = "study.rs"]
 mod study;
+#[path = "test_pki.rs"]
+mod test_pki;
 use study::Study;
 
 pub const STUDY: &str = "load";
@@ -152,15 +154,7 @@ struct Pki {
 
 impl Pki {
     fn site_tls(&self, name: &str) -> rustls::ClientConfig {
-        let cert =
-            pki::issue_identity_cert(&self.ca, &Identity::new(Role::Site, name).expect("id"), 1)
-                .expect("cert");
-        pki::client_config(
-            self.ca.cert_pem.as_bytes(),
-            cert.cert_pem.as_bytes(),
-            cert.key_pem.as_bytes(),
-        )
-        .expect("client tls")
+        test_pki::site_tls(&self.ca, name)
     }
 
     /// The three kinds of bad client: no certificate, another CA's, an expired one.
@@ -467,15 +461,8 @@ pub async fn run(scenario: Scenario) -> Outcome {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = pki::generate_ca("load CA", 1).expect("ca");
-    let server_cert = pki::issue_server_cert(&ca, &["localhost".into()], &[], 1).expect("cert");
-    let server_tls = pki::server_config(
-        ca.cert_pem.as_bytes(),
-        server_cert.cert_pem.as_bytes(),
-        server_cert.key_pem.as_bytes(),
-        &[],
-    )
-    .expect("server tls");
+    let ca = test_pki::ca("load CA");
+    let server_tls = test_pki::server_tls(&ca);
     let pki = Pki { ca };
     let flood = scenario.bad_handshakes > 0 || scenario.malformed > 0;
     let site_tls: Vec<rustls::ClientConfig> = (0..scenario.sites)
