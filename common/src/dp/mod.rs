@@ -6,6 +6,7 @@
 
 pub mod accountant;
 pub mod clip;
+pub mod filter;
 pub mod noise;
 pub mod pld;
 pub mod rdp;

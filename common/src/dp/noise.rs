@@ -204,6 +204,48 @@ fn fill_chunk(key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
     }
 }
 
+/// [`fill_chunk`] for values kept in f64 (DP-SGD's working model): the noise is added in f64
+/// and the caller rounds once, at the end.
+fn fill_chunk_f64(key: [u8; 32], index: usize, chunk: &mut [f64], std: f64) {
+    let mut rng = NoiseRng::from_seed(key);
+    rng.set_stream(index as u64);
+    let mut words = Words::new(rng);
+    for v in chunk.iter_mut() {
+        *v += std * secure_standard_normal(&mut words);
+    }
+}
+
+/// Runs `fill(chunk_index, chunk)` over `values` in [`CHUNK`]-sized chunks on up to
+/// `threads` cores; the output does not depend on the number of threads.
+fn fill_parallel<T: Send>(
+    values: &mut [T],
+    threads: usize,
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let chunks: Vec<(usize, &mut [T])> = values.chunks_mut(CHUNK).enumerate().collect();
+    let threads = threads.clamp(1, chunks.len().max(1));
+    if threads == 1 {
+        for (i, c) in chunks {
+            fill(i, c);
+        }
+        return;
+    }
+    let mut lanes: Vec<Vec<(usize, &mut [T])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (n, item) in chunks.into_iter().enumerate() {
+        lanes[n % threads].push(item);
+    }
+    let fill = &fill;
+    std::thread::scope(|s| {
+        for lane in lanes {
+            s.spawn(move || {
+                for (i, c) in lane {
+                    fill(i, c);
+                }
+            });
+        }
+    });
+}
+
 impl NoiseSource {
     /// Keyed from the operating system's generator.
     pub fn from_os() -> Result<Self, NoiseError> {
@@ -230,28 +272,15 @@ impl NoiseSource {
     pub fn add_gaussian(&mut self, values: &mut [f32], std: f64, threads: usize) {
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
-        let fill = |index: usize, chunk: &mut [f32]| fill_chunk(key, index, chunk, std);
-        let chunks: Vec<(usize, &mut [f32])> = values.chunks_mut(CHUNK).enumerate().collect();
-        let threads = threads.clamp(1, chunks.len().max(1));
-        if threads == 1 {
-            for (i, c) in chunks {
-                fill(i, c);
-            }
-            return;
-        }
-        let mut lanes: Vec<Vec<(usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
-        for (n, item) in chunks.into_iter().enumerate() {
-            lanes[n % threads].push(item);
-        }
-        std::thread::scope(|s| {
-            for lane in lanes {
-                s.spawn(|| {
-                    for (i, c) in lane {
-                        fill(i, c);
-                    }
-                });
-            }
-        });
+        fill_parallel(values, threads, |i, c| fill_chunk(key, i, c, std));
+    }
+
+    /// [`Self::add_gaussian`] on f64 values: nothing is rounded to f32 here, so a caller that
+    /// keeps working in f64 rounds once, when it releases the result.
+    pub fn add_gaussian_f64(&mut self, values: &mut [f64], std: f64, threads: usize) {
+        let mut key = [0u8; 32];
+        self.rng.fill_bytes(&mut key);
+        fill_parallel(values, threads, |i, c| fill_chunk_f64(key, i, c, std));
     }
 
     /// A fresh vector of N(0, std^2) values, filled on every core when it spans several
@@ -415,6 +444,19 @@ mod tests {
         // Successive calls use fresh keys.
         let mut src = NoiseSource::insecure_from_seed(3);
         assert_ne!(src.gaussian(8, 1.0), src.gaussian(8, 1.0));
+    }
+
+    #[test]
+    fn the_f64_path_is_the_f32_path_before_its_one_rounding() {
+        let n = 2 * CHUNK + 5;
+        let mut wide = vec![0.0f64; n];
+        NoiseSource::insecure_from_seed(11).add_gaussian_f64(&mut wide, 0.7, 2);
+        let mut narrow = vec![0.0f32; n];
+        NoiseSource::insecure_from_seed(11).add_gaussian(&mut narrow, 0.7, 1);
+        let rounded: Vec<f32> = wide.iter().map(|&v| v as f32).collect();
+        assert_eq!(rounded, narrow);
+        // The f64 values keep bits the f32 output does not have.
+        assert!(wide.iter().any(|&v| f64::from(v as f32) != v));
     }
 
     #[test]
