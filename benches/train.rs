@@ -96,12 +96,13 @@ fn main() {
             sgd_step(&mut m, arch, &data, &batches[b % BATCHES], 0.01).expect("sgd_step");
             b += 1;
         });
-        let noise = vec![0f32; model.values.len()];
-        let mut m = model.clone();
+        let noise = vec![0f64; model.values.len()];
+        let mut theta: Vec<f64> = model.values.iter().map(|&v| f64::from(v)).collect();
         let mut b = 0;
         let clipped = rate(seconds, BATCH, || {
             dp_sgd_step(
-                &mut m,
+                &mut theta,
+                &model.spec,
                 arch,
                 &data,
                 &batches[b % BATCHES],

@@ -1,6 +1,6 @@
 //! Exploration aid for the record unit's hyperparameters, on VALIDATION data only: an
-//! in-process replica of the sites' DP-SGD loop (the client's own `dp_sgd_step`, Poisson
-//! batches and noise source) and the coordinator's FedAvg, with the noise calibrated as the
+//! in-process replica of the sites' DP-SGD loop (the client's own `DpSgdRound`: Poisson
+//! batches, noise source, f64 working model) and the coordinator's FedAvg, with the noise calibrated as the
 //! demo calibrates it. No QUIC, no ledgers: it only maps the landscape quickly; the
 //! selection itself runs through the real federation (`accuracy -- --tune`).
 //!
@@ -19,7 +19,6 @@ use fedpriv::demo::{self, DemoData, DemoOptions};
 use fedpriv_client::train;
 use fedpriv_common::arch;
 use fedpriv_common::dp::noise::NoiseSource;
-use fedpriv_common::dp::sampling::poisson_sample;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -114,25 +113,19 @@ fn main() -> Result<(), String> {
                 for _ in 0..o.rounds {
                     let mut sum = vec![0f64; global.values.len()];
                     for shard in &shards {
-                        let mut m = global.clone();
-                        let q = o.record.expected_batch / shard.n as f64;
-                        for _ in 0..o.record.local_steps {
-                            let batch = poisson_sample(shard.n, q, noise.rng());
-                            let z = noise.gaussian(m.values.len(), sigma * c);
-                            train::dp_sgd_step(
-                                &mut m,
-                                arch_kind,
-                                shard,
-                                &batch,
-                                c,
-                                &z,
-                                o.record.expected_batch,
-                                o.record.learning_rate,
-                            )
+                        let round = train::DpSgdRound {
+                            steps: o.record.local_steps,
+                            q: o.record.expected_batch / shard.n as f64,
+                            expected_batch: o.record.expected_batch,
+                            learning_rate: o.record.learning_rate,
+                            clip: c,
+                            noise_multiplier: sigma,
+                        };
+                        let (delta, _) = round
+                            .run(&global, arch_kind, shard, &mut noise)
                             .map_err(|e| e.to_string())?;
-                        }
-                        for ((s, a), b) in sum.iter_mut().zip(&m.values).zip(&global.values) {
-                            *s += f64::from(a - b);
+                        for (s, d) in sum.iter_mut().zip(&delta) {
+                            *s += f64::from(*d);
                         }
                     }
                     let k = shards.len() as f64;

@@ -682,6 +682,7 @@ fn free_port() -> DemoResult<u16> {
 fn setup(
     root: &Path,
     opts: &DemoOptions,
+    study: &StudyConfig,
     shards: &[Dataset],
     addr: SocketAddr,
 ) -> DemoResult<(rustls::ServerConfig, Vec<SiteConfig>)> {
@@ -704,12 +705,21 @@ fn setup(
         write(&dir.join("site.pem"), cert.cert_pem.as_bytes())?;
         write(&dir.join("site.key"), cert.key_pem.as_bytes())?;
         data::write_csv(shard, dir.join("patients.csv")).map_err(s)?;
-        let toml = format!(
-            "[site]\nname = \"{name}\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n[coordinator]\naddress = \"{addr}\"\nserver_name = \"localhost\"\n\n\
-             [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n[studies.{}]\ndata = \"patients.csv\"\nepsilon_cap = {:?}\n",
-            opts.data.study_id(),
-            opts.site_cap
-        );
+        // Each hospital pins exactly the study's terms, declares its true record count (the
+        // demo plays its operator, who knows it) and caps its one data source well above
+        // the study's own cap: the source's filter is looser than the study's accountant.
+        let toml = fedpriv_client::config::SiteSetup {
+            name,
+            coordinator: addr,
+            ca: Path::new("ca.pem"),
+            cert: Path::new("site.pem"),
+            key: Path::new("site.key"),
+            data: Path::new("patients.csv"),
+            records: shard.n as u64,
+            source_delta: study.privacy.delta.get(),
+            source_cap: 3.0 * opts.site_cap,
+        }
+        .toml(&[(study, opts.site_cap)]);
         write(&dir.join("site.toml"), toml.as_bytes())?;
         sites.push(SiteConfig::load(&dir.join("site.toml")).map_err(s)?);
     }
@@ -761,10 +771,10 @@ impl Federation {
     pub fn prepare(root: &Path, opts: &DemoOptions) -> DemoResult<Self> {
         let split = split(opts)?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        let (tls, sites) = setup(root, opts, &split.shards, addr)?;
         let sigma = noise_multiplier(opts, &split.shards)?;
         let toml = study_toml(opts, &split, sigma);
         let cfg = StudyConfig::from_toml(&toml).map_err(|e| format!("demo study config: {e}"))?;
+        let (tls, sites) = setup(root, opts, &cfg, &split.shards, addr)?;
         let arch_kind = cfg.model;
         let spec = arch::model_spec(arch_kind, split.features.len(), 1).map_err(s)?;
         let label_scale = split.label_scale()?;

@@ -865,15 +865,15 @@ async fn a_connected_site_daemon_takes_up_a_study_created_after_it_connected() {
         ));
     }
     std::fs::write(dir.join("patients.csv"), csv).unwrap();
-    let toml = format!(
-        "[site]\nname = \"site-a\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n\
-         [coordinator]\naddress = \"{}\"\nserver_name = \"localhost\"\n\n\
-         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n\
-         [studies.s1]\ndata = \"patients.csv\"\nepsilon_cap = 2.0\n",
-        fx.addr,
-        fx.root.join("ca").join(pki_cli::CA_CERT),
-        issued.join("site-a.pem"),
-        issued.join("site-a.key"),
+    // The site pins exactly the study's terms before it exists at the coordinator.
+    let s1 = fedpriv_common::config::StudyConfig::from_toml(&study("s1", &["site-a", "site-c"], 2))
+        .unwrap();
+    let toml = site_toml(
+        &fx,
+        &fx.root.join("ca").join(pki_cli::CA_CERT),
+        &issued,
+        40,
+        &s1,
     );
     std::fs::write(dir.join("site.toml"), toml).unwrap();
     let cfg = fedpriv_client::config::SiteConfig::load(&dir.join("site.toml")).unwrap();
@@ -1168,15 +1168,14 @@ async fn a_site_refusing_the_coordinators_certificate_puts_it_on_record_once() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("patients.csv"), "a,b,y\n0.1,0.2,1\n").unwrap();
     let issued = fx.root.join("issued");
-    let toml = format!(
-        "[site]\nname = \"site-a\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n\
-         [coordinator]\naddress = \"{}\"\nserver_name = \"localhost\"\n\n\
-         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n\
-         [studies.s1]\ndata = \"patients.csv\"\nepsilon_cap = 2.0\n",
-        fx.addr,
-        fx.root.join("other-ca").join(pki_cli::CA_CERT),
-        issued.join("site-a.pem"),
-        issued.join("site-a.key"),
+    let s1 = fedpriv_common::config::StudyConfig::from_toml(&study("s1", &["site-a", "site-c"], 2))
+        .unwrap();
+    let toml = site_toml(
+        &fx,
+        &fx.root.join("other-ca").join(pki_cli::CA_CERT),
+        &issued,
+        1,
+        &s1,
     );
     std::fs::write(dir.join("site.toml"), toml).unwrap();
     let cfg = fedpriv_client::config::SiteConfig::load(&dir.join("site.toml")).unwrap();
@@ -1213,4 +1212,27 @@ async fn a_site_refusing_the_coordinators_certificate_puts_it_on_record_once() {
         .audit_lines()
         .iter()
         .any(|r| r["event"] == "connection_accepted" && r["actor"] == "site/site-a"));
+}
+
+/// Site `site-a`'s config: the given CA, its issued certificate, `patients.csv` beside the
+/// config with `records` declared, and study `s1`'s terms pinned with a cap of 2.
+fn site_toml(
+    fx: &Fixture,
+    ca: &std::path::Path,
+    issued: &std::path::Path,
+    records: u64,
+    s1: &fedpriv_common::config::StudyConfig,
+) -> String {
+    fedpriv_client::config::SiteSetup {
+        name: "site-a",
+        coordinator: fx.addr,
+        ca,
+        cert: &issued.join("site-a.pem"),
+        key: &issued.join("site-a.key"),
+        data: std::path::Path::new("patients.csv"),
+        records,
+        source_delta: 1e-5,
+        source_cap: 10.0,
+    }
+    .toml(&[(s1, 2.0)])
 }

@@ -249,6 +249,7 @@ fn fixture(opts: &DemoOptions) -> Fixture {
     assert!(toml.contains("round_timeout_secs = 3"), "{toml}");
     let study_file = root.path().join("study.toml");
     write(&study_file, toml.as_bytes());
+    let study = fedpriv_common::config::StudyConfig::from_toml(&toml).expect("the study is valid");
 
     let ca = pki::generate_ca("fedpriv crash test CA", 1).expect("CA");
     let server = pki::issue_server_cert(&ca, &["localhost".to_string()], &[listen.ip()], 1)
@@ -267,14 +268,18 @@ fn fixture(opts: &DemoOptions) -> Fixture {
         write(&dir.join("site.pem"), cert.cert_pem.as_bytes());
         write(&dir.join("site.key"), cert.key_pem.as_bytes());
         fedpriv_client::data::write_csv(shard, dir.join("patients.csv")).expect("write shard");
-        let site_toml = format!(
-            "[site]\nname = \"{name}\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n\
-             [coordinator]\naddress = \"{listen}\"\nserver_name = \"localhost\"\n\n\
-             [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n\
-             [studies.{}]\ndata = \"patients.csv\"\nepsilon_cap = {:?}\n",
-            opts.data.study_id(),
-            opts.site_cap
-        );
+        let site_toml = fedpriv_client::config::SiteSetup {
+            name,
+            coordinator: listen,
+            ca: Path::new("ca.pem"),
+            cert: Path::new("site.pem"),
+            key: Path::new("site.key"),
+            data: Path::new("patients.csv"),
+            records: shard.n as u64,
+            source_delta: study.privacy.delta.get(),
+            source_cap: 3.0 * opts.site_cap,
+        }
+        .toml(&[(&study, opts.site_cap)]);
         let config = dir.join("site.toml");
         write(&config, site_toml.as_bytes());
         fedpriv_client::config::SiteConfig::load(&config).expect("the site config is valid");

@@ -13,8 +13,32 @@ fn example_study_and_site_configs_are_valid() {
     let study = StudyConfig::from_toml(&text).expect("valid study");
     assert_eq!(study.privacy.unit, PrivacyUnit::Record);
     let site = SiteConfig::load(&root.join("site.toml")).expect("valid site config");
-    assert!(site.studies.contains_key(&study.id));
     assert!(study.enrolled.contains(&site.name));
+    // The example site accepts the example study as it is written: the terms it pins are
+    // the study's (what `fedpriv-client terms` would print for it).
+    let pinned = &site.studies[&study.id];
+    let source = &site.sources[&pinned.source];
+    let from_study = SiteConfig::from_toml(
+        &format!(
+            "{}\n{}",
+            text_head(&root.join("site.toml")),
+            fedpriv_client::config::pinned_terms_toml(
+                &study,
+                &pinned.source,
+                source.records,
+                pinned.epsilon_cap.get()
+            )
+        ),
+        &root,
+    )
+    .expect("the pinned table parses");
+    assert_eq!(from_study.studies[&study.id], *pinned);
+}
+
+/// The site config up to its first study table.
+fn text_head(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("read");
+    text.split("[studies.").next().expect("head").to_string()
 }
 
 /// The example limits file lists every key at its default: it parses (so every key in it

@@ -42,6 +42,9 @@ struct SiteState {
     ledger: SiteLedger,
     noise: NoiseSource,
     audit: AuditLog,
+    /// Each configured study's data as loaded at start (or why it is unavailable): decided
+    /// once, never per announcement.
+    loaded: BTreeMap<String, site::StudyLoad>,
     studies: BTreeMap<String, Arc<PreparedStudy>>,
 }
 
@@ -108,17 +111,42 @@ pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result
         .iter()
         .map(|(id, s)| (id, s.epsilon_cap.get()))
         .collect();
+    let source_caps: BTreeMap<&String, serde_json::Value> = cfg
+        .sources
+        .iter()
+        .map(|(id, s)| (id, serde_json::json!({"epsilon_cap": s.epsilon_cap.get(), "delta": s.delta.get(), "declared_records": s.records})))
+        .collect();
     audit_log.append_now(
         &cfg.name,
         AuditEvent::ServiceStarted,
-        serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "coordinator": cfg.coordinator.to_string(), "epsilon_caps": caps, "max_delta": cfg.max_delta.get()}),
+        serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "coordinator": cfg.coordinator.to_string(), "epsilon_caps": caps, "sources": source_caps}),
     )?;
+    // Which studies' data can be used is decided here, once, from the config alone.
+    let load_cfg = cfg.clone();
+    let loaded = tokio::task::spawn_blocking(move || site::load_site_data(&load_cfg))
+        .await
+        .map_err(|e| DaemonError::Internal(e.to_string()))?;
+    for (study, load) in &loaded {
+        let source = cfg.studies.get(study).map(|s| s.source.clone());
+        let details = match &load.result {
+            Ok(l) => {
+                tracing::info!(%study, rows = l.data.n, "study data loaded");
+                serde_json::json!({"study": study, "source": source, "available": true, "check": load.columns.as_ref().map(|c| c.details()), "report": l.report})
+            }
+            Err(why) => {
+                tracing::warn!(%study, %why, "study data unavailable; every announcement of it will be refused");
+                serde_json::json!({"study": study, "source": source, "available": false, "check": load.columns.as_ref().map(|c| c.details()), "why": why})
+            }
+        };
+        audit_log.append_now(&cfg.name, AuditEvent::DataLoaded, details)?;
+    }
     let (addr, server_name, name) = (cfg.coordinator, cfg.server_name.clone(), cfg.name.clone());
     let state = Arc::new(Mutex::new(SiteState {
         cfg,
         ledger,
         noise,
         audit: audit_log,
+        loaded,
         studies: BTreeMap::new(),
     }));
     let mut backoff = Backoff::default();
@@ -234,10 +262,16 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                     .ok()
                     .and_then(|g| g.studies.get(&task.study).cloned());
                 let Some(study) = study else {
+                    let reason = unprepared_reason(state, &task.study);
+                    let _ = audit(
+                        state,
+                        AuditEvent::Refused,
+                        serde_json::json!({"identity": "coordinator", "action": "task", "study": task.study, "round": task.round, "reason": reason.as_str(), "detail": "no accepted announcement of this study"}),
+                    );
                     let reply = SiteMessage::Decline {
                         study: task.study.clone(),
                         round: task.round,
-                        reason: DeclineReason::StudyNotAllowed,
+                        reason,
                     };
                     let _ = quic_io::send_message(conn, &reply, None).await;
                     continue;
@@ -256,41 +290,99 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                     )
                     .await
                 {
+                    // The coordinator's model, not anything of ours: say so and go on.
                     tracing::warn!(error = %e, "task body refused");
+                    let _ = audit(
+                        state,
+                        AuditEvent::Refused,
+                        serde_json::json!({"identity": "coordinator", "action": "task", "study": task.study, "round": task.round, "reason": DeclineReason::InvalidTask.as_str(), "detail": format!("model body: {e}")}),
+                    );
+                    let reply = SiteMessage::Decline {
+                        study: task.study.clone(),
+                        round: task.round,
+                        reason: DeclineReason::InvalidTask,
+                    };
+                    if let Err(e) = quic_io::send_message(conn, &reply, None).await {
+                        return format!("send failed: {e}");
+                    }
                     continue;
                 }
                 let (st, t, coord) = (Arc::clone(state), task.clone(), coordinator.clone());
+                let spec = study.spec.clone();
                 let outcome = tokio::task::spawn_blocking(move || {
-                    let mut guard = st
-                        .lock()
-                        .map_err(|_| DeclineReason::Internal("state lock poisoned".into()))?;
+                    let mut guard = st.lock().map_err(|_| {
+                        site::Refusal {
+                            reason: DeclineReason::Internal,
+                            detail: "state lock poisoned".into(),
+                        }
+                    })?;
                     let SiteState {
                         cfg, ledger, noise, ..
                     } = &mut *guard;
                     let result = site::run_task(cfg, &study, ledger, noise, &t, global, &coord);
                     // The record of what this round spent is on disk before the update
-                    // leaves; if it cannot be written, nothing is sent.
-                    let (event, details) = match &result {
-                        Ok(_) => (
-                            AuditEvent::BudgetSpent,
-                            serde_json::json!({"study": t.study, "round": t.round, "q": t.cost.q.get(), "sigma": t.cost.sigma.get(), "steps": t.cost.steps, "delta": t.delta}),
-                        ),
-                        Err(reason) => (
-                            AuditEvent::Refused,
-                            serde_json::json!({"identity": "coordinator", "action": "task", "study": t.study, "round": t.round, "reason": reason.to_string()}),
-                        ),
-                    };
-                    guard.audit(event, details).map_err(DeclineReason::Internal)?;
+                    // leaves; if it cannot be written, nothing is sent (the ledger already
+                    // charged the round: an over-count, never an under-count).
+                    match &result {
+                        Ok(released) => {
+                            guard
+                                .audit(
+                                    AuditEvent::BudgetSpent,
+                                    serde_json::json!({"study": t.study, "round": t.round, "q": t.cost.q.get(), "sigma": t.cost.sigma.get(), "steps": t.cost.steps, "delta": t.delta, "source": study.local.source, "study_epsilon": released.paid.study_epsilon, "source_level": released.paid.source_level}),
+                                )
+                                .map_err(|e| site::Refusal {
+                                    reason: DeclineReason::Internal,
+                                    detail: e,
+                                })?;
+                            let stand_in = match (&released.fallback, released.zeroed) {
+                                (Some(why), _) => Some(("noise_only", why.clone())),
+                                (None, true) => Some(("zero_delta", "local training diverged or failed; the zero delta was clipped and noised".to_string())),
+                                (None, false) => None,
+                            };
+                            if let Some((kind, why)) = stand_in {
+                                guard
+                                    .audit(
+                                        AuditEvent::StandInReleased,
+                                        serde_json::json!({"study": t.study, "round": t.round, "kind": kind, "why": why}),
+                                    )
+                                    .map_err(|e| site::Refusal {
+                                        reason: DeclineReason::Internal,
+                                        detail: e,
+                                    })?;
+                            }
+                        }
+                        Err(refusal) => {
+                            let now = unix_now();
+                            let SiteState { ledger, .. } = &mut *guard;
+                            if let Err(e) = ledger.record_refusal(&t.study, t.round, &coord, refusal.reason.as_str(), now) {
+                                tracing::error!(error = %e, "could not record a refusal in the site ledger");
+                            }
+                            guard
+                                .audit(
+                                    AuditEvent::Refused,
+                                    serde_json::json!({"identity": "coordinator", "action": "task", "study": t.study, "round": t.round, "reason": refusal.reason.as_str(), "detail": refusal.detail}),
+                                )
+                                .map_err(|e| site::Refusal {
+                                    reason: DeclineReason::Internal,
+                                    detail: e,
+                                })?;
+                        }
+                    }
                     result
                 })
                 .await
-                .unwrap_or_else(|e| Err(DeclineReason::Internal(e.to_string())));
+                .unwrap_or_else(|e| {
+                    Err(site::Refusal {
+                        reason: DeclineReason::Internal,
+                        detail: e.to_string(),
+                    })
+                });
                 let sent = match outcome {
-                    Ok(update) => {
+                    Ok(released) => {
                         tracing::info!(study = %task.study, round = task.round, "update trained, noised and sent");
                         // Updates go back in the study's encoding; they are already noised.
                         let dtype = task.header.dtype;
-                        let header = TensorHeader::for_spec(&task_spec(state, &task.study), dtype);
+                        let header = TensorHeader::for_spec(&spec, dtype);
                         quic_io::send_message_as(
                             conn,
                             &SiteMessage::Update {
@@ -298,19 +390,19 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                                 round: task.round,
                                 header,
                             },
-                            Some(&update),
+                            Some(&released.update),
                             dtype,
                         )
                         .await
                     }
-                    Err(reason) => {
-                        tracing::warn!(study = %task.study, round = task.round, %reason, "declined the round");
+                    Err(refusal) => {
+                        tracing::warn!(study = %task.study, round = task.round, reason = refusal.reason.as_str(), "declined the round");
                         quic_io::send_message(
                             conn,
                             &SiteMessage::Decline {
                                 study: task.study.clone(),
                                 round: task.round,
-                                reason,
+                                reason: refusal.reason,
                             },
                             None,
                         )
@@ -331,8 +423,30 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
     }
 }
 
-/// Prepares an announced study (data checks, audited) and tells the coordinator whether
-/// the site can take part. An error ends the session.
+/// Why a task for a study the site has not prepared is declined.
+fn unprepared_reason(state: &Arc<Mutex<SiteState>>, study: &str) -> DeclineReason {
+    let Ok(g) = state.lock() else {
+        return DeclineReason::Internal;
+    };
+    if !g.cfg.studies.contains_key(study) {
+        DeclineReason::NotEnrolled
+    } else if matches!(g.loaded.get(study).map(|l| l.result.is_ok()), Some(true)) {
+        DeclineReason::TermsDiffer
+    } else {
+        DeclineReason::Unavailable
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Checks an announced study against the site's pinned terms (audited) and tells the
+/// coordinator whether the site takes part. An accepted announcement replaces the prepared
+/// study; a refused one leaves it as it was. An error ends the session.
 async fn take_up(
     conn: &quinn::Connection,
     state: &Arc<Mutex<SiteState>>,
@@ -340,58 +454,65 @@ async fn take_up(
 ) -> Result<(), String> {
     let study = ann.study.clone();
     let st = Arc::clone(state);
-    let preparation = tokio::task::spawn_blocking(move || match st.lock() {
-        Ok(guard) => site::prepare_study_with_check(&guard.cfg, &ann),
-        Err(_) => site::Preparation {
-            result: Err(DeclineReason::Internal("state lock poisoned".into())),
-            columns: None,
-        },
+    let prepared = tokio::task::spawn_blocking(move || match st.lock() {
+        Ok(guard) => {
+            let pinned = guard
+                .ledger
+                .pinned_terms(&ann.study)
+                .map_err(|e| site::Refusal {
+                    reason: DeclineReason::Internal,
+                    detail: format!("site ledger: {e}"),
+                })?;
+            site::prepare_study(&guard.cfg, &guard.loaded, pinned.as_ref(), &ann)
+        }
+        Err(_) => Err(site::Refusal {
+            reason: DeclineReason::Internal,
+            detail: "state lock poisoned".into(),
+        }),
     })
     .await
-    .unwrap_or_else(|e| site::Preparation {
-        result: Err(DeclineReason::Internal(e.to_string())),
-        columns: None,
+    .unwrap_or_else(|e| {
+        Err(site::Refusal {
+            reason: DeclineReason::Internal,
+            detail: e.to_string(),
+        })
     });
-    let prepared = preparation.result;
-    // What was checked, and the outcome; never a cell value.
-    let outcome = match (&prepared, &preparation.columns) {
-        (_, Some(check)) => {
-            serde_json::json!({"study": study, "check": check.details(), "outcome": if prepared.is_ok() { "allowed" } else { "refused" }, "reason": prepared.as_ref().err().map(|r| r.to_string())})
+    let details = match &prepared {
+        Ok(p) => {
+            serde_json::json!({"identity": "coordinator", "action": "announcement", "study": study, "outcome": "accepted", "terms_sha256": fedpriv_common::digest::sha256_hex(p.terms.as_bytes()), "columns": p.announcement.data.features.iter().chain([&p.announcement.data.label]).collect::<Vec<_>>()})
         }
-        (Ok(_), None) => serde_json::json!({"study": study, "outcome": "allowed"}),
-        (Err(reason), None) => {
-            serde_json::json!({"study": study, "outcome": "refused", "reason": reason.to_string()})
+        Err(r) => {
+            serde_json::json!({"identity": "coordinator", "action": "announcement", "study": study, "outcome": "refused", "reason": r.reason.as_str(), "detail": r.detail})
         }
     };
-    if let Err(e) = audit(state, AuditEvent::ColumnCheck, outcome) {
+    let event = if prepared.is_ok() {
+        AuditEvent::StudyAccepted
+    } else {
+        AuditEvent::Refused
+    };
+    if let Err(e) = audit(state, event, details) {
         return Err(format!("audit log: {e}"));
     }
     let reply = match prepared {
         Ok(p) => {
-            let records = p.data.n as u64;
+            // The public figure the site declared, never the file's count.
+            let records = p.source.records;
             if let Ok(mut g) = state.lock() {
                 g.studies.insert(study.clone(), Arc::new(p));
             }
-            tracing::info!(%study, records, "study data loaded; ready");
+            tracing::info!(%study, "study terms accepted; ready");
             SiteMessage::Ready { study, records }
         }
-        Err(reason) => {
-            tracing::warn!(%study, %reason, "cannot take part in an announced study");
-            SiteMessage::Unable { study, reason }
+        Err(refusal) => {
+            tracing::warn!(%study, reason = refusal.reason.as_str(), "refused an announced study");
+            SiteMessage::Unable {
+                study,
+                reason: refusal.reason,
+            }
         }
     };
     if let Err(e) = quic_io::send_message(conn, &reply, None).await {
         return Err(format!("send failed: {e}"));
     }
     Ok(())
-}
-
-fn task_spec(state: &Arc<Mutex<SiteState>>, study: &str) -> fedpriv_common::model::ModelSpec {
-    state
-        .lock()
-        .ok()
-        .and_then(|g| g.studies.get(study).map(|s| s.spec.clone()))
-        .unwrap_or(fedpriv_common::model::ModelSpec {
-            tensors: Vec::new(),
-        })
 }

@@ -243,12 +243,78 @@ pub fn read_csv<R: BufRead>(
 
 /// [`load_csv_observed`] from any reader.
 pub fn read_csv_observed<R: BufRead>(
-    mut reader: R,
+    reader: R,
     selection: &ColumnSelection,
     options: &LoadOptions,
     observe: &mut dyn FnMut(usize, &str),
 ) -> Result<Dataset, DataError> {
+    read_rows(reader, selection, options, None, observe).map(|(ds, _)| ds)
+}
+
+/// What a lenient load did with the rows it could not use as they were. Counts only: never
+/// which rows. Stays at the site (its own log): a count of unusable records is a fact about
+/// its patients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct LoadReport {
+    /// Rows kept.
+    pub rows: usize,
+    /// Rows skipped because their label was missing or not a valid label.
+    pub skipped_label: usize,
+    /// Rows skipped because a feature cell was unusable and the feature has no fill.
+    pub skipped_cell: usize,
+    /// Rows skipped because the line itself was malformed (wrong column count, bad quotes,
+    /// not UTF-8, or blank between rows).
+    pub skipped_malformed: usize,
+    /// Feature cells that took their column's fill value.
+    pub filled: usize,
+}
+
+/// Loads the selected columns as [`load_csv_observed`] does, but never fails because of one
+/// record: a feature cell that is missing, not a number or not finite takes the feature's
+/// fill (`fills[slot]`) or, without one, the row is skipped; a row with an unusable label or
+/// a malformed line is skipped. Only what concerns the whole file (it cannot be opened, a
+/// column is missing from the header, too many rows) is an error. Skipped rows are counted in
+/// the report, never named.
+pub fn load_csv_lenient(
+    path: impl AsRef<Path>,
+    selection: &ColumnSelection,
+    options: &LoadOptions,
+    fills: &[Option<f32>],
+    observe: &mut dyn FnMut(usize, &str),
+) -> Result<(Dataset, LoadReport), DataError> {
+    let path = path.as_ref();
+    if fills.len() != selection.features.len() {
+        return Err(DataError::Selection(format!(
+            "{} fill entries for {} features",
+            fills.len(),
+            selection.features.len()
+        )));
+    }
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    read_rows(
+        BufReader::new(file),
+        selection,
+        options,
+        Some(fills),
+        observe,
+    )
+}
+
+/// The reader behind both loaders: strict (`fills` is `None`: the first bad row is an error
+/// naming its line) or lenient (see [`load_csv_lenient`]).
+fn read_rows<R: BufRead>(
+    mut reader: R,
+    selection: &ColumnSelection,
+    options: &LoadOptions,
+    fills: Option<&[Option<f32>]>,
+    observe: &mut dyn FnMut(usize, &str),
+) -> Result<(Dataset, LoadReport), DataError> {
     check_selection(selection, options)?;
+    let lenient = fills.is_some();
+    let mut report = LoadReport::default();
     let mut buf = Vec::new();
     let mut spans = Vec::new();
 
@@ -301,88 +367,131 @@ pub fn read_csv_observed<R: BufRead>(
     let mut row = vec![0f32; d + 1];
     let mut line = 1usize;
     let mut pending_blank = None;
-    loop {
+    'rows: loop {
         line += 1;
         if !read_line(&mut reader, &mut buf, line)? {
             break;
         }
-        let text = line_str(&buf, line)?;
+        let text = match line_str(&buf, line) {
+            Ok(t) => t,
+            Err(_) if lenient => {
+                report.skipped_malformed += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if text.trim().is_empty() {
             // Blank lines at the end of a file are harmless; one between rows is not.
             pending_blank.get_or_insert(line);
             continue;
         }
-        if let Some(blank) = pending_blank {
-            return Err(DataError::BlankRow { line: blank });
+        if let Some(blank) = pending_blank.take() {
+            if !lenient {
+                return Err(DataError::BlankRow { line: blank });
+            }
         }
-        split_fields(text, &mut spans).map_err(|reason| DataError::Malformed { line, reason })?;
-        if spans.len() != n_columns {
-            return Err(DataError::WrongColumnCount {
+        let split = split_fields(text, &mut spans);
+        let malformed = match split {
+            Err(reason) => Some(DataError::Malformed { line, reason }),
+            Ok(()) if spans.len() != n_columns => Some(DataError::WrongColumnCount {
                 line,
                 expected: n_columns,
                 got: spans.len(),
-            });
+            }),
+            Ok(()) => None,
+        };
+        if let Some(e) = malformed {
+            if lenient {
+                report.skipped_malformed += 1;
+                continue;
+            }
+            return Err(e);
         }
         if y.len() >= options.max_rows {
             return Err(DataError::TooManyRows {
                 max: options.max_rows,
             });
         }
+        let mut filled_here = 0usize;
         for &(col, slot) in &wanted {
             let column = || names[col].clone();
             let cell = spans[col].text(text);
-            let value = match parse_cell(cell) {
+            let parsed = parse_cell(cell);
+            let bad = match parsed {
                 Ok(v) => {
                     observe(slot, cell.trim());
-                    v
-                }
-                Err(CellError::Missing) => {
-                    return Err(DataError::MissingValue {
-                        line,
-                        column: column(),
-                    })
-                }
-                Err(CellError::NotNumeric) => {
-                    return Err(DataError::NotNumeric {
-                        line,
-                        column: column(),
-                    })
-                }
-                Err(CellError::NonFinite) => {
-                    return Err(DataError::NonFinite {
-                        line,
-                        column: column(),
-                    })
-                }
-            };
-            if slot == d {
-                if let LabelKind::Classes(k) = options.label {
-                    if !is_class_id(value, k) {
-                        return Err(DataError::InvalidLabel {
+                    let label_ok = slot != d
+                        || match options.label {
+                            LabelKind::Classes(k) => is_class_id(v, k),
+                            LabelKind::Regression => true,
+                        };
+                    if label_ok {
+                        row[slot] = v;
+                        continue;
+                    }
+                    match options.label {
+                        LabelKind::Classes(k) => DataError::InvalidLabel {
                             line,
                             column: column(),
                             num_classes: k,
-                        });
+                        },
+                        LabelKind::Regression => DataError::NonFinite {
+                            line,
+                            column: column(),
+                        },
                     }
                 }
+                Err(CellError::Missing) => DataError::MissingValue {
+                    line,
+                    column: column(),
+                },
+                Err(CellError::NotNumeric) => DataError::NotNumeric {
+                    line,
+                    column: column(),
+                },
+                Err(CellError::NonFinite) => DataError::NonFinite {
+                    line,
+                    column: column(),
+                },
+            };
+            let Some(fills) = fills else {
+                return Err(bad);
+            };
+            if slot == d {
+                report.skipped_label += 1;
+                continue 'rows;
             }
-            row[slot] = value;
+            match fills[slot] {
+                Some(fill) => {
+                    row[slot] = fill;
+                    filled_here += 1;
+                }
+                None => {
+                    report.skipped_cell += 1;
+                    continue 'rows;
+                }
+            }
         }
+        report.filled += filled_here;
         x.extend_from_slice(&row[..d]);
         y.push(row[d]);
     }
-    if y.is_empty() {
+    if y.is_empty() && !lenient {
         return Err(DataError::NoRows);
     }
     let n = y.len();
-    Ok(Dataset {
-        x,
-        y,
-        n,
-        d,
-        feature_names: selection.features.clone(),
-        label_name: selection.label.clone(),
-    })
+    report.rows = n;
+    Ok((
+        Dataset {
+            x,
+            y,
+            n,
+            d,
+            feature_names: selection.features.clone(),
+            label_name: selection.label.clone(),
+        },
+        report,
+    ))
 }
 
 fn check_selection(selection: &ColumnSelection, options: &LoadOptions) -> Result<(), DataError> {

@@ -132,8 +132,19 @@ pub fn build(cfg: &SiteConfig) -> Result<SiteInventory, String> {
     let mut studies = Vec::new();
     for study in ids {
         let spends = ledger.spends(&study).map_err(|e| e.to_string())?;
-        let epsilon_spent = match log.delta.get(&study) {
-            Some(&d) if !spends.is_empty() => {
+        // The study's delta: from the terms it was paid under, else from the audit log.
+        let pinned_delta = ledger
+            .pinned_terms(&study)
+            .ok()
+            .flatten()
+            .and_then(|(_, terms)| {
+                serde_json::from_str::<serde_json::Value>(&terms)
+                    .ok()?
+                    .get("delta")?
+                    .as_f64()
+            });
+        let epsilon_spent = match pinned_delta.or_else(|| log.delta.get(&study).copied()) {
+            Some(d) if !spends.is_empty() => {
                 let delta = Delta::new(d).map_err(|e| format!("study {study}: delta {d}: {e}"))?;
                 let events: Vec<_> = spends.iter().map(|s| s.event).collect();
                 let epsilon = accountant::epsilon(cfg.accountant, &events, delta)
@@ -222,33 +233,56 @@ fn read_log(path: &Path) -> (AuditSource, FromLog) {
         let Some(study) = d.get("study").and_then(|s| s.as_str()) else {
             continue;
         };
-        match rec.event {
-            AuditEvent::ColumnCheck => {
-                let allowed = d.get("outcome").and_then(|o| o.as_str()) == Some("allowed");
-                let entry = out.columns.entry(study.to_string()).or_insert(ColumnsRead {
-                    columns: Vec::new(),
-                    checks_allowed: 0,
-                    checks_refused: 0,
-                    first_at: rec.ts,
-                    last_at: rec.ts,
-                });
-                entry.first_at = entry.first_at.min(rec.ts);
-                entry.last_at = entry.last_at.max(rec.ts);
-                if allowed {
-                    entry.checks_allowed += 1;
-                    let named = d
-                        .pointer("/check/checked")
-                        .and_then(|c| c.as_array())
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|c| c.as_str());
-                    for column in named {
-                        if !entry.columns.iter().any(|c| c == column) {
-                            entry.columns.push(column.to_string());
-                        }
+        let entry = |out: &mut FromLog| {
+            let e = out.columns.entry(study.to_string()).or_insert(ColumnsRead {
+                columns: Vec::new(),
+                checks_allowed: 0,
+                checks_refused: 0,
+                first_at: rec.ts,
+                last_at: rec.ts,
+            });
+            e.first_at = e.first_at.min(rec.ts);
+            e.last_at = e.last_at.max(rec.ts);
+        };
+        let add_columns = |out: &mut FromLog, named: Vec<&str>| {
+            if let Some(e) = out.columns.get_mut(study) {
+                e.checks_allowed += 1;
+                for column in named {
+                    if !e.columns.iter().any(|c| c == column) {
+                        e.columns.push(column.to_string());
                     }
-                } else {
-                    entry.checks_refused += 1;
+                }
+            }
+        };
+        let names = |p: &str| -> Vec<&str> {
+            d.pointer(p)
+                .and_then(|c| c.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str())
+                .collect()
+        };
+        match rec.event {
+            // Terms accepted: the columns the study reads from now on.
+            AuditEvent::StudyAccepted => {
+                entry(&mut out);
+                add_columns(&mut out, names("/columns"));
+            }
+            AuditEvent::Refused
+                if d.get("action").and_then(|a| a.as_str()) == Some("announcement") =>
+            {
+                entry(&mut out);
+                if let Some(e) = out.columns.get_mut(study) {
+                    e.checks_refused += 1;
+                }
+            }
+            // Logs written before terms were pinned (data loaded per announcement).
+            AuditEvent::ColumnCheck => {
+                entry(&mut out);
+                if d.get("outcome").and_then(|o| o.as_str()) == Some("allowed") {
+                    add_columns(&mut out, names("/check/checked"));
+                } else if let Some(e) = out.columns.get_mut(study) {
+                    e.checks_refused += 1;
                 }
             }
             AuditEvent::BudgetSpent => {
@@ -351,12 +385,23 @@ mod tests {
     use serde_json::json;
 
     fn config(dir: &Path) -> SiteConfig {
-        let toml = "[site]\nname = \"st-marys\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\
-             accountant = \"rdp\"\n\n\
+        let study = |id: &str, cap: f64| {
+            format!(
+                "[studies.{id}]\nsource = \"wards\"\nepsilon_cap = {cap:?}\nunit = \"record\"\n\
+                 task = \"binary\"\nlabel = \"y\"\nfeatures = [\"age\", \"bmi\"]\nclip_norm = 1.0\n\
+                 min_noise_multiplier = 1.0\nmax_sample_rate = 0.5\nmax_steps_per_round = 50\n\
+                 max_delta = 1e-6\n\n"
+            )
+        };
+        let toml = format!(
+            "[site]\nname = \"st-marys\"\nstate_dir = \"state\"\naccountant = \"rdp\"\n\n\
              [coordinator]\naddress = \"127.0.0.1:7443\"\nserver_name = \"localhost\"\n\n\
              [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n\
-             [studies.s1]\ndata = \"a.csv\"\nepsilon_cap = 3.0\n\n\
-             [studies.s2]\ndata = \"b.csv\"\nepsilon_cap = 1.0\n";
+             [sources.wards]\npath = \"a.csv\"\nrecords = 500\ndelta = 1e-5\nepsilon_cap = 10.0\n\n{}{}",
+            study("s1", 3.0),
+            study("s2", 1.0)
+        );
+        let toml = toml.as_str();
         SiteConfig::from_toml(toml, dir).unwrap()
     }
 
@@ -371,25 +416,26 @@ mod tests {
         std::fs::create_dir_all(&cfg.state_dir).unwrap();
         let mut ledger = SiteLedger::open(cfg.state_dir.join("site-ledger.db")).unwrap();
         let mut log = AuditLog::open(crate::daemon::audit_path(&cfg)).unwrap();
-        let check = |study: &str, cols: &[&str], outcome: &str| json!({"study": study, "check": {"checked": cols}, "outcome": outcome});
+        // s1 as today's daemon records it (terms accepted, with the columns); s2 as a daemon
+        // before pinned terms did (a column check); s3 refused.
         log.append(
             "st-marys",
-            AuditEvent::ColumnCheck,
-            check("s1", &["age", "bmi", "y"], "allowed"),
+            AuditEvent::StudyAccepted,
+            json!({"study": "s1", "action": "announcement", "outcome": "accepted", "columns": ["age", "bmi", "y"]}),
             1_000,
         )
         .unwrap();
         log.append(
             "st-marys",
             AuditEvent::ColumnCheck,
-            check("s2", &["age", "y"], "allowed"),
+            json!({"study": "s2", "check": {"checked": ["age", "y"]}, "outcome": "allowed"}),
             1_001,
         )
         .unwrap();
         log.append(
             "st-marys",
-            AuditEvent::ColumnCheck,
-            check("s3", &["ssn", "y"], "refused"),
+            AuditEvent::Refused,
+            json!({"study": "s3", "action": "announcement", "outcome": "refused", "reason": "terms_differ"}),
             1_002,
         )
         .unwrap();

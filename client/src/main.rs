@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fedpriv_client::config::SiteConfig;
 use fedpriv_client::daemon;
-use fedpriv_client::store::SiteLedger;
 
 /// fedpriv site daemon: trains on this site's data and sends only clipped, noised updates.
 ///
@@ -27,10 +26,31 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// This site's own privacy ledger: every round it paid for, and its epsilon per study.
+    /// What this site has spent: per data source (cap, the Rényi filter's level over every
+    /// study reading it, and the PLD figure beside it) and per study (cap, epsilon at its
+    /// delta, rounds paid and declined). Read-only: works while the daemon runs.
     Ledger {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the `[studies.ID]` table that pins exactly what a study file asks for, for a
+    /// privacy officer to review and paste into the site config. Reads only the study file.
+    Terms {
+        /// The study's TOML, as the coordinator's operators wrote it.
+        #[arg(long, value_name = "FILE")]
+        study: PathBuf,
+        /// The `[sources.NAME]` the study will read.
+        #[arg(long)]
+        source: String,
+        /// The record count the site declares for that source (sets the sampling rate).
+        #[arg(long)]
+        records: u64,
+        /// This site's own cap for the study.
+        #[arg(long)]
+        epsilon_cap: f64,
     },
     /// The site's audit log.
     #[command(subcommand)]
@@ -100,47 +120,56 @@ fn run(config: PathBuf) -> Result<(), String> {
     })
 }
 
-fn ledger(config: PathBuf) -> Result<(), String> {
+fn ledger(config: PathBuf, json: bool) -> Result<(), String> {
     let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
-    let ledger =
-        SiteLedger::open(cfg.state_dir.join("site-ledger.db")).map_err(|e| e.to_string())?;
-    for study in ledger.studies().map_err(|e| e.to_string())? {
-        let spends = ledger.spends(&study).map_err(|e| e.to_string())?;
-        let cap = cfg
-            .studies
-            .get(&study)
-            .map(|s| s.epsilon_cap.get().to_string())
-            .unwrap_or_else(|| "none (not configured)".into());
-        println!(
-            "study {study}: {} round(s) paid, cap epsilon {cap} at delta <= {}",
-            spends.len(),
-            cfg.max_delta
-        );
-        for s in spends {
-            println!(
-                "  round {:>4}: q {:.4} sigma {:.4} steps {}",
-                s.round,
-                s.event.q.get(),
-                s.event.sigma.get(),
-                s.event.steps
-            );
-        }
+    let view = fedpriv_client::ledger_view::build(&cfg)?;
+    if json {
+        out(&format!(
+            "{}\n",
+            serde_json::to_string(&view).map_err(|e| e.to_string())?
+        ))
+    } else {
+        out(&view.to_string())
     }
-    Ok(())
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends the output quietly.
+fn out(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(format!("stdout: {e}")),
+    }
+}
+
+fn terms(study: PathBuf, source: String, records: u64, epsilon_cap: f64) -> Result<(), String> {
+    let text = std::fs::read_to_string(&study).map_err(|e| format!("{}: {e}", study.display()))?;
+    let cfg = fedpriv_common::config::StudyConfig::from_toml(&text)
+        .map_err(|e| format!("{}: {e}", study.display()))?;
+    out(&fedpriv_client::config::pinned_terms_toml(
+        &cfg,
+        &source,
+        records,
+        epsilon_cap,
+    ))
 }
 
 fn inventory(config: PathBuf, json: bool) -> Result<(), String> {
     let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
     let inv = fedpriv_client::inventory::build(&cfg)?;
     if json {
-        println!(
-            "{}",
+        out(&format!(
+            "{}\n",
             serde_json::to_string(&inv).map_err(|e| e.to_string())?
-        );
+        ))
     } else {
-        print!("{inv}");
+        out(&inv.to_string())
     }
-    Ok(())
 }
 
 fn audit_verify(log: Option<PathBuf>, config: Option<PathBuf>) -> Result<bool, String> {
@@ -185,7 +214,13 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run { config } => run(config),
-        Command::Ledger { config } => ledger(config),
+        Command::Ledger { config, json } => ledger(config, json),
+        Command::Terms {
+            study,
+            source,
+            records,
+            epsilon_cap,
+        } => terms(study, source, records, epsilon_cap),
         Command::Inventory { config, json } => inventory(config, json),
         Command::Audit(AuditCommand::Verify { log, config }) => match audit_verify(log, config) {
             Ok(true) => Ok(()),

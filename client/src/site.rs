@@ -1,37 +1,72 @@
-//! What a site does with a study and a task, synchronously: prepare its data, check the task
-//! against its own policy, pay for it in its own ledger, train, clip and noise. The daemon
-//! calls this from a blocking thread; nothing here touches the network.
+//! What a site does with a study and a task, synchronously: load its data once at start,
+//! check an announcement against its own pinned terms, check a task, pay for it in its own
+//! ledger, train, clip and noise. The daemon calls this from a blocking thread; nothing here
+//! touches the network.
 //!
-//! Fail-closed: every check happens before the spend is recorded, the spend is durable
-//! before training starts, and any failure after that returns a decline, never an un-noised
-//! update.
+//! The coordinator may be hostile, so:
+//! - **data availability is decided once**, when the site starts ([`load_site_data`]), never
+//!   per announcement: which columns a study may read, the identifier check and the loading
+//!   of the file depend on the site's config alone, and a record that cannot be used is
+//!   skipped (or takes the study's public fill) and counted only in the site's own log;
+//! - **every check happens before the spend** (terms, task, model values, price) and the
+//!   spend is durable before training starts;
+//! - **nothing data-dependent after the spend**: once the ledger has paid, the site sends a
+//!   correctly noised update, and if anything fails, a noise-only update of the right shape;
+//! - **refusals are a fixed set** ([`DeclineReason`]); what exactly differed or failed is the
+//!   [`Refusal::detail`], for the site's audit log only.
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
 
 use fedpriv_common::arch;
-use fedpriv_common::config::{round_cost, LocalPlan, Placement, PrivacyUnit, Task as TaskKind};
+use fedpriv_common::config::{
+    round_cost, source_event, LocalPlan, Placement, PrivacyUnit, Task as TaskKind,
+};
 use fedpriv_common::dp::clip::clip_l2;
 use fedpriv_common::dp::noise::{available_threads, NoiseSource};
-use fedpriv_common::dp::sampling::poisson_sample;
-use fedpriv_common::dp::{ClipNorm, Delta};
+use fedpriv_common::dp::{ClipNorm, Delta, SgmEvent};
 use fedpriv_common::model::{delta, FlatModel, ModelSpec};
 use fedpriv_common::protocol::{DeclineReason, StudyAnnouncement, Task};
 
-use crate::config::{SiteConfig, SiteStudy};
-use crate::data::{self, ColumnSelection, Dataset, FeatureRange, LoadOptions};
+use crate::config::{DataSource, SiteConfig, SiteStudy};
+use crate::data::{
+    self, ColumnSelection, Dataset, FeatureRange, LabelKind, LoadOptions, LoadReport,
+};
 use crate::identifiers::{ColumnCheck, ValueProfiler};
-use crate::store::{Cap, SiteLedger, StoreError};
-use crate::train::{self, LocalTraining};
+use crate::store::{Cap, SiteLedger, SourceCap, Spend, StoreError};
+use crate::train::{self, DpSgdRound, LocalTraining};
 
-/// A study this site has agreed to and whose data it has loaded.
-#[derive(Debug)]
-pub struct PreparedStudy {
-    pub announcement: StudyAnnouncement,
-    pub spec: ModelSpec,
-    pub data: Dataset,
-    pub local: SiteStudy,
+/// The largest magnitude a model value from the coordinator may have. Well above any trained
+/// weight over inputs scaled to [-1, 1]; a model outside it is refused before the spend, so
+/// that nothing a crafted model does to one record's arithmetic happens after it.
+pub const MAX_MODEL_ABS: f32 = 1e6;
+
+/// Most local epochs a site-unit round may ask for (its time is the site's to give).
+pub const MAX_LOCAL_EPOCHS: usize = 1_000;
+
+/// Why a site will not take part or do a task: the public reason the coordinator hears and
+/// the detail that stays in the site's audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub reason: DeclineReason,
+    pub detail: String,
+}
+
+impl Refusal {
+    fn new(reason: DeclineReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.reason, self.detail)
+    }
 }
 
 fn unix_now() -> i64 {
@@ -41,158 +76,406 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// The outcome of preparing a study, with the identifier check for the audit log.
+// ---------------------------------------------------------------------------------------
+// Loading, once, at start
+
+/// A study's data as the site loaded it at start: every column the site allows the study,
+/// unscaled (scaling uses the announcement's public ranges).
 #[derive(Debug)]
-pub struct Preparation {
-    pub result: Result<PreparedStudy, DeclineReason>,
-    /// The identifier check of the study's columns and its outcome; `None` when the study
-    /// was refused before its columns were looked at (not configured at this site, delta
-    /// too large, a model the site cannot build).
+pub struct LoadedStudy {
+    pub data: Dataset,
+    pub report: LoadReport,
+}
+
+/// The outcome of loading one study's data at start, with what the audit log needs.
+#[derive(Debug)]
+pub struct StudyLoad {
+    /// The data, or why it is unavailable (the detail, for the audit log).
+    pub result: Result<LoadedStudy, String>,
+    /// The identifier check of the study's allowed columns; `None` when it did not run.
     pub columns: Option<ColumnCheck>,
 }
 
-/// Loads only the study's feature and label columns and scales them by the study's public
-/// ranges (no statistic of the site's patients leaves the site or shapes the scaling).
-///
-/// Minimum necessary: a column that looks like a direct identifier by its name (checked
-/// before the file is opened) or by its values (checked as it is read) is refused unless
-/// `allowed` (the site's `allow_identifier_columns` for the study) lists it; see
-/// [`crate::identifiers`]. Returns the check with the outcome, whatever the outcome.
-pub fn load_study_data(
-    ann: &StudyAnnouncement,
-    path: &std::path::Path,
-    allowed: &[String],
-) -> (Result<Dataset, DeclineReason>, ColumnCheck) {
-    let selection = ColumnSelection {
-        features: ann.data.features.clone(),
-        label: ann.data.label.clone(),
-    };
-    let mut check = ColumnCheck::by_names(&selection, allowed);
-    if let Some(refusal) = check.refusal() {
-        return (
-            Err(DeclineReason::DataUnavailable(refusal.to_string())),
-            check,
-        );
-    }
-    let mut profiler = ValueProfiler::new(&selection);
-    let loaded = load_and_scale(ann, path, &selection, &mut profiler);
-    if loaded.is_ok() {
-        check.add_values(&profiler);
-        if let Some(refusal) = check.refusal() {
-            return (
-                Err(DeclineReason::DataUnavailable(refusal.to_string())),
-                check,
-            );
-        }
-    }
-    (loaded, check)
+/// Loads every configured study's allowed columns from its data source, once. A study whose
+/// data cannot be used (a file that cannot be read, a column missing from its header, a
+/// column that looks like a direct identifier) is unavailable for the life of the process:
+/// every announcement of it is answered [`DeclineReason::Unavailable`], whatever it asks.
+pub fn load_site_data(cfg: &SiteConfig) -> BTreeMap<String, StudyLoad> {
+    cfg.studies
+        .iter()
+        .map(|(id, study)| (id.clone(), load_study(cfg, study)))
+        .collect()
 }
 
-fn load_and_scale(
-    ann: &StudyAnnouncement,
-    path: &std::path::Path,
-    selection: &ColumnSelection,
-    profiler: &mut ValueProfiler,
-) -> Result<Dataset, DeclineReason> {
-    let unavailable = |e: &dyn std::fmt::Display| DeclineReason::DataUnavailable(e.to_string());
-    let options = match ann.data.task {
-        TaskKind::Binary => LoadOptions::binary(),
+fn load_study(cfg: &SiteConfig, study: &SiteStudy) -> StudyLoad {
+    let Some(source) = cfg.sources.get(&study.source) else {
+        return StudyLoad {
+            result: Err(format!("no data source {:?}", study.source)),
+            columns: None,
+        };
+    };
+    let t = &study.terms;
+    let selection = ColumnSelection {
+        features: t.features.clone(),
+        label: t.label.clone(),
+    };
+    let mut check = ColumnCheck::by_names(&selection, &study.allow_identifier_columns);
+    if let Some(refusal) = check.refusal() {
+        return StudyLoad {
+            result: Err(refusal.to_string()),
+            columns: Some(check),
+        };
+    }
+    let options = match t.task {
+        TaskKind::Binary => LoadOptions::new(LabelKind::Classes(2)),
         TaskKind::Regression => LoadOptions::regression(),
     };
-    let mut ds = data::load_csv_observed(path, selection, &options, &mut |slot, cell| {
-        profiler.observe(slot, cell)
+    let fills: Vec<Option<f32>> = t.features.iter().map(|f| t.fills.get(f).copied()).collect();
+    let mut profiler = ValueProfiler::new(&selection);
+    let loaded = data::load_csv_lenient(
+        &source.path,
+        &selection,
+        &options,
+        &fills,
+        &mut |slot, cell| profiler.observe(slot, cell),
+    );
+    let result = match loaded {
+        Ok((data, report)) => {
+            check.add_values(&profiler);
+            match check.refusal() {
+                Some(refusal) => Err(refusal.to_string()),
+                None => Ok(LoadedStudy { data, report }),
+            }
+        }
+        Err(e) => Err(format!("{}: {e}", source.path.display())),
+    };
+    StudyLoad {
+        result,
+        columns: Some(check),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Announcements
+
+/// A study this site has agreed to, with its data selected and scaled for it.
+#[derive(Debug)]
+pub struct PreparedStudy {
+    pub announcement: StudyAnnouncement,
+    /// The announcement in the canonical text form the ledger pins.
+    pub terms: String,
+    pub spec: ModelSpec,
+    pub data: Dataset,
+    pub local: SiteStudy,
+    pub source: DataSource,
+}
+
+/// The canonical text of an announcement's terms, as the ledger pins them.
+pub fn terms_text(ann: &StudyAnnouncement) -> String {
+    serde_json::to_string(ann).unwrap_or_default()
+}
+
+/// Checks an announcement against the site's pinned terms and, when the site already paid
+/// for a round of the study, against the terms it paid under (`pinned`: the source and terms
+/// text from the ledger); selects and scales the study's columns.
+pub fn prepare_study(
+    cfg: &SiteConfig,
+    loaded: &BTreeMap<String, StudyLoad>,
+    pinned: Option<&(String, String)>,
+    ann: &StudyAnnouncement,
+) -> Result<PreparedStudy, Refusal> {
+    let Some(local) = cfg.studies.get(&ann.study) else {
+        return Err(Refusal::new(
+            DeclineReason::NotEnrolled,
+            "no such study in the site config",
+        ));
+    };
+    let data = match loaded.get(&ann.study).map(|l| &l.result) {
+        Some(Ok(l)) => &l.data,
+        Some(Err(why)) => {
+            return Err(Refusal::new(
+                DeclineReason::Unavailable,
+                format!("unavailable since start: {why}"),
+            ))
+        }
+        None => {
+            return Err(Refusal::new(
+                DeclineReason::Unavailable,
+                "not loaded at start",
+            ))
+        }
+    };
+    let Some(source) = cfg.sources.get(&local.source) else {
+        return Err(Refusal::new(DeclineReason::Unavailable, "no data source"));
+    };
+    check_terms(ann, local, source).map_err(|d| Refusal::new(DeclineReason::TermsDiffer, d))?;
+    let terms = terms_text(ann);
+    if let Some((paid_source, paid_terms)) = pinned {
+        if *paid_source != local.source {
+            return Err(Refusal::new(
+                DeclineReason::TermsDiffer,
+                format!(
+                    "the study was paid for from source {paid_source:?}, the config now says {:?}",
+                    local.source
+                ),
+            ));
+        }
+        if *paid_terms != terms {
+            return Err(Refusal::new(
+                DeclineReason::TermsDiffer,
+                format!(
+                    "the announcement differs from the terms already paid under: {}",
+                    describe_difference(paid_terms, &terms)
+                ),
+            ));
+        }
+    }
+    let spec = arch::model_spec(ann.model, ann.data.features.len(), 1)
+        .map_err(|e| Refusal::new(DeclineReason::TermsDiffer, format!("model: {e}")))?;
+    let data = select_and_scale(data, ann)
+        .map_err(|e| Refusal::new(DeclineReason::TermsDiffer, format!("data: {e}")))?;
+    Ok(PreparedStudy {
+        announcement: ann.clone(),
+        terms,
+        spec,
+        data,
+        local: local.clone(),
+        source: source.clone(),
     })
-    .map_err(|e| unavailable(&e))?;
+}
+
+/// Which top-level fields of two terms texts differ (for the audit log).
+fn describe_difference(paid: &str, now: &str) -> String {
+    let (Ok(a), Ok(b)) = (
+        serde_json::from_str::<serde_json::Value>(paid),
+        serde_json::from_str::<serde_json::Value>(now),
+    ) else {
+        return "unreadable terms".into();
+    };
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return "unreadable terms".into();
+    };
+    let fields: Vec<&str> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(String::as_str)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    format!("fields {}", fields.join(", "))
+}
+
+/// Every privacy term of an announcement against what the site pinned. `Err` names the
+/// first term that does not fit.
+fn check_terms(
+    ann: &StudyAnnouncement,
+    local: &SiteStudy,
+    source: &DataSource,
+) -> Result<(), String> {
+    let t = &local.terms;
+    if ann.unit != t.unit {
+        return Err(format!("unit {:?}, the site pinned {:?}", ann.unit, t.unit));
+    }
+    if !t.placements.contains(&ann.placement) {
+        return Err(format!(
+            "placement {:?} is not one the site accepts ({:?})",
+            ann.placement, t.placements
+        ));
+    }
+    if ann.unit == PrivacyUnit::Record && ann.placement != Placement::Local {
+        return Err("the record unit noises at the site".into());
+    }
+    if ann.data.task != t.task {
+        return Err(format!(
+            "task {:?}, the site pinned {:?}",
+            ann.data.task, t.task
+        ));
+    }
+    if ann.data.label != t.label {
+        return Err(format!(
+            "label column {:?} is not the pinned one",
+            ann.data.label
+        ));
+    }
+    let d = &ann.data;
+    if d.features.is_empty()
+        || d.ranges.len() != d.features.len()
+        || d.fills.len() != d.features.len()
+    {
+        return Err("features, ranges and fills do not line up".into());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, f) in d.features.iter().enumerate() {
+        if !t.features.contains(f) {
+            return Err(format!("column {f:?} is not one the site allows"));
+        }
+        if !seen.insert(f) {
+            return Err(format!("column {f:?} is listed twice"));
+        }
+        let want = t.fills.get(f).map(|v| v.to_bits());
+        if d.fills[i].map(f32::to_bits) != want {
+            return Err(format!("fill of {f:?} differs from the pinned one"));
+        }
+        let r = d.ranges[i];
+        if !(r[0].is_finite() && r[1].is_finite() && r[0] < r[1]) {
+            return Err(format!("range of {f:?} is not a finite lo < hi"));
+        }
+    }
+    match (ann.data.task, ann.data.label_range) {
+        (TaskKind::Regression, Some(r)) if r[0].is_finite() && r[1].is_finite() && r[0] < r[1] => {}
+        (TaskKind::Regression, _) => return Err("regression needs a finite label range".into()),
+        (_, None) => {}
+        (_, Some(_)) => return Err("a label range belongs to regression".into()),
+    }
+    let delta = Delta::new(ann.delta).map_err(|e| format!("delta: {e}"))?;
+    if delta > t.max_delta {
+        return Err(format!(
+            "delta {} is above the pinned {}",
+            ann.delta, t.max_delta
+        ));
+    }
+    if ann.clip_norm.to_bits() != t.clip_norm.get().to_bits() {
+        return Err(format!(
+            "clip norm {} is not the pinned {}",
+            ann.clip_norm,
+            t.clip_norm.get()
+        ));
+    }
+    if !(ann.noise_multiplier.is_finite() && ann.noise_multiplier >= t.min_noise_multiplier.get()) {
+        return Err(format!(
+            "noise multiplier {} is below the pinned {}",
+            ann.noise_multiplier,
+            t.min_noise_multiplier.get()
+        ));
+    }
+    match (&ann.local, ann.unit) {
+        (
+            LocalPlan::DpSgd {
+                steps,
+                expected_batch,
+                learning_rate,
+            },
+            PrivacyUnit::Record,
+        ) => {
+            if !(expected_batch.is_finite() && *expected_batch >= 1.0) {
+                return Err("expected batch must be at least 1".into());
+            }
+            let q = expected_batch / source.records as f64;
+            let max_q = t.max_sample_rate.map_or(0.0, |q| q.get());
+            if q > max_q {
+                return Err(format!(
+                    "sampling rate {q} (expected batch {expected_batch} over {} declared records) is above the pinned {max_q}",
+                    source.records
+                ));
+            }
+            if *steps == 0 || Some(*steps) > t.max_steps_per_round {
+                return Err(format!(
+                    "{steps} steps per round, the site allows 1 to {:?}",
+                    t.max_steps_per_round
+                ));
+            }
+            if !(learning_rate.is_finite() && *learning_rate > 0.0) {
+                return Err("learning rate must be a positive number".into());
+            }
+        }
+        (
+            LocalPlan::Sgd {
+                epochs,
+                batch_size,
+                learning_rate,
+            },
+            PrivacyUnit::Site,
+        ) => {
+            if *epochs == 0 || *epochs > MAX_LOCAL_EPOCHS || *batch_size == 0 {
+                return Err(format!(
+                    "{epochs} epochs of batches of {batch_size}: need 1 to {MAX_LOCAL_EPOCHS} epochs and a batch of at least 1"
+                ));
+            }
+            if !(learning_rate.is_finite() && *learning_rate > 0.0) {
+                return Err("learning rate must be a positive number".into());
+            }
+        }
+        _ => return Err("the training plan does not fit the privacy unit".into()),
+    }
+    Ok(())
+}
+
+/// The announced features, in the announced order, out of the columns loaded at start;
+/// scaled by the announcement's public ranges (clamped: cannot fail on any record).
+fn select_and_scale(all: &Dataset, ann: &StudyAnnouncement) -> Result<Dataset, String> {
+    let slots: Vec<usize> = ann
+        .data
+        .features
+        .iter()
+        .map(|f| {
+            all.feature_names
+                .iter()
+                .position(|n| n == f)
+                .ok_or_else(|| format!("column {f:?} was not loaded"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut x = Vec::with_capacity(all.n * slots.len());
+    for i in 0..all.n {
+        let row = all.row(i);
+        x.extend(slots.iter().map(|&s| row[s]));
+    }
+    let mut ds = Dataset {
+        x,
+        y: all.y.clone(),
+        n: all.n,
+        d: slots.len(),
+        feature_names: ann.data.features.clone(),
+        label_name: all.label_name.clone(),
+    };
     let ranges = ann
         .data
         .ranges
         .iter()
         .map(|r| FeatureRange::new(f64::from(r[0]), f64::from(r[1])))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| unavailable(&e))?;
-    data::scale_features(&mut ds, &ranges).map_err(|e| unavailable(&e))?;
+        .map_err(|e| e.to_string())?;
+    data::scale_features(&mut ds, &ranges).map_err(|e| e.to_string())?;
     if let Some(r) = ann.data.label_range {
-        let r = FeatureRange::new(f64::from(r[0]), f64::from(r[1])).map_err(|e| unavailable(&e))?;
-        data::scale_label(&mut ds, &r).map_err(|e| unavailable(&e))?;
+        let r = FeatureRange::new(f64::from(r[0]), f64::from(r[1])).map_err(|e| e.to_string())?;
+        data::scale_label(&mut ds, &r).map_err(|e| e.to_string())?;
     }
     Ok(ds)
 }
 
-/// Accepts or refuses a study the coordinator announced.
-pub fn prepare_study(
-    cfg: &SiteConfig,
-    ann: &StudyAnnouncement,
-) -> Result<PreparedStudy, DeclineReason> {
-    prepare_study_with_check(cfg, ann).result
+// ---------------------------------------------------------------------------------------
+// Tasks
+
+/// What a paid-for round released.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Released {
+    /// The noised update (or, under central placement, the clipped delta) to send.
+    pub update: Vec<f32>,
+    /// The study's epsilon and the source's filter level after the spend.
+    pub paid: crate::store::Paid,
+    /// Why the update is a noise-only stand-in (something failed after the spend), if it is.
+    pub fallback: Option<String>,
+    /// Whether a site-unit delta was replaced by zero because training diverged.
+    pub zeroed: bool,
 }
 
-/// [`prepare_study`], also returning the identifier check of the study's columns so that
-/// the caller can audit it.
-pub fn prepare_study_with_check(cfg: &SiteConfig, ann: &StudyAnnouncement) -> Preparation {
-    let local = match cfg.studies.get(&ann.study) {
-        Some(local) => local.clone(),
-        None => {
-            return Preparation {
-                result: Err(DeclineReason::StudyNotAllowed),
-                columns: None,
-            }
-        }
-    };
-    if ann.delta > cfg.max_delta.get() {
-        return Preparation {
-            result: Err(DeclineReason::DeltaTooLarge {
-                delta: ann.delta,
-                max: cfg.max_delta.get(),
-            }),
-            columns: None,
-        };
-    }
-    let spec = match arch::model_spec(ann.model, ann.data.features.len(), 1) {
-        Ok(spec) => spec,
-        Err(e) => {
-            return Preparation {
-                result: Err(DeclineReason::TaskMismatch(e.to_string())),
-                columns: None,
-            }
-        }
-    };
-    let (data, check) = load_study_data(ann, &local.data, &local.allow_identifier_columns);
-    let result = data.and_then(|data| accept(ann, spec, data, local));
-    Preparation {
-        result,
-        columns: Some(check),
-    }
+/// What a round costs this site: the study-level event and the source-level event.
+pub fn price(study: &PreparedStudy) -> Result<(SgmEvent, SgmEvent), String> {
+    let ann = &study.announcement;
+    let own = round_cost(
+        ann.unit,
+        ann.placement,
+        ann.noise_multiplier,
+        &ann.local,
+        Some(study.source.records),
+    )?;
+    let at_source = source_event(ann.unit, ann.placement, ann.noise_multiplier, own)?;
+    Ok((own, at_source))
 }
 
-fn accept(
-    ann: &StudyAnnouncement,
-    spec: ModelSpec,
-    data: Dataset,
-    local: SiteStudy,
-) -> Result<PreparedStudy, DeclineReason> {
-    if data.n == 0 {
-        return Err(DeclineReason::DataUnavailable(
-            "the data file has no records".into(),
-        ));
-    }
-    // Record-level DP means little when delta is not well below 1/n: one record could be
-    // given away outright with probability delta.
-    if ann.unit == PrivacyUnit::Record && ann.delta >= 1.0 / data.n as f64 {
-        return Err(DeclineReason::DeltaTooLarge {
-            delta: ann.delta,
-            max: 1.0 / data.n as f64,
-        });
-    }
-    Ok(PreparedStudy {
-        announcement: ann.clone(),
-        spec,
-        data,
-        local,
-    })
-}
-
-/// Checks a task, records its cost in the site's ledger, trains and returns the update to
-/// send. `coordinator` is the coordinator's identity, kept in the ledger.
+/// Checks a task, pays for it in the site's ledger, trains and returns what to send.
+/// `coordinator` is the coordinator's identity, kept in the ledger. `Err` only before the
+/// spend: once paid, the result is always an update (a noise-only one if training failed).
 pub fn run_task(
     cfg: &SiteConfig,
     study: &PreparedStudy,
@@ -201,319 +484,145 @@ pub fn run_task(
     task: &Task,
     global: Vec<f32>,
     coordinator: &str,
-) -> Result<Vec<f32>, DeclineReason> {
+) -> Result<Released, Refusal> {
     let ann = &study.announcement;
-    let mismatch = |m: &str| Err(DeclineReason::TaskMismatch(m.to_string()));
-    if task.unit != ann.unit
-        || task.placement != ann.placement
-        || task.delta.to_bits() != ann.delta.to_bits()
+    let terms = |d: &str| Refusal::new(DeclineReason::TermsDiffer, d);
+    let invalid = |d: String| Refusal::new(DeclineReason::InvalidTask, d);
+    if !ann.task_matches(task) {
+        return Err(terms("the task's study, unit, placement, delta, clip, noise or plan differ from the announced terms"));
+    }
+    if let Some((i, v)) = global
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && v.abs() <= MAX_MODEL_ABS))
     {
-        return mismatch("privacy unit, noise placement or delta differ from the announced study");
+        return Err(invalid(format!(
+            "model value {i} ({v}) is outside +-{MAX_MODEL_ABS}"
+        )));
     }
-    if task.delta > cfg.max_delta.get() {
-        return Err(DeclineReason::DeltaTooLarge {
-            delta: task.delta,
-            max: cfg.max_delta.get(),
-        });
-    }
-    match (&task.local, ann.unit) {
-        (LocalPlan::Sgd { .. }, PrivacyUnit::Site)
-        | (LocalPlan::DpSgd { .. }, PrivacyUnit::Record) => {}
-        _ => return mismatch("the training plan does not fit the privacy unit"),
-    }
-    // The site prices the round itself; a coordinator that under-reports is refused.
-    let sample_rate = if ann.placement == Placement::Central {
-        task.cost.q.get()
-    } else {
-        1.0
-    };
-    let own = round_cost(
-        ann.unit,
-        ann.placement,
-        task.noise_multiplier,
-        sample_rate,
-        &task.local,
-        Some(study.data.n as u64),
-    )
-    .map_err(DeclineReason::TaskMismatch)?;
+    let model = FlatModel::new(study.spec.clone(), global).map_err(|e| invalid(e.to_string()))?;
+    let (own, at_source) = price(study).map_err(invalid)?;
     if own != task.cost {
-        return mismatch("the coordinator's price of the round differs from the site's own");
+        return Err(invalid(format!(
+            "the coordinator priced the round at {:?}, the site at {own:?}",
+            task.cost
+        )));
     }
-    let clip =
-        ClipNorm::new(task.clip_norm).map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
-    let model = FlatModel::new(study.spec.clone(), global)
-        .map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
-    let delta_t = Delta::new(task.delta).map_err(|e| DeclineReason::TaskMismatch(e.to_string()))?;
-
-    let cap = Cap {
+    let clip = ClipNorm::new(ann.clip_norm).map_err(|e| invalid(e.to_string()))?;
+    let delta_t = Delta::new(ann.delta).map_err(|e| invalid(e.to_string()))?;
+    let study_cap = Cap {
         epsilon: study.local.epsilon_cap,
         delta: delta_t,
         accountant: cfg.accountant,
     };
-    match ledger.record_spend_within_cap(
-        &task.study,
-        task.round,
-        own,
+    let source_cap = SourceCap {
+        epsilon: study.source.epsilon_cap,
+        delta: study.source.delta,
+    };
+    let spend = Spend {
+        study: &task.study,
+        round: task.round,
+        event: own,
+        source: &study.local.source,
+        source_event: at_source,
+        terms: &study.terms,
         coordinator,
-        &cap,
-        unix_now(),
-    ) {
-        Ok(_) => {}
-        Err(StoreError::OverCap {
-            epsilon_after, cap, ..
-        }) => return Err(DeclineReason::OverSiteCap { epsilon_after, cap }),
-        Err(StoreError::AlreadySpent { .. }) => return Err(DeclineReason::AlreadySpent),
-        Err(e) => return Err(DeclineReason::Internal(format!("site ledger: {e}"))),
-    }
+    };
+    let paid = match ledger.pay(&spend, &study_cap, &source_cap, unix_now()) {
+        Ok(p) => p,
+        Err(e @ StoreError::OverCap { .. }) => {
+            return Err(Refusal::new(DeclineReason::OverCap, e.to_string()))
+        }
+        Err(e @ StoreError::AlreadySpent { .. }) => {
+            return Err(Refusal::new(DeclineReason::AlreadyPaid, e.to_string()))
+        }
+        Err(e @ StoreError::TermsChanged { .. }) => {
+            return Err(Refusal::new(DeclineReason::TermsDiffer, e.to_string()))
+        }
+        Err(e) => {
+            return Err(Refusal::new(
+                DeclineReason::Internal,
+                format!("site ledger: {e}"),
+            ))
+        }
+    };
 
-    let internal = |e: &dyn std::fmt::Display| DeclineReason::Internal(e.to_string());
-    let sigma_c = task.noise_multiplier * clip.get();
-    let update = match &task.local {
+    // Paid: from here on, something is released whatever happens.
+    let sigma_c = ann.noise_multiplier * clip.get();
+    let (update, fallback, zeroed) = match &ann.local {
         LocalPlan::Sgd {
             epochs,
             batch_size,
             learning_rate,
         } => {
             let seed = noise.rng().next_u64();
-            let cfg = LocalTraining {
+            let plan = LocalTraining {
                 epochs: *epochs,
                 batch_size: *batch_size,
                 learning_rate: *learning_rate,
             };
-            let trained = train::train_local(&model, ann.model, &study.data, &cfg, seed)
-                .map_err(|e| internal(&e))?;
-            let mut d = delta(&trained.values, &model.values);
+            // The whole site is the unit: any function of its data is fine as long as the
+            // result is clipped (and noised when local), so a delta that diverged, or
+            // training that failed, becomes a zero delta rather than an error.
+            let work = usize::try_from(study.source.records).unwrap_or(usize::MAX);
+            let trained = train::train_local_for(&model, ann.model, &study.data, &plan, seed, work);
+            let zeros = || vec![0.0; model.values.len()];
+            let (mut d, zeroed) = match trained {
+                Ok(t) => {
+                    let d = delta(&t.values, &model.values);
+                    if d.iter().all(|v| v.is_finite()) {
+                        (d, false)
+                    } else {
+                        (zeros(), true)
+                    }
+                }
+                Err(_) => (zeros(), true),
+            };
             clip_l2(&mut d, clip);
             if ann.placement == Placement::Local {
-                // Every core: the noise does not depend on how many fill it.
-                noise.add_gaussian(&mut d, sigma_c, available_threads());
+                // In f64, rounded once; every core (the noise does not depend on how many).
+                let mut wide: Vec<f64> = d.iter().map(|&v| f64::from(v)).collect();
+                noise.add_gaussian_f64(&mut wide, sigma_c, available_threads());
+                d = train::saturated_f32(&wide);
             }
-            d
+            (d, None, zeroed)
         }
         LocalPlan::DpSgd {
             steps,
             expected_batch,
             learning_rate,
         } => {
-            let mut m = model.clone();
-            let q = expected_batch / study.data.n as f64;
-            let mut taken = 0u64;
-            for _ in 0..*steps {
-                taken += 1;
-                let batch = poisson_sample(study.data.n, q, noise.rng());
-                let z = noise.gaussian(m.values.len(), sigma_c);
-                train::dp_sgd_step(
-                    &mut m,
-                    ann.model,
-                    &study.data,
-                    &batch,
-                    clip.get(),
-                    &z,
-                    *expected_batch,
-                    *learning_rate,
-                )
-                .map_err(|e| internal(&e))?;
+            let round = DpSgdRound {
+                steps: *steps,
+                q: own.q.get(),
+                expected_batch: *expected_batch,
+                learning_rate: *learning_rate,
+                clip: clip.get(),
+                noise_multiplier: ann.noise_multiplier,
+            };
+            match round.run(&model, ann.model, &study.data, noise) {
+                // The ledger was charged for `own.steps` steps; anything else must not leave.
+                Ok((d, taken)) if taken == own.steps => (d, None, false),
+                Ok((_, taken)) => (
+                    round.noise_only(model.values.len(), noise),
+                    Some(format!("DP-SGD ran {taken} of {} steps", own.steps)),
+                    false,
+                ),
+                Err(e) => (
+                    round.noise_only(model.values.len(), noise),
+                    Some(format!("DP-SGD failed: {e}")),
+                    false,
+                ),
             }
-            // The ledger was charged for `own.steps` steps; anything else must not leave.
-            if taken != own.steps || q.to_bits() != own.q.get().to_bits() {
-                return Err(DeclineReason::Internal(
-                    "DP-SGD did not run the steps the ledger paid for".into(),
-                ));
-            }
-            delta(&m.values, &model.values)
         }
     };
-    if update.iter().any(|v| !v.is_finite()) {
-        return Err(DeclineReason::Internal(
-            "training produced a non-finite update".into(),
-        ));
-    }
-    Ok(update)
+    Ok(Released {
+        update,
+        paid,
+        fallback,
+        zeroed,
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use crate::identifiers::IdentifierKind;
-    use fedpriv_common::config::DataSpec;
-    use fedpriv_common::model::Architecture;
-
-    fn config(dir: &std::path::Path, allow: &str) -> SiteConfig {
-        let toml = format!(
-            "[site]\nname = \"st-marys\"\nstate_dir = \"state\"\nmax_delta = 1e-5\n\n\
-             [coordinator]\naddress = \"127.0.0.1:7443\"\nserver_name = \"localhost\"\n\n\
-             [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n\
-             [studies.s]\ndata = \"patients.csv\"\nepsilon_cap = 3.0\n{allow}\n"
-        );
-        SiteConfig::from_toml(&toml, dir).unwrap()
-    }
-
-    fn announcement(features: &[&str]) -> StudyAnnouncement {
-        StudyAnnouncement {
-            study: "s".into(),
-            model: Architecture::LogisticRegression,
-            data: DataSpec {
-                task: TaskKind::Binary,
-                label: "y".into(),
-                features: features.iter().map(|f| f.to_string()).collect(),
-                ranges: vec![[0.0, 100_000.0]; features.len()],
-                label_range: None,
-            },
-            unit: PrivacyUnit::Site,
-            placement: Placement::Local,
-            delta: 1e-6,
-        }
-    }
-
-    #[test]
-    fn the_ledger_pays_exactly_the_dp_sgd_steps_taken_and_refuses_replays_and_underpricing() {
-        use fedpriv_common::dp::SgmEvent;
-        use fedpriv_common::wire::{Dtype, TensorHeader};
-        let dir = tempfile::tempdir().unwrap();
-        let mut text = String::from("age,y\n");
-        for i in 0..200 {
-            text.push_str(&format!("{},{}\n", 30 + i % 50, i % 2));
-        }
-        std::fs::write(dir.path().join("patients.csv"), text).unwrap();
-        let mut ann = announcement(&["age"]);
-        ann.unit = PrivacyUnit::Record;
-        let cfg = config(dir.path(), "");
-        let study = prepare_study_with_check(&cfg, &ann).result.unwrap();
-        let mut ledger = SiteLedger::open(dir.path().join("ledger.db")).unwrap();
-        let mut noise = NoiseSource::from_os().unwrap();
-        let plan = LocalPlan::DpSgd {
-            steps: 7,
-            expected_batch: 20.0,
-            learning_rate: 0.5,
-        };
-        let cost = round_cost(
-            PrivacyUnit::Record,
-            Placement::Local,
-            2.0,
-            1.0,
-            &plan,
-            Some(200),
-        )
-        .unwrap();
-        let mut task = Task {
-            study: "s".into(),
-            round: 1,
-            header: TensorHeader::for_spec(&study.spec, Dtype::F32),
-            cost,
-            clip_norm: 1.0,
-            noise_multiplier: 2.0,
-            unit: PrivacyUnit::Record,
-            placement: Placement::Local,
-            local: plan,
-            delta: ann.delta,
-        };
-        let global = vec![0.0f32; study.spec.num_values()];
-        let update = run_task(
-            &cfg,
-            &study,
-            &mut ledger,
-            &mut noise,
-            &task,
-            global.clone(),
-            "coordinator",
-        )
-        .unwrap();
-        assert_eq!(update.len(), global.len());
-        assert!(update.iter().any(|v| *v != 0.0));
-        let paid = ledger.events("s").unwrap();
-        assert_eq!(paid, vec![SgmEvent::new(0.1, 2.0, 7).unwrap()]);
-        // A replayed task is refused and charges nothing.
-        let again = run_task(
-            &cfg,
-            &study,
-            &mut ledger,
-            &mut noise,
-            &task,
-            global.clone(),
-            "coordinator",
-        );
-        assert_eq!(again, Err(DeclineReason::AlreadySpent));
-        // A coordinator that under-prices a round (fewer steps than the plan runs) is refused.
-        task.round = 2;
-        task.cost = SgmEvent::new(0.1, 2.0, 3).unwrap();
-        let cheap = run_task(
-            &cfg,
-            &study,
-            &mut ledger,
-            &mut noise,
-            &task,
-            global,
-            "coordinator",
-        );
-        assert!(
-            matches!(cheap, Err(DeclineReason::TaskMismatch(_))),
-            "{cheap:?}"
-        );
-        assert_eq!(ledger.events("s").unwrap().len(), 1);
-    }
-
-    /// 40 patients: an ordinary feature, a ZIP code stored as a number, a label.
-    fn write_data(dir: &std::path::Path) -> Vec<String> {
-        let zips: Vec<String> = (0..40).map(|i| format!("0{}", 2101 + i * 3)).collect();
-        let mut text = String::from("age,lab_value,y\n");
-        for (i, z) in zips.iter().enumerate() {
-            text.push_str(&format!("{},{z},{}\n", 30 + i, i % 2));
-        }
-        std::fs::write(dir.join("patients.csv"), text).unwrap();
-        zips
-    }
-
-    #[test]
-    fn a_column_with_identifier_values_is_refused_unless_allowed() {
-        let dir = tempfile::tempdir().unwrap();
-        let zips = write_data(dir.path());
-        let ann = announcement(&["age", "lab_value"]);
-
-        let p = prepare_study_with_check(&config(dir.path(), ""), &ann);
-        let Err(DeclineReason::DataUnavailable(msg)) = &p.result else {
-            panic!("{:?}", p.result)
-        };
-        assert!(msg.contains("lab_value") && msg.contains("ZIP"), "{msg}");
-        let check = p.columns.unwrap();
-        assert_eq!(check.refused.len(), 1);
-        assert_eq!(check.refused[0].kind, IdentifierKind::ZipCode);
-        assert!(check.values_checked);
-        let details = check.details().to_string();
-        for z in &zips {
-            assert!(!msg.contains(z.as_str()) && !details.contains(z.as_str()));
-        }
-
-        let allowed = config(dir.path(), "allow_identifier_columns = [\"lab_value\"]");
-        let p = prepare_study_with_check(&allowed, &ann);
-        let prepared = p.result.unwrap();
-        assert_eq!(prepared.data.n, 40);
-        let check = p.columns.unwrap();
-        assert!(check.passed());
-        assert_eq!(check.allowed_by_config, ["lab_value"]);
-        assert_eq!(check.allowed_matches[0].kind, IdentifierKind::ZipCode);
-        assert!(prepare_study(&allowed, &ann).is_ok());
-    }
-
-    #[test]
-    fn a_column_named_like_an_identifier_is_refused_before_the_file_is_read() {
-        let dir = tempfile::tempdir().unwrap();
-        // No data file at all: the names alone decide.
-        let ann = announcement(&["age", "patient_ssn"]);
-        let p = prepare_study_with_check(&config(dir.path(), ""), &ann);
-        let Err(DeclineReason::DataUnavailable(msg)) = &p.result else {
-            panic!("{:?}", p.result)
-        };
-        assert!(msg.contains("patient_ssn") && msg.contains("social security"));
-        let check = p.columns.unwrap();
-        assert!(!check.values_checked);
-        assert_eq!(check.checked, ["age", "patient_ssn", "y"]);
-
-        // A study the site does not take part in is refused before any column is looked at.
-        let mut other = ann.clone();
-        other.study = "other".into();
-        let p = prepare_study_with_check(&config(dir.path(), ""), &other);
-        assert_eq!(p.result.unwrap_err(), DeclineReason::StudyNotAllowed);
-        assert!(p.columns.is_none());
-    }
-}
+mod tests;

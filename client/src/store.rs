@@ -1,6 +1,13 @@
 //! The site's own privacy ledger: every spend this site agreed to, per study and round, and
 //! every task it refused, in one SQLite file in the site's state directory.
 //!
+//! Two budgets are enforced, in the transaction that records the spend: the study's own cap
+//! (the accountant over the study's events, at the study's delta) and the cap of the data
+//! source the study reads, over every study that ever read it (a Rényi filter, sound under
+//! fully adaptive composition: see `fedpriv_common::dp::filter`). The first spend of a study
+//! also pins the terms it was paid under and its source: a later round under other terms,
+//! or against another source, is refused.
+//!
 //! The site's cap is enforced against this ledger, whatever the coordinator says, so it
 //! stores mechanism parameters (q, sigma, steps) and recomputes epsilon with the accountant;
 //! it never trusts an epsilon from anywhere. A spend is on disk before the call returns (WAL,
@@ -16,9 +23,10 @@
 use std::path::{Path, PathBuf};
 
 use fedpriv_common::dp::accountant::{self, AccountError, AccountantKind};
+use fedpriv_common::dp::filter;
 use fedpriv_common::dp::{Delta, Epsilon, SgmEvent};
 use fedpriv_common::state_db::{open_db, Access, DbFileError, DbSpec};
-use rusqlite::{params, Connection, Row, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde::Serialize;
 
 pub use fedpriv_common::state_db::FileProblem;
@@ -39,17 +47,33 @@ pub enum StoreError {
     /// This site already paid for this round of this study: decline the task (a replay).
     #[error("round {round} of study {study:?} was already paid for; a round is never run twice")]
     AlreadySpent { study: String, round: u64 },
-    /// The task would take the study past this site's own cap: decline it.
+    /// The task would take the study, or its data source, past this site's own cap:
+    /// decline it.
     #[error(
-        "round {round} of study {study:?} would bring this site's epsilon to {epsilon_after} \
+        "round {round} of study {study:?} would bring {which} to epsilon {epsilon_after} \
          (cap {cap})"
     )]
     OverCap {
         study: String,
         round: u64,
+        which: CapKind,
         /// Infinite when the accountant finds no finite bound.
         epsilon_after: f64,
         cap: f64,
+    },
+    /// The study was first paid for under other terms (or from another data source): a
+    /// coordinator changing what it asks after the spend. Decline.
+    #[error("study {study:?} was paid for under other terms ({what}); they never change")]
+    TermsChanged { study: String, what: &'static str },
+    /// The data source's delta differs from the one its filter was started with.
+    #[error(
+        "data source {source_name:?} was first charged at delta {stored}, the config now says \
+         {configured}: a source's delta is fixed once it is charged"
+    )]
+    SourceDeltaChanged {
+        source_name: String,
+        stored: f64,
+        configured: f64,
     },
     /// The accountant could not answer.
     #[error("accountant: {0}")]
@@ -67,6 +91,68 @@ impl From<DbFileError> for StoreError {
             DbFileError::Sqlite(e) => Self::Sqlite(e),
         }
     }
+}
+
+/// Which of the site's caps a refused spend would have exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapKind {
+    /// The study's own cap.
+    Study,
+    /// The data source's cap, over every study reading it.
+    Source,
+}
+
+impl std::fmt::Display for CapKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Study => "the study's cap",
+            Self::Source => "the data source's cap",
+        })
+    }
+}
+
+/// A data source's cap: epsilon at delta over everything read from it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SourceCap {
+    pub epsilon: Epsilon,
+    pub delta: Delta,
+}
+
+/// One round's charge, as the site priced it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spend<'a> {
+    pub study: &'a str,
+    pub round: u64,
+    /// The study-level event (what the coordinator charges too).
+    pub event: SgmEvent,
+    /// The data source the study reads.
+    pub source: &'a str,
+    /// The same release under record-level add/remove adjacency, for the source's filter.
+    pub source_event: SgmEvent,
+    /// The terms the round is paid under, in a canonical text form (pinned at the first
+    /// spend of the study; later spends must match them).
+    pub terms: &'a str,
+    /// The coordinator's identity (from its certificate) that asked for the round.
+    pub coordinator: &'a str,
+}
+
+/// What a recorded spend brought the study and its source to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Paid {
+    /// The study's epsilon at its delta, after this spend.
+    pub study_epsilon: f64,
+    /// The source filter's level after this spend (see `dp::filter::level`).
+    pub source_level: f64,
+}
+
+/// A data source as the ledger knows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceRow {
+    pub name: String,
+    pub delta: f64,
+    pub orders: Vec<f64>,
+    pub created_at: i64,
 }
 
 /// The site's own limit for one study, and how epsilon is computed against it.
@@ -99,7 +185,8 @@ pub struct RefusalRow {
 const APPLICATION_ID: i32 = 0x6670_7273; // "fprs"
 
 /// `MIGRATIONS[i]` takes the schema from version i to i + 1.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT;
 CREATE TABLE spends (
     study TEXT NOT NULL,
@@ -125,13 +212,55 @@ CREATE TABLE refusals (
     at INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX refusals_by_study ON refusals (study, round);
-"];
+",
+    "
+-- A data source's Rényi filter: its delta and orders are fixed when it is first charged.
+CREATE TABLE sources (
+    name TEXT PRIMARY KEY NOT NULL,
+    delta REAL NOT NULL CHECK (delta > 0 AND delta < 1),
+    orders TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE TRIGGER sources_no_update BEFORE UPDATE ON sources
+    BEGIN SELECT RAISE(ABORT, 'sources are never changed'); END;
+CREATE TRIGGER sources_no_delete BEFORE DELETE ON sources
+    BEGIN SELECT RAISE(ABORT, 'sources are never deleted'); END;
+-- Every spend again as its source counts it (record-level add/remove adjacency).
+CREATE TABLE source_events (
+    source TEXT NOT NULL REFERENCES sources(name),
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    q REAL NOT NULL CHECK (q > 0 AND q <= 1),
+    sigma REAL NOT NULL CHECK (sigma > 0),
+    steps INTEGER NOT NULL CHECK (steps >= 0),
+    PRIMARY KEY (study, round),
+    FOREIGN KEY (study, round) REFERENCES spends(study, round)
+) STRICT;
+CREATE INDEX source_events_by_source ON source_events (source);
+CREATE TRIGGER source_events_no_update BEFORE UPDATE ON source_events
+    BEGIN SELECT RAISE(ABORT, 'source events are never changed'); END;
+CREATE TRIGGER source_events_no_delete BEFORE DELETE ON source_events
+    BEGIN SELECT RAISE(ABORT, 'source events are never deleted'); END;
+-- The terms (and source) a study was first paid under; they never change.
+CREATE TABLE study_terms (
+    study TEXT PRIMARY KEY NOT NULL,
+    source TEXT NOT NULL REFERENCES sources(name),
+    terms TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    pinned_at INTEGER NOT NULL
+) STRICT;
+CREATE TRIGGER study_terms_no_update BEFORE UPDATE ON study_terms
+    BEGIN SELECT RAISE(ABORT, 'pinned terms are never changed'); END;
+CREATE TRIGGER study_terms_no_delete BEFORE DELETE ON study_terms
+    BEGIN SELECT RAISE(ABORT, 'pinned terms are never deleted'); END;
+",
+];
 
 const SPEC: DbSpec = DbSpec {
     app_id: APPLICATION_ID,
     kind: "fedpriv site ledger",
     migrations: MIGRATIONS,
-    read_only_standins: &[""],
+    read_only_standins: &["", ""],
 };
 
 /// The site's ledger.
@@ -213,13 +342,10 @@ impl SiteLedger {
         Ok(stmt.exists(params![study, round])?)
     }
 
-    /// Records that this site pays `event` for `round` of `study`; on disk when this returns
-    /// `Ok`, so call it before the update leaves the site. [`StoreError::AlreadySpent`] if
-    /// the round was paid for already (the first spend stays as it was).
-    ///
-    /// Checks no cap: prefer [`Self::record_spend_within_cap`], which checks and records in
-    /// one transaction.
-    pub fn record_spend(
+    /// Records a spend without any cap or source (ledger tests only: every real spend goes
+    /// through [`Self::pay`]).
+    #[cfg(test)]
+    pub(crate) fn record_spend(
         &mut self,
         study: &str,
         round: u64,
@@ -233,45 +359,209 @@ impl SiteLedger {
         Ok(())
     }
 
-    /// Records the spend only if the study's epsilon, with it, stays within `cap`; the check
-    /// and the write are one transaction, so two tasks racing for the last of the budget
-    /// cannot both pass. Returns the study's epsilon after this spend. Refused with
-    /// [`StoreError::AlreadySpent`] or [`StoreError::OverCap`], recording nothing.
-    pub fn record_spend_within_cap(
+    /// The terms and source `study` was first paid under, if it was: `(source, terms)`.
+    pub fn pinned_terms(&self, study: &str) -> Result<Option<(String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT source, terms FROM study_terms WHERE study = ?1")?;
+        let mut rows = stmt.query([study])?;
+        match rows.next()? {
+            Some(r) => Ok(Some((r.get(0)?, r.get(1)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Pays for one round, on disk when this returns `Ok`: call it before anything the round
+    /// produces leaves the site. In one transaction: the round must not be paid yet
+    /// ([`StoreError::AlreadySpent`]); the study's pinned terms and source, if any, must be
+    /// `spend`'s ([`StoreError::TermsChanged`]; the first spend pins them); the study's
+    /// epsilon with this event must stay within `study_cap`, and the source's filter level
+    /// within `source_cap` ([`StoreError::OverCap`]). Two tasks racing for the last of a
+    /// budget cannot both pass. Nothing is recorded on refusal.
+    pub fn pay(
         &mut self,
-        study: &str,
-        round: u64,
-        event: SgmEvent,
-        coordinator: &str,
-        cap: &Cap,
+        spend: &Spend<'_>,
+        study_cap: &Cap,
+        source_cap: &SourceCap,
         now: i64,
-    ) -> Result<f64, StoreError> {
+    ) -> Result<Paid, StoreError> {
         let tx = self.write()?;
+        let (study, round) = (spend.study, spend.round);
         let spent: bool = tx
             .prepare_cached("SELECT 1 FROM spends WHERE study = ?1 AND round = ?2")?
             .exists(params![study, round])?;
         if spent {
             return Err(already(study, round));
         }
+        let digest = fedpriv_common::digest::sha256_hex(spend.terms.as_bytes());
+        let pinned: Option<(String, String)> = tx
+            .prepare_cached("SELECT source, sha256 FROM study_terms WHERE study = ?1")?
+            .query_row([study], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((source, sha)) = &pinned {
+            let what = if source != spend.source {
+                Some("data source")
+            } else if *sha != digest {
+                Some("terms")
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(StoreError::TermsChanged {
+                    study: study.to_string(),
+                    what,
+                });
+            }
+        }
+        // The source's filter: created at its first charge with today's orders and the
+        // configured delta, which are then fixed.
+        let stored: Option<(f64, String)> = tx
+            .prepare_cached("SELECT delta, orders FROM sources WHERE name = ?1")?
+            .query_row([spend.source], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let orders: Vec<f64> = match stored {
+            Some((delta, orders)) => {
+                if delta.to_bits() != source_cap.delta.get().to_bits() {
+                    return Err(StoreError::SourceDeltaChanged {
+                        source_name: spend.source.to_string(),
+                        stored: delta,
+                        configured: source_cap.delta.get(),
+                    });
+                }
+                serde_json::from_str(&orders).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        1,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })?
+            }
+            None => {
+                let orders = filter::DEFAULT_ORDERS.to_vec();
+                tx.execute(
+                    "INSERT INTO sources (name, delta, orders, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        spend.source,
+                        source_cap.delta.get(),
+                        serde_json::to_string(&orders).unwrap_or_default(),
+                        now
+                    ],
+                )?;
+                orders
+            }
+        };
+        // Spends recorded before sources existed (schema 1) count against the source now.
+        tx.execute(
+            "INSERT INTO source_events (source, study, round, q, sigma, steps)
+             SELECT ?1, study, round, q, sigma, steps FROM spends
+             WHERE study = ?2 AND round NOT IN (SELECT round FROM source_events WHERE study = ?2)",
+            params![spend.source, study],
+        )?;
+
         let mut all = events_in(&tx, study)?;
-        all.push(event);
-        let eps = match accountant::epsilon(cap.accountant, &all, cap.delta) {
+        all.push(spend.event);
+        let study_epsilon = match accountant::epsilon(study_cap.accountant, &all, study_cap.delta) {
             Ok(e) => e,
             Err(AccountError::Unbounded) => f64::INFINITY,
             Err(e) => return Err(e.into()),
         };
         // NaN cannot come from the accountant, but if it did it must not pass.
-        if eps.is_nan() || eps > cap.epsilon.get() {
+        if study_epsilon.is_nan() || study_epsilon > study_cap.epsilon.get() {
             return Err(StoreError::OverCap {
                 study: study.to_string(),
                 round,
-                epsilon_after: eps,
-                cap: cap.epsilon.get(),
+                which: CapKind::Study,
+                epsilon_after: study_epsilon,
+                cap: study_cap.epsilon.get(),
             });
         }
-        insert_spend(&tx, study, round, event, coordinator, now)?;
+        let mut source_events = source_events_in(&tx, spend.source)?;
+        source_events.push(spend.source_event);
+        let (source_level, _) = filter::level(&source_events, &orders, source_cap.delta.get())?;
+        if source_level.is_nan() || source_level > source_cap.epsilon.get() {
+            return Err(StoreError::OverCap {
+                study: study.to_string(),
+                round,
+                which: CapKind::Source,
+                epsilon_after: source_level,
+                cap: source_cap.epsilon.get(),
+            });
+        }
+        insert_spend(&tx, study, round, spend.event, spend.coordinator, now)?;
+        let e = spend.source_event;
+        tx.execute(
+            "INSERT INTO source_events (source, study, round, q, sigma, steps)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                spend.source,
+                study,
+                round,
+                e.q.get(),
+                e.sigma.get(),
+                e.steps
+            ],
+        )?;
+        if pinned.is_none() {
+            tx.execute(
+                "INSERT INTO study_terms (study, source, terms, sha256, pinned_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![study, spend.source, spend.terms, digest, now],
+            )?;
+        }
         tx.commit()?;
-        Ok(eps)
+        Ok(Paid {
+            study_epsilon,
+            source_level,
+        })
+    }
+
+    /// The data sources that have been charged, by name.
+    pub fn sources(&self) -> Result<Vec<SourceRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, delta, orders, created_at FROM sources ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            let orders: String = r.get(2)?;
+            Ok(SourceRow {
+                name: r.get(0)?,
+                delta: r.get(1)?,
+                orders: serde_json::from_str(&orders).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        2,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })?,
+                created_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every event charged to `source`, in the order they were recorded.
+    pub fn source_events(&self, source: &str) -> Result<Vec<SgmEvent>, StoreError> {
+        Ok(source_events_in(&self.conn, source)?)
+    }
+
+    /// The studies that have read `source`, sorted.
+    pub fn source_studies(&self, source: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT study FROM source_events WHERE source = ?1 ORDER BY study",
+        )?;
+        let rows = stmt.query_map([source], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The filter level of `source` (see `dp::filter::level`): 0 if never charged.
+    pub fn source_level(&self, source: &str) -> Result<f64, StoreError> {
+        let Some(row) = self.sources()?.into_iter().find(|s| s.name == source) else {
+            return Ok(0.0);
+        };
+        let events = self.source_events(source)?;
+        if events.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(filter::level(&events, &row.orders, row.delta)?.0)
     }
 
     /// Records that this site declined `round` of `study`, and why.
@@ -324,6 +614,14 @@ impl SiteLedger {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?)
     }
+}
+
+fn source_events_in(conn: &Connection, source: &str) -> rusqlite::Result<Vec<SgmEvent>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT q, sigma, steps FROM source_events WHERE source = ?1 ORDER BY rowid",
+    )?;
+    let rows = stmt.query_map([source], |r| sgm_event(r, 0))?;
+    rows.collect()
 }
 
 fn events_in(conn: &Connection, study: &str) -> rusqlite::Result<Vec<SgmEvent>> {
@@ -390,6 +688,35 @@ mod tests {
 
     fn delta() -> Delta {
         Delta::new(1e-5).expect("delta")
+    }
+
+    /// A source cap that never binds.
+    fn open_source() -> SourceCap {
+        SourceCap {
+            epsilon: Epsilon::new(1e9).expect("eps"),
+            delta: delta(),
+        }
+    }
+
+    /// Pays `event` for `round` of `study` from source "wards" under terms "t".
+    fn pay(
+        ledger: &mut SiteLedger,
+        study: &str,
+        round: u64,
+        event: SgmEvent,
+        cap: &Cap,
+        now: i64,
+    ) -> Result<Paid, StoreError> {
+        let spend = Spend {
+            study,
+            round,
+            event,
+            source: "wards",
+            source_event: event,
+            terms: "t",
+            coordinator: "coord",
+        };
+        ledger.pay(&spend, cap, &open_source(), now)
     }
 
     fn fresh() -> (tempfile::TempDir, PathBuf, SiteLedger) {
@@ -502,7 +829,7 @@ mod tests {
             accountant: AccountantKind::Rdp,
         };
         assert!(matches!(
-            ledger.record_spend_within_cap("s1", 4, ev(0.1, 1.0, 10), "coord", &cap, 3),
+            pay(&mut ledger, "s1", 4, ev(0.1, 1.0, 10), &cap, 3),
             Err(StoreError::AlreadySpent { .. })
         ));
         // Neither an API call nor a hand-run statement changes the first spend.
@@ -531,24 +858,21 @@ mod tests {
             delta: delta(),
             accountant: AccountantKind::Rdp,
         };
-        let after = ledger
-            .record_spend_within_cap("s1", 0, step, "coord", &cap, 1)
-            .expect("first fits");
-        assert_eq!(after, one);
-        let over = ledger.record_spend_within_cap("s1", 1, step, "coord", &cap, 2);
+        let after = pay(&mut ledger, "s1", 0, step, &cap, 1).expect("first fits");
+        assert_eq!(after.study_epsilon, one);
+        let over = pay(&mut ledger, "s1", 1, step, &cap, 2);
         match over {
             Err(StoreError::OverCap {
                 epsilon_after,
                 round: 1,
+                which: CapKind::Study,
                 ..
             }) => assert_eq!(epsilon_after, two),
             other => panic!("expected OverCap, got {other:?}"),
         }
         assert_eq!(ledger.events("s1").expect("events"), vec![step]);
         // Another study has its own budget.
-        ledger
-            .record_spend_within_cap("s2", 1, step, "coord", &cap, 3)
-            .expect("other study");
+        pay(&mut ledger, "s2", 1, step, &cap, 3).expect("other study");
         // A hopeless spend is over any cap, whether or not its bound is finite.
         let tiny = Cap {
             epsilon: Epsilon::new(1e6).expect("eps"),
@@ -557,7 +881,7 @@ mod tests {
         };
         let wild = ev(1.0, 0.05, 1_000_000);
         assert!(matches!(
-            ledger.record_spend_within_cap("s3", 0, wild, "coord", &tiny, 4),
+            pay(&mut ledger, "s3", 0, wild, &tiny, 4),
             Err(StoreError::OverCap { .. })
         ));
         assert!(ledger.events("s3").expect("events").is_empty());
@@ -665,8 +989,166 @@ mod tests {
             file_problem(SiteLedger::open(&copy).expect_err("newer")),
             FileProblem::NewerSchema {
                 found: 7,
-                supported: 1
+                supported: 2
             }
         );
+    }
+
+    #[test]
+    fn a_source_cap_binds_across_studies_whatever_their_ids() {
+        let (_dir, path, mut ledger) = fresh();
+        let study_cap = Cap {
+            epsilon: Epsilon::new(1e9).expect("eps"),
+            delta: delta(),
+            accountant: AccountantKind::Rdp,
+        };
+        let release = ev(1.0, 2.0, 1);
+        let source = SourceCap {
+            epsilon: Epsilon::new(6.0).expect("eps"),
+            delta: delta(),
+        };
+        // Each round is a new study id: the study caps never bind, the source's does.
+        let mut paid = 0u64;
+        let mut last_level = 0.0;
+        loop {
+            let id = format!("study-{paid}");
+            let spend = Spend {
+                study: &id,
+                round: 1,
+                event: release,
+                source: "wards",
+                source_event: release,
+                terms: "t",
+                coordinator: "coord",
+            };
+            match ledger.pay(&spend, &study_cap, &source, 1) {
+                Ok(p) => {
+                    assert!(p.source_level > last_level && p.source_level <= 6.0);
+                    last_level = p.source_level;
+                    paid += 1;
+                }
+                Err(StoreError::OverCap {
+                    which: CapKind::Source,
+                    epsilon_after,
+                    ..
+                }) => {
+                    assert!(epsilon_after > 6.0);
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            assert!(paid < 1000, "the source cap never bound");
+        }
+        assert!(paid >= 2);
+        // The filter's own reading agrees, after a reopen; another source is untouched.
+        drop(ledger);
+        let mut ledger = SiteLedger::open(&path).expect("reopen");
+        assert_eq!(
+            ledger.source_events("wards").expect("events").len() as u64,
+            paid
+        );
+        let level = ledger.source_level("wards").expect("level");
+        assert!((level - last_level).abs() < 1e-12);
+        let spend = Spend {
+            study: "other",
+            round: 1,
+            event: release,
+            source: "icu",
+            source_event: release,
+            terms: "t",
+            coordinator: "coord",
+        };
+        ledger
+            .pay(&spend, &study_cap, &source, 2)
+            .expect("another source");
+        // A source's delta is fixed once charged.
+        let moved = SourceCap {
+            epsilon: Epsilon::new(60.0).expect("eps"),
+            delta: Delta::new(1e-6).expect("delta"),
+        };
+        let spend = Spend {
+            study: "late",
+            ..spend
+        };
+        assert!(matches!(
+            ledger.pay(&spend, &study_cap, &moved, 3),
+            Err(StoreError::SourceDeltaChanged { .. })
+        ));
+        assert!(ledger
+            .conn
+            .execute("DELETE FROM source_events", [])
+            .is_err());
+        assert!(ledger
+            .conn
+            .execute("UPDATE sources SET delta = 0.5", [])
+            .is_err());
+    }
+
+    #[test]
+    fn terms_and_source_are_pinned_by_the_first_spend() {
+        let (_dir, _path, mut ledger) = fresh();
+        let cap = Cap {
+            epsilon: Epsilon::new(1e9).expect("eps"),
+            delta: delta(),
+            accountant: AccountantKind::Rdp,
+        };
+        let step = ev(0.1, 1.0, 10);
+        let first = Spend {
+            study: "s1",
+            round: 1,
+            event: step,
+            source: "wards",
+            source_event: step,
+            terms: "terms A",
+            coordinator: "coord",
+        };
+        assert_eq!(ledger.pinned_terms("s1").expect("query"), None);
+        ledger.pay(&first, &cap, &open_source(), 1).expect("first");
+        assert_eq!(
+            ledger.pinned_terms("s1").expect("query"),
+            Some(("wards".to_string(), "terms A".to_string()))
+        );
+        let changed = Spend {
+            round: 2,
+            terms: "terms B",
+            ..first.clone()
+        };
+        assert!(matches!(
+            ledger.pay(&changed, &cap, &open_source(), 2),
+            Err(StoreError::TermsChanged { what: "terms", .. })
+        ));
+        let moved = Spend {
+            round: 2,
+            source: "icu",
+            ..first.clone()
+        };
+        assert!(matches!(
+            ledger.pay(&moved, &cap, &open_source(), 2),
+            Err(StoreError::TermsChanged {
+                what: "data source",
+                ..
+            })
+        ));
+        let same = Spend { round: 2, ..first };
+        ledger
+            .pay(&same, &cap, &open_source(), 2)
+            .expect("same terms");
+        assert_eq!(ledger.events("s1").expect("events").len(), 2);
+    }
+
+    #[test]
+    fn spends_from_before_sources_count_against_the_source_at_the_next_payment() {
+        let (_dir, _path, mut ledger) = fresh();
+        let cap = Cap {
+            epsilon: Epsilon::new(1e9).expect("eps"),
+            delta: delta(),
+            accountant: AccountantKind::Rdp,
+        };
+        // A spend as schema 1 recorded it: no source event.
+        ledger
+            .record_spend("old", 1, ev(1.0, 1.0, 1), "coord", 1)
+            .expect("legacy spend");
+        pay(&mut ledger, "old", 2, ev(1.0, 1.0, 1), &cap, 2).expect("pay");
+        assert_eq!(ledger.source_events("wards").expect("events").len(), 2);
     }
 }

@@ -18,10 +18,10 @@ use fedpriv_common::model::{Architecture, FlatModel, ModelSpec, TensorSpec};
 use crate::data::{is_class_id, Dataset, SplitMix64};
 
 /// Each example's clipping factor is computed against its norm inflated by this relative
-/// margin. The norm comes from an f32 identity (`||a||^2 * ||g||^2`) whose rounding error is
-/// orders of magnitude smaller, so every clipped contribution is at most C, as the
-/// accountant assumes, and not C plus rounding.
-const CLIP_MARGIN: f64 = 1e-5;
+/// margin. The norm is exact to f64 rounding from the f32 factors; the margin covers the f32
+/// rounding of the scaled factors (a few ulps, 1e-7 relative), so every clipped contribution
+/// is at most C, as the accountant assumes, and not C plus rounding.
+const CLIP_MARGIN: f64 = 1e-6;
 /// Rows per forward pass in [`evaluate`], bounding its memory on large sites.
 const EVAL_CHUNK: usize = 4096;
 
@@ -369,6 +369,20 @@ pub fn train_local(
     cfg: &LocalTraining,
     seed: u64,
 ) -> Result<FlatModel, TrainError> {
+    train_local_for(model, arch, data, cfg, seed, data.n)
+}
+
+/// [`train_local`] with a fixed amount of work: every pass takes `examples_per_epoch`
+/// examples (the data shuffled, repeated or cut short to that length), so the time it takes
+/// depends on a public number, not on how many records the site holds.
+pub fn train_local_for(
+    model: &FlatModel,
+    arch: Architecture,
+    data: &Dataset,
+    cfg: &LocalTraining,
+    seed: u64,
+    examples_per_epoch: usize,
+) -> Result<FlatModel, TrainError> {
     let dims = dims_of(model, arch)?;
     check_data(&dims, data)?;
     check_lr(cfg.learning_rate)?;
@@ -389,10 +403,16 @@ pub fn train_local(
     let x = Tensor::from_slice(&data.x, (data.n, data.d), &dev)?;
     let targets = Targets::new(&data.y, dims.head, &dev)?;
     let mut order: Vec<u32> = (0..data.n as u32).collect();
+    let mut pass: Vec<u32> = Vec::with_capacity(examples_per_epoch);
     let mut rng = SplitMix64::new(seed);
     for _ in 0..cfg.epochs {
-        rng.shuffle(&mut order);
-        for batch in order.chunks(cfg.batch_size) {
+        pass.clear();
+        while pass.len() < examples_per_epoch {
+            rng.shuffle(&mut order);
+            let take = (examples_per_epoch - pass.len()).min(order.len());
+            pass.extend_from_slice(&order[..take]);
+        }
+        for batch in pass.chunks(cfg.batch_size) {
             let ids = Tensor::from_slice(batch, batch.len(), &dev)?;
             let loss = autograd_step(
                 &vars,
@@ -470,6 +490,11 @@ fn gather(data: &Dataset, batch: &[usize]) -> Result<(Vec<f32>, Vec<f32>), Train
 /// Each example's `(a_i, g_i)` is then scaled by `min(1, C / norm_i)` and every layer's sum
 /// is one matmul, `(s g)^T a`.
 ///
+/// Never fails because of what an example holds (a coordinator chooses the model, and could
+/// craft one that overflows for some records only): norms are computed in f64 from the f32
+/// factors, and an example whose gradient is not finite contributes zero, as does a padding
+/// row (see [`padded_batch`]).
+///
 /// `x_batch` is `batch_n x d` row-major, `y_batch` has `batch_n` labels. An empty batch
 /// gives a zero sum.
 pub fn per_example_clipped_grad_sum(
@@ -480,9 +505,24 @@ pub fn per_example_clipped_grad_sum(
     batch_n: usize,
     clip: f64,
 ) -> Result<(Vec<f32>, PerExampleStats), TrainError> {
+    clipped_sum(model, arch, x_batch, y_batch, batch_n, batch_n, clip)
+}
+
+/// [`per_example_clipped_grad_sum`] where only the first `active` rows are examples; the
+/// rest are padding (any features, valid labels), computed like the others and weighted
+/// zero, so that the time a step takes does not depend on how many examples it drew.
+fn clipped_sum(
+    model: &FlatModel,
+    arch: Architecture,
+    x_batch: &[f32],
+    y_batch: &[f32],
+    batch_n: usize,
+    active: usize,
+    clip: f64,
+) -> Result<(Vec<f32>, PerExampleStats), TrainError> {
     let dims = dims_of(model, arch)?;
     let expected = batch_n.checked_mul(dims.inputs);
-    if expected != Some(x_batch.len()) || y_batch.len() != batch_n {
+    if expected != Some(x_batch.len()) || y_batch.len() != batch_n || active > batch_n {
         return Err(TrainError::BatchShape {
             batch_n,
             expected: expected.unwrap_or(usize::MAX),
@@ -513,73 +553,119 @@ pub fn per_example_clipped_grad_sum(
         }
         _ => vec![(x, g)],
     };
-    let mut norm_sq: Option<Tensor> = None;
+    // Host copies of every layer's factors; the squared norms in f64.
+    let mut host: Vec<(Vec<f32>, usize, Vec<f32>, usize)> = Vec::with_capacity(layers.len());
     for (a, g) in &layers {
-        let a_sq = a.sqr()?.sum_keepdim(1)?.affine(1.0, 1.0)?; // + 1 for the bias
-        let layer = g.sqr()?.sum_keepdim(1)?.mul(&a_sq)?;
-        norm_sq = Some(match norm_sq {
-            Some(s) => s.add(&layer)?,
-            None => layer,
-        });
+        let (a_cols, g_cols) = (a.dim(1)?, g.dim(1)?);
+        host.push((
+            a.flatten_all()?.to_vec1::<f32>()?,
+            a_cols,
+            g.flatten_all()?.to_vec1::<f32>()?,
+            g_cols,
+        ));
     }
-    let norm_sq = match norm_sq {
-        Some(s) => s.flatten_all()?.to_vec1::<f32>()?,
-        None => return Err(TrainError::Model("model has no layers".into())),
-    };
-    let mut scales = Vec::with_capacity(batch_n);
-    let (mut clipped, mut norm_total) = (0usize, 0f64);
-    for &sq in &norm_sq {
-        let norm = f64::from(sq).sqrt();
+    let sq = |v: &[f32]| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+    let mut scales = vec![0f32; batch_n];
+    let (mut clipped, mut counted, mut norm_total) = (0usize, 0usize, 0f64);
+    for (i, scale) in scales.iter_mut().enumerate().take(active) {
+        let norm_sq: f64 = host
+            .iter()
+            .map(|(a, ac, g, gc)| {
+                sq(&g[i * gc..(i + 1) * gc]) * (sq(&a[i * ac..(i + 1) * ac]) + 1.0)
+            })
+            .sum();
+        let norm = norm_sq.sqrt();
         if !norm.is_finite() {
-            return Err(TrainError::NonFinite);
+            // Counts as zero: the example adds nothing, whatever the model made of it.
+            continue;
         }
+        counted += 1;
         norm_total += norm;
         let padded = norm * (1.0 + CLIP_MARGIN);
         if padded > clip {
             clipped += 1;
-            scales.push((clip / padded) as f32);
+            *scale = (clip / padded) as f32;
         } else {
-            scales.push(1.0);
+            *scale = 1.0;
         }
     }
-    let s = Tensor::from_vec(scales, (batch_n, 1), &dev)?;
     let mut sum = Vec::with_capacity(model.values.len());
-    for (a, g) in &layers {
-        let gs = g.broadcast_mul(&s)?;
-        sum.extend(gs.t()?.matmul(a)?.flatten_all()?.to_vec1::<f32>()?);
+    for (a, ac, g, gc) in host {
+        // Zero rows for examples that count as zero, so that an infinite factor times a
+        // zero scale cannot make a NaN.
+        let mut gs = vec![0f32; batch_n * gc];
+        let mut aa = vec![0f32; batch_n * ac];
+        for (i, &s) in scales.iter().enumerate() {
+            if s > 0.0 {
+                for (o, &v) in gs[i * gc..(i + 1) * gc]
+                    .iter_mut()
+                    .zip(&g[i * gc..(i + 1) * gc])
+                {
+                    *o = v * s;
+                }
+                aa[i * ac..(i + 1) * ac].copy_from_slice(&a[i * ac..(i + 1) * ac]);
+            }
+        }
+        let gs = Tensor::from_vec(gs, (batch_n, gc), &dev)?;
+        let aa = Tensor::from_vec(aa, (batch_n, ac), &dev)?;
+        sum.extend(gs.t()?.matmul(&aa)?.flatten_all()?.to_vec1::<f32>()?);
         sum.extend(gs.sum(0)?.to_vec1::<f32>()?);
     }
     let stats = PerExampleStats {
-        batch_n,
-        clipped_fraction: clipped as f64 / batch_n as f64,
-        mean_norm: norm_total / batch_n as f64,
+        batch_n: active,
+        clipped_fraction: if active == 0 {
+            0.0
+        } else {
+            clipped as f64 / active as f64
+        },
+        mean_norm: if counted == 0 {
+            0.0
+        } else {
+            norm_total / counted as f64
+        },
     };
     Ok((sum, stats))
 }
 
-/// One DP-SGD step on the rows `batch` of `data` (drawn by the caller's Poisson sampler):
+/// The number of rows every DP-SGD step computes, whatever its Poisson draw: the expected
+/// batch plus six standard deviations and six. A step's time then does not depend on how
+/// many examples it drew (which one record changes), except in a draw above this size,
+/// whose probability is below 1e-9 per step; such a batch is computed whole.
+pub fn padded_batch(expected_batch: f64) -> usize {
+    (expected_batch + 6.0 * expected_batch.sqrt() + 6.0).ceil() as usize
+}
+
+/// One DP-SGD step on the rows `batch` of `data` (drawn by the caller's Poisson sampler), on
+/// the working model `theta`, kept in f64:
 /// `theta -= lr * (sum of clipped per-example gradients + noise) / expected_batch`.
 ///
-/// `noise` is one value per parameter, already scaled (N(0, sigma^2 C^2) each), from the
-/// caller's secure generator. Dividing by the expected batch size, not the drawn one, keeps
-/// the step's sensitivity fixed, as the accountant assumes; an empty batch still applies
-/// the noise. On error the model is left unchanged.
+/// The gradients are taken at `theta` rounded to f32 (saturated to the f32 range), a
+/// function of earlier noised steps only. `noise` is one value per parameter, already scaled
+/// (N(0, sigma^2 C^2) each), from the caller's secure generator, in f64: nothing is rounded
+/// here, the caller rounds once when it releases the result. Dividing by the expected batch
+/// size, not the drawn one, keeps the step's sensitivity fixed, as the accountant assumes;
+/// an empty batch still applies the noise. The batch is padded to
+/// [`padded_batch`] rows. Errors only for inputs that do not fit each other (a caller's bug),
+/// never because of a record's values.
 #[allow(clippy::too_many_arguments)]
 pub fn dp_sgd_step(
-    model: &mut FlatModel,
+    theta: &mut [f64],
+    spec: &ModelSpec,
     arch: Architecture,
     data: &Dataset,
     batch: &[usize],
     clip: f64,
-    noise: &[f32],
+    noise: &[f64],
     expected_batch: f64,
     learning_rate: f32,
 ) -> Result<PerExampleStats, TrainError> {
-    let dims = dims_of(model, arch)?;
+    let at = FlatModel::new(spec.clone(), saturated_f32(theta))
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let dims = dims_of(&at, arch)?;
     check_shape(&dims, data)?;
-    if noise.len() != model.values.len() {
+    if noise.len() != theta.len() {
         return Err(TrainError::NoiseLength {
-            expected: model.values.len(),
+            expected: theta.len(),
             got: noise.len(),
         });
     }
@@ -589,20 +675,102 @@ pub fn dp_sgd_step(
         )));
     }
     check_lr(learning_rate)?;
-    let (xb, yb) = gather(data, batch)?;
-    let (sum, stats) = per_example_clipped_grad_sum(model, arch, &xb, &yb, batch.len(), clip)?;
+    let (mut xb, mut yb) = gather(data, batch)?;
+    let rows = batch.len().max(padded_batch(expected_batch));
+    xb.resize(rows * data.d, 0.0);
+    yb.resize(rows, 0.0);
+    let (sum, stats) = clipped_sum(&at, arch, &xb, &yb, rows, batch.len(), clip)?;
     let step = f64::from(learning_rate) / expected_batch;
-    let updated: Vec<f32> = model
-        .values
-        .iter()
-        .zip(sum.iter().zip(noise))
-        .map(|(&v, (&g, &e))| (f64::from(v) - step * (f64::from(g) + f64::from(e))) as f32)
-        .collect();
-    if updated.iter().any(|v| !v.is_finite()) {
-        return Err(TrainError::NonFinite);
+    for ((v, &g), &e) in theta.iter_mut().zip(&sum).zip(noise) {
+        *v -= step * (f64::from(g) + e);
     }
-    model.values = updated;
     Ok(stats)
+}
+
+/// f64 values rounded to f32, infinities and out-of-range values saturated to the largest
+/// finite f32 (NaN cannot come out of a finite working model, but maps to zero if it did).
+pub fn saturated_f32(values: &[f64]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|&v| {
+            if v.is_nan() {
+                0.0
+            } else {
+                v.clamp(f64::from(f32::MIN), f64::from(f32::MAX)) as f32
+            }
+        })
+        .collect()
+}
+
+/// A DP-SGD round at a site: `steps` steps of [`dp_sgd_step`], each on a Poisson batch with
+/// rate `q` drawn from the secure generator, with fresh noise N(0, (sigma C)^2) per
+/// coordinate; returns the model delta, rounded to f32 once. `q` is the rate the ledger paid
+/// for (expected batch over the *declared* record count), whatever the data's true size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpSgdRound {
+    pub steps: u64,
+    pub q: f64,
+    pub expected_batch: f64,
+    pub learning_rate: f32,
+    pub clip: f64,
+    pub noise_multiplier: f64,
+}
+
+impl DpSgdRound {
+    /// Runs the round from `global` on `data`. An error means the round could not run as
+    /// planned (a bug or a resource failure, never a record's value); the caller then sends
+    /// [`Self::noise_only`] instead.
+    pub fn run(
+        &self,
+        global: &FlatModel,
+        arch: Architecture,
+        data: &Dataset,
+        noise: &mut fedpriv_common::dp::noise::NoiseSource,
+    ) -> Result<(Vec<f32>, u64), TrainError> {
+        use fedpriv_common::dp::noise::available_threads;
+        let start: Vec<f64> = global.values.iter().map(|&v| f64::from(v)).collect();
+        let mut theta = start.clone();
+        let mut taken = 0u64;
+        for _ in 0..self.steps {
+            let batch = fedpriv_common::dp::sampling::poisson_sample(data.n, self.q, noise.rng());
+            let mut z = vec![0f64; theta.len()];
+            noise.add_gaussian_f64(
+                &mut z,
+                self.noise_multiplier * self.clip,
+                available_threads(),
+            );
+            dp_sgd_step(
+                &mut theta,
+                &global.spec,
+                arch,
+                data,
+                &batch,
+                self.clip,
+                &z,
+                self.expected_batch,
+                self.learning_rate,
+            )?;
+            taken += 1;
+        }
+        let delta: Vec<f64> = theta.iter().zip(&start).map(|(a, b)| a - b).collect();
+        Ok((saturated_f32(&delta), taken))
+    }
+
+    /// What the round releases when every example contributes nothing: the sum of its
+    /// steps' noise times `-lr / expected_batch`, one Gaussian per coordinate with the same
+    /// total variance, rounded once. Depends on no record, so it can stand in for a round
+    /// that failed after it was paid for.
+    pub fn noise_only(
+        &self,
+        values: usize,
+        noise: &mut fedpriv_common::dp::noise::NoiseSource,
+    ) -> Vec<f32> {
+        let scale = f64::from(self.learning_rate) / self.expected_batch;
+        let std = scale * self.noise_multiplier * self.clip * (self.steps as f64).sqrt();
+        let mut z = vec![0f64; values];
+        noise.add_gaussian_f64(&mut z, std, fedpriv_common::dp::noise::available_threads());
+        saturated_f32(&z)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -887,45 +1055,115 @@ mod tests {
         let (arch, d) = (MLP, 3);
         let data = toy_dataset(arch, 1, 10, d);
         let model = random_model(arch, d, 1, 5);
-        let noise: Vec<f32> = (0..model.values.len())
-            .map(|i| (i as f32 - 10.0) * 0.01)
+        let noise: Vec<f64> = (0..model.values.len())
+            .map(|i| (i as f64 - 10.0) * 0.01)
             .collect();
         let batch = [1usize, 4, 4, 9];
         let (xb, yb) = gather(&data, &batch).unwrap();
         let (sum, _) = per_example_clipped_grad_sum(&model, arch, &xb, &yb, 4, 0.5).unwrap();
-        let mut stepped = model.clone();
-        let stats = dp_sgd_step(&mut stepped, arch, &data, &batch, 0.5, &noise, 5.0, 0.1).unwrap();
+        let start: Vec<f64> = model.values.iter().map(|&v| f64::from(v)).collect();
+        let mut theta = start.clone();
+        let stats = dp_sgd_step(
+            &mut theta,
+            &model.spec,
+            arch,
+            &data,
+            &batch,
+            0.5,
+            &noise,
+            5.0,
+            0.1,
+        )
+        .unwrap();
         assert_eq!(stats.batch_n, 4);
         for j in 0..model.values.len() {
-            let want = model.values[j] - 0.1 * (sum[j] + noise[j]) / 5.0;
-            assert!((stepped.values[j] - want).abs() < 1e-6);
+            let want = start[j] - 0.1f64 * (f64::from(sum[j]) + noise[j]) / 5.0;
+            // The padding rows change nothing but the matmul's summation order.
+            assert!((theta[j] - want).abs() < 1e-6, "{} vs {want}", theta[j]);
         }
-        // An empty Poisson batch: no gradient, but the noise is still added.
-        let mut stepped = model.clone();
-        let stats = dp_sgd_step(&mut stepped, arch, &data, &[], 0.5, &noise, 5.0, 0.1).unwrap();
+        // An empty Poisson batch: no gradient, but the noise is still added, in f64.
+        let mut theta = start.clone();
+        let stats = dp_sgd_step(
+            &mut theta,
+            &model.spec,
+            arch,
+            &data,
+            &[],
+            0.5,
+            &noise,
+            5.0,
+            0.1,
+        )
+        .unwrap();
         assert_eq!(stats.batch_n, 0);
-        for ((&before, &after), &e) in model.values.iter().zip(&stepped.values).zip(&noise) {
-            assert!((after - (before - 0.1 * e / 5.0)).abs() < 1e-6);
+        for ((&before, &after), &e) in start.iter().zip(&theta).zip(&noise) {
+            assert_eq!(after, before - 0.1f32 as f64 / 5.0 * e);
         }
         // Errors leave the model as it was.
-        let mut m = model.clone();
+        let mut m = start.clone();
+        let step = |m: &mut Vec<f64>, batch: &[usize], noise: &[f64], b: f64, clip: f64| {
+            dp_sgd_step(m, &model.spec, arch, &data, batch, clip, noise, b, 0.1)
+        };
         assert!(matches!(
-            dp_sgd_step(&mut m, arch, &data, &batch, 0.5, &noise[1..], 5.0, 0.1),
+            step(&mut m, &batch, &noise[1..], 5.0, 0.5),
             Err(TrainError::NoiseLength { .. })
         ));
         assert!(matches!(
-            dp_sgd_step(&mut m, arch, &data, &[10], 0.5, &noise, 5.0, 0.1),
+            step(&mut m, &[10], &noise, 5.0, 0.5),
             Err(TrainError::IndexOutOfRange { index: 10, n: 10 })
         ));
         assert!(matches!(
-            dp_sgd_step(&mut m, arch, &data, &batch, 0.5, &noise, 0.0, 0.1),
+            step(&mut m, &batch, &noise, 0.0, 0.5),
             Err(TrainError::Config(_))
         ));
         assert!(matches!(
-            dp_sgd_step(&mut m, arch, &data, &batch, -1.0, &noise, 5.0, 0.1),
+            step(&mut m, &batch, &noise, 5.0, -1.0),
             Err(TrainError::Config(_))
         ));
-        assert_eq!(m, model);
+        assert_eq!(m, start);
+    }
+
+    #[test]
+    fn an_example_the_model_overflows_for_counts_as_zero_and_never_fails_the_step() {
+        // A crafted linear model whose output overflows f32 for records with both features
+        // above 0.6 only: those examples' gradients are infinite.
+        let model = FlatModel::new(
+            model_spec(LINEAR, 2, 1).unwrap(),
+            vec![f32::MAX / 1.5, f32::MAX / 1.5, 0.0],
+        )
+        .unwrap();
+        let x = [0.9f32, 0.9, 0.1, 0.2, 0.95, 0.7, -0.3, 0.5];
+        let y = [0.0f32, 1.0, 0.5, -1.0];
+        let (sum, stats) = per_example_clipped_grad_sum(&model, LINEAR, &x, &y, 4, 1.0).unwrap();
+        assert!(sum.iter().all(|v| v.is_finite()));
+        // The same as a batch of only the two finite examples.
+        let (finite, _) = per_example_clipped_grad_sum(
+            &model,
+            LINEAR,
+            &[0.1, 0.2, -0.3, 0.5],
+            &[0.5, -1.0],
+            2,
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(sum, finite);
+        assert_eq!(stats.batch_n, 4);
+    }
+
+    #[test]
+    fn padding_rows_change_nothing_but_the_time() {
+        let (arch, d) = (MLP, 3);
+        let model = random_model(arch, d, 1, 9);
+        let (x, y) = random_batch(5, d, arch, 1, 3);
+        let (plain, _) = per_example_clipped_grad_sum(&model, arch, &x, &y, 5, 0.7).unwrap();
+        let (mut xp, mut yp) = (x.clone(), y.clone());
+        let (junk_x, junk_y) = random_batch(20, d, arch, 1, 4);
+        xp.extend(junk_x);
+        yp.extend(junk_y);
+        let (padded, stats) = clipped_sum(&model, arch, &xp, &yp, 25, 5, 0.7).unwrap();
+        assert_close(&padded, &plain, 1e-6, "padded");
+        assert_eq!(stats.batch_n, 5);
+        assert!(padded_batch(48.0) >= 48 + 6 * 7);
     }
 
     #[test]
@@ -1148,17 +1386,27 @@ mod tests {
         // not stop learning.
         let (train, test) = breast_cancer();
         let mut model = init_model(LOGISTIC, train.d, 1, 0).unwrap();
-        let zeros = vec![0f32; model.values.len()];
+        let zeros = vec![0f64; model.values.len()];
+        let mut theta: Vec<f64> = model.values.iter().map(|&v| f64::from(v)).collect();
         let mut rng = SplitMix64::new(11);
         let expected = 32.0;
         for _ in 0..150 {
             let q = expected / train.n as f64;
             let batch: Vec<usize> = (0..train.n).filter(|_| rng.next_f64() < q).collect();
             dp_sgd_step(
-                &mut model, LOGISTIC, &train, &batch, 1.0, &zeros, expected, 1.0,
+                &mut theta,
+                &model.spec,
+                LOGISTIC,
+                &train,
+                &batch,
+                1.0,
+                &zeros,
+                expected,
+                1.0,
             )
             .unwrap();
         }
+        model.values = saturated_f32(&theta);
         let acc = evaluate(&model, LOGISTIC, &test).unwrap().accuracy.unwrap();
         assert!(acc > 0.93, "{acc}");
     }

@@ -123,6 +123,15 @@ pub enum AuditEvent {
     /// metrics, a page of the audit log) (`identity`, `action`, `study` if any; for the
     /// audit log `from_seq` and `records`). Written before the answer leaves.
     AccessGranted,
+    /// A site loaded a study's data at start (`study`, `source`, `available`, the column
+    /// check, counts of rows kept, filled and skipped; never a value or a row number).
+    DataLoaded,
+    /// A site accepted a study's announced terms (`study`, `terms_sha256`, `columns` it will
+    /// read).
+    StudyAccepted,
+    /// A site released a stand-in instead of its trained update after paying for a round
+    /// (`study`, `round`, `kind`: `noise_only` or `zero_delta`, `why`).
+    StandInReleased,
 }
 
 impl AuditEvent {
@@ -150,6 +159,9 @@ impl AuditEvent {
         AuditEvent::Pruned,
         AuditEvent::AuditRecovered,
         AuditEvent::AccessGranted,
+        AuditEvent::DataLoaded,
+        AuditEvent::StudyAccepted,
+        AuditEvent::StandInReleased,
     ];
 
     /// The name written in the log.
@@ -177,6 +189,9 @@ impl AuditEvent {
             AuditEvent::Pruned => "pruned",
             AuditEvent::AuditRecovered => "audit_recovered",
             AuditEvent::AccessGranted => "access_granted",
+            AuditEvent::DataLoaded => "data_loaded",
+            AuditEvent::StudyAccepted => "study_accepted",
+            AuditEvent::StandInReleased => "stand_in_released",
         }
     }
 

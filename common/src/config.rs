@@ -117,6 +117,10 @@ struct RawData {
     /// Public value ranges used for scaling, one per feature.
     ranges: BTreeMap<String, [f32; 2]>,
     label_range: Option<[f32; 2]>,
+    /// Public per-feature values that stand in for a missing or unreadable cell; a record
+    /// with such a cell in a feature without a fill is skipped at the site.
+    #[serde(default)]
+    fills: BTreeMap<String, f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +195,9 @@ pub struct DataSpec {
     pub features: Vec<String>,
     pub ranges: Vec<[f32; 2]>,
     pub label_range: Option<[f32; 2]>,
+    /// One per feature: the public value a missing or unreadable cell takes, or `None` (a
+    /// record with such a cell is skipped, and counted only in the site's own log).
+    pub fills: Vec<Option<f32>>,
 }
 
 /// A validated study.
@@ -297,6 +304,13 @@ impl StudyConfig {
         if let Some(extra) = d.ranges.keys().find(|k| !seen.contains(k)) {
             return Err(field("data.ranges", format!("{extra:?} is not a feature")));
         }
+        if let Some(extra) = d.fills.keys().find(|k| !seen.contains(k)) {
+            return Err(field("data.fills", format!("{extra:?} is not a feature")));
+        }
+        if let Some((f, _)) = d.fills.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(field("data.fills", format!("{f:?}: need a finite value")));
+        }
+        let fills = d.features.iter().map(|f| d.fills.get(f).copied()).collect();
         if d.task == Task::Regression {
             match d.label_range {
                 Some(r) if r[0].is_finite() && r[1].is_finite() && r[0] < r[1] => {}
@@ -333,18 +347,16 @@ impl StudyConfig {
                         "site unit needs placement = \"local\" or \"central\"",
                     )
                 })?;
-                let rate = p.site_sample_rate.ok_or_else(|| {
-                    field(
-                        "privacy.site_sample_rate",
-                        "site unit needs the per-round site sampling rate (1.0 = all sites)",
-                    )
-                })?;
+                // Participation is visible to the coordinator under either placement (and
+                // to each site), so sampling sites buys no amplification: every round is
+                // priced at q = 1 and every site takes part.
+                let rate = p.site_sample_rate.unwrap_or(1.0);
                 let rate =
                     SampleRate::new(rate).map_err(|e| field("privacy.site_sample_rate", e))?;
-                if placement == Placement::Local && rate.get() < 1.0 {
+                if rate.get() < 1.0 {
                     return Err(field(
                         "privacy.site_sample_rate",
-                        "local noise gets no amplification from sampling sites (the coordinator sees who took part): use 1.0",
+                        "sampling sites is not supported: the coordinator sees who took part, so no amplification can be claimed and rounds are priced at q = 1 (use 1.0 or leave it out)",
                     ));
                 }
                 if t.local_steps.is_some() || t.expected_batch.is_some() {
@@ -466,6 +478,7 @@ impl StudyConfig {
                 features: d.features,
                 ranges,
                 label_range: d.label_range,
+                fills,
             },
             strategy: t.strategy,
             server_learning_rate: t.server_learning_rate,
@@ -539,15 +552,14 @@ impl PrivacyPlan {
     /// - site unit, local noise: the coordinator sees the site's own noised delta, whose
     ///   sensitivity under replace-one adjacency is 2C, so the accountant gets sigma / 2;
     /// - site unit, central noise: add/remove-one-site adjacency on the noised sum,
-    ///   sensitivity C, amplified by the site sampling rate.
+    ///   sensitivity C, at q = 1 (participation is visible: no amplification is claimed).
     ///
-    /// `records` is the site's reported record count (record unit only).
+    /// `records` is the record count the site declared (record unit only).
     pub fn round_cost(&self, local: &LocalPlan, records: Option<u64>) -> Result<SgmEvent, String> {
         round_cost(
             self.unit,
             self.placement,
             self.noise_multiplier.get(),
-            self.site_sample_rate.get(),
             local,
             records,
         )
@@ -555,13 +567,12 @@ impl PrivacyPlan {
 }
 
 /// The mechanism one round costs a site (see [`PrivacyPlan::round_cost`]). Sites compute it
-/// themselves from the task's parameters and their own record count, so a coordinator
-/// cannot under-report what a round costs them.
+/// themselves from the task's parameters and their own declared record count, so a
+/// coordinator cannot under-report what a round costs them.
 pub fn round_cost(
     unit: PrivacyUnit,
     placement: Placement,
     sigma: f64,
-    site_sample_rate: f64,
     local: &LocalPlan,
     records: Option<u64>,
 ) -> Result<SgmEvent, String> {
@@ -577,7 +588,7 @@ pub fn round_cost(
             let n = records.ok_or("the site has not reported its record count")?;
             if (n as f64) < *expected_batch {
                 return Err(format!(
-                    "the site has {n} records, fewer than the expected batch {expected_batch}"
+                    "the site declared {n} records, fewer than the expected batch {expected_batch}"
                 ));
             }
             SgmEvent::new(expected_batch / n as f64, sigma, *steps).map_err(|e| e.to_string())
@@ -588,9 +599,27 @@ pub fn round_cost(
             } else {
                 sigma
             };
-            SgmEvent::new(site_sample_rate, s, 1).map_err(|e| e.to_string())
+            SgmEvent::new(1.0, s, 1).map_err(|e| e.to_string())
         }
         _ => Err("the local training plan does not match the privacy unit".into()),
+    }
+}
+
+/// The same event as a data source's ledger counts it: under record-level add/remove
+/// adjacency, whatever the study's unit. A record-unit event already is one; a site-unit
+/// event is the site's whole clipped delta, which one record can move anywhere within the
+/// clip ball (sensitivity 2C): sigma / 2 at q = 1 under either placement.
+pub fn source_event(
+    unit: PrivacyUnit,
+    placement: Placement,
+    sigma: f64,
+    study_event: SgmEvent,
+) -> Result<SgmEvent, String> {
+    match (unit, placement) {
+        (PrivacyUnit::Record, _) => Ok(study_event),
+        (PrivacyUnit::Site, _) => {
+            SgmEvent::new(1.0, sigma / 2.0, study_event.steps).map_err(|e| e.to_string())
+        }
     }
 }
 

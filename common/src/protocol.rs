@@ -3,18 +3,25 @@
 //! A site's identity is never a message field that the coordinator trusts: it comes from
 //! the site's certificate. `Hello` repeats the name only so that a misconfigured site (the
 //! wrong certificate on the wrong machine) is told so at once.
+//!
+//! What a site sends is deliberately narrow (the coordinator may be hostile): a noised update,
+//! the record count it *declared* in its config (a public figure, never counted from data),
+//! and, when it will not take part, one [`DeclineReason`] from a fixed set with no text. The
+//! details of a refusal stay in the site's own audit log.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DataSpec, LocalPlan, Placement, PrivacyUnit};
+use crate::config::{DataSpec, LocalPlan, Placement, PrivacyUnit, StudyConfig};
 use crate::dp::SgmEvent;
 use crate::model::Architecture;
 use crate::wire::TensorHeader;
 
 /// Bumped on any incompatible change; also part of the ALPN string.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// What a site needs to know about a study before its first task.
+/// A study's terms: everything a site checks against its own pinned terms before it agrees,
+/// and that no later announcement or task of the study may change once the site has paid for
+/// a round of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StudyAnnouncement {
     pub study: String,
@@ -23,6 +30,40 @@ pub struct StudyAnnouncement {
     pub unit: PrivacyUnit,
     pub placement: Placement,
     pub delta: f64,
+    pub clip_norm: f64,
+    pub noise_multiplier: f64,
+    /// How each site trains in a round (DP-SGD plan for the record unit).
+    pub local: LocalPlan,
+}
+
+impl StudyAnnouncement {
+    /// The terms of a validated study, as the coordinator announces them.
+    pub fn for_study(cfg: &StudyConfig) -> Self {
+        let p = &cfg.privacy;
+        Self {
+            study: cfg.id.clone(),
+            model: cfg.model,
+            data: cfg.data.clone(),
+            unit: p.unit,
+            placement: p.placement,
+            delta: p.delta.get(),
+            clip_norm: p.clip_norm.get(),
+            noise_multiplier: p.noise_multiplier.get(),
+            local: cfg.local.clone(),
+        }
+    }
+
+    /// Whether `task` asks for exactly these terms (unit, placement, delta, clip, noise,
+    /// training plan; floats compared bit for bit).
+    pub fn task_matches(&self, task: &Task) -> bool {
+        task.study == self.study
+            && task.unit == self.unit
+            && task.placement == self.placement
+            && task.delta.to_bits() == self.delta.to_bits()
+            && task.clip_norm.to_bits() == self.clip_norm.to_bits()
+            && task.noise_multiplier.to_bits() == self.noise_multiplier.to_bits()
+            && task.local == self.local
+    }
 }
 
 /// One round's work for one site. The global model follows as the tensor body.
@@ -41,40 +82,71 @@ pub struct Task {
     pub delta: f64,
 }
 
-/// Why a site will not do a round. A normal outcome, not an error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Why a site will not take part in a study or a round. A normal outcome, not an error.
+///
+/// A fixed set without text on purpose: nothing here may depend on the site's records (a
+/// refusal that did would tell the coordinator something about a patient). Which term
+/// differed, by how much, what failed: all of that stays in the site's audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeclineReason {
-    /// The round would take the site over its own epsilon cap.
-    OverSiteCap { epsilon_after: f64, cap: f64 },
-    /// The site already paid for this (study, round): a replay.
-    AlreadySpent,
-    /// The study's delta is above what the site accepts.
-    DeltaTooLarge { delta: f64, max: f64 },
-    /// The site is not configured to take part in this study.
-    StudyNotAllowed,
-    /// The task does not match the study as the site knows it.
-    TaskMismatch(String),
-    /// The site's data cannot be used for this study.
-    DataUnavailable(String),
-    /// Something failed at the site.
-    Internal(String),
+    /// The site's config has no such study: it does not take part.
+    NotEnrolled,
+    /// The study's terms (unit, placement, mechanism, delta, task, columns, fills, model)
+    /// are not what the site pinned, or differ from the terms it already paid under.
+    TermsDiffer,
+    /// The task or its model is malformed (non-finite or out-of-bound values, a plan or
+    /// price that does not match the announced terms).
+    InvalidTask,
+    /// The round would take the site over one of its own caps (per study or per data
+    /// source).
+    OverCap,
+    /// The site already paid for this round of this study: a replay.
+    AlreadyPaid,
+    /// The study's data could not be loaded when the site started (decided once, at start).
+    Unavailable,
+    /// Something failed at the site before it paid for the round.
+    Internal,
+}
+
+impl DeclineReason {
+    /// Whether the site will refuse every later round of the study too (so the coordinator
+    /// should stop asking).
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            Self::NotEnrolled | Self::TermsDiffer | Self::OverCap | Self::Unavailable
+        )
+    }
+
+    /// A stable machine-readable name (metrics labels, audit records).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotEnrolled => "not_enrolled",
+            Self::TermsDiffer => "terms_differ",
+            Self::InvalidTask => "invalid_task",
+            Self::OverCap => "over_cap",
+            Self::AlreadyPaid => "already_paid",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
 }
 
 impl std::fmt::Display for DeclineReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::OverSiteCap { epsilon_after, cap } => {
-                write!(f, "the round would take the site to epsilon {epsilon_after:.4}, over its cap of {cap}")
+        f.write_str(match self {
+            Self::NotEnrolled => "the site does not take part in this study",
+            Self::TermsDiffer => {
+                "the study's terms differ from those the site pinned or paid under"
             }
-            Self::AlreadySpent => f.write_str("the site already paid for this round"),
-            Self::DeltaTooLarge { delta, max } => {
-                write!(f, "study delta {delta} is above the site's maximum {max}")
+            Self::InvalidTask => "the task or its model is malformed",
+            Self::OverCap => "the round would exceed one of the site's own caps",
+            Self::AlreadyPaid => "the site already paid for this round",
+            Self::Unavailable => {
+                "the site's data for this study has been unavailable since it started"
             }
-            Self::StudyNotAllowed => f.write_str("the site does not take part in this study"),
-            Self::TaskMismatch(m) => write!(f, "task does not match the study: {m}"),
-            Self::DataUnavailable(m) => write!(f, "data unavailable: {m}"),
-            Self::Internal(m) => write!(f, "site error: {m}"),
-        }
+            Self::Internal => "the site failed before paying for the round",
+        })
     }
 }
 
@@ -85,7 +157,8 @@ pub enum SiteMessage {
         version: u32,
         claimed_site: String,
     },
-    /// The site can take part; `records` is its record count (treated as public).
+    /// The site can take part; `records` is the record count the site declared in its
+    /// config for the data source (public, never counted from the data), which sets q.
     Ready {
         study: String,
         records: u64,
@@ -147,10 +220,18 @@ mod tests {
                 features: vec!["a".into()],
                 ranges: vec![[0.0, 1.0]],
                 label_range: None,
+                fills: vec![None],
             },
             unit: PrivacyUnit::Record,
             placement: Placement::Local,
             delta: 1e-5,
+            clip_norm: 1.0,
+            noise_multiplier: 1.1,
+            local: LocalPlan::DpSgd {
+                steps: 10,
+                expected_batch: 32.0,
+                learning_rate: 0.5,
+            },
         };
         let welcome = CoordinatorMessage::Welcome {
             version: PROTOCOL_VERSION,
@@ -164,10 +245,7 @@ mod tests {
         let decline = SiteMessage::Decline {
             study: "bc".into(),
             round: 3,
-            reason: DeclineReason::OverSiteCap {
-                epsilon_after: 2.5,
-                cap: 2.0,
-            },
+            reason: DeclineReason::OverCap,
         };
         let bytes = encode_frame(&decline).expect("encodes");
         assert_eq!(

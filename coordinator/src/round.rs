@@ -31,7 +31,6 @@ use std::sync::Arc;
 use fedpriv_common::config::{LocalPlan, Placement, PrivacyUnit, StudyConfig};
 use fedpriv_common::dp::accountant::{self, AccountError};
 use fedpriv_common::dp::noise::NoiseSource;
-use fedpriv_common::dp::sampling::poisson_sample;
 use fedpriv_common::dp::SgmEvent;
 use fedpriv_common::model::ModelSpec;
 use fedpriv_common::protocol::{DeclineReason, Task};
@@ -106,8 +105,14 @@ pub enum Action {
         task: Task,
         model: Arc<Vec<f32>>,
     },
-    /// An update was folded into the round's aggregate.
-    UpdateAccepted { site: String, round: u64, norm: f64 },
+    /// An update was folded into the round's aggregate. `norm` is `None` under central
+    /// placement: there the update is an un-noised clipped delta, and nothing about it may be
+    /// recorded, logged or answered (only that it arrived).
+    UpdateAccepted {
+        site: String,
+        round: u64,
+        norm: Option<f64>,
+    },
     /// An update was refused; the round goes on without it.
     UpdateRejected {
         site: String,
@@ -123,7 +128,10 @@ pub enum Action {
         upload: u64,
         len: usize,
     },
-    /// A site declined; for `OverSiteCap` it takes no further part.
+    /// The coordinator leaves a site out of the study (its declared record count does not
+    /// fit the study's delta): it takes no further part.
+    SiteExcluded { site: String, reason: String },
+    /// A site declined; for a permanent reason it takes no further part.
     SiteDeclined {
         site: String,
         round: u64,
@@ -438,14 +446,12 @@ impl StudyEngine {
                     // Record-level delta must be below 1/n_site, or one record could be
                     // given away outright with probability delta.
                     self.retired.insert(site.clone());
-                    let reason = DeclineReason::DeltaTooLarge {
-                        delta: self.cfg.privacy.delta.get(),
-                        max: 1.0 / records.max(1) as f64,
-                    };
-                    out.push(Action::SiteDeclined {
+                    out.push(Action::SiteExcluded {
                         site,
-                        round: self.next_round,
-                        reason,
+                        reason: format!(
+                            "delta {} is not below 1 / {records} declared records",
+                            self.cfg.privacy.delta.get()
+                        ),
                     });
                 } else {
                     self.ready.insert(site.clone());
@@ -486,12 +492,7 @@ impl StudyEngine {
                 round,
                 reason,
             } => {
-                if matches!(
-                    reason,
-                    DeclineReason::OverSiteCap { .. }
-                        | DeclineReason::DeltaTooLarge { .. }
-                        | DeclineReason::StudyNotAllowed
-                ) {
+                if reason.is_permanent() {
                     self.retired.insert(site.clone());
                 }
                 if let Phase::Collecting {
@@ -529,7 +530,7 @@ impl StudyEngine {
             }
         }
         if matches!(self.phase, Phase::Idle) {
-            self.try_start_round(now_ms, noise, out);
+            self.try_start_round(now_ms, out);
         }
     }
 
@@ -539,7 +540,7 @@ impl StudyEngine {
         out.push(Action::StudyEnded { reason });
     }
 
-    fn try_start_round(&mut self, now_ms: u64, noise: &mut NoiseSource, out: &mut Vec<Action>) {
+    fn try_start_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         let round = self.next_round;
         if round > self.cfg.rounds {
             let reason = format!("all {} planned rounds are done", self.cfg.rounds);
@@ -594,8 +595,9 @@ impl StudyEngine {
             self.gathering_since = None;
             return; // wait for more sites to connect
         }
-        // Enough sites: give the others a moment to connect before starting without them.
-        if candidates.len() < affordable.len() {
+        // Enough sites: give the others (also those not yet priced, which have not said
+        // they are ready) a moment to connect before starting without them.
+        if candidates.len() < could_join {
             let since = *self.gathering_since.get_or_insert(now_ms);
             if now_ms
                 < since
@@ -605,23 +607,12 @@ impl StudyEngine {
             }
         }
         self.gathering_since = None;
-        let q = self.cfg.privacy.site_sample_rate.get();
-        let central_sampled = self.cfg.privacy.unit == PrivacyUnit::Site
-            && self.cfg.privacy.placement == Placement::Central
-            && q < 1.0;
-        let selected: Vec<String> = if central_sampled {
-            poisson_sample(candidates.len(), q, noise.rng())
-                .into_iter()
-                .map(|i| candidates[i].clone())
-                .collect()
-        } else {
-            candidates
-        };
-        // With sampled sites the amplified guarantee charges every site that could have been
-        // sampled; otherwise only the sites that take part pay.
+        // Every ready site that can afford the round takes part and pays (no site sampling:
+        // participation is visible, so it would buy no amplification).
+        let selected = candidates;
         let charged: BTreeMap<String, SgmEvent> = affordable
             .iter()
-            .filter(|(s, _)| central_sampled || selected.contains(s))
+            .filter(|(s, _)| selected.contains(s))
             .map(|(s, (c, _))| (s.clone(), *c))
             .collect();
         let entries = charged
@@ -733,6 +724,26 @@ impl StudyEngine {
         }
     }
 
+    /// Whether updates are un-noised clipped deltas (central placement): then no figure
+    /// computed from one may appear in a reason, record or log.
+    fn central(&self) -> bool {
+        self.cfg.privacy.unit == PrivacyUnit::Site
+            && self.cfg.privacy.placement == Placement::Central
+    }
+
+    /// Why an update's norm is refused, with the figures only when they may be told.
+    fn norm_refusal(&self, norm: f64, bound: f64, after: Option<(usize, usize)>) -> String {
+        if self.central() {
+            return "norm exceeds the clip norm".into();
+        }
+        match after {
+            Some((n, d)) => format!(
+                "norm {norm:.3} after {n} of {d} values exceeds what clipping and noise allow ({bound:.3})"
+            ),
+            None => format!("norm {norm:.3} exceeds what clipping and noise allow ({bound:.3})"),
+        }
+    }
+
     /// Why `site` may not send an update for `round` now, if it may not.
     fn admission(&self, site: &str, round: u64) -> Result<(), String> {
         let Phase::Collecting {
@@ -769,6 +780,7 @@ impl StudyEngine {
 
     fn on_update(&mut self, site: String, round: u64, values: Vec<f32>, out: &mut Vec<Action>) {
         let bound = self.norm_bound();
+        let central = self.central();
         let reject = |reason: String| Action::UpdateRejected {
             site: site.clone(),
             round,
@@ -777,13 +789,7 @@ impl StudyEngine {
         if let Err(reason) = self.admission(&site, round) {
             return out.push(reject(reason));
         }
-        let Phase::Collecting {
-            outstanding,
-            received,
-            sum,
-            ..
-        } = &mut self.phase
-        else {
+        let Phase::Collecting { sum, .. } = &self.phase else {
             return;
         };
         if values.len() != sum.len() {
@@ -798,14 +804,26 @@ impl StudyEngine {
             Err(i) => return out.push(reject(format!("value {i} is not finite"))),
         };
         if norm > bound {
-            return out.push(reject(format!(
-                "norm {norm:.3} exceeds what clipping and noise allow ({bound:.3})"
-            )));
+            let reason = self.norm_refusal(norm, bound, None);
+            return out.push(reject(reason));
         }
+        let Phase::Collecting {
+            outstanding,
+            received,
+            sum,
+            ..
+        } = &mut self.phase
+        else {
+            return;
+        };
         fold_into(sum, &values);
         outstanding.remove(&site);
         received.push(site.clone());
-        out.push(Action::UpdateAccepted { site, round, norm });
+        out.push(Action::UpdateAccepted {
+            site,
+            round,
+            norm: (!central).then_some(norm),
+        });
     }
 
     fn on_update_begin(&mut self, site: String, round: u64, upload: u64, out: &mut Vec<Action>) {
@@ -867,6 +885,7 @@ impl StudyEngine {
 
     fn on_update_chunk(&mut self, id: u64, offset: usize, values: &[f32], out: &mut Vec<Action>) {
         let bound = self.norm_bound();
+        let central = self.central();
         let Phase::Collecting {
             round,
             sum,
@@ -892,11 +911,15 @@ impl StudyEngine {
         } else {
             match sum_squares(values) {
                 Err(i) => Some(format!("value {} is not finite", offset + i)),
-                Ok(sq) if (up.sq_norm + sq).sqrt() > bound => Some(format!(
-                    "norm {:.3} after {} of {d} values exceeds what clipping and noise allow ({bound:.3})",
-                    (up.sq_norm + sq).sqrt(),
-                    offset + values.len()
-                )),
+                Ok(sq) if (up.sq_norm + sq).sqrt() > bound => Some(if central {
+                    "norm exceeds the clip norm".to_string()
+                } else {
+                    format!(
+                        "norm {:.3} after {} of {d} values exceeds what clipping and noise allow ({bound:.3})",
+                        (up.sq_norm + sq).sqrt(),
+                        offset + values.len()
+                    )
+                }),
                 Ok(sq) => {
                     fold_into(&mut sum[offset..offset + values.len()], values);
                     up.folded += values.len();
@@ -911,6 +934,7 @@ impl StudyEngine {
     }
 
     fn on_update_end(&mut self, id: u64, result: Result<(), String>, out: &mut Vec<Action>) {
+        let central = self.central();
         let Phase::Collecting {
             round,
             outstanding,
@@ -942,7 +966,7 @@ impl StudyEngine {
         out.push(Action::UpdateAccepted {
             site,
             round: *round,
-            norm,
+            norm: (!central).then_some(norm),
         });
     }
 
@@ -1047,7 +1071,9 @@ impl StudyEngine {
                 p.noise_multiplier.get() * p.clip_norm.get(),
                 fedpriv_common::dp::noise::available_threads(),
             );
-            selected.len().max(1)
+            // A public denominator: dividing by the number that took part would let the
+            // noise scale tell who did.
+            self.cfg.enrolled.len().max(1)
         } else {
             received.len()
         };

@@ -325,16 +325,21 @@ pub(crate) struct StudyRuntime {
 }
 
 /// Each study's model and enrolled sites, for the connection tasks.
-type Directory = Arc<HashMap<String, (ModelSpec, Vec<String>)>>;
+/// Per study: the model's layout, the enrolled sites, and whether updates are un-noised
+/// (central placement: no figure computed from one may be recorded or logged).
+type Directory = Arc<HashMap<String, (ModelSpec, Vec<String>, bool)>>;
 
 fn directory(studies: &BTreeMap<String, StudyRuntime>) -> Directory {
     Arc::new(
         studies
             .iter()
             .map(|(id, s)| {
+                let p = &s.engine.config().privacy;
+                let central = p.unit == fedpriv_common::config::PrivacyUnit::Site
+                    && p.placement == fedpriv_common::config::Placement::Central;
                 (
                     id.clone(),
-                    (s.spec.clone(), s.engine.config().enrolled.clone()),
+                    (s.spec.clone(), s.engine.config().enrolled.clone(), central),
                 )
             })
             .collect(),
@@ -683,14 +688,7 @@ pub(crate) fn study_runtime(
             tracing::info!(study = %cfg.id, "study already ended; serving its state read-only");
             engine.mark_ended("ended before this start");
         }
-        let announcement = StudyAnnouncement {
-            study: cfg.id.clone(),
-            model: cfg.model,
-            data: cfg.data.clone(),
-            unit: cfg.privacy.unit,
-            placement: cfg.privacy.placement,
-            delta: cfg.privacy.delta.get(),
-        };
+        let announcement = StudyAnnouncement::for_study(cfg);
         Ok(StudyRuntime {
             engine,
             spec,
@@ -1318,7 +1316,19 @@ fn execute(
                 }
             }
         }
-        Action::UpdateAccepted { site, round, norm } => {
+        Action::UpdateAccepted {
+            site,
+            round,
+            norm: None,
+        } => {
+            tracing::info!(%study, round, %site, "update accepted");
+            metrics.inc(metrics::UPDATES_ACCEPTED, &[("study", study)]);
+        }
+        Action::UpdateAccepted {
+            site,
+            round,
+            norm: Some(norm),
+        } => {
             tracing::info!(%study, round, %site, norm = format!("{norm:.3}"), "update accepted");
             metrics.inc(metrics::UPDATES_ACCEPTED, &[("study", study)]);
             let floor = crate::round::norm_floor(rt.engine.config(), rt.spec.num_values());
@@ -1357,7 +1367,12 @@ fn execute(
             site,
             round,
             reason,
-        } => tracing::info!(%study, round, %site, %reason, "site declined the round"),
+        } => {
+            tracing::info!(%study, round, %site, reason = reason.as_str(), "site declined the round")
+        }
+        Action::SiteExcluded { site, reason } => {
+            tracing::warn!(%study, %site, %reason, "site left out of the study")
+        }
         Action::Checkpoint {
             round,
             model,
@@ -1684,8 +1699,8 @@ async fn read_site_message(
     let enrolled_in = |study: &str| {
         specs
             .get(study)
-            .filter(|(_, enrolled)| enrolled.iter().any(|s| s == site))
-            .map(|(spec, _)| spec)
+            .filter(|(_, enrolled, _)| enrolled.iter().any(|s| s == site))
+            .map(|(spec, _, central)| (spec, *central))
     };
     let ev = |study: String, input: Input| Ok(Some(Event::Study { study, input }));
     match msg {
@@ -1703,7 +1718,7 @@ async fn read_site_message(
         }
         SiteMessage::Unable { study, reason } => {
             transport::recv_end(recv).await.map_err(|e| e.to_string())?;
-            tracing::warn!(%site, %study, %reason, "site cannot take part");
+            tracing::warn!(%site, %study, reason = reason.as_str(), "site cannot take part");
             Ok(None)
         }
         SiteMessage::Decline {
@@ -1727,8 +1742,9 @@ async fn read_site_message(
             round,
             header,
         } => {
-            let spec = enrolled_in(&study).ok_or(format!("not enrolled in study {study:?}"))?;
-            stream_update(recv, &header, spec, &study, site, round, ctx).await?;
+            let (spec, central) =
+                enrolled_in(&study).ok_or(format!("not enrolled in study {study:?}"))?;
+            stream_update(recv, &header, spec, central, &study, site, round, ctx).await?;
             Ok(None)
         }
     }
@@ -1739,10 +1755,12 @@ async fn read_site_message(
 /// should the upload be refused or cut short after part of it was folded, that part can
 /// be taken back out), then sent to the engine, holding a chunk permit until it is folded.
 /// Memory: the chunks in flight, whatever the model size and the number of uploads.
+#[allow(clippy::too_many_arguments)]
 async fn stream_update(
     recv: &mut quinn::RecvStream,
     header: &TensorHeader,
     spec: &ModelSpec,
+    central: bool,
     study: &str,
     site: &str,
     round: u64,
@@ -1891,7 +1909,15 @@ async fn stream_update(
             .record(
                 &format!("site/{site}"),
                 AuditEvent::UpdateReceived,
-                json!({"study": study, "round": round, "site": site, "values": header.num_values, "bytes": header.num_values.saturating_mul(header.dtype.size()), "dtype": format!("{:?}", header.dtype).to_lowercase(), "norm": sq_norm.sqrt()}),
+                {
+                    let mut d = json!({"study": study, "round": round, "site": site, "values": header.num_values, "bytes": header.num_values.saturating_mul(header.dtype.size()), "dtype": format!("{:?}", header.dtype).to_lowercase()});
+                    // A central update is an un-noised clipped delta: its norm is a fact
+                    // about the site's records that no record may carry.
+                    if !central {
+                        d["norm"] = json!(sq_norm.sqrt());
+                    }
+                    d
+                },
             )
             .await
             .map(|_| ())

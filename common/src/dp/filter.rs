@@ -30,8 +30,8 @@ use super::{rdp, SgmEvent};
 /// The orders a new data source's filter watches: dense where Gaussian-like mechanisms
 /// with moderate noise find their best order, sparse above.
 pub const DEFAULT_ORDERS: [f64; 28] = [
-    1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0, 24.0, 28.0,
-    32.0, 40.0, 48.0, 64.0, 80.0, 96.0, 128.0, 192.0, 256.0, 384.0, 512.0, 1024.0,
+    1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0, 24.0, 28.0, 32.0,
+    40.0, 48.0, 64.0, 80.0, 96.0, 128.0, 192.0, 256.0, 384.0, 512.0, 1024.0,
 ];
 
 /// The filter's reading of a sequence of events: the smallest cap under which it would
@@ -40,7 +40,9 @@ pub const DEFAULT_ORDERS: [f64; 28] = [
 /// the events.
 pub fn level(events: &[SgmEvent], orders: &[f64], delta: f64) -> Result<(f64, f64), AccountError> {
     if orders.is_empty() || orders.iter().any(|&a| !(a > 1.0 && a.is_finite())) {
-        return Err(AccountError::Numerical("filter orders must be finite and above 1"));
+        return Err(AccountError::Numerical(
+            "filter orders must be finite and above 1",
+        ));
     }
     if !(delta > 0.0 && delta < 1.0) {
         return Err(AccountError::Numerical("filter delta must be in (0, 1)"));

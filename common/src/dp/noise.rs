@@ -217,11 +217,7 @@ fn fill_chunk_f64(key: [u8; 32], index: usize, chunk: &mut [f64], std: f64) {
 
 /// Runs `fill(chunk_index, chunk)` over `values` in [`CHUNK`]-sized chunks on up to
 /// `threads` cores; the output does not depend on the number of threads.
-fn fill_parallel<T: Send>(
-    values: &mut [T],
-    threads: usize,
-    fill: impl Fn(usize, &mut [T]) + Sync,
-) {
+fn fill_parallel<T: Send>(values: &mut [T], threads: usize, fill: impl Fn(usize, &mut [T]) + Sync) {
     let chunks: Vec<(usize, &mut [T])> = values.chunks_mut(CHUNK).enumerate().collect();
     let threads = threads.clamp(1, chunks.len().max(1));
     if threads == 1 {

@@ -255,10 +255,7 @@ impl World {
                             Ev::Input(Input::Declined {
                                 site,
                                 round,
-                                reason: DeclineReason::OverSiteCap {
-                                    epsilon_after: 9.0,
-                                    cap: 1.0,
-                                },
+                                reason: DeclineReason::OverCap,
                             }),
                         ),
                     }
@@ -281,7 +278,7 @@ impl World {
                     round,
                     reason,
                 } => self.rejected.push((site, round, reason)),
-                Action::SiteDeclined { .. } => {}
+                Action::SiteDeclined { .. } | Action::SiteExcluded { .. } => {}
                 Action::Unfold { .. } => panic!("whole updates are never unfolded"),
                 Action::Checkpoint {
                     round,
@@ -535,7 +532,6 @@ fn randomised_fault_mix_keeps_every_invariant() {
         } else {
             config(&[
                 ("placement = \"local\"", "placement = \"central\""),
-                ("site_sample_rate = 1.0", "site_sample_rate = 0.7"),
                 ("noise_multiplier = 4.0", "noise_multiplier = 1.5"),
             ])
         };
@@ -580,16 +576,7 @@ fn record_unit_refuses_sites_too_small_for_delta() {
         0,
         &mut noise,
     );
-    assert!(
-        matches!(
-            &out[..],
-            [Action::SiteDeclined {
-                reason: DeclineReason::DeltaTooLarge { .. },
-                ..
-            }]
-        ),
-        "{out:?}"
-    );
+    assert!(matches!(&out[..], [Action::SiteExcluded { .. }]), "{out:?}");
     let out = eng.handle(
         Input::SiteReady {
             site: "s2".into(),
@@ -683,4 +670,118 @@ fn central_placement_noises_the_aggregate_before_release() {
         model.iter().filter(|v| **v != 0.0).count() == D,
         "un-noised aggregate released: {model:?}"
     );
+}
+
+#[test]
+fn central_placement_is_priced_at_q_one_divided_by_the_enrolled_count_and_tells_no_norm() {
+    let cfg = config(&[
+        ("placement = \"local\"", "placement = \"central\""),
+        ("rounds = 40", "rounds = 1"),
+        ("epsilon = 6.0", "epsilon = 1000.0"),
+        ("noise_multiplier = 4.0", "noise_multiplier = 0.05"),
+    ]);
+    let mut eng = engine(cfg);
+    let mut noise = NoiseSource::insecure_from_seed(9);
+    // Two of the four enrolled sites are there: the round starts after the gathering wait.
+    let mut out = Vec::new();
+    for s in ["s1", "s2"] {
+        out.extend(eng.handle(
+            Input::SiteReady {
+                site: s.into(),
+                records: 100,
+            },
+            0,
+            &mut noise,
+        ));
+    }
+    out.extend(eng.handle(Input::Tick, 60_000, &mut noise));
+    let Some(Action::RecordSpend { round, entries }) =
+        out.iter().find(|a| matches!(a, Action::RecordSpend { .. }))
+    else {
+        panic!("{out:?}")
+    };
+    // Every taking-part site pays (q = 1, sigma): no amplification by site sampling.
+    assert_eq!(entries.len(), 2);
+    for e in entries {
+        assert_eq!(e.event.q.get(), 1.0);
+        assert_eq!(e.event.sigma.get(), 0.05);
+    }
+    let round = *round;
+    eng.handle(Input::SpendCommitted { round }, 60_010, &mut noise);
+    // Each site sends a clipped delta of 0.4 / sqrt(D) per value (norm 0.4 < C = 1).
+    let v = 0.4 / (D as f32).sqrt();
+    let mut released = None;
+    for s in ["s1", "s2"] {
+        for a in eng.handle(
+            Input::Update {
+                site: s.into(),
+                round,
+                values: vec![v; D],
+            },
+            60_020,
+            &mut noise,
+        ) {
+            match a {
+                Action::UpdateAccepted { norm, .. } => assert_eq!(norm, None),
+                Action::Checkpoint { model, .. } => released = Some(model),
+                _ => {}
+            }
+        }
+    }
+    let model = released.expect("the round closed");
+    // The mean divides by the 4 enrolled sites, not the 2 that sent: 2v / 4 = v / 2 per
+    // value, give or take the noise (sigma C / 4 = 0.0125 per value, averaged over D).
+    let mean = model.iter().map(|&x| f64::from(x)).sum::<f64>() / D as f64;
+    let se = 0.0125 / (D as f64).sqrt();
+    assert!(
+        (mean - f64::from(v) / 2.0).abs() < 6.0 * se,
+        "mean {mean}, want {} (se {se})",
+        v / 2.0
+    );
+}
+
+#[test]
+fn a_central_update_over_the_clip_norm_is_refused_without_its_norm() {
+    let cfg = config(&[
+        ("placement = \"local\"", "placement = \"central\""),
+        ("rounds = 40", "rounds = 1"),
+    ]);
+    let mut eng = engine(cfg);
+    let mut noise = NoiseSource::insecure_from_seed(3);
+    let mut out = Vec::new();
+    for s in ["s1", "s2", "s3", "s4"] {
+        out.extend(eng.handle(
+            Input::SiteReady {
+                site: s.into(),
+                records: 100,
+            },
+            0,
+            &mut noise,
+        ));
+    }
+    let round = out
+        .iter()
+        .find_map(|a| match a {
+            Action::RecordSpend { round, .. } => Some(*round),
+            _ => None,
+        })
+        .expect("a round starts");
+    eng.handle(Input::SpendCommitted { round }, 10, &mut noise);
+    let out = eng.handle(
+        Input::Update {
+            site: "s1".into(),
+            round,
+            values: vec![1.0; D],
+        },
+        20,
+        &mut noise,
+    );
+    let reason = out
+        .iter()
+        .find_map(|a| match a {
+            Action::UpdateRejected { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("rejected");
+    assert!(!reason.chars().any(|c| c.is_ascii_digit()), "{reason}");
 }
