@@ -206,7 +206,11 @@ impl Peer {
     async fn task(&self, t: &Task, model: &[f32]) -> Answer {
         self.send(&CoordinatorMessage::Task(t.clone()), Some(model))
             .await;
-        self.answer().await
+        let a = self.answer().await;
+        if let Answer::Decline(s, ..) | Answer::Update(s, ..) = &a {
+            assert_eq!(s, &t.study, "the answer is about the task's study");
+        }
+        a
     }
 }
 
@@ -557,6 +561,16 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
         "source level {got} below recomputed {want}"
     );
     assert!(got <= 25.0, "source level {got} above its cap");
+    // What `fedpriv-client ledger` shows: the same figures, per source and per study.
+    let view = fedpriv_client::ledger_view::build(&cfg).unwrap();
+    assert_eq!(view.sources.len(), 1);
+    assert_eq!(view.sources[0].source, "wards");
+    assert_eq!(view.sources[0].filter_level, got);
+    assert_eq!(view.sources[0].studies, ["cen", "loc", "rec"]);
+    assert!(view.sources[0].pld_epsilon.unwrap() < got);
+    let rec_view = view.studies.iter().find(|s| s.study == "rec").unwrap();
+    assert_eq!(rec_view.delta, Some(1e-6));
+    assert!(rec_view.rounds_declined > 0 && rec_view.epsilon.unwrap() > 0.0);
 
     // Every deviation is on the site's record, and the record verifies.
     let log = fedpriv_client::daemon::audit_path(&cfg);
