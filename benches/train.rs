@@ -18,7 +18,7 @@
 use std::time::Instant;
 
 use fedpriv_client::data::Dataset;
-use fedpriv_client::train::{dp_sgd_step, init_model, sgd_step, train_local, LocalTraining};
+use fedpriv_client::train::{dp_sgd_step, sgd_step, train_local, Learner, LocalTraining};
 use fedpriv_common::model::Architecture;
 
 const D: usize = 30;
@@ -79,21 +79,23 @@ fn main() {
     let mut results = Vec::new();
     for (label, arch) in [
         ("logistic 30->1", Architecture::LogisticRegression),
-        ("mlp 30->64->1", Architecture::Mlp { hidden: 64 }),
+        ("mlp 30->64->1", Architecture::mlp(64)),
     ] {
-        let model = init_model(arch, D, 1, 1).expect("model");
+        let learner =
+            Learner::flat(&arch, D, fedpriv_common::config::Task::Binary, 1).expect("learner");
+        let model = learner.init(1).expect("model");
         let cfg = LocalTraining {
             epochs: 1,
             batch_size: BATCH,
             learning_rate: 0.01,
         };
         let local = rate(seconds, data.n, || {
-            train_local(&model, arch, &data, &cfg, 0).expect("train_local");
+            train_local(&learner, &model, &data, &cfg, 0).expect("train_local");
         });
         let mut m = model.clone();
         let mut b = 0;
         let step = rate(seconds, BATCH, || {
-            sgd_step(&mut m, arch, &data, &batches[b % BATCHES], 0.01).expect("sgd_step");
+            sgd_step(&learner, &mut m, &data, &batches[b % BATCHES], 0.01).expect("sgd_step");
             b += 1;
         });
         let noise = vec![0f64; model.values.len()];
@@ -101,15 +103,15 @@ fn main() {
         let mut b = 0;
         let clipped = rate(seconds, BATCH, || {
             dp_sgd_step(
+                &learner,
                 &mut theta,
-                &model.spec,
-                arch,
                 &data,
                 &batches[b % BATCHES],
                 1.0,
                 &noise,
                 BATCH as f64,
                 0.01,
+                0,
             )
             .expect("dp_sgd_step");
             b += 1;

@@ -17,7 +17,6 @@
 use clap::Parser;
 use fedpriv::demo::{self, DemoData, DemoOptions};
 use fedpriv_client::train;
-use fedpriv_common::arch;
 use fedpriv_common::dp::noise::NoiseSource;
 
 #[derive(Debug, Parser)]
@@ -107,8 +106,14 @@ fn main() -> Result<(), String> {
                 o.shard_seed = Some(seed);
                 let sp = demo::split(&o)?;
                 let shards = sp.scaled_shards()?;
-                let mut global =
-                    arch::init_model(arch_kind, sp.test.d, 1, 0).map_err(|e| e.to_string())?;
+                let learner = train::Learner::flat(
+                    &arch_kind,
+                    sp.test.d,
+                    fedpriv_common::config::Task::Binary,
+                    1,
+                )
+                .map_err(|e| e.to_string())?;
+                let mut global = learner.init(0).map_err(|e| e.to_string())?;
                 let c = o.record.clip_norm;
                 for _ in 0..o.rounds {
                     let mut sum = vec![0f64; global.values.len()];
@@ -122,7 +127,7 @@ fn main() -> Result<(), String> {
                             noise_multiplier: sigma,
                         };
                         let (delta, _) = round
-                            .run(&global, arch_kind, shard, &mut noise)
+                            .run(&learner, &global, shard, &mut noise)
                             .map_err(|e| e.to_string())?;
                         for (s, d) in sum.iter_mut().zip(&delta) {
                             *s += f64::from(*d);
@@ -134,7 +139,7 @@ fn main() -> Result<(), String> {
                         *g = (f64::from(*g) + slr * s / k) as f32;
                     }
                 }
-                let m = train::evaluate(&global, arch_kind, &sp.test).map_err(|e| e.to_string())?;
+                let m = train::evaluate(&learner, &global, &sp.test).map_err(|e| e.to_string())?;
                 accs.push(m.accuracy.unwrap_or(f64::NAN));
                 losses.push(m.loss);
             }

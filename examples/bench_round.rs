@@ -413,7 +413,7 @@ fn bench_main(args: &Args) -> Result<(), BoxError> {
         None => tmp.path().to_path_buf(),
     };
     let (features, hidden) = mlp_for(args.params);
-    let d = arch::model_spec(Architecture::Mlp { hidden }, features, 1)?.num_values();
+    let d = arch::model_spec(&Architecture::mlp(hidden), features, 1)?.num_values();
     write_pki(&dir, args.sites)?;
     let study = dir.join("study.toml");
     std::fs::write(
@@ -841,7 +841,7 @@ fn site_main(args: &Args) -> Result<(), BoxError> {
             match msg {
                 CoordinatorMessage::Welcome { studies, .. } => {
                     for ann in studies {
-                        let spec = arch::model_spec(ann.model, ann.data.features.len(), 1)?;
+                        let spec = arch::model_spec(&ann.model, ann.data.features.len(), 1)?;
                         update = Some(std::sync::Arc::new(BenchUpdate::new(
                             spec.num_values(),
                             &name,

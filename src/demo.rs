@@ -775,8 +775,8 @@ impl Federation {
         let toml = study_toml(opts, &split, sigma);
         let cfg = StudyConfig::from_toml(&toml).map_err(|e| format!("demo study config: {e}"))?;
         let (tls, sites) = setup(root, opts, &cfg, &split.shards, addr)?;
-        let arch_kind = cfg.model;
-        let spec = arch::model_spec(arch_kind, split.features.len(), 1).map_err(s)?;
+        let arch_kind = cfg.model.clone();
+        let spec = arch::model_spec(&arch_kind, split.features.len(), 1).map_err(s)?;
         let label_scale = split.label_scale()?;
         let noise_multiplier = cfg.privacy.noise_multiplier.get();
         let (site_stop, _) = watch::channel(false);
@@ -860,7 +860,13 @@ impl Federation {
     /// version on the evaluation set.
     pub fn score(&self, model: &[f32]) -> DemoResult<Score> {
         let m = FlatModel::new(self.spec.clone(), model.to_vec()).map_err(s)?;
-        score_model(&m, self.arch, &self.test, self.label_scale, self.regression)
+        score_model(
+            &m,
+            &self.arch,
+            &self.test,
+            self.label_scale,
+            self.regression,
+        )
     }
 
     /// Follows the coordinator's notifications until the study ends.
@@ -943,14 +949,25 @@ pub struct Score {
     pub rmse: Option<f64>,
 }
 
+/// The demo's learner: its tasks are binary or regression on a flat feature vector.
+fn learner(arch: &Architecture, d: usize, regression: bool) -> DemoResult<train::Learner> {
+    let task = if regression {
+        fedpriv_common::config::Task::Regression
+    } else {
+        fedpriv_common::config::Task::Binary
+    };
+    train::Learner::flat(arch, d, task, 1).map_err(s)
+}
+
 fn score_model(
     m: &FlatModel,
-    arch: Architecture,
+    arch: &Architecture,
     data: &Dataset,
     label_scale: f64,
     regression: bool,
 ) -> DemoResult<Score> {
-    let metrics = train::evaluate(m, arch, data).map_err(s)?;
+    let l = learner(arch, data.d, regression)?;
+    let metrics = train::evaluate(&l, m, data).map_err(s)?;
     Ok(Score {
         loss: metrics.loss,
         accuracy: if regression { None } else { metrics.accuracy },
@@ -968,14 +985,15 @@ fn score_model(
 pub fn non_private(opts: &DemoOptions, rounds: u64, local: &LocalTraining) -> DemoResult<Score> {
     let split = split(opts)?;
     let arch_kind = opts.data.model();
-    let mut global = arch::init_model(arch_kind, split.test.d, 1, 0).map_err(s)?;
+    let l = learner(&arch_kind, split.test.d, opts.data.regression())?;
+    let mut global = l.init(0).map_err(s)?;
     let shards = split.scaled_shards()?;
     for r in 0..rounds.max(1) {
         let mut sum = vec![0f32; global.values.len()];
         for (i, shard) in shards.iter().enumerate() {
             let trained = train::train_local(
+                &l,
                 &global,
-                arch_kind,
                 shard,
                 local,
                 opts.shard_seed.unwrap_or(opts.seed) ^ (r * 31 + i as u64),
@@ -992,7 +1010,7 @@ pub fn non_private(opts: &DemoOptions, rounds: u64, local: &LocalTraining) -> De
     }
     score_model(
         &global,
-        arch_kind,
+        &arch_kind,
         &split.test,
         split.label_scale()?,
         opts.data.regression(),
@@ -1023,7 +1041,7 @@ pub fn constant_baseline(opts: &DemoOptions) -> DemoResult<Score> {
     });
     let mean = sum / n.max(1) as f64;
     let arch_kind = opts.data.model();
-    let spec = arch::model_spec(arch_kind, split.test.d, 1).map_err(s)?;
+    let spec = arch::model_spec(&arch_kind, split.test.d, 1).map_err(s)?;
     let mut values = vec![0f32; spec.num_values()];
     // Only the bias (the last value) is set: the label mean, or a logit whose sign is the
     // majority class.
@@ -1039,7 +1057,7 @@ pub fn constant_baseline(opts: &DemoOptions) -> DemoResult<Score> {
     let m = FlatModel::new(spec, values).map_err(s)?;
     score_model(
         &m,
-        arch_kind,
+        &arch_kind,
         &split.test,
         split.label_scale()?,
         opts.data.regression(),
@@ -1078,9 +1096,9 @@ pub fn least_squares(opts: &DemoOptions) -> DemoResult<Score> {
     // Layout: linear.weight [1, d] then linear.bias [1], as [x, 1] above.
     let values: Vec<f32> = w.iter().map(|&v| v as f32).collect();
     let arch_kind = Architecture::LinearRegression;
-    let spec = arch::model_spec(arch_kind, d, 1).map_err(s)?;
+    let spec = arch::model_spec(&arch_kind, d, 1).map_err(s)?;
     let m = FlatModel::new(spec, values).map_err(s)?;
-    score_model(&m, arch_kind, &split.test, split.label_scale()?, true)
+    score_model(&m, &arch_kind, &split.test, split.label_scale()?, true)
 }
 
 /// Solves the symmetric system `a x = b` (`p x p`, row-major) by Gaussian elimination with

@@ -66,8 +66,7 @@ async fn site(
     quic_io::send_message(&conn, &hello, None)
         .await
         .map_err(|x| e(&x))?;
-    let spec =
-        arch::model_spec(Architecture::Mlp { hidden: HIDDEN }, FEATURES, 1).map_err(|x| e(&x))?;
+    let spec = arch::model_spec(&Architecture::mlp(HIDDEN), FEATURES, 1).map_err(|x| e(&x))?;
     let d = spec.num_values();
     let mut received = Vec::new();
     loop {
@@ -136,13 +135,13 @@ async fn a_bf16_study_aggregates_the_rounded_updates_and_broadcasts_in_bf16() {
         .toml();
     let cfg = StudyConfig::from_toml(&text).expect("study");
     assert_eq!(cfg.encoding, Dtype::Bf16);
-    let spec = arch::model_spec(cfg.model, FEATURES, 1).expect("spec");
+    let spec = arch::model_spec(&cfg.model, FEATURES, 1).expect("spec");
     let d = spec.num_values();
     assert!(
         d > 2 * server::UPLOAD_CHUNK_VALUES,
         "updates must span several upload chunks"
     );
-    let init = arch::init_model(cfg.model, FEATURES, 1, 0)
+    let init = arch::init_model(&cfg.model, FEATURES, 1, 0)
         .expect("init")
         .values;
 

@@ -64,10 +64,12 @@ fn announcement(study: &str, unit: PrivacyUnit, placement: Placement) -> StudyAn
     };
     StudyAnnouncement {
         study: study.into(),
-        model: Architecture::Mlp { hidden: HIDDEN },
+        model: Architecture::mlp(HIDDEN),
         data: DataSpec {
             task: DataTask::Binary,
             label: "y".into(),
+            classes: 0,
+            class_labels: Vec::new(),
             features: features(),
             ranges: vec![[0.0, 1.0], [-1.0, 1.0]],
             label_range: None,
@@ -116,7 +118,7 @@ fn independent_price(ann: &StudyAnnouncement) -> (SgmEvent, SgmEvent) {
 }
 
 fn spec() -> ModelSpec {
-    fedpriv_common::arch::model_spec(Architecture::Mlp { hidden: HIDDEN }, 2, 1).unwrap()
+    fedpriv_common::arch::model_spec(&Architecture::mlp(HIDDEN), 2, 1).unwrap()
 }
 
 fn task(ann: &StudyAnnouncement, round: u64) -> Task {

@@ -54,8 +54,8 @@ async fn site(
     quic_io::send_message(&conn, &hello, None)
         .await
         .map_err(|e| e.to_string())?;
-    let spec = arch::model_spec(Architecture::Mlp { hidden: HIDDEN }, FEATURES, 1)
-        .map_err(|e| e.to_string())?;
+    let spec =
+        arch::model_spec(&Architecture::mlp(HIDDEN), FEATURES, 1).map_err(|e| e.to_string())?;
     loop {
         let mut recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
         let msg: CoordinatorMessage = quic_io::recv_frame(&mut recv)
@@ -110,7 +110,7 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
         .enrolled(["good", "flaky"])
         .toml();
     let cfg = StudyConfig::from_toml(&text).expect("study");
-    let spec = arch::model_spec(cfg.model, FEATURES, 1).expect("spec");
+    let spec = arch::model_spec(&cfg.model, FEATURES, 1).expect("spec");
     let d = spec.num_values();
     let chunk = server::UPLOAD_CHUNK_VALUES;
     assert!(d > 3 * chunk, "the update must span several chunks");
@@ -121,7 +121,7 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
     bad[2 * chunk + 100] = 1e5;
     let good = good_update(d, 1);
     let flaky_good = good_update(d, 2);
-    let init = arch::init_model(cfg.model, FEATURES, 1, 0)
+    let init = arch::init_model(&cfg.model, FEATURES, 1, 0)
         .expect("init")
         .values;
     let want: Vec<f32> = (0..d)

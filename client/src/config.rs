@@ -93,6 +93,9 @@ struct RawStudy {
     unit: PrivacyUnit,
     placements: Option<Vec<Placement>>,
     task: Task,
+    /// Multiclass: the number of classes (integer labels) or the class labels.
+    classes: Option<usize>,
+    labels: Option<Vec<String>>,
     label: String,
     features: Vec<String>,
     #[serde(default)]
@@ -128,6 +131,10 @@ pub struct PinnedTerms {
     /// Placements the site accepts; `central` only when the site's config lists it.
     pub placements: Vec<Placement>,
     pub task: Task,
+    /// Multiclass: the number of classes (0 otherwise), and the class labels as the data
+    /// writes them (empty: integer ids).
+    pub classes: usize,
+    pub class_labels: Vec<String>,
     pub label: String,
     /// Feature columns the site allows the study to read (a study may use fewer).
     pub features: Vec<String>,
@@ -251,7 +258,10 @@ fn validate_study(
     let min_noise_multiplier = NoiseMultiplier::new(s.min_noise_multiplier)
         .map_err(|e| field(at("min_noise_multiplier"), e))?;
     let max_delta = Delta::new(s.max_delta).map_err(|e| field(at("max_delta"), e))?;
-    let placements = s.placements.unwrap_or_else(|| vec![Placement::Local]);
+    let placements = s
+        .placements
+        .clone()
+        .unwrap_or_else(|| vec![Placement::Local]);
     if placements.is_empty() {
         return Err(field(at("placements"), "list at least one placement"));
     }
@@ -311,10 +321,33 @@ fn validate_study(
             ),
         ));
     }
-    if s.features.is_empty() {
+    let features = fedpriv_common::config::expand_features(&s.features)
+        .map_err(|e| field(at("features"), e))?;
+    if features.is_empty() {
         return Err(field(at("features"), "allow at least one feature column"));
     }
-    validate_columns(&s.features).map_err(|e| field(at("features"), e))?;
+    validate_columns(&features).map_err(|e| field(at("features"), e))?;
+    let s = RawStudy { features, ..s };
+    let (classes, class_labels) = match (s.task, s.classes, &s.labels) {
+        (Task::Multiclass, Some(k), None) if k >= 2 => (k, Vec::new()),
+        (Task::Multiclass, None, Some(l)) if l.len() >= 2 => {
+            validate_columns(l).map_err(|e| field(at("labels"), e))?;
+            (l.len(), l.clone())
+        }
+        (Task::Multiclass, _, _) => {
+            return Err(field(
+                at("classes"),
+                "multiclass needs classes = K (K >= 2) or labels = [...] (at least 2)",
+            ))
+        }
+        (_, None, None) => (0, Vec::new()),
+        _ => {
+            return Err(field(
+                at("classes"),
+                "classes and labels belong to task = \"multiclass\"",
+            ))
+        }
+    };
     validate_columns(std::slice::from_ref(&s.label)).map_err(|e| field(at("label"), e))?;
     if s.features.contains(&s.label) {
         return Err(field(at("label"), "the label cannot also be a feature"));
@@ -338,6 +371,8 @@ fn validate_study(
             unit: s.unit,
             placements,
             task: s.task,
+            classes,
+            class_labels,
             label: s.label,
             features: s.features,
             fills: s.fills,
@@ -408,9 +443,17 @@ pub fn pinned_terms_toml(
     }
     let task = match study.data.task {
         Task::Binary => "binary",
+        Task::Multiclass => "multiclass",
         Task::Regression => "regression",
     };
     let _ = writeln!(t, "task = \"{task}\"");
+    if study.data.task == Task::Multiclass {
+        if study.data.class_labels.is_empty() {
+            let _ = writeln!(t, "classes = {}", study.data.classes);
+        } else {
+            let _ = writeln!(t, "labels = [{}]", list(&study.data.class_labels));
+        }
+    }
     let _ = writeln!(t, "label = {}", q(&study.data.label));
     let _ = writeln!(t, "features = [{}]", list(&study.data.features));
     let fills: Vec<String> = study

@@ -54,10 +54,13 @@ pub struct ColumnSelection {
     pub label: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadOptions {
     pub label: LabelKind,
     pub max_rows: usize,
+    /// Class labels as the data writes them: a label cell equal to `label_names[i]` is
+    /// class `i` (empty: labels are numbers).
+    pub label_names: Vec<String>,
 }
 
 impl LoadOptions {
@@ -65,6 +68,16 @@ impl LoadOptions {
         Self {
             label,
             max_rows: DEFAULT_MAX_ROWS,
+            label_names: Vec::new(),
+        }
+    }
+
+    /// Labels written as one of `names` (class `i` is `names[i]`).
+    pub fn named(names: Vec<String>) -> Self {
+        Self {
+            label: LabelKind::Classes(names.len()),
+            max_rows: DEFAULT_MAX_ROWS,
+            label_names: names,
         }
     }
 
@@ -416,7 +429,16 @@ fn read_rows<R: BufRead>(
         for &(col, slot) in &wanted {
             let column = || names[col].clone();
             let cell = spans[col].text(text);
-            let parsed = parse_cell(cell);
+            let parsed = if slot == d && !options.label_names.is_empty() {
+                let c = cell.trim().replace("\"\"", "\"");
+                match options.label_names.iter().position(|n| *n == c) {
+                    Some(i) => Ok(i as f32),
+                    None if c.is_empty() => Err(CellError::Missing),
+                    None => Err(CellError::NotNumeric),
+                }
+            } else {
+                parse_cell(cell)
+            };
             let bad = match parsed {
                 Ok(v) => {
                     observe(slot, cell.trim());

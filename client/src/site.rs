@@ -20,7 +20,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
 
-use fedpriv_common::arch;
 use fedpriv_common::config::{
     round_cost, source_event, LocalPlan, Placement, PrivacyUnit, Task as TaskKind,
 };
@@ -36,7 +35,7 @@ use crate::data::{
 };
 use crate::identifiers::{ColumnCheck, ValueProfiler};
 use crate::store::{Cap, SiteLedger, SourceCap, Spend, StoreError};
-use crate::train::{self, DpSgdRound, LocalTraining};
+use crate::train::{self, DpSgdRound, Learner, LocalTraining};
 
 /// The largest magnitude a model value from the coordinator may have. Well above any trained
 /// weight over inputs scaled to [-1, 1]; a model outside it is refused before the spend, so
@@ -128,6 +127,10 @@ fn load_study(cfg: &SiteConfig, study: &SiteStudy) -> StudyLoad {
     }
     let options = match t.task {
         TaskKind::Binary => LoadOptions::new(LabelKind::Classes(2)),
+        TaskKind::Multiclass if t.class_labels.is_empty() => {
+            LoadOptions::new(LabelKind::Classes(t.classes))
+        }
+        TaskKind::Multiclass => LoadOptions::named(t.class_labels.clone()),
         TaskKind::Regression => LoadOptions::regression(),
     };
     let fills: Vec<Option<f32>> = t.features.iter().map(|f| t.fills.get(f).copied()).collect();
@@ -164,6 +167,7 @@ pub struct PreparedStudy {
     pub announcement: StudyAnnouncement,
     /// The announcement in the canonical text form the ledger pins.
     pub terms: String,
+    pub learner: Learner,
     pub spec: ModelSpec,
     pub data: Dataset,
     pub local: SiteStudy,
@@ -230,13 +234,15 @@ pub fn prepare_study(
             ));
         }
     }
-    let spec = arch::model_spec(ann.model, ann.data.features.len(), 1)
+    let learner = Learner::for_data(&ann.model, &ann.data)
         .map_err(|e| Refusal::new(DeclineReason::TermsDiffer, format!("model: {e}")))?;
+    let spec = learner.spec().clone();
     let data = select_and_scale(data, ann)
         .map_err(|e| Refusal::new(DeclineReason::TermsDiffer, format!("data: {e}")))?;
     Ok(PreparedStudy {
         announcement: ann.clone(),
         terms,
+        learner,
         spec,
         data,
         local: local.clone(),
@@ -565,7 +571,8 @@ pub fn run_task(
             // result is clipped (and noised when local), so a delta that diverged, or
             // training that failed, becomes a zero delta rather than an error.
             let work = usize::try_from(study.source.records).unwrap_or(usize::MAX);
-            let trained = train::train_local_for(&model, ann.model, &study.data, &plan, seed, work);
+            let trained =
+                train::train_local_for(&study.learner, &model, &study.data, &plan, seed, work);
             let zeros = || vec![0.0; model.values.len()];
             let (mut d, zeroed) = match trained {
                 Ok(t) => {
@@ -600,7 +607,7 @@ pub fn run_task(
                 clip: clip.get(),
                 noise_multiplier: ann.noise_multiplier,
             };
-            match round.run(&model, ann.model, &study.data, noise) {
+            match round.run(&study.learner, &model, &study.data, noise) {
                 // The ledger was charged for `own.steps` steps; anything else must not leave.
                 Ok((d, taken)) if taken == own.steps => (d, None, false),
                 Ok((_, taken)) => (

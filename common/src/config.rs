@@ -18,6 +18,9 @@ use crate::pki::validate_name;
 pub enum ConfigError {
     #[error("invalid TOML: {0}")]
     Parse(String),
+    /// A layer of `study.model` that cannot be used, named by its index.
+    #[error("study.model: {0}")]
+    Layer(String),
     #[error("{field}: {reason}")]
     Field { field: &'static str, reason: String },
 }
@@ -33,9 +36,12 @@ fn field(field: &'static str, reason: impl std::fmt::Display) -> ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
-    /// Label is 0 or 1.
+    /// Label is 0 or 1 (one output, sigmoid).
     Binary,
-    /// Label is any finite number.
+    /// One of K classes (K outputs, softmax): an integer id 0..K-1, or one of the study's
+    /// declared label strings.
+    Multiclass,
+    /// Label is any finite number (one output).
     Regression,
 }
 
@@ -77,23 +83,137 @@ struct Raw {
     sites: RawSites,
 }
 
-/// The TOML spelling of a model: `{ kind = "logistic_regression" }`, `{ kind = "mlp", hidden = 32 }`.
+/// The TOML spelling of a model: `{ kind = "logistic_regression" }`,
+/// `{ kind = "mlp", hidden = [64, 32], activation = "relu" }` (`hidden = 32` is one layer of
+/// 32; the activation defaults to tanh), or `{ kind = "layers", layers = [...] }`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
 enum RawModel {
     LogisticRegression,
     LinearRegression,
-    Mlp { hidden: usize },
+    Mlp {
+        hidden: RawHidden,
+        activation: Option<crate::arch::Activation>,
+    },
+    Layers {
+        layers: Vec<RawLayer>,
+    },
 }
 
-impl From<RawModel> for Architecture {
-    fn from(m: RawModel) -> Self {
-        match m {
-            RawModel::LogisticRegression => Architecture::LogisticRegression,
-            RawModel::LinearRegression => Architecture::LinearRegression,
-            RawModel::Mlp { hidden } => Architecture::Mlp { hidden },
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawHidden {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+/// One layer of `{ kind = "layers", layers = [...] }`: `{ type = "conv2d", channels = 8,
+/// kernel = 3, padding = 1 }` and so on.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
+enum RawLayer {
+    Dense {
+        units: usize,
+    },
+    Conv1d {
+        channels: usize,
+        kernel: usize,
+        stride: Option<usize>,
+        padding: Option<usize>,
+    },
+    Conv2d {
+        channels: usize,
+        kernel: usize,
+        stride: Option<usize>,
+        padding: Option<usize>,
+    },
+    MaxPool {
+        kernel: usize,
+    },
+    AvgPool {
+        kernel: usize,
+    },
+    Flatten,
+    Relu,
+    Gelu,
+    Tanh,
+    Sigmoid,
+    LayerNorm,
+    GroupNorm {
+        groups: usize,
+    },
+    Dropout {
+        rate: f32,
+    },
+    /// Named only to refuse it with the reason.
+    BatchNorm {},
+}
+
+fn layer_of(index: usize, raw: RawLayer) -> Result<crate::arch::Layer, ConfigError> {
+    use crate::arch::{Activation, Layer};
+    Ok(match raw {
+        RawLayer::Dense { units } => Layer::Dense { units },
+        RawLayer::Conv1d {
+            channels,
+            kernel,
+            stride,
+            padding,
+        } => Layer::Conv1d {
+            channels,
+            kernel,
+            stride: stride.unwrap_or(1),
+            padding: padding.unwrap_or(0),
+        },
+        RawLayer::Conv2d {
+            channels,
+            kernel,
+            stride,
+            padding,
+        } => Layer::Conv2d {
+            channels,
+            kernel,
+            stride: stride.unwrap_or(1),
+            padding: padding.unwrap_or(0),
+        },
+        RawLayer::MaxPool { kernel } => Layer::MaxPool { kernel },
+        RawLayer::AvgPool { kernel } => Layer::AvgPool { kernel },
+        RawLayer::Flatten => Layer::Flatten,
+        RawLayer::Relu => Layer::Activation(Activation::Relu),
+        RawLayer::Gelu => Layer::Activation(Activation::Gelu),
+        RawLayer::Tanh => Layer::Activation(Activation::Tanh),
+        RawLayer::Sigmoid => Layer::Activation(Activation::Sigmoid),
+        RawLayer::LayerNorm => Layer::LayerNorm,
+        RawLayer::GroupNorm { groups } => Layer::GroupNorm { groups },
+        RawLayer::Dropout { rate } => Layer::Dropout { rate },
+        RawLayer::BatchNorm {} => {
+            return Err(ConfigError::Layer(format!(
+                "layer {index} (batch_norm): batch normalisation mixes the examples of a batch, \
+                 so no example's gradient is its own and per-example clipping (hence DP-SGD's \
+                 guarantee) breaks; use layer_norm or group_norm"
+            )))
         }
-    }
+    })
+}
+
+fn architecture_of(m: RawModel) -> Result<Architecture, ConfigError> {
+    Ok(match m {
+        RawModel::LogisticRegression => Architecture::LogisticRegression,
+        RawModel::LinearRegression => Architecture::LinearRegression,
+        RawModel::Mlp { hidden, activation } => Architecture::Mlp {
+            hidden: match hidden {
+                RawHidden::One(h) => vec![h],
+                RawHidden::Many(v) => v,
+            },
+            activation: activation.unwrap_or(crate::arch::Activation::Tanh),
+        },
+        RawModel::Layers { layers } => Architecture::Layers(
+            layers
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| layer_of(i, l))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,9 +233,17 @@ struct RawStudy {
 struct RawData {
     task: Task,
     label: String,
+    /// Column names; `px0..px63` stands for px0, px1, ..., px63 (expanded here, so every
+    /// site receives the explicit list).
     features: Vec<String>,
-    /// Public value ranges used for scaling, one per feature.
+    /// Multiclass: the number of classes (labels are ids 0..K-1) ...
+    classes: Option<usize>,
+    /// ... or the class labels as the data writes them (their order gives the outputs).
+    labels: Option<Vec<String>>,
+    /// Public value ranges used for scaling, per feature; `default_range` for the others.
+    #[serde(default)]
     ranges: BTreeMap<String, [f32; 2]>,
+    default_range: Option<[f32; 2]>,
     label_range: Option<[f32; 2]>,
     /// Public per-feature values that stand in for a missing or unreadable cell; a record
     /// with such a cell in a feature without a fill is skipped at the site.
@@ -192,6 +320,11 @@ pub struct PrivacyPlan {
 pub struct DataSpec {
     pub task: Task,
     pub label: String,
+    /// Multiclass: the number of classes K (0 otherwise).
+    pub classes: usize,
+    /// Multiclass with named labels: the K labels, in output order (empty otherwise: the
+    /// labels are integer ids).
+    pub class_labels: Vec<String>,
     pub features: Vec<String>,
     pub ranges: Vec<[f32; 2]>,
     pub label_range: Option<[f32; 2]>,
@@ -229,7 +362,7 @@ impl StudyConfig {
 
     fn validate(raw: Raw) -> Result<Self, ConfigError> {
         let s = raw.study;
-        let model = Architecture::from(s.model);
+        let model = architecture_of(s.model)?;
         validate_name(&s.id).map_err(|e| field("study.id", e))?;
         if s.rounds == 0 {
             return Err(field("study.rounds", "must be at least 1"));
@@ -246,16 +379,29 @@ impl StudyConfig {
                 )
             })?,
         };
-        if let Architecture::Mlp { hidden: 0 } = model {
-            return Err(field("study.model.hidden", "must be at least 1"));
+        if let Architecture::Mlp { hidden, .. } = &model {
+            if hidden.is_empty() || hidden.contains(&0) {
+                return Err(field(
+                    "study.model.hidden",
+                    "list at least one hidden layer, each of at least 1 unit",
+                ));
+            }
         }
-        if model == Architecture::LinearRegression && raw.data.task != Task::Regression
-            || model != Architecture::LinearRegression && raw.data.task == Task::Regression
-        {
-            return Err(field(
-                "study.model",
-                "linear_regression goes with task = \"regression\", the other models with \"binary\"",
-            ));
+        match (&model, raw.data.task) {
+            (Architecture::LinearRegression, Task::Regression) => {}
+            (Architecture::LinearRegression, _) => {
+                return Err(field(
+                    "study.model",
+                    "linear_regression goes with task = \"regression\"",
+                ))
+            }
+            (Architecture::LogisticRegression, Task::Regression) => {
+                return Err(field(
+                    "study.model",
+                    "logistic_regression goes with task = \"binary\" or \"multiclass\" (use linear_regression, an mlp or layers for regression)",
+                ))
+            }
+            _ => {}
         }
 
         let mut enrolled = BTreeSet::new();
@@ -275,7 +421,8 @@ impl StudyConfig {
             ));
         }
 
-        let d = raw.data;
+        let mut d = raw.data;
+        d.features = expand_features(&d.features).map_err(|e| field("data.features", e))?;
         if d.features.is_empty() {
             return Err(field(
                 "data.features",
@@ -291,12 +438,25 @@ impl StudyConfig {
         if seen.contains(&d.label) {
             return Err(field("data.label", "the label cannot also be a feature"));
         }
+        let range_ok = |r: &[f32; 2]| r[0].is_finite() && r[1].is_finite() && r[0] < r[1];
+        if let Some(r) = &d.default_range {
+            if !range_ok(r) {
+                return Err(field("data.default_range", "need finite lo < hi"));
+            }
+        }
         let mut ranges = Vec::with_capacity(d.features.len());
         for f in &d.features {
-            let r = d.ranges.get(f).ok_or_else(|| {
-                field("data.ranges", format!("no public range for feature {f:?}"))
-            })?;
-            if !(r[0].is_finite() && r[1].is_finite() && r[0] < r[1]) {
+            let r = d
+                .ranges
+                .get(f)
+                .or(d.default_range.as_ref())
+                .ok_or_else(|| {
+                    field(
+                        "data.ranges",
+                        format!("no public range for feature {f:?} (and no data.default_range)"),
+                    )
+                })?;
+            if !range_ok(r) {
                 return Err(field("data.ranges", format!("{f:?}: need finite lo < hi")));
             }
             ranges.push(*r);
@@ -309,6 +469,43 @@ impl StudyConfig {
         }
         if let Some((f, _)) = d.fills.iter().find(|(_, v)| !v.is_finite()) {
             return Err(field("data.fills", format!("{f:?}: need a finite value")));
+        }
+        let (classes, class_labels) = match (d.task, d.classes, d.labels.take()) {
+            (Task::Multiclass, Some(k), None) if k >= 2 => (k, Vec::new()),
+            (Task::Multiclass, None, Some(labels)) if labels.len() >= 2 => {
+                let mut unique = BTreeSet::new();
+                for l in &labels {
+                    if l.trim().is_empty() || l.trim() != l {
+                        return Err(field(
+                            "data.labels",
+                            format!("{l:?}: labels are non-empty, without surrounding spaces"),
+                        ));
+                    }
+                    if !unique.insert(l) {
+                        return Err(field("data.labels", format!("{l:?} is listed twice")));
+                    }
+                }
+                (labels.len(), labels)
+            }
+            (Task::Multiclass, _, _) => {
+                return Err(field(
+                    "data.classes",
+                    "multiclass needs either classes = K (K >= 2, labels 0..K-1) or labels = [...] (at least 2)",
+                ))
+            }
+            (_, None, None) => (0, Vec::new()),
+            (_, _, _) => {
+                return Err(field(
+                    "data.classes",
+                    "classes and labels belong to task = \"multiclass\"",
+                ))
+            }
+        };
+        if d.task != Task::Regression && d.label_range.is_some() {
+            return Err(field(
+                "data.label_range",
+                "a label range belongs to task = \"regression\"",
+            ));
         }
         let fills = d.features.iter().map(|f| d.fills.get(f).copied()).collect();
         if d.task == Task::Regression {
@@ -479,6 +676,8 @@ impl StudyConfig {
                 ranges,
                 label_range: d.label_range,
                 fills,
+                classes,
+                class_labels,
             },
             strategy: t.strategy,
             server_learning_rate: t.server_learning_rate,
@@ -499,30 +698,30 @@ impl StudyConfig {
         Ok(cfg)
     }
 
-    /// The model's size is bounded by the wire format's limit on values
+    /// The model's layers must fit the data (each layer's shapes are checked, and an error
+    /// names the layer), and its size is bounded by the wire format's limit on values
     /// ([`MAX_MODEL_VALUES`](crate::model::MAX_MODEL_VALUES), 8 GiB of f32) and by this
     /// machine's address space, not by a fixed layer width: what fits in memory is the
     /// operator's to judge (the coordinator holds about two f32 copies, see
     /// docs/performance.md). Returns the number of parameters.
     fn check_model_size(&self) -> Result<u64, ConfigError> {
-        let spec = crate::arch::model_spec(self.model, self.data.features.len(), self.n_outputs())
-            .map_err(|e| {
-                let what = match self.model {
-                    Architecture::Mlp { hidden } => format!(
-                        "an MLP with {hidden} hidden units over {} features",
-                        self.data.features.len()
-                    ),
-                    _ => format!("a linear model over {} features", self.data.features.len()),
-                };
-                field(
+        let compiled = crate::arch::compile(&self.model, &self.input_shape(), self.n_outputs())
+            .map_err(|e| match e {
+                crate::arch::LayoutError::Spec(e) => field(
                     "study.model",
                     format!(
-                        "{what} is too large: {e} (at most {} parameters, {} GiB of f32 per copy)",
+                        "{} over {} features is too large: {e} (at most {} parameters, {} GiB of f32 per copy)",
+                        self.model.describe(),
+                        self.data.features.len(),
                         crate::model::MAX_MODEL_VALUES,
                         (crate::model::MAX_MODEL_VALUES * 4) >> 30
                     ),
-                )
+                ),
+                other => ConfigError::Layer(other.to_string()),
             })?;
+        let spec = compiled
+            .spec()
+            .map_err(|e| field("study.model", e.to_string()))?;
         let values = spec.num_values() as u64;
         // Every copy of the model is one allocation of f32: it must fit this machine's
         // address space (a 32-bit build cannot hold what a 64-bit one can).
@@ -539,10 +738,71 @@ impl StudyConfig {
         Ok(values)
     }
 
-    /// Number of model outputs.
+    /// Number of model outputs: 1 for binary and regression, K for K classes.
     pub fn n_outputs(&self) -> usize {
-        1
+        self.data.n_outputs()
     }
+
+    /// One example's input shape.
+    pub fn input_shape(&self) -> Vec<usize> {
+        self.data.input_shape()
+    }
+}
+
+impl DataSpec {
+    /// Number of model outputs: 1 for binary and regression, K for K classes.
+    pub fn n_outputs(&self) -> usize {
+        match self.task {
+            Task::Multiclass => self.classes.max(2),
+            Task::Binary | Task::Regression => 1,
+        }
+    }
+
+    /// One example's input shape: the feature vector.
+    pub fn input_shape(&self) -> Vec<usize> {
+        vec![self.features.len()]
+    }
+}
+
+/// Expands `prefix{a}..prefix{b}` entries (same prefix, a <= b, at most 100,000 names) into
+/// the explicit column names; other entries are kept as written.
+pub fn expand_features(features: &[String]) -> Result<Vec<String>, String> {
+    fn split(s: &str) -> Option<(&str, u64, usize)> {
+        let digits = s.bytes().rev().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 9 {
+            return None;
+        }
+        let (prefix, num) = s.split_at(s.len() - digits);
+        Some((prefix, num.parse().ok()?, digits))
+    }
+    let mut out = Vec::new();
+    for f in features {
+        let Some((from, to)) = f.split_once("..") else {
+            out.push(f.clone());
+            continue;
+        };
+        let pattern = || format!("{f:?}: a pattern is written like px0..px63");
+        let (Some((p1, a, wa)), Some((p2, b, wb))) = (split(from), split(to)) else {
+            return Err(pattern());
+        };
+        if p1 != p2 || a > b {
+            return Err(pattern());
+        }
+        if b - a >= 100_000 {
+            return Err(format!("{f:?} expands to more than 100,000 columns"));
+        }
+        // Zero-padded patterns (px00..px63) keep their width.
+        let width =
+            if from.len() == to.len() && wa == wb && from.as_bytes()[p1.len()] == b'0' && wa > 1 {
+                wa
+            } else {
+                0
+            };
+        for i in a..=b {
+            out.push(format!("{p1}{i:0width$}"));
+        }
+    }
+    Ok(out)
 }
 
 impl PrivacyPlan {
@@ -749,21 +1009,13 @@ enrolled = ["st-marys", "general", "north"]
         };
         // 600M parameters over two features: hidden * (2 + 2) + 1 values.
         let c = StudyConfig::from_toml(&mlp("150000000")).expect("a 600M model is valid");
-        assert_eq!(
-            c.model,
-            Architecture::Mlp {
-                hidden: 150_000_000
-            }
-        );
+        assert_eq!(c.model, Architecture::mlp(150_000_000));
         // Just over 2^31 values, and the widest TOML integer (its value count overflows u64).
         for hidden in ["536870912", "9223372036854775807"] {
             match StudyConfig::from_toml(&mlp(hidden)) {
                 Err(ConfigError::Field { field, reason }) => {
                     assert_eq!(field, "study.model");
-                    assert!(
-                        reason.contains(&format!("{hidden} hidden units")),
-                        "{reason}"
-                    );
+                    assert!(reason.contains(&format!("MLP [{hidden}]")), "{reason}");
                     assert!(reason.contains("2147483648 parameters"), "{reason}");
                 }
                 other => panic!("hidden = {hidden}: expected a study.model error, got {other:?}"),
@@ -786,5 +1038,89 @@ enrolled = ["st-marys", "general", "north"]
         let events = vec![cost; 10];
         let eps = accountant::epsilon(c.privacy.accountant, &events, c.privacy.delta).expect("eps");
         assert!(eps <= 4.0 && eps > 3.9, "{eps}");
+    }
+
+    #[test]
+    fn deeper_models_multiclass_tasks_patterns_and_default_ranges() {
+        let text = SITE_TOML
+            .replace(
+                "model = { kind = \"logistic_regression\" }",
+                "model = { kind = \"mlp\", hidden = [16, 8], activation = \"relu\" }",
+            )
+            .replace(
+                "task = \"binary\"",
+                "task = \"multiclass\"\nlabels = [\"class_0\", \"class_1\", \"class_2\"]",
+            )
+            .replace(
+                "features = [\"a\", \"b\"]",
+                "features = [\"px0..px11\", \"b\"]",
+            )
+            .replace(
+                "ranges = { a = [0.0, 10.0], b = [-1.0, 1.0] }",
+                "ranges = { b = [-1.0, 1.0] }\ndefault_range = [0.0, 16.0]",
+            );
+        let c = StudyConfig::from_toml(&text).expect("valid");
+        assert_eq!(c.data.features.len(), 13);
+        assert_eq!(c.data.features[11], "px11");
+        assert_eq!(c.data.ranges[3], [0.0, 16.0]);
+        assert_eq!(c.data.ranges[12], [-1.0, 1.0]);
+        assert_eq!(c.n_outputs(), 3);
+        assert_eq!(c.data.class_labels.len(), 3);
+        assert_eq!(
+            c.model,
+            Architecture::Mlp {
+                hidden: vec![16, 8],
+                activation: crate::arch::Activation::Relu
+            }
+        );
+        // Zero-padded patterns keep their width; bad patterns are refused by field.
+        assert_eq!(
+            expand_features(&["px08..px11".into()]).expect("expands"),
+            ["px08", "px09", "px10", "px11"]
+        );
+        for bad in ["px3..px1", "px1..qx3", "px..px3"] {
+            assert!(expand_features(&[bad.into()]).is_err(), "{bad}");
+        }
+        let ids = text.replace(
+            "labels = [\"class_0\", \"class_1\", \"class_2\"]",
+            "classes = 10",
+        );
+        assert_eq!(StudyConfig::from_toml(&ids).expect("valid").n_outputs(), 10);
+        let neither = text.replace("labels = [\"class_0\", \"class_1\", \"class_2\"]", "");
+        assert!(matches!(
+            StudyConfig::from_toml(&neither),
+            Err(ConfigError::Field {
+                field: "data.classes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_layer_list_is_checked_layer_by_layer_and_batch_norm_is_refused_with_the_reason() {
+        let with = |layers: &str| {
+            SITE_TOML.replace(
+                "model = { kind = \"logistic_regression\" }",
+                &format!("model = {{ kind = \"layers\", layers = [{layers}] }}"),
+            )
+        };
+        let ok = with("{ type = \"conv1d\", channels = 4, kernel = 2 }, { type = \"relu\" }, { type = \"flatten\" }, { type = \"dense\", units = 1 }");
+        let c = StudyConfig::from_toml(&ok).expect("valid");
+        assert!(matches!(c.model, Architecture::Layers(ref l) if l.len() == 4));
+        let bn = with("{ type = \"batch_norm\" }, { type = \"dense\", units = 1 }");
+        match StudyConfig::from_toml(&bn) {
+            Err(ConfigError::Layer(m)) => {
+                assert!(
+                    m.contains("layer 0 (batch_norm)") && m.contains("per-example"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = with("{ type = \"dense\", units = 4 }, { type = \"dense\", units = 2 }");
+        match StudyConfig::from_toml(&bad) {
+            Err(ConfigError::Layer(m)) => assert!(m.contains("layer 1 (dense)"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

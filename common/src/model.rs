@@ -17,19 +17,26 @@ pub const MAX_NAME_LEN: usize = 256;
 /// Most dimensions of one tensor.
 pub const MAX_RANK: usize = 8;
 
-/// The built-in model families a study can name. Input width and number of outputs come
-/// from the data the study declares, not from here.
+/// The model a study trains: a named family or a list of layers (see [`crate::arch`]). Input
+/// shape and number of outputs come from the data the study declares, not from here.
 ///
 /// Serialised as a plain enum (the wire format is not self-describing); the study TOML
-/// spells it `model = { kind = "mlp", hidden = 32 }` through the config module.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// spells it `model = { kind = "mlp", hidden = [64, 32], activation = "relu" }` or
+/// `model = { kind = "layers", layers = [...] }` through the config module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Architecture {
     /// Binary (one output, sigmoid) or multi-class (softmax) logistic regression.
     LogisticRegression,
     /// Linear regression with squared loss (one output).
     LinearRegression,
-    /// One hidden layer with tanh activation, then a logistic output layer.
-    Mlp { hidden: usize },
+    /// Dense hidden layers of these widths, each followed by the activation, then a dense
+    /// output layer.
+    Mlp {
+        hidden: Vec<usize>,
+        activation: crate::arch::Activation,
+    },
+    /// Any list of layers; the last is a dense layer with the task's number of outputs.
+    Layers(Vec<crate::arch::Layer>),
 }
 
 /// One named tensor's shape.

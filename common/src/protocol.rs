@@ -42,7 +42,7 @@ impl StudyAnnouncement {
         let p = &cfg.privacy;
         Self {
             study: cfg.id.clone(),
-            model: cfg.model,
+            model: cfg.model.clone(),
             data: cfg.data.clone(),
             unit: p.unit,
             placement: p.placement,
@@ -213,10 +213,12 @@ mod tests {
     fn every_message_round_trips_through_the_wire_format() {
         let ann = StudyAnnouncement {
             study: "bc".into(),
-            model: Architecture::Mlp { hidden: 4 },
+            model: Architecture::mlp(4),
             data: DataSpec {
                 task: DataTask::Binary,
                 label: "y".into(),
+                classes: 0,
+                class_labels: Vec::new(),
                 features: vec!["a".into()],
                 ranges: vec![[0.0, 1.0]],
                 label_range: None,

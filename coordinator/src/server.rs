@@ -362,7 +362,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
 
 /// The spec of a study's model.
 pub fn study_spec(cfg: &StudyConfig) -> Result<ModelSpec, ServerError> {
-    arch::model_spec(cfg.model, cfg.data.features.len(), cfg.n_outputs())
+    arch::model_spec_for(&cfg.model, &cfg.input_shape(), cfg.n_outputs())
         .map_err(|e| ServerError::Config(format!("study {}: {e}", cfg.id)))
 }
 
@@ -650,7 +650,7 @@ pub(crate) fn study_runtime(
                 model.values
             }
             None => {
-                arch::init_model(cfg.model, cfg.data.features.len(), cfg.n_outputs(), 0)
+                arch::init_model_for(&cfg.model, &cfg.input_shape(), cfg.n_outputs(), 0)
                     .map_err(|e| ServerError::Internal(e.to_string()))?
                     .values
             }

@@ -139,7 +139,7 @@ fn site_name(i: usize) -> String {
 }
 
 fn spec() -> ModelSpec {
-    arch::model_spec(Architecture::LogisticRegression, FEATURES, 1).expect("spec")
+    arch::model_spec(&Architecture::LogisticRegression, FEATURES, 1).expect("spec")
 }
 
 fn update(d: usize, salt: usize) -> Vec<f32> {

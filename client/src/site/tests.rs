@@ -45,6 +45,8 @@ fn announcement(unit: PrivacyUnit, features: &[&str]) -> StudyAnnouncement {
         data: DataSpec {
             task: TaskKind::Binary,
             label: "y".into(),
+            classes: 0,
+            class_labels: Vec::new(),
             features: features.iter().map(|f| f.to_string()).collect(),
             ranges: vec![[0.0, 100_000.0]; features.len()],
             label_range: None,
@@ -276,7 +278,7 @@ fn after_the_first_spend_the_terms_are_fixed() {
     a.data.fills.truncate(1);
     changes.push(a);
     let mut a = ann.clone();
-    a.model = Architecture::Mlp { hidden: 3 };
+    a.model = Architecture::mlp(3);
     changes.push(a);
     let mut a = ann.clone();
     a.noise_multiplier = 3.0;
