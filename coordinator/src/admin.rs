@@ -622,7 +622,7 @@ impl Owner<'_> {
         self.studies.insert(cfg.id.clone(), rt);
         self.broadcast.push((
             cfg.id.clone(),
-            CoordinatorMessage::StudyAnnounced(announcement),
+            CoordinatorMessage::StudyAnnounced(Box::new(announcement)),
         ));
         tracing::info!(study = %cfg.id, by = %who, sites = cfg.enrolled.len(), "study created");
         AdminResponse::Ok {

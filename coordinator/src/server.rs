@@ -362,7 +362,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
 
 /// The spec of a study's model.
 pub fn study_spec(cfg: &StudyConfig) -> Result<ModelSpec, ServerError> {
-    arch::model_spec_for(&cfg.model, &cfg.input_shape(), cfg.n_outputs())
+    arch::spec_for_data(&cfg.model, &cfg.data, cfg.n_outputs())
         .map_err(|e| ServerError::Config(format!("study {}: {e}", cfg.id)))
 }
 
@@ -650,7 +650,7 @@ pub(crate) fn study_runtime(
                 model.values
             }
             None => {
-                arch::init_model_for(&cfg.model, &cfg.input_shape(), cfg.n_outputs(), 0)
+                arch::init_for_data(&cfg.model, &cfg.data, cfg.n_outputs(), 0)
                     .map_err(|e| ServerError::Internal(e.to_string()))?
                     .values
             }
@@ -1719,7 +1719,20 @@ async fn read_site_message(
         SiteMessage::Unable { study, reason } => {
             transport::recv_end(recv).await.map_err(|e| e.to_string())?;
             tracing::warn!(%site, %study, reason = reason.as_str(), "site cannot take part");
-            Ok(None)
+            enrolled_in(&study).ok_or(format!("not enrolled in study {study:?}"))?;
+            // A refusal for good takes the site out of the study (which may then end).
+            if reason.is_permanent() {
+                ev(
+                    study,
+                    Input::Declined {
+                        site: site.to_string(),
+                        round: 0,
+                        reason,
+                    },
+                )
+            } else {
+                Ok(None)
+            }
         }
         SiteMessage::Decline {
             study,
