@@ -136,7 +136,14 @@ fn checkpoint(c: &mut Criterion) {
     });
     // The plaintext stream alone.
     g.bench_function("streamed", |b| {
-        b.iter(|| write_safetensors(&spec, black_box(&v), &mut std::io::sink()))
+        b.iter(|| {
+            write_safetensors(
+                &spec,
+                black_box(&v),
+                &Default::default(),
+                &mut std::io::sink(),
+            )
+        })
     });
     // What the coordinator writes: the stream sealed (AES-256-GCM, 1 MiB segments) and the
     // sealed bytes hashed (SHA-256), as `server::write_checkpoint` does, minus the disk.
@@ -153,7 +160,7 @@ fn checkpoint(c: &mut Criterion) {
                 Ok(w) => w,
                 Err(e) => panic!("{e}"),
             };
-            if let Err(e) = write_safetensors(&spec, black_box(&v), &mut w) {
+            if let Err(e) = write_safetensors(&spec, black_box(&v), &Default::default(), &mut w) {
                 panic!("{e}");
             }
             match w.finish() {

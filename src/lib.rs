@@ -3,3 +3,4 @@
 //! The product itself lives in the `common`, `coordinator` and `client` crates.
 
 pub mod demo;
+pub mod trial;

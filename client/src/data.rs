@@ -66,6 +66,8 @@ pub struct LoadOptions {
     /// Per feature slot: read as text (a categorical column, or an image's file name)
     /// instead of a number. Empty: every feature is numeric.
     pub text_features: Vec<bool>,
+    /// A file without the label column is read with every label 0 (for predictions).
+    pub label_optional: bool,
 }
 
 impl LoadOptions {
@@ -75,6 +77,7 @@ impl LoadOptions {
             max_rows: DEFAULT_MAX_ROWS,
             label_names: Vec::new(),
             text_features: Vec::new(),
+            label_optional: false,
         }
     }
 
@@ -85,6 +88,7 @@ impl LoadOptions {
             max_rows: DEFAULT_MAX_ROWS,
             label_names: names,
             text_features: Vec::new(),
+            label_optional: false,
         }
     }
 
@@ -471,7 +475,14 @@ fn read_rows<R: BufRead>(
     for (slot, name) in selection.features.iter().enumerate() {
         wanted.push((column_of(name)?, slot));
     }
-    wanted.push((column_of(&selection.label)?, d));
+    let label_column = match column_of(&selection.label) {
+        Ok(c) => Some(c),
+        Err(_) if options.label_optional => None,
+        Err(e) => return Err(e),
+    };
+    if let Some(c) = label_column {
+        wanted.push((c, d));
+    }
     wanted.sort_unstable();
     let n_columns = names.len();
 

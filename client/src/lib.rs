@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod data;
 pub mod identifiers;
+pub mod inference;
 pub mod inventory;
 pub mod ledger_view;
 pub mod site;

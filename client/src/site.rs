@@ -112,7 +112,7 @@ pub fn load_site_data(cfg: &SiteConfig) -> BTreeMap<String, StudyLoad> {
         .collect()
 }
 
-fn load_study(cfg: &SiteConfig, study: &SiteStudy) -> StudyLoad {
+pub(crate) fn load_study(cfg: &SiteConfig, study: &SiteStudy) -> StudyLoad {
     let Some(source) = cfg.sources.get(&study.source) else {
         return StudyLoad {
             result: Err(format!("no data source {:?}", study.source)),
@@ -191,7 +191,7 @@ fn load_study(cfg: &SiteConfig, study: &SiteStudy) -> StudyLoad {
 
 /// An image study's records: those whose image file can be read (checked from its header
 /// now; a record whose file is missing or not an image is skipped and counted).
-fn image_study(source: &DataSource, l: data::Loaded) -> LoadedStudy {
+pub(crate) fn image_study(source: &DataSource, l: data::Loaded) -> LoadedStudy {
     let names = l.dictionaries.first().cloned().unwrap_or_default();
     let mut report = l.report;
     let (mut files, mut y) = (Vec::new(), Vec::new());
@@ -306,7 +306,7 @@ pub fn prepare_study(
     let learner = Learner::for_data(&ann.model, &ann.data)
         .map_err(|e| Refusal::new(DeclineReason::TermsDiffer, format!("model: {e}")))?;
     let spec = learner.spec().clone();
-    let data = select_and_scale(data, ann)
+    let data = select_and_scale(data, &ann.data)
         .map_err(|e| Refusal::new(DeclineReason::TermsDiffer, format!("data: {e}")))?;
     Ok(PreparedStudy {
         announcement: ann.clone(),
@@ -495,9 +495,12 @@ fn check_terms(
 /// each announced categorical column as the index of its value among the announced
 /// categories (anything else, or missing, is the "other" slot). An image study's records
 /// become rows read from their files when they are used.
-fn select_and_scale(loaded: &LoadedStudy, ann: &StudyAnnouncement) -> Result<Dataset, String> {
+pub fn select_and_scale(
+    loaded: &LoadedStudy,
+    spec_data: &fedpriv_common::config::DataSpec,
+) -> Result<Dataset, String> {
     let all = &loaded.data;
-    if let Some(spec) = &ann.data.image {
+    if let Some(spec) = &spec_data.image {
         let files = loaded.files.clone().ok_or("an image study on a table")?;
         return Ok(Dataset {
             x: Vec::new(),
@@ -521,15 +524,14 @@ fn select_and_scale(loaded: &LoadedStudy, ann: &StudyAnnouncement) -> Result<Dat
             .position(|n| n == f)
             .ok_or_else(|| format!("column {f:?} was not loaded"))
     };
-    let numeric: Vec<usize> = ann
-        .data
+    let numeric: Vec<usize> = spec_data
         .features
         .iter()
         .map(|f| slot(f))
         .collect::<Result<_, _>>()?;
     // Per categorical column: its slot and, per dictionary entry, the category index.
     let mut cats: Vec<(usize, Vec<f32>, f32)> = Vec::new();
-    for c in &ann.data.categorical {
+    for c in &spec_data.categorical {
         let at = slot(&c.name)?;
         let other = c.categories.len() as f32;
         let map = loaded
@@ -563,8 +565,8 @@ fn select_and_scale(loaded: &LoadedStudy, ann: &StudyAnnouncement) -> Result<Dat
             });
         }
     }
-    let mut names = ann.data.features.clone();
-    names.extend(ann.data.categorical.iter().map(|c| c.name.clone()));
+    let mut names = spec_data.features.clone();
+    names.extend(spec_data.categorical.iter().map(|c| c.name.clone()));
     let mut ds = Dataset {
         x,
         y: all.y.clone(),
@@ -574,15 +576,14 @@ fn select_and_scale(loaded: &LoadedStudy, ann: &StudyAnnouncement) -> Result<Dat
         label_name: all.label_name.clone(),
         images: None,
     };
-    let ranges = ann
-        .data
+    let ranges = spec_data
         .ranges
         .iter()
         .map(|r| FeatureRange::new(f64::from(r[0]), f64::from(r[1])))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     data::scale_leading_features(&mut ds, &ranges).map_err(|e| e.to_string())?;
-    if let Some(r) = ann.data.label_range {
+    if let Some(r) = spec_data.label_range {
         let r = FeatureRange::new(f64::from(r[0]), f64::from(r[1])).map_err(|e| e.to_string())?;
         data::scale_label(&mut ds, &r).map_err(|e| e.to_string())?;
     }

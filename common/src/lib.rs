@@ -22,6 +22,7 @@ pub mod config;
 pub mod digest;
 pub mod dp;
 pub mod model;
+pub mod model_card;
 pub mod pki;
 pub mod protocol;
 #[cfg(feature = "quic")]

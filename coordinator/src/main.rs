@@ -183,6 +183,94 @@ enum ModelCommand {
         #[arg(long, value_name = "FILE")]
         at_rest_key_file: Option<PathBuf>,
     },
+    /// Score an exported model on a labelled CSV file (or image manifest), with the sites'
+    /// preprocessing from the model's card: accuracy, AUROC and per-class recall
+    /// (classification) or RMSE and R^2 (regression).
+    Evaluate {
+        #[arg(long, value_name = "FILE")]
+        model: PathBuf,
+        #[arg(long, value_name = "CSV")]
+        data: PathBuf,
+        /// One JSON object (fields accuracy, auroc, recall, rmse, r2, records, skipped).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an exported model's predictions for each usable record of a CSV file.
+    Predict {
+        #[arg(long, value_name = "FILE")]
+        model: PathBuf,
+        #[arg(long, value_name = "CSV")]
+        data: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+fn model_evaluate(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    json: bool,
+) -> Result<String, String> {
+    let released = fedpriv_client::inference::load_model(model)?;
+    let e = fedpriv_client::inference::evaluate(&released, data)?;
+    if json {
+        return serde_json::to_string(&e).map_err(|e| e.to_string());
+    }
+    let c = &released.card;
+    let mut out = format!(
+        "model: study {} round {} ({}), epsilon {:.4} at delta {}\nrecords scored: {} ({} skipped)\n",
+        c.study,
+        c.round,
+        c.model.describe(),
+        c.epsilon,
+        c.delta,
+        e.records,
+        e.skipped
+    );
+    let pct = |v: f64| format!("{:.1}%", 100.0 * v);
+    if let Some(a) = e.accuracy {
+        out.push_str(&format!("accuracy: {}\n", pct(a)));
+    }
+    if let Some(a) = e.auroc {
+        out.push_str(&format!("AUROC: {a:.4}\n"));
+    }
+    if let Some(r) = &e.recall {
+        let names: Vec<String> = (0..r.len())
+            .map(|i| {
+                c.data
+                    .class_labels
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| i.to_string())
+            })
+            .collect();
+        let parts: Vec<String> = r
+            .iter()
+            .zip(&names)
+            .map(|(v, n)| format!("{n} {}", v.map_or("-".into(), pct)))
+            .collect();
+        out.push_str(&format!("recall per class: {}\n", parts.join(", ")));
+    }
+    if let Some(v) = e.rmse {
+        out.push_str(&format!("RMSE: {v:.4}\n"));
+    }
+    if let Some(v) = e.r2 {
+        out.push_str(&format!("R^2: {v:.4}\n"));
+    }
+    Ok(out.trim_end().to_string())
+}
+
+fn model_predict(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<String, String> {
+    let released = fedpriv_client::inference::load_model(model)?;
+    let (n, skipped) = fedpriv_client::inference::predict(&released, data, out)?;
+    Ok(format!(
+        "wrote {n} prediction(s) to {} ({skipped} record(s) skipped)",
+        out.display()
+    ))
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
@@ -512,6 +600,12 @@ fn main() -> ExitCode {
                 },
         } => model_export(&study, &state, round, &out, at_rest_key_file.as_deref())
             .map(|o| println!("{o}")),
+        Command::Model {
+            cmd: ModelCommand::Evaluate { model, data, json },
+        } => model_evaluate(&model, &data, json).map(|o| println!("{o}")),
+        Command::Model {
+            cmd: ModelCommand::Predict { model, data, out },
+        } => model_predict(&model, &data, &out).map(|o| println!("{o}")),
         Command::Audit {
             cmd: AuditCommand::Verify { log, state },
         } => match audit_verify(log, state) {

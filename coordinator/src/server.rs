@@ -405,6 +405,7 @@ fn write_atomic<T>(
 pub fn write_safetensors(
     spec: &ModelSpec,
     values: &[f32],
+    meta: &BTreeMap<String, String>,
     out: &mut impl std::io::Write,
 ) -> std::io::Result<()> {
     let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
@@ -417,12 +418,15 @@ pub fn write_safetensors(
     }
     let order: Vec<&str> = spec.tensors.iter().map(|t| t.name.as_str()).collect();
     let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({
-            fedpriv_common::model::SAFETENSORS_ORDER_KEY: serde_json::to_string(&order)?,
-        }),
+    let mut metadata: serde_json::Map<String, serde_json::Value> = meta
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    metadata.insert(
+        fedpriv_common::model::SAFETENSORS_ORDER_KEY.into(),
+        serde_json::Value::String(serde_json::to_string(&order)?),
     );
+    header.insert("__metadata__".into(), serde_json::Value::Object(metadata));
     for (name, shape, off, len) in spec.layout() {
         header.insert(
             name.to_owned(),
@@ -491,6 +495,7 @@ pub fn write_checkpoint(
     key: &SealKey,
     spec: &ModelSpec,
     values: &[f32],
+    meta: &BTreeMap<String, String>,
     study: &str,
     round: u64,
     path: &Path,
@@ -502,7 +507,7 @@ pub fn write_checkpoint(
         };
         let mut sealed = SealWriter::new(key, hashing, &checkpoint_purpose(study, round))
             .map_err(std::io::Error::other)?;
-        write_safetensors(spec, values, &mut sealed)?;
+        write_safetensors(spec, values, meta, &mut sealed)?;
         let hashing = sealed.finish().map_err(std::io::Error::other)?;
         Ok(hex(hashing.hash.finish().as_ref()))
     })
@@ -1387,8 +1392,23 @@ fn execute(
             }
             let path = model_path(state_dir, study, round);
             // Sealed and streamed from the model's own memory: no copy of the model.
-            let digest = write_checkpoint(&rt.at_rest_key, &rt.spec, &model, study, round, &path)
-                .map_err(|source| StoreError::Io {
+            // The model describes itself: its study, data contract, layers and guarantee.
+            let card = fedpriv_common::model_card::ModelCard::for_round(
+                rt.engine.config(),
+                round,
+                epsilon,
+            )
+            .metadata();
+            let digest = write_checkpoint(
+                &rt.at_rest_key,
+                &rt.spec,
+                &model,
+                &card,
+                study,
+                round,
+                &path,
+            )
+            .map_err(|source| StoreError::Io {
                 path: path.clone(),
                 source,
             })?;
@@ -2104,7 +2124,7 @@ mod tests {
         .unwrap();
         let values: Vec<f32> = (0..21).map(|i| i as f32 * 0.25 - 2.0).collect();
         let mut file = Vec::new();
-        write_safetensors(&spec, &values, &mut file).unwrap();
+        write_safetensors(&spec, &values, &BTreeMap::new(), &mut file).unwrap();
         let back = FlatModel::from_safetensors_bytes(&file, Some(&spec)).unwrap();
         assert_eq!(back.values, values);
         // Without the spec, the stored order gives back the flat vector as it was.
@@ -2114,7 +2134,7 @@ mod tests {
         let header = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
         assert_eq!((8 + header) % 8, 0);
         assert_eq!(file.len(), 8 + header + 21 * 4);
-        assert!(write_safetensors(&spec, &values[1..], &mut Vec::new()).is_err());
+        assert!(write_safetensors(&spec, &values[1..], &BTreeMap::new(), &mut Vec::new()).is_err());
     }
 
     #[test]
@@ -2129,11 +2149,12 @@ mod tests {
             .map(|i| (i % 977) as f32 * 0.125 + 1.5)
             .collect();
         let mut plain = Vec::new();
-        write_safetensors(&spec, &values, &mut plain).unwrap();
+        write_safetensors(&spec, &values, &BTreeMap::new(), &mut plain).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = model_path(dir.path(), "s1", 3);
         let key = test_key(1);
-        let digest = write_checkpoint(&key, &spec, &values, "s1", 3, &path).unwrap();
+        let digest =
+            write_checkpoint(&key, &spec, &values, &BTreeMap::new(), "s1", 3, &path).unwrap();
         let sealed = std::fs::read(&path).unwrap();
         assert_eq!(
             digest,

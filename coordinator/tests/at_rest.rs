@@ -56,7 +56,16 @@ fn state_with_checkpoint(dir: &Path, key: &SealKey) -> Vec<f32> {
         .map(|i| 0.123_456_79 + i as f32)
         .collect();
     let path = server::model_path(dir, &cfg.id, 1);
-    let sha = server::write_checkpoint(key, &spec, &values, &cfg.id, 1, &path).expect("write");
+    let sha = server::write_checkpoint(
+        key,
+        &spec,
+        &values,
+        &fedpriv_common::model_card::ModelCard::for_round(&cfg, 1, 0.5).metadata(),
+        &cfg.id,
+        1,
+        &path,
+    )
+    .expect("write");
     let rel = path.strip_prefix(dir).expect("inside").to_string_lossy();
     store
         .complete_round(&cfg.id, 1, &rel, &sha, &cfg.enrolled[..2], NOW + 60)

@@ -200,3 +200,138 @@ fn run_refuses_a_limits_file_with_an_unknown_key_before_anything_starts() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("connections_per_identity"));
 }
+
+/// A 3-class model over two numeric features and one categorical column, with its card.
+fn write_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let study = fedpriv_common::config::StudyConfig::from_toml(
+        r#"
+[study]
+id = "wine"
+model = { kind = "logistic_regression" }
+rounds = 1
+min_sites = 1
+round_timeout_secs = 30
+[data]
+task = "multiclass"
+labels = ["red", "white", "rose"]
+label = "kind"
+features = ["a", "b"]
+ranges = { a = [0.0, 10.0], b = [0.0, 10.0] }
+fills = { b = 5.0 }
+[data.categorical]
+region = ["north", "south"]
+[training]
+strategy = "fedavg"
+learning_rate = 0.5
+server_learning_rate = 1.0
+local_steps = 1
+expected_batch = 10.0
+[privacy]
+unit = "record"
+clip_norm = 1.0
+noise_multiplier = 1.0
+epsilon = 4.0
+delta = 1e-6
+[sites]
+enrolled = ["a"]
+"#,
+    )
+    .expect("study");
+    let spec = fedpriv_common::arch::spec_for_data(&study.model, &study.data, study.n_outputs())
+        .expect("spec");
+    // Input: a, b scaled to [-1, 1], then region one-hot (north, south, other). Logits: red
+    // follows a, white follows b, rose follows "south".
+    let mut w = vec![0f32; spec.num_values()];
+    let width = 5;
+    w[0] = 5.0; // red <- a
+    w[width + 1] = 5.0; // white <- b
+    w[2 * width + 3] = 20.0; // rose <- south
+    let path = dir.join("model.safetensors");
+    let mut f = std::fs::File::create(&path).expect("create");
+    let card = fedpriv_common::model_card::ModelCard::for_round(&study, 7, 1.25).metadata();
+    fedpriv_coordinator::server::write_safetensors(&spec, &w, &card, &mut f).expect("write");
+    path
+}
+
+#[test]
+fn model_evaluate_and_predict_use_the_cards_preprocessing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = write_model(dir.path());
+    // a high -> red; b high -> white; south -> rose. One record has b missing (filled with
+    // 5, in range), one has an unknown label (skipped).
+    std::fs::write(
+        dir.path().join("test.csv"),
+        "a,b,region,kind\n9,1,north,red\n1,9,north,white\n1,1,south,rose\n9,,north,red\n2,2,north,purple\n",
+    )
+    .expect("write");
+    let out = bin()
+        .args(["model", "evaluate", "--json", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(dir.path().join("test.csv"))
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["records"], 4);
+    assert_eq!(v["skipped"], 1);
+    assert_eq!(v["accuracy"], 1.0);
+    assert_eq!(v["auroc"], 1.0);
+    assert_eq!(v["recall"], serde_json::json!([1.0, 1.0, 1.0]));
+    assert!(v.get("rmse").is_none());
+    // Text output names the study, round and guarantee from the card.
+    let out = bin()
+        .args(["model", "evaluate", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(dir.path().join("test.csv"))
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("study wine round 7") && text.contains("epsilon 1.2500"),
+        "{text}"
+    );
+    // Predictions for a file without labels.
+    std::fs::write(
+        dir.path().join("new.csv"),
+        "region,b,a\nsouth,0,0\nnorth,0,10\n",
+    )
+    .expect("write");
+    let out = bin()
+        .args(["model", "predict", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(dir.path().join("new.csv"))
+        .arg("--out")
+        .arg(dir.path().join("pred.csv"))
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pred = std::fs::read_to_string(dir.path().join("pred.csv")).expect("read");
+    let lines: Vec<&str> = pred.lines().collect();
+    assert_eq!(lines[0], "p_red,p_white,p_rose,predicted");
+    assert!(
+        lines[1].ends_with(",rose") && lines[2].ends_with(",red"),
+        "{pred}"
+    );
+    // A file without a card is refused by name.
+    std::fs::write(dir.path().join("bare.safetensors"), b"not a model").expect("write");
+    let out = bin()
+        .args(["model", "evaluate", "--model"])
+        .arg(dir.path().join("bare.safetensors"))
+        .arg("--data")
+        .arg(dir.path().join("test.csv"))
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bare.safetensors"));
+}

@@ -619,6 +619,41 @@ pub fn dp_sgd_step(
     learning_rate: f32,
     seed: u64,
 ) -> Result<PerExampleStats, TrainError> {
+    dp_sgd_step_with(
+        learner,
+        theta,
+        data,
+        batch,
+        clip,
+        noise,
+        expected_batch,
+        learning_rate,
+        seed,
+        &mut |_, _| {},
+    )
+}
+
+/// What a DP-SGD step lets an auditor do: add to the clipped gradient sum (canaries, each
+/// at most C, sampled by the caller like records) and read the sum and the noise that is
+/// added to it. Only a privacy audit uses it (`crate::privacy_audit`); training passes a
+/// hook that does nothing.
+pub type StepHook<'a> = dyn FnMut(&mut [f64], &[f64]) + 'a;
+
+/// [`dp_sgd_step`] with a [`StepHook`] called on the clipped sum (f64) and the noise before
+/// they are applied.
+#[allow(clippy::too_many_arguments)]
+pub fn dp_sgd_step_with(
+    learner: &Learner,
+    theta: &mut [f64],
+    data: &Dataset,
+    batch: &[usize],
+    clip: f64,
+    noise: &[f64],
+    expected_batch: f64,
+    learning_rate: f32,
+    seed: u64,
+    hook: &mut StepHook<'_>,
+) -> Result<PerExampleStats, TrainError> {
     let at = FlatModel::new(learner.spec.clone(), saturated_f32(theta))
         .map_err(|e| TrainError::Model(e.to_string()))?;
     learner.check_shape(data)?;
@@ -639,12 +674,33 @@ pub fn dp_sgd_step(
     xb.resize(rows * data.d, 0.0);
     yb.resize(rows, 0.0);
     let (sum, stats) = clipped_sum(learner, &at, &xb, &yb, rows, batch.len(), clip, seed)?;
+    let mut sum: Vec<f64> = sum.into_iter().map(f64::from).collect();
+    hook(&mut sum, noise);
     let step = f64::from(learning_rate) / expected_batch;
     for ((v, &g), &e) in theta.iter_mut().zip(&sum).zip(noise) {
-        *v -= step * (f64::from(g) + e);
+        *v -= step * (g + e);
     }
     Ok(stats)
 }
+
+/// The factor applied to every DP-SGD noise draw: 1. Only with the `audit-weak-noise`
+/// feature, in a debug build, is it smaller, so that a test can check that a privacy audit
+/// detects a mechanism that adds too little noise. A release build with the feature does
+/// not compile.
+#[cfg(not(feature = "audit-weak-noise"))]
+pub fn noise_scale() -> f64 {
+    1.0
+}
+
+#[cfg(all(feature = "audit-weak-noise", debug_assertions))]
+pub fn noise_scale() -> f64 {
+    0.05
+}
+
+#[cfg(all(feature = "audit-weak-noise", not(debug_assertions)))]
+compile_error!(
+    "the audit-weak-noise feature weakens the privacy noise: tests only, never a release build"
+);
 
 /// f64 values rounded to f32, infinities and out-of-range values saturated to the largest
 /// finite f32 (NaN cannot come out of a finite working model, but maps to zero if it did).
@@ -660,6 +716,11 @@ pub fn saturated_f32(values: &[f64]) -> Vec<f32> {
         })
         .collect()
 }
+
+/// A [`StepHook`] for a whole round: also given the secure generator, so that it can
+/// sample canaries exactly as records are sampled.
+pub type RoundHook<'a> =
+    dyn FnMut(&mut fedpriv_common::dp::noise::NoiseSource, &mut [f64], &[f64]) + 'a;
 
 /// A DP-SGD round at a site: `steps` steps of [`dp_sgd_step`], each on a Poisson batch with
 /// rate `q` drawn from the secure generator, with fresh noise N(0, (sigma C)^2) per
@@ -686,6 +747,19 @@ impl DpSgdRound {
         data: &Dataset,
         noise: &mut fedpriv_common::dp::noise::NoiseSource,
     ) -> Result<(Vec<f32>, u64), TrainError> {
+        self.run_with(learner, global, data, noise, &mut |_, _, _| {})
+    }
+
+    /// [`Self::run`] with an audit hook, called at every step with the secure generator (to
+    /// sample canaries like records), the clipped sum and the step's noise.
+    pub fn run_with(
+        &self,
+        learner: &Learner,
+        global: &FlatModel,
+        data: &Dataset,
+        noise: &mut fedpriv_common::dp::noise::NoiseSource,
+        hook: &mut RoundHook<'_>,
+    ) -> Result<(Vec<f32>, u64), TrainError> {
         use fedpriv_common::dp::noise::available_threads;
         use rand::RngCore;
         let start: Vec<f64> = global.values.iter().map(|&v| f64::from(v)).collect();
@@ -697,10 +771,11 @@ impl DpSgdRound {
             let mut z = vec![0f64; theta.len()];
             noise.add_gaussian_f64(
                 &mut z,
-                self.noise_multiplier * self.clip,
+                self.noise_multiplier * self.clip * noise_scale(),
                 available_threads(),
             );
-            dp_sgd_step(
+            // The hook may draw from the secure generator (canary sampling, like records).
+            dp_sgd_step_with(
                 learner,
                 &mut theta,
                 data,
@@ -710,6 +785,7 @@ impl DpSgdRound {
                 self.expected_batch,
                 self.learning_rate,
                 seed,
+                &mut |sum, z| hook(noise, sum, z),
             )?;
             taken += 1;
         }

@@ -5,6 +5,7 @@
 //! (which refuse NaN, infinities and out-of-range values) and travel as types from then on.
 
 pub mod accountant;
+pub mod audit;
 pub mod clip;
 pub mod filter;
 pub mod noise;
