@@ -194,7 +194,7 @@ fn rejected(actions: &[Action]) -> Vec<(String, String)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::UpdateRejected { site, reason, .. } => Some((site.clone(), reason.clone())),
+            Action::UpdateRejected { site, reason, .. } => Some((site.clone(), reason.to_string())),
             _ => None,
         })
         .collect()

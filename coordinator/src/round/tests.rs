@@ -277,7 +277,7 @@ impl World {
                     site,
                     round,
                     reason,
-                } => self.rejected.push((site, round, reason)),
+                } => self.rejected.push((site, round, reason.to_string())),
                 Action::SiteDeclined { .. } | Action::SiteExcluded { .. } => {}
                 Action::Unfold { .. } => panic!("whole updates are never unfolded"),
                 Action::Checkpoint {
@@ -779,7 +779,7 @@ fn a_central_update_over_the_clip_norm_is_refused_without_its_norm() {
     let reason = out
         .iter()
         .find_map(|a| match a {
-            Action::UpdateRejected { reason, .. } => Some(reason.clone()),
+            Action::UpdateRejected { reason, .. } => Some(reason.to_string()),
             _ => None,
         })
         .expect("rejected");
