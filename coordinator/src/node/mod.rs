@@ -34,6 +34,9 @@ pub mod spool;
 pub mod state;
 pub mod studies;
 
+#[cfg(test)]
+mod owner_sim;
+
 /// Something observers (the demo, tests, metrics) may want to know.
 #[derive(Debug, Clone)]
 pub enum Notification {

@@ -183,6 +183,11 @@ impl<S: StateStore> Owner<S> {
         self.ctx.fatal.is_some() || (self.ctx.exit_when_done && self.studies.all_finished())
     }
 
+    /// The store, once the owner has stopped.
+    pub fn into_store(self) -> S {
+        self.ctx.store
+    }
+
     /// How the run ended.
     pub fn into_result(self) -> Result<(), ServerError> {
         match self.ctx.fatal {

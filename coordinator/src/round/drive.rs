@@ -44,3 +44,50 @@ pub fn drive<E>(
     }
     Ok(())
 }
+
+/// The simulations' spools: what each upload's chunks carried, kept in memory as the
+/// server keeps them on file, answered in pieces unrelated to how the values arrived.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct MemSpools {
+    pub(crate) values: std::collections::BTreeMap<u64, Vec<f32>>,
+    /// Read-back fails (a damaged spool file).
+    pub(crate) broken: bool,
+    /// Uploads unfolded so far.
+    pub(crate) unfolded: usize,
+}
+
+#[cfg(test)]
+impl MemSpools {
+    /// What the server does before it forwards a chunk: keep it.
+    pub(crate) fn spool(&mut self, upload: u64, values: &[f32]) {
+        self.values
+            .entry(upload)
+            .or_default()
+            .extend_from_slice(values);
+    }
+}
+
+#[cfg(test)]
+impl UnfoldSource for MemSpools {
+    fn unfold(&mut self, upload: u64, len: usize, feed: &mut dyn FnMut(Input)) -> bool {
+        let spool = self.values.remove(&upload).unwrap_or_default();
+        assert!(
+            len <= spool.len(),
+            "asked for {len} values, {} sent",
+            spool.len()
+        );
+        self.unfolded += 1;
+        if self.broken {
+            return false;
+        }
+        for (i, piece) in spool[..len].chunks(7).enumerate() {
+            feed(Input::Unfold {
+                upload,
+                offset: i * 7,
+                values: piece.to_vec(),
+            });
+        }
+        true
+    }
+}
