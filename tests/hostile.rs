@@ -74,6 +74,8 @@ fn announcement(study: &str, unit: PrivacyUnit, placement: Placement) -> StudyAn
             ranges: vec![[0.0, 1.0], [-1.0, 1.0]],
             label_range: None,
             fills: vec![None, None],
+            categorical: Vec::new(),
+            image: None,
         },
         unit,
         placement,
@@ -200,8 +202,11 @@ impl Peer {
     }
 
     async fn announce(&self, ann: &StudyAnnouncement) -> Answer {
-        self.send(&CoordinatorMessage::StudyAnnounced(ann.clone()), None)
-            .await;
+        self.send(
+            &CoordinatorMessage::StudyAnnounced(Box::new(ann.clone())),
+            None,
+        )
+        .await;
         self.answer().await
     }
 

@@ -77,12 +77,30 @@ struct RawTls {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSource {
-    /// CSV file with a header row.
+    /// The data file: CSV with a header row (default), Parquet, a `.npy` array of features,
+    /// or (format "images") a manifest CSV naming one image file per record.
     path: PathBuf,
+    format: Option<SourceFormat>,
+    /// npy: the labels array (`[n]`).
+    labels: Option<PathBuf>,
+    /// npy: the names of the features array's columns, in order (patterns allowed).
+    columns: Option<Vec<String>>,
+    /// images: the folder relative image paths start from (default: the manifest's).
+    root: Option<PathBuf>,
     /// The record count the site declares (public).
     records: u64,
     delta: f64,
     epsilon_cap: f64,
+}
+
+/// How a data source's file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    Csv,
+    Parquet,
+    Npy,
+    Images,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,7 +115,13 @@ struct RawStudy {
     classes: Option<usize>,
     labels: Option<Vec<String>>,
     label: String,
+    #[serde(default)]
     features: Vec<String>,
+    /// Which of the allowed features are categorical (read as text).
+    #[serde(default)]
+    categorical: Vec<String>,
+    /// An image study: the manifest's column naming each record's image file.
+    image_column: Option<String>,
     #[serde(default)]
     fills: BTreeMap<String, f32>,
     clip_norm: f64,
@@ -115,6 +139,12 @@ struct RawStudy {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataSource {
     pub path: PathBuf,
+    pub format: SourceFormat,
+    /// npy: the labels array and the features array's column names.
+    pub labels: Option<PathBuf>,
+    pub columns: Vec<String>,
+    /// images: where relative image paths start.
+    pub root: PathBuf,
     /// The record count the site declares: public, the denominator of every study's
     /// sampling rate. The file's true count never leaves the site.
     pub records: u64,
@@ -138,6 +168,10 @@ pub struct PinnedTerms {
     pub label: String,
     /// Feature columns the site allows the study to read (a study may use fewer).
     pub features: Vec<String>,
+    /// Which allowed features are categorical.
+    pub categorical: Vec<String>,
+    /// An image study's file column.
+    pub image_column: Option<String>,
     /// Public fill values for missing or unreadable cells, by feature.
     pub fills: BTreeMap<String, f32>,
     /// The clip norm, exactly.
@@ -210,10 +244,48 @@ impl SiteConfig {
             let delta = Delta::new(s.delta).map_err(|e| field(at("delta"), e))?;
             let epsilon_cap =
                 Epsilon::new(s.epsilon_cap).map_err(|e| field(at("epsilon_cap"), e))?;
+            let format = s.format.unwrap_or(SourceFormat::Csv);
+            let path = abs(s.path);
+            let columns = match (format, s.columns) {
+                (SourceFormat::Npy, Some(c)) => fedpriv_common::config::expand_features(&c)
+                    .map_err(|e| field(at("columns"), e))?,
+                (SourceFormat::Npy, None) => {
+                    return Err(field(at("columns"), "an npy source names its columns"))
+                }
+                (_, Some(_)) => {
+                    return Err(field(at("columns"), "columns belong to format = \"npy\""))
+                }
+                (_, None) => Vec::new(),
+            };
+            let labels = match (format, s.labels) {
+                (SourceFormat::Npy, Some(l)) => Some(abs(l)),
+                (SourceFormat::Npy, None) => {
+                    return Err(field(at("labels"), "an npy source needs its labels array"))
+                }
+                (_, Some(_)) => {
+                    return Err(field(at("labels"), "labels belong to format = \"npy\""))
+                }
+                (_, None) => None,
+            };
+            let root = match (format, s.root) {
+                (SourceFormat::Images, Some(r)) => abs(r),
+                (SourceFormat::Images, None) => path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| base.to_path_buf()),
+                (_, Some(_)) => {
+                    return Err(field(at("root"), "root belongs to format = \"images\""))
+                }
+                (_, None) => PathBuf::new(),
+            };
             sources.insert(
                 name,
                 DataSource {
-                    path: abs(s.path),
+                    path,
+                    format,
+                    labels,
+                    columns,
+                    root,
                     records: s.records,
                     delta,
                     epsilon_cap,
@@ -323,8 +395,33 @@ fn validate_study(
     }
     let features = fedpriv_common::config::expand_features(&s.features)
         .map_err(|e| field(at("features"), e))?;
-    if features.is_empty() {
+    if features.is_empty() && s.image_column.is_none() {
         return Err(field(at("features"), "allow at least one feature column"));
+    }
+    if let Some(c) = s.categorical.iter().find(|c| !features.contains(c)) {
+        return Err(field(
+            at("categorical"),
+            format!("{c:?} is not an allowed feature"),
+        ));
+    }
+    match (&s.image_column, source.format) {
+        (Some(_), SourceFormat::Images) if features.is_empty() => {}
+        (Some(_), _) => {
+            return Err(field(
+                at("image_column"),
+                "an image study reads a source of format = \"images\" and no other feature",
+            ))
+        }
+        (None, SourceFormat::Images) => {
+            return Err(field(
+                at("image_column"),
+                "an images source needs the file column",
+            ))
+        }
+        (None, SourceFormat::Npy) if !s.categorical.is_empty() => {
+            return Err(field(at("categorical"), "an npy source holds numbers only"))
+        }
+        _ => {}
     }
     validate_columns(&features).map_err(|e| field(at("features"), e))?;
     let s = RawStudy { features, ..s };
@@ -375,6 +472,8 @@ fn validate_study(
             class_labels,
             label: s.label,
             features: s.features,
+            categorical: s.categorical,
+            image_column: s.image_column,
             fills: s.fills,
             clip_norm,
             min_noise_multiplier,
@@ -455,7 +554,21 @@ pub fn pinned_terms_toml(
         }
     }
     let _ = writeln!(t, "label = {}", q(&study.data.label));
-    let _ = writeln!(t, "features = [{}]", list(&study.data.features));
+    let cats: Vec<String> = study
+        .data
+        .categorical
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let mut allowed = study.data.features.clone();
+    allowed.extend(cats.iter().cloned());
+    let _ = writeln!(t, "features = [{}]", list(&allowed));
+    if !cats.is_empty() {
+        let _ = writeln!(t, "categorical = [{}]", list(&cats));
+    }
+    if let Some(im) = &study.data.image {
+        let _ = writeln!(t, "image_column = {}", q(&im.file_column));
+    }
     let fills: Vec<String> = study
         .data
         .features

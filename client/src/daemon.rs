@@ -252,7 +252,7 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
             }
             CoordinatorMessage::StudyAnnounced(ann) => {
                 // A study created after the welcome; the same checks apply.
-                if let Err(e) = take_up(conn, state, ann).await {
+                if let Err(e) = take_up(conn, state, *ann).await {
                     return e;
                 }
             }

@@ -34,6 +34,8 @@ pub struct Dataset {
     pub feature_names: Vec<String>,
     /// Name of the label column, kept so that a shard can be written back out.
     pub label_name: String,
+    /// Rows read on demand from image files (then `x` is empty); see [`Dataset::rows_into`].
+    pub images: Option<std::sync::Arc<crate::sources::ImageRows>>,
 }
 
 /// What the label column holds; decides how labels are validated.
@@ -61,6 +63,9 @@ pub struct LoadOptions {
     /// Class labels as the data writes them: a label cell equal to `label_names[i]` is
     /// class `i` (empty: labels are numbers).
     pub label_names: Vec<String>,
+    /// Per feature slot: read as text (a categorical column, or an image's file name)
+    /// instead of a number. Empty: every feature is numeric.
+    pub text_features: Vec<bool>,
 }
 
 impl LoadOptions {
@@ -69,6 +74,7 @@ impl LoadOptions {
             label,
             max_rows: DEFAULT_MAX_ROWS,
             label_names: Vec::new(),
+            text_features: Vec::new(),
         }
     }
 
@@ -78,6 +84,7 @@ impl LoadOptions {
             label: LabelKind::Classes(names.len()),
             max_rows: DEFAULT_MAX_ROWS,
             label_names: names,
+            text_features: Vec::new(),
         }
     }
 
@@ -172,7 +179,38 @@ impl Dataset {
             d,
             feature_names,
             label_name,
+            images: None,
         })
+    }
+
+    /// Appends the rows at `indices` to `out` (image rows decoded now). Panics if an index
+    /// is out of range.
+    pub fn rows_into(&self, indices: &[usize], out: &mut Vec<f32>) {
+        match &self.images {
+            None => {
+                for &i in indices {
+                    out.extend_from_slice(self.row(i));
+                }
+            }
+            Some(im) => {
+                for &i in indices {
+                    let at = out.len();
+                    out.resize(at + self.d, 0.0);
+                    im.decode_into(i, &mut out[at..]);
+                }
+            }
+        }
+    }
+
+    /// Appends rows `start..start + len` to `out`.
+    pub fn range_into(&self, start: usize, len: usize, out: &mut Vec<f32>) {
+        match &self.images {
+            None => out.extend_from_slice(&self.x[start * self.d..(start + len) * self.d]),
+            Some(_) => {
+                let idx: Vec<usize> = (start..start + len).collect();
+                self.rows_into(&idx, out);
+            }
+        }
     }
 
     /// Features of row `i`. Panics if `i >= n`.
@@ -193,10 +231,16 @@ impl Dataset {
 
     /// `select_rows` for indices known to be in range.
     fn take(&self, indices: &[usize]) -> Dataset {
-        let mut x = Vec::with_capacity(indices.len() * self.d);
+        let mut x = Vec::with_capacity(if self.images.is_some() {
+            0
+        } else {
+            indices.len() * self.d
+        });
         let mut y = Vec::with_capacity(indices.len());
         for &i in indices {
-            x.extend_from_slice(self.row(i));
+            if self.images.is_none() {
+                x.extend_from_slice(self.row(i));
+            }
             y.push(self.y[i]);
         }
         Dataset {
@@ -206,6 +250,12 @@ impl Dataset {
             d: self.d,
             feature_names: self.feature_names.clone(),
             label_name: self.label_name.clone(),
+            images: self.images.as_ref().map(|im| {
+                std::sync::Arc::new(crate::sources::ImageRows {
+                    files: indices.iter().map(|&i| im.files[i].clone()).collect(),
+                    spec: im.spec.clone(),
+                })
+            }),
         }
     }
 }
@@ -261,7 +311,7 @@ pub fn read_csv_observed<R: BufRead>(
     options: &LoadOptions,
     observe: &mut dyn FnMut(usize, &str),
 ) -> Result<Dataset, DataError> {
-    read_rows(reader, selection, options, None, observe).map(|(ds, _)| ds)
+    read_rows(reader, selection, options, None, observe).map(|l| l.data)
 }
 
 /// What a lenient load did with the rows it could not use as they were. Counts only: never
@@ -294,7 +344,7 @@ pub fn load_csv_lenient(
     options: &LoadOptions,
     fills: &[Option<f32>],
     observe: &mut dyn FnMut(usize, &str),
-) -> Result<(Dataset, LoadReport), DataError> {
+) -> Result<Loaded, DataError> {
     let path = path.as_ref();
     if fills.len() != selection.features.len() {
         return Err(DataError::Selection(format!(
@@ -316,6 +366,52 @@ pub fn load_csv_lenient(
     )
 }
 
+/// A lenient load: the rows, what was skipped or filled, and for each text feature its
+/// dictionary (the row holds the index of its value there, or -1 when it was missing).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub data: Dataset,
+    pub report: LoadReport,
+    /// Per feature slot: the distinct values of a text feature, in first-seen order
+    /// (empty for a numeric feature).
+    pub dictionaries: Vec<Vec<String>>,
+}
+
+/// Most distinct values a text column may have (its indices are exact in f32); any value
+/// past them is read as missing.
+pub const MAX_DICTIONARY: usize = 1 << 24;
+
+/// Keeps a text column's distinct values.
+#[derive(Debug, Default)]
+pub(crate) struct Dictionary {
+    ids: HashMap<String, u32>,
+    values: Vec<String>,
+}
+
+impl Dictionary {
+    /// The value's index (as an f32), or -1 when it is missing or the dictionary is full.
+    pub(crate) fn id(&mut self, text: &str) -> f32 {
+        let t = text.trim().replace("\"\"", "\"");
+        if MISSING_TOKENS.contains(&t.to_ascii_lowercase().as_str()) {
+            return -1.0;
+        }
+        if let Some(&i) = self.ids.get(&t) {
+            return i as f32;
+        }
+        if self.values.len() >= MAX_DICTIONARY {
+            return -1.0;
+        }
+        let i = self.values.len() as u32;
+        self.ids.insert(t.clone(), i);
+        self.values.push(t);
+        i as f32
+    }
+
+    pub(crate) fn into_values(self) -> Vec<String> {
+        self.values
+    }
+}
+
 /// The reader behind both loaders: strict (`fills` is `None`: the first bad row is an error
 /// naming its line) or lenient (see [`load_csv_lenient`]).
 fn read_rows<R: BufRead>(
@@ -324,9 +420,13 @@ fn read_rows<R: BufRead>(
     options: &LoadOptions,
     fills: Option<&[Option<f32>]>,
     observe: &mut dyn FnMut(usize, &str),
-) -> Result<(Dataset, LoadReport), DataError> {
+) -> Result<Loaded, DataError> {
     check_selection(selection, options)?;
     let lenient = fills.is_some();
+    let is_text = |slot: usize| options.text_features.get(slot).copied().unwrap_or(false);
+    let mut dicts: Vec<Dictionary> = (0..selection.features.len())
+        .map(|_| Dictionary::default())
+        .collect();
     let mut report = LoadReport::default();
     let mut buf = Vec::new();
     let mut spans = Vec::new();
@@ -429,6 +529,11 @@ fn read_rows<R: BufRead>(
         for &(col, slot) in &wanted {
             let column = || names[col].clone();
             let cell = spans[col].text(text);
+            if slot < d && is_text(slot) {
+                observe(slot, cell.trim());
+                row[slot] = dicts[slot].id(cell);
+                continue;
+            }
             let parsed = if slot == d && !options.label_names.is_empty() {
                 let c = cell.trim().replace("\"\"", "\"");
                 match options.label_names.iter().position(|n| *n == c) {
@@ -503,17 +608,19 @@ fn read_rows<R: BufRead>(
     }
     let n = y.len();
     report.rows = n;
-    Ok((
-        Dataset {
+    Ok(Loaded {
+        data: Dataset {
             x,
             y,
             n,
             d,
             feature_names: selection.features.clone(),
             label_name: selection.label.clone(),
+            images: None,
         },
         report,
-    ))
+        dictionaries: dicts.into_iter().map(Dictionary::into_values).collect(),
+    })
 }
 
 fn check_selection(selection: &ColumnSelection, options: &LoadOptions) -> Result<(), DataError> {
@@ -785,6 +892,32 @@ pub fn scale_features(data: &mut Dataset, ranges: &[FeatureRange]) -> Result<usi
         )));
     }
     let mut clamped = 0;
+    for row in data.x.chunks_exact_mut(data.d) {
+        for (v, r) in row.iter_mut().zip(ranges) {
+            clamped += usize::from(*v < r.lo || *v > r.hi);
+            *v = r.scale(*v);
+        }
+    }
+    Ok(clamped)
+}
+
+/// [`scale_features`] for the first `ranges.len()` values of each row (the numeric features,
+/// ahead of categorical indices, which are left as they are).
+pub fn scale_leading_features(
+    data: &mut Dataset,
+    ranges: &[FeatureRange],
+) -> Result<usize, DataError> {
+    if ranges.len() > data.d {
+        return Err(DataError::Ranges(format!(
+            "{} ranges for {} values per row",
+            ranges.len(),
+            data.d
+        )));
+    }
+    let mut clamped = 0;
+    if data.d == 0 {
+        return Ok(0);
+    }
     for row in data.x.chunks_exact_mut(data.d) {
         for (v, r) in row.iter_mut().zip(ranges) {
             clamped += usize::from(*v < r.lo || *v > r.hi);

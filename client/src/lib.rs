@@ -16,6 +16,7 @@ pub mod identifiers;
 pub mod inventory;
 pub mod ledger_view;
 pub mod site;
+pub mod sources;
 pub mod store;
 pub mod train;
 pub mod transport;

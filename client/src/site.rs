@@ -29,7 +29,7 @@ use fedpriv_common::dp::{ClipNorm, Delta, SgmEvent};
 use fedpriv_common::model::{delta, FlatModel, ModelSpec};
 use fedpriv_common::protocol::{DeclineReason, StudyAnnouncement, Task};
 
-use crate::config::{DataSource, SiteConfig, SiteStudy};
+use crate::config::{DataSource, SiteConfig, SiteStudy, SourceFormat};
 use crate::data::{
     self, ColumnSelection, Dataset, FeatureRange, LabelKind, LoadOptions, LoadReport,
 };
@@ -82,8 +82,14 @@ fn unix_now() -> i64 {
 /// unscaled (scaling uses the announcement's public ranges).
 #[derive(Debug)]
 pub struct LoadedStudy {
+    /// The allowed columns; a categorical column holds the index of its value in
+    /// `dictionaries` (-1 when missing); an image study holds no values (see `files`).
     pub data: Dataset,
     pub report: LoadReport,
+    /// Per allowed feature: a categorical column's distinct values (empty for numbers).
+    pub dictionaries: Vec<Vec<String>>,
+    /// An image study: each kept record's image file.
+    pub files: Option<Vec<std::path::PathBuf>>,
 }
 
 /// The outcome of loading one study's data at start, with what the audit log needs.
@@ -114,8 +120,13 @@ fn load_study(cfg: &SiteConfig, study: &SiteStudy) -> StudyLoad {
         };
     };
     let t = &study.terms;
+    // An image study reads the manifest's file column as its one (text) feature.
+    let features: Vec<String> = match &t.image_column {
+        Some(c) => vec![c.clone()],
+        None => t.features.clone(),
+    };
     let selection = ColumnSelection {
-        features: t.features.clone(),
+        features: features.clone(),
         label: t.label.clone(),
     };
     let mut check = ColumnCheck::by_names(&selection, &study.allow_identifier_columns);
@@ -125,7 +136,7 @@ fn load_study(cfg: &SiteConfig, study: &SiteStudy) -> StudyLoad {
             columns: Some(check),
         };
     }
-    let options = match t.task {
+    let mut options = match t.task {
         TaskKind::Binary => LoadOptions::new(LabelKind::Classes(2)),
         TaskKind::Multiclass if t.class_labels.is_empty() => {
             LoadOptions::new(LabelKind::Classes(t.classes))
@@ -133,21 +144,41 @@ fn load_study(cfg: &SiteConfig, study: &SiteStudy) -> StudyLoad {
         TaskKind::Multiclass => LoadOptions::named(t.class_labels.clone()),
         TaskKind::Regression => LoadOptions::regression(),
     };
-    let fills: Vec<Option<f32>> = t.features.iter().map(|f| t.fills.get(f).copied()).collect();
+    options.text_features = features
+        .iter()
+        .map(|f| t.categorical.contains(f) || t.image_column.as_ref() == Some(f))
+        .collect();
+    let fills: Vec<Option<f32>> = features.iter().map(|f| t.fills.get(f).copied()).collect();
     let mut profiler = ValueProfiler::new(&selection);
-    let loaded = data::load_csv_lenient(
-        &source.path,
-        &selection,
-        &options,
-        &fills,
-        &mut |slot, cell| profiler.observe(slot, cell),
-    );
+    let mut observe = |slot: usize, cell: &str| profiler.observe(slot, cell);
+    let loaded = match source.format {
+        SourceFormat::Csv | SourceFormat::Images => {
+            data::load_csv_lenient(&source.path, &selection, &options, &fills, &mut observe)
+        }
+        SourceFormat::Parquet => {
+            crate::sources::load_parquet(&source.path, &selection, &options, &fills)
+        }
+        SourceFormat::Npy => crate::sources::load_npy(
+            &source.path,
+            source.labels.as_deref().unwrap_or(std::path::Path::new("")),
+            &source.columns,
+            &selection,
+            &options,
+            &fills,
+        ),
+    };
     let result = match loaded {
-        Ok((data, report)) => {
+        Ok(l) => {
             check.add_values(&profiler);
             match check.refusal() {
                 Some(refusal) => Err(refusal.to_string()),
-                None => Ok(LoadedStudy { data, report }),
+                None if t.image_column.is_some() => Ok(image_study(source, l)),
+                None => Ok(LoadedStudy {
+                    data: l.data,
+                    report: l.report,
+                    dictionaries: l.dictionaries,
+                    files: None,
+                }),
             }
         }
         Err(e) => Err(format!("{}: {e}", source.path.display())),
@@ -155,6 +186,44 @@ fn load_study(cfg: &SiteConfig, study: &SiteStudy) -> StudyLoad {
     StudyLoad {
         result,
         columns: Some(check),
+    }
+}
+
+/// An image study's records: those whose image file can be read (checked from its header
+/// now; a record whose file is missing or not an image is skipped and counted).
+fn image_study(source: &DataSource, l: data::Loaded) -> LoadedStudy {
+    let names = l.dictionaries.first().cloned().unwrap_or_default();
+    let mut report = l.report;
+    let (mut files, mut y) = (Vec::new(), Vec::new());
+    for i in 0..l.data.n {
+        let id = l.data.x[i];
+        let file = (id >= 0.0)
+            .then(|| names.get(id as usize))
+            .flatten()
+            .map(|name| source.root.join(name));
+        match file {
+            Some(path) if crate::sources::readable_image(&path) => {
+                files.push(path);
+                y.push(l.data.y[i]);
+            }
+            _ => report.skipped_malformed += 1,
+        }
+    }
+    report.rows = files.len();
+    let n = files.len();
+    LoadedStudy {
+        data: Dataset {
+            x: Vec::new(),
+            y,
+            n,
+            d: 0,
+            feature_names: Vec::new(),
+            label_name: l.data.label_name,
+            images: None,
+        },
+        report,
+        dictionaries: Vec::new(),
+        files: Some(files),
     }
 }
 
@@ -195,7 +264,7 @@ pub fn prepare_study(
         ));
     };
     let data = match loaded.get(&ann.study).map(|l| &l.result) {
-        Some(Ok(l)) => &l.data,
+        Some(Ok(l)) => l,
         Some(Err(why)) => {
             return Err(Refusal::new(
                 DeclineReason::Unavailable,
@@ -305,16 +374,30 @@ fn check_terms(
         ));
     }
     let d = &ann.data;
-    if d.features.is_empty()
-        || d.ranges.len() != d.features.len()
-        || d.fills.len() != d.features.len()
-    {
+    if d.ranges.len() != d.features.len() || d.fills.len() != d.features.len() {
         return Err("features, ranges and fills do not line up".into());
+    }
+    match (&d.image, &t.image_column) {
+        (Some(im), Some(col)) if im.file_column == *col && d.features.is_empty() => {}
+        (None, None) if !(d.features.is_empty() && d.categorical.is_empty()) => {}
+        (Some(_), _) => return Err("an image study the site has not pinned".into()),
+        (None, Some(_)) => return Err("the site pinned an image study".into()),
+        (None, None) => return Err("the study reads no column".into()),
+    }
+    for c in &d.categorical {
+        if !t.categorical.contains(&c.name) {
+            return Err(format!(
+                "column {:?} is not one the site allows as categorical",
+                c.name
+            ));
+        }
     }
     let mut seen = std::collections::BTreeSet::new();
     for (i, f) in d.features.iter().enumerate() {
-        if !t.features.contains(f) {
-            return Err(format!("column {f:?} is not one the site allows"));
+        if !t.features.contains(f) || t.categorical.contains(f) {
+            return Err(format!(
+                "column {f:?} is not one the site allows as a number"
+            ));
         }
         if !seen.insert(f) {
             return Err(format!("column {f:?} is listed twice"));
@@ -407,32 +490,89 @@ fn check_terms(
     Ok(())
 }
 
-/// The announced features, in the announced order, out of the columns loaded at start;
-/// scaled by the announcement's public ranges (clamped: cannot fail on any record).
-fn select_and_scale(all: &Dataset, ann: &StudyAnnouncement) -> Result<Dataset, String> {
-    let slots: Vec<usize> = ann
+/// The announced features, in the announced order, out of the columns loaded at start,
+/// scaled by the announcement's public ranges (clamped: cannot fail on any record), then
+/// each announced categorical column as the index of its value among the announced
+/// categories (anything else, or missing, is the "other" slot). An image study's records
+/// become rows read from their files when they are used.
+fn select_and_scale(loaded: &LoadedStudy, ann: &StudyAnnouncement) -> Result<Dataset, String> {
+    let all = &loaded.data;
+    if let Some(spec) = &ann.data.image {
+        let files = loaded.files.clone().ok_or("an image study on a table")?;
+        return Ok(Dataset {
+            x: Vec::new(),
+            y: all.y.clone(),
+            n: all.n,
+            d: spec.channels * spec.height * spec.width,
+            feature_names: Vec::new(),
+            label_name: all.label_name.clone(),
+            images: Some(std::sync::Arc::new(crate::sources::ImageRows {
+                files,
+                spec: spec.clone(),
+            })),
+        });
+    }
+    if loaded.files.is_some() {
+        return Err("a table study on images".into());
+    }
+    let slot = |f: &str| {
+        all.feature_names
+            .iter()
+            .position(|n| n == f)
+            .ok_or_else(|| format!("column {f:?} was not loaded"))
+    };
+    let numeric: Vec<usize> = ann
         .data
         .features
         .iter()
-        .map(|f| {
-            all.feature_names
-                .iter()
-                .position(|n| n == f)
-                .ok_or_else(|| format!("column {f:?} was not loaded"))
-        })
+        .map(|f| slot(f))
         .collect::<Result<_, _>>()?;
-    let mut x = Vec::with_capacity(all.n * slots.len());
+    // Per categorical column: its slot and, per dictionary entry, the category index.
+    let mut cats: Vec<(usize, Vec<f32>, f32)> = Vec::new();
+    for c in &ann.data.categorical {
+        let at = slot(&c.name)?;
+        let other = c.categories.len() as f32;
+        let map = loaded
+            .dictionaries
+            .get(at)
+            .map(|values| {
+                values
+                    .iter()
+                    .map(|v| {
+                        c.categories
+                            .iter()
+                            .position(|k| k == v)
+                            .map_or(other, |i| i as f32)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        cats.push((at, map, other));
+    }
+    let d = numeric.len() + cats.len();
+    let mut x = Vec::with_capacity(all.n * d);
     for i in 0..all.n {
         let row = all.row(i);
-        x.extend(slots.iter().map(|&s| row[s]));
+        x.extend(numeric.iter().map(|&s| row[s]));
+        for (at, map, other) in &cats {
+            let id = row[*at];
+            x.push(if id >= 0.0 {
+                map.get(id as usize).copied().unwrap_or(*other)
+            } else {
+                *other
+            });
+        }
     }
+    let mut names = ann.data.features.clone();
+    names.extend(ann.data.categorical.iter().map(|c| c.name.clone()));
     let mut ds = Dataset {
         x,
         y: all.y.clone(),
         n: all.n,
-        d: slots.len(),
-        feature_names: ann.data.features.clone(),
+        d,
+        feature_names: names,
         label_name: all.label_name.clone(),
+        images: None,
     };
     let ranges = ann
         .data
@@ -441,7 +581,7 @@ fn select_and_scale(all: &Dataset, ann: &StudyAnnouncement) -> Result<Dataset, S
         .map(|r| FeatureRange::new(f64::from(r[0]), f64::from(r[1])))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
-    data::scale_features(&mut ds, &ranges).map_err(|e| e.to_string())?;
+    data::scale_leading_features(&mut ds, &ranges).map_err(|e| e.to_string())?;
     if let Some(r) = ann.data.label_range {
         let r = FeatureRange::new(f64::from(r[0]), f64::from(r[1])).map_err(|e| e.to_string())?;
         data::scale_label(&mut ds, &r).map_err(|e| e.to_string())?;

@@ -78,6 +78,30 @@ pub enum Layer {
     Dropout {
         rate: f32,
     },
+    /// The input encoding of a table with categorical columns (inserted first, never
+    /// written in a study): numeric values pass through, each categorical column's index
+    /// becomes a one-hot vector or a learned embedding.
+    Encode(Encoding),
+}
+
+/// How a table's values enter the model: `numeric` values, then one index per categorical
+/// column, `(slots, embedding width or None for one-hot)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encoding {
+    pub numeric: usize,
+    pub categorical: Vec<(usize, Option<usize>)>,
+}
+
+impl Encoding {
+    /// Values after encoding.
+    pub fn width(&self) -> usize {
+        self.numeric
+            + self
+                .categorical
+                .iter()
+                .map(|(slots, emb)| emb.unwrap_or(*slots))
+                .sum::<usize>()
+    }
 }
 
 impl Layer {
@@ -94,6 +118,7 @@ impl Layer {
             Self::LayerNorm => "layer_norm",
             Self::GroupNorm { .. } => "group_norm",
             Self::Dropout { .. } => "dropout",
+            Self::Encode(_) => "encode",
         }
     }
 }
@@ -350,6 +375,22 @@ pub fn compile(
                     }
                 }
             }
+            Layer::Encode(enc) => {
+                if index != 0 || shape != [enc.numeric + enc.categorical.len()] {
+                    return Err(bad("an encoding only comes first, on a table".into()));
+                }
+                let params = enc
+                    .categorical
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, (slots, emb))| {
+                        emb.map(|w| {
+                            TensorSpec::new(name(&format!("embedding{j}")), &[u(*slots), u(w)])
+                        })
+                    })
+                    .collect();
+                (vec![enc.width()], params)
+            }
             Layer::Flatten => (vec![shape.iter().product()], Vec::new()),
             Layer::Activation(_) => (shape.clone(), Vec::new()),
             Layer::Dropout { rate } => {
@@ -423,6 +464,71 @@ pub fn compile(
     };
     compiled.spec()?;
     Ok(compiled)
+}
+
+/// [`compile`] for a study's data: an image's `[C, H, W]`, or a table whose categorical
+/// columns are encoded first (one-hot or embedded).
+pub fn compile_for(
+    arch: &Architecture,
+    data: &crate::config::DataSpec,
+    outputs: usize,
+) -> Result<Compiled, LayoutError> {
+    let input = data.input_shape();
+    let enc = data.encoding();
+    if data.image.is_some() || enc.categorical.is_empty() {
+        return compile(arch, &input, outputs);
+    }
+    // Compile the model on the encoded width, then put the encoding in front.
+    let mut inner = compile(arch, &[enc.width()], outputs)?;
+    let encode = compile(
+        &Architecture::Layers(vec![Layer::Encode(enc.clone()), Layer::Dense { units: 1 }]),
+        &input,
+        1,
+    )?;
+    let mut first = encode.steps[0].clone();
+    let mut steps = vec![first.clone()];
+    // Later layers' tensor names carry their index: shift them by one.
+    for (i, mut step) in inner.steps.drain(..).enumerate() {
+        for t in &mut step.params {
+            if let Some(rest) = t.name.split_once('.').map(|(_, r)| r.to_string()) {
+                t.name = format!("{}.{rest}", i + 1);
+            }
+        }
+        steps.push(step);
+    }
+    first.output = vec![enc.width()];
+    steps[0] = first;
+    let compiled = Compiled {
+        input,
+        outputs,
+        steps,
+        zero_init: inner.zero_init,
+    };
+    compiled.spec()?;
+    Ok(compiled)
+}
+
+/// The tensor layout of `arch` for a study's data.
+pub fn spec_for_data(
+    arch: &Architecture,
+    data: &crate::config::DataSpec,
+    outputs: usize,
+) -> Result<ModelSpec, LayoutError> {
+    Ok(compile_for(arch, data, outputs)?.spec()?)
+}
+
+/// A fresh model for a study's data (see [`init_model`]).
+pub fn init_for_data(
+    arch: &Architecture,
+    data: &crate::config::DataSpec,
+    outputs: usize,
+    seed: u64,
+) -> Result<FlatModel, ModelError> {
+    let compiled = compile_for(arch, data, outputs).map_err(|e| match e {
+        LayoutError::Spec(s) => ModelError::Spec(s),
+        _ => ModelError::Spec(SpecError::Empty),
+    })?;
+    init_compiled(&compiled, seed)
 }
 
 impl Compiled {
@@ -512,6 +618,10 @@ pub fn init_compiled(compiled: &Compiled, seed: u64) -> Result<FlatModel, ModelE
             let n = t.numel().unwrap_or(0) as usize;
             let fill = if t.name.ends_with(".gamma") {
                 vec![1.0f32; n]
+            } else if t.name.contains(".encode.embedding") {
+                (0..n)
+                    .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+                    .collect()
             } else if t.name.ends_with(".weight") && !compiled.zero_init {
                 let fan_in: u64 = t.shape[1..].iter().product::<u64>().max(1);
                 let bound = 1.0 / (fan_in as f64).sqrt();

@@ -99,15 +99,29 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Aud
     }
 }
 
+/// How long opening a log waits for a lock that is held. A writer that just closed its log
+/// can hold the lock a moment longer: a process forked meanwhile (by any thread starting a
+/// command) shares the open file until it execs.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Takes the log's exclusive advisory lock, held for as long as the file is open, so two
-/// processes can never interleave records.
+/// processes can never interleave records. A lock another writer keeps is refused
+/// ([`AuditError::InUse`]) after [`LOCK_WAIT`].
 fn lock(path: &Path, file: &File) -> Result<(), AuditError> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::InUse {
-            path: path.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(io_err(path, "lock")(e)),
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(AuditError::InUse {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(path, "lock")(e)),
+        }
     }
 }
 

@@ -224,6 +224,8 @@ struct RawStudy {
     rounds: u64,
     min_sites: usize,
     round_timeout_secs: u64,
+    /// End the study if no enrolled site has joined this long after it started.
+    join_timeout_secs: Option<u64>,
     /// Wire encoding of the broadcast model and of updates: "f32" (default), "f16", "bf16".
     encoding: Option<String>,
 }
@@ -233,9 +235,17 @@ struct RawStudy {
 struct RawData {
     task: Task,
     label: String,
-    /// Column names; `px0..px63` stands for px0, px1, ..., px63 (expanded here, so every
-    /// site receives the explicit list).
+    /// Numeric columns; `px0..px63` stands for px0, px1, ..., px63 (expanded here, so
+    /// every site receives the explicit list). Empty for an image study.
+    #[serde(default)]
     features: Vec<String>,
+    /// Categorical columns: `ward = ["A", "B", "C"]` (one-hot, with an "other" slot for
+    /// any other value) or `ward = { categories = [...], embedding = 4 }` (a learned
+    /// embedding of that width).
+    #[serde(default)]
+    categorical: BTreeMap<String, RawCategorical>,
+    /// An image study: each record is an image file named in `file_column`.
+    image: Option<RawImage>,
     /// Multiclass: the number of classes (labels are ids 0..K-1) ...
     classes: Option<usize>,
     /// ... or the class labels as the data writes them (their order gives the outputs).
@@ -249,6 +259,28 @@ struct RawData {
     /// with such a cell in a feature without a fill is skipped at the site.
     #[serde(default)]
     fills: BTreeMap<String, f32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawCategorical {
+    OneHot(Vec<String>),
+    Embedded {
+        categories: Vec<String>,
+        embedding: usize,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    file_column: String,
+    channels: usize,
+    height: usize,
+    width: usize,
+    /// Per channel, on pixel values scaled to [0, 1]: `(v - mean) / std`.
+    mean: Vec<f32>,
+    std: Vec<f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -331,6 +363,44 @@ pub struct DataSpec {
     /// One per feature: the public value a missing or unreadable cell takes, or `None` (a
     /// record with such a cell is skipped, and counted only in the site's own log).
     pub fills: Vec<Option<f32>>,
+    /// Categorical columns, by name, after the numeric features in the model's input.
+    pub categorical: Vec<CategoricalColumn>,
+    /// An image study's images (then `features` is empty).
+    pub image: Option<ImageSpec>,
+}
+
+/// A categorical column: its public categories (any other value, or a missing one, goes to
+/// an extra "other" slot), one-hot encoded or through a learned embedding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CategoricalColumn {
+    pub name: String,
+    pub categories: Vec<String>,
+    /// The embedding's width, or `None` for one-hot (`categories + 1` values).
+    pub embedding: Option<usize>,
+}
+
+impl CategoricalColumn {
+    /// Slots, the "other" one included.
+    pub fn slots(&self) -> usize {
+        self.categories.len() + 1
+    }
+
+    /// The values this column contributes to the model's input.
+    pub fn width(&self) -> usize {
+        self.embedding.unwrap_or(self.slots())
+    }
+}
+
+/// How a record's image becomes the model's input: decoded, converted to `channels` (1:
+/// grey, 3: RGB), resized to `height` x `width`, scaled to [0, 1] and normalised per channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    pub file_column: String,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
 }
 
 /// A validated study.
@@ -341,6 +411,9 @@ pub struct StudyConfig {
     pub rounds: u64,
     pub min_sites: usize,
     pub round_timeout_secs: u64,
+    /// The study ends if no enrolled site has joined this long after it started (`None`:
+    /// it waits).
+    pub join_timeout_secs: Option<u64>,
     /// How the model and the updates travel (see [`crate::wire::Dtype`]). The 16-bit
     /// encodings halve the bytes; rounding already-noised values is post-processing and
     /// costs no privacy. The coordinator keeps and aggregates in f32 whatever this says.
@@ -369,6 +442,9 @@ impl StudyConfig {
         }
         if s.round_timeout_secs == 0 {
             return Err(field("study.round_timeout_secs", "must be at least 1"));
+        }
+        if s.join_timeout_secs == Some(0) {
+            return Err(field("study.join_timeout_secs", "must be at least 1"));
         }
         let encoding = match s.encoding.as_deref() {
             None => crate::wire::Dtype::F32,
@@ -423,7 +499,79 @@ impl StudyConfig {
 
         let mut d = raw.data;
         d.features = expand_features(&d.features).map_err(|e| field("data.features", e))?;
-        if d.features.is_empty() {
+        let image = match d.image.take() {
+            None => None,
+            Some(im) => {
+                if !d.features.is_empty() || !d.categorical.is_empty() {
+                    return Err(field(
+                        "data.image",
+                        "an image study reads its images: leave features and categorical out",
+                    ));
+                }
+                if !matches!(im.channels, 1 | 3) {
+                    return Err(field("data.image.channels", "1 (grey) or 3 (RGB)"));
+                }
+                if im.height == 0 || im.width == 0 || im.height > 4096 || im.width > 4096 {
+                    return Err(field("data.image", "height and width from 1 to 4096"));
+                }
+                if im.mean.len() != im.channels || im.std.len() != im.channels {
+                    return Err(field("data.image", "one mean and one std per channel"));
+                }
+                if im.mean.iter().any(|m| !m.is_finite())
+                    || im.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+                {
+                    return Err(field("data.image", "finite means and positive stds"));
+                }
+                if im.file_column == d.label {
+                    return Err(field("data.image.file_column", "cannot be the label"));
+                }
+                Some(ImageSpec {
+                    file_column: im.file_column,
+                    channels: im.channels,
+                    height: im.height,
+                    width: im.width,
+                    mean: im.mean,
+                    std: im.std,
+                })
+            }
+        };
+        let mut categorical = Vec::new();
+        for (name, c) in std::mem::take(&mut d.categorical) {
+            let (categories, embedding) = match c {
+                RawCategorical::OneHot(c) => (c, None),
+                RawCategorical::Embedded {
+                    categories,
+                    embedding,
+                } => {
+                    if embedding == 0 {
+                        return Err(field(
+                            "data.categorical",
+                            format!("{name:?}: an embedding needs a width of at least 1"),
+                        ));
+                    }
+                    (categories, Some(embedding))
+                }
+            };
+            let unique: BTreeSet<&String> = categories.iter().collect();
+            if categories.is_empty() || unique.len() != categories.len() {
+                return Err(field(
+                    "data.categorical",
+                    format!("{name:?}: list each category once, at least one"),
+                ));
+            }
+            if d.features.contains(&name) || name == d.label {
+                return Err(field(
+                    "data.categorical",
+                    format!("{name:?} is also a feature or the label"),
+                ));
+            }
+            categorical.push(CategoricalColumn {
+                name,
+                categories,
+                embedding,
+            });
+        }
+        if d.features.is_empty() && categorical.is_empty() && image.is_none() {
             return Err(field(
                 "data.features",
                 "at least one feature column is needed",
@@ -668,6 +816,7 @@ impl StudyConfig {
             rounds: s.rounds,
             min_sites: s.min_sites,
             round_timeout_secs: s.round_timeout_secs,
+            join_timeout_secs: s.join_timeout_secs,
             encoding,
             data: DataSpec {
                 task: d.task,
@@ -678,6 +827,8 @@ impl StudyConfig {
                 fills,
                 classes,
                 class_labels,
+                categorical,
+                image,
             },
             strategy: t.strategy,
             server_learning_rate: t.server_learning_rate,
@@ -705,7 +856,7 @@ impl StudyConfig {
     /// operator's to judge (the coordinator holds about two f32 copies, see
     /// docs/performance.md). Returns the number of parameters.
     fn check_model_size(&self) -> Result<u64, ConfigError> {
-        let compiled = crate::arch::compile(&self.model, &self.input_shape(), self.n_outputs())
+        let compiled = crate::arch::compile_for(&self.model, &self.data, self.n_outputs())
             .map_err(|e| match e {
                 crate::arch::LayoutError::Spec(e) => field(
                     "study.model",
@@ -758,9 +909,25 @@ impl DataSpec {
         }
     }
 
-    /// One example's input shape: the feature vector.
+    /// One example's input as the data provides it: the image `[C, H, W]`, or the numeric
+    /// features followed by one value per categorical column (its category's index).
     pub fn input_shape(&self) -> Vec<usize> {
-        vec![self.features.len()]
+        match &self.image {
+            Some(im) => vec![im.channels, im.height, im.width],
+            None => vec![self.features.len() + self.categorical.len()],
+        }
+    }
+
+    /// How categorical columns enter the model (for `arch::compile_encoded`).
+    pub fn encoding(&self) -> crate::arch::Encoding {
+        crate::arch::Encoding {
+            numeric: self.features.len(),
+            categorical: self
+                .categorical
+                .iter()
+                .map(|c| (c.slots(), c.embedding))
+                .collect(),
+        }
     }
 }
 

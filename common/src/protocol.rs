@@ -200,7 +200,7 @@ pub enum CoordinatorMessage {
     },
     /// A study created after this connection's `Welcome`, in which this site is enrolled.
     /// The site prepares it as it would one listed in a `Welcome`.
-    StudyAnnounced(StudyAnnouncement),
+    StudyAnnounced(Box<StudyAnnouncement>),
 }
 
 #[cfg(test)]
@@ -223,6 +223,8 @@ mod tests {
                 ranges: vec![[0.0, 1.0]],
                 label_range: None,
                 fills: vec![None],
+                categorical: Vec::new(),
+                image: None,
             },
             unit: PrivacyUnit::Record,
             placement: Placement::Local,

@@ -25,6 +25,7 @@ pub struct StudyBuilder {
     rounds: u64,
     min_sites: usize,
     round_timeout_secs: u64,
+    join_timeout_secs: Option<u64>,
     encoding: Option<String>,
     plan: Plan,
     learning_rate: f64,
@@ -48,6 +49,7 @@ impl StudyBuilder {
             rounds: 1,
             min_sites: 2,
             round_timeout_secs: 120,
+            join_timeout_secs: None,
             encoding: None,
             plan: Plan::Epochs {
                 local_epochs: 1,
@@ -99,6 +101,12 @@ impl StudyBuilder {
 
     pub fn round_timeout_secs(mut self, secs: u64) -> Self {
         self.round_timeout_secs = secs;
+        self
+    }
+
+    /// How long the study waits for any enrolled site before it ends (unset by default).
+    pub fn join_timeout_secs(mut self, secs: u64) -> Self {
+        self.join_timeout_secs = Some(secs);
         self
     }
 
@@ -195,6 +203,10 @@ impl StudyBuilder {
             Some(hidden) => format!("{{ kind = \"mlp\", hidden = {hidden} }}"),
             None => "{ kind = \"logistic_regression\" }".into(),
         };
+        let join = self
+            .join_timeout_secs
+            .map(|s| format!("join_timeout_secs = {s}\n"))
+            .unwrap_or_default();
         let encoding = self
             .encoding
             .as_ref()
@@ -238,7 +250,7 @@ model = {model}
 rounds = {rounds}
 min_sites = {min_sites}
 round_timeout_secs = {timeout}
-{encoding}
+{join}{encoding}
 [data]
 task = "binary"
 label = "y"

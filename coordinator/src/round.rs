@@ -278,8 +278,15 @@ pub struct StudyEngine {
     spent: BTreeMap<String, Vec<SgmEvent>>,
     records: BTreeMap<String, u64>,
     ready: BTreeSet<String>,
-    /// Sites that reached their own cap: they take no further part.
+    /// Sites that take no further part: they reached a cap, refused the study for good,
+    /// or do not fit its delta.
     retired: BTreeSet<String>,
+    /// Why each site that refused the study for good did (for the study's end reason).
+    refused: BTreeMap<String, DeclineReason>,
+    /// When the engine first ran, for the join timeout.
+    started_ms: Option<u64>,
+    /// Whether any round was ever started.
+    any_round: bool,
     phase: Phase,
     /// The accumulator's allocation, kept between rounds.
     spare_sum: Vec<f32>,
@@ -340,6 +347,9 @@ impl StudyEngine {
             records,
             ready: BTreeSet::new(),
             retired: BTreeSet::new(),
+            refused: BTreeMap::new(),
+            started_ms: None,
+            any_round: false,
             phase: Phase::Idle,
             spare_sum: Vec::new(),
             optimizer,
@@ -428,13 +438,26 @@ impl StudyEngine {
     /// `None`: only an event (a site, the store, an operator) can move it. A tick before
     /// the time is harmless; one after it is late by as much.
     pub fn next_deadline(&self) -> Option<u64> {
-        match &self.phase {
+        let phase = match &self.phase {
             Phase::Collecting { deadline_ms, .. } => Some(*deadline_ms),
             Phase::Idle => self.gathering_since.map(|since| {
                 since
                     .saturating_add(GATHER_MS.min(self.cfg.round_timeout_secs.saturating_mul(1000)))
             }),
-            Phase::AwaitingSpend { .. } | Phase::Finished => None,
+            Phase::AwaitingSpend { .. } => None,
+            Phase::Finished => return None,
+        };
+        // Until a site joins, the study ends at its join timeout.
+        let join = self.cfg.join_timeout_secs.and_then(|secs| {
+            (!self.any_round && self.ready.is_empty()).then(|| {
+                self.started_ms
+                    .unwrap_or(0)
+                    .saturating_add(secs.saturating_mul(1000))
+            })
+        });
+        match (phase, join) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -453,6 +476,7 @@ impl StudyEngine {
             }
             return out;
         }
+        let started = *self.started_ms.get_or_insert(now_ms);
         // An overdue round closes before anything that arrived after its deadline counts.
         if let Phase::Collecting { deadline_ms, .. } = &self.phase {
             if now_ms >= *deadline_ms {
@@ -515,6 +539,7 @@ impl StudyEngine {
             } => {
                 if reason.is_permanent() {
                     self.retired.insert(site.clone());
+                    self.refused.insert(site.clone(), reason);
                 }
                 if let Phase::Collecting {
                     round: r,
@@ -533,6 +558,15 @@ impl StudyEngine {
                 });
             }
             Input::Tick => {}
+        }
+        // No site joined in time: nobody will take part.
+        if let Some(secs) = self.cfg.join_timeout_secs {
+            let nobody = !self.any_round && self.ready.is_empty();
+            if nobody && now_ms >= started.saturating_add(secs.saturating_mul(1000)) {
+                let reason = format!("no enrolled site joined within the join timeout of {secs} s");
+                self.finish(reason, &mut out);
+                return out;
+            }
         }
         self.advance(now_ms, noise, &mut out);
         out
@@ -600,11 +634,38 @@ impl StudyEngine {
         let record_unit = self.cfg.privacy.unit == PrivacyUnit::Record;
         let could_join = affordable.len() + if record_unit { unpriced } else { 0 };
         if could_join < self.cfg.min_sites {
-            let reason = format!(
-                "budget exhausted: {} site(s) can afford round {round} within epsilon {budget}, the study needs {}",
-                affordable.len(),
-                self.cfg.min_sites
-            );
+            let capped: Vec<&str> = self
+                .refused
+                .iter()
+                .filter(|(_, r)| **r == DeclineReason::OverCap)
+                .map(|(s, _)| s.as_str())
+                .collect();
+            let others = self.refused.len() - capped.len();
+            let reason = if others == 0 {
+                let own = if capped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} reached their own cap", capped.join(", "))
+                };
+                format!(
+                    "budget exhausted: {} site(s) can afford round {round} within the study's epsilon {budget}, the study needs {}{own}",
+                    affordable.len(),
+                    self.cfg.min_sites
+                )
+            } else {
+                // Sites that said they cannot take part: that, not the budget, ends it.
+                let said: Vec<String> = self
+                    .refused
+                    .iter()
+                    .map(|(s, r)| format!("{s}: {}", r.as_str()))
+                    .collect();
+                format!(
+                    "too few sites can take part: {} of the {} the study needs can do round {round}; refused: {}",
+                    could_join,
+                    self.cfg.min_sites,
+                    said.join(", ")
+                )
+            };
             return self.finish(reason, out);
         }
         let candidates: Vec<String> = affordable
@@ -645,6 +706,7 @@ impl StudyEngine {
             })
             .collect();
         self.next_round += 1;
+        self.any_round = true;
         out.push(Action::RecordSpend { round, entries });
         self.phase = Phase::AwaitingSpend {
             round,

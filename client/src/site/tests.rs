@@ -51,6 +51,8 @@ fn announcement(unit: PrivacyUnit, features: &[&str]) -> StudyAnnouncement {
             ranges: vec![[0.0, 100_000.0]; features.len()],
             label_range: None,
             fills: vec![None; features.len()],
+            categorical: Vec::new(),
+            image: None,
         },
         unit,
         placement: Placement::Local,
@@ -433,4 +435,272 @@ fn unusable_records_are_skipped_or_filled_at_load_and_never_refuse_the_study() {
     assert_eq!(l.report.skipped_label, 2);
     assert_eq!(l.report.skipped_malformed, 1);
     assert_eq!(l.data.row(1), &[50.0, 2.5]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Data where hospitals keep it
+
+/// A site config whose one study reads `source` (a TOML table body) with `study_extra`.
+fn config_with(dir: &std::path::Path, source: &str, study: &str) -> SiteConfig {
+    let toml = format!(
+        "[site]\nname = \"st-marys\"\nstate_dir = \"state\"\n\n\
+         [coordinator]\naddress = \"127.0.0.1:7443\"\nserver_name = \"localhost\"\n\n\
+         [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n\
+         [sources.wards]\nrecords = 200\ndelta = 1e-5\nepsilon_cap = 50.0\n{source}\n\n\
+         [studies.s]\nsource = \"wards\"\nepsilon_cap = 20.0\nunit = \"record\"\nlabel = \"y\"\n\
+         clip_norm = 1.0\nmin_noise_multiplier = 1.0\nmax_delta = 1e-5\n\
+         max_sample_rate = 0.2\nmax_steps_per_round = 10\n{study}\n"
+    );
+    SiteConfig::from_toml(&toml, dir).unwrap()
+}
+
+fn ready(cfg: &SiteConfig, ann: &StudyAnnouncement) -> PreparedStudy {
+    let loaded = load_site_data(cfg);
+    if let Err(e) = &loaded["s"].result {
+        panic!("{e}");
+    }
+    prepare_study(cfg, &loaded, None, ann).unwrap()
+}
+
+#[test]
+fn categorical_columns_map_to_the_studys_categories_with_an_other_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("patients.csv"),
+        "age,ward,y\n40,A,1\n50,B,0\n60,Z,1\n70,,0\n",
+    )
+    .unwrap();
+    let cfg = config_with(
+        dir.path(),
+        "path = \"patients.csv\"",
+        "task = \"binary\"\nfeatures = [\"age\", \"ward\"]\ncategorical = [\"ward\"]",
+    );
+    let mut ann = announcement(PrivacyUnit::Record, &["age"]);
+    ann.data.categorical = vec![fedpriv_common::config::CategoricalColumn {
+        name: "ward".into(),
+        categories: vec!["B".into(), "A".into()],
+        embedding: Some(2),
+    }];
+    ann.model = Architecture::mlp(3);
+    let study = ready(&cfg, &ann);
+    assert_eq!(study.data.d, 2);
+    // A -> 1, B -> 0, an unknown value and a missing one -> the other slot (2).
+    let cats: Vec<f32> = (0..4).map(|i| study.data.row(i)[1]).collect();
+    assert_eq!(cats, [1.0, 0.0, 2.0, 2.0]);
+    // The learner embeds it: a 3-slot table of width 2 heads the model.
+    assert_eq!(study.spec.tensors[0].shape, [3, 2]);
+    // A column the site did not pin as categorical cannot be announced as one.
+    let cfg2 = config_with(
+        dir.path(),
+        "path = \"patients.csv\"",
+        "task = \"binary\"\nfeatures = [\"age\", \"ward\"]",
+    );
+    let loaded = load_site_data(&cfg2);
+    assert_eq!(
+        prepare_study(&cfg2, &loaded, None, &ann)
+            .unwrap_err()
+            .reason,
+        DeclineReason::TermsDiffer
+    );
+    // And the round runs through the embedding.
+    let mut s = site("record", "");
+    s.cfg = cfg;
+    s.loaded = load_site_data(&s.cfg);
+    let study = s.prepare(&ann).unwrap();
+    let released = s.run(&study, &task_for(&study, 1)).unwrap();
+    assert_eq!(released.update.len(), study.spec.num_values());
+}
+
+/// An `.npy` file of `shape` with little-endian f32 `values`.
+fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    for v in values {
+        out.extend(v.to_le_bytes());
+    }
+    out
+}
+
+#[test]
+fn npy_arrays_load_the_named_columns_and_skip_unusable_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    // 5 records of 3 columns; record 2 has a NaN in column b (no fill: skipped), record 4
+    // a label of 7 (skipped).
+    let x = [
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+        5.0,
+        6.0,
+        7.0,
+        f32::NAN,
+        9.0,
+        10.0,
+        11.0,
+        12.0,
+        13.0,
+        14.0,
+        15.0,
+    ];
+    std::fs::write(dir.path().join("x.npy"), npy_f32(&[5, 3], &x)).unwrap();
+    std::fs::write(
+        dir.path().join("y.npy"),
+        npy_f32(&[5], &[0.0, 1.0, 1.0, 0.0, 7.0]),
+    )
+    .unwrap();
+    let cfg = config_with(
+        dir.path(),
+        "path = \"x.npy\"\nformat = \"npy\"\nlabels = \"y.npy\"\ncolumns = [\"a\", \"b\", \"c\"]",
+        "task = \"binary\"\nfeatures = [\"c\", \"b\"]",
+    );
+    let loaded = load_site_data(&cfg);
+    let l = loaded["s"].result.as_ref().unwrap();
+    assert_eq!(l.data.n, 3);
+    assert_eq!(l.report.skipped_cell, 1);
+    assert_eq!(l.report.skipped_label, 1);
+    assert_eq!(l.data.row(0), &[3.0, 2.0]);
+    assert_eq!(l.data.row(2), &[12.0, 11.0]);
+}
+
+#[test]
+fn parquet_files_load_only_the_studys_columns() {
+    use parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int32Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = std::sync::Arc::new(
+        parquet::schema::parser::parse_message_type(
+            "message m { required double a; optional double b; required binary ward (UTF8); required int32 y; required binary note (UTF8); }",
+        )
+        .unwrap(),
+    );
+    let file = std::fs::File::create(dir.path().join("p.parquet")).unwrap();
+    let props = std::sync::Arc::new(WriterProperties::builder().build());
+    let mut w = SerializedFileWriter::new(file, schema, props).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    let mut col = 0;
+    while let Some(mut c) = rg.next_column().unwrap() {
+        match col {
+            0 => {
+                c.typed::<DoubleType>()
+                    .write_batch(&[1.0, 2.0, 3.0], None, None)
+                    .unwrap();
+            }
+            // b is null in the second record.
+            1 => {
+                c.typed::<DoubleType>()
+                    .write_batch(&[0.5, 0.7], Some(&[1, 0, 1]), None)
+                    .unwrap();
+            }
+            2 | 4 => {
+                let v: Vec<ByteArray> = ["A", "B", "A"]
+                    .iter()
+                    .map(|s| ByteArray::from(*s))
+                    .collect();
+                c.typed::<ByteArrayType>()
+                    .write_batch(&v, None, None)
+                    .unwrap();
+            }
+            _ => {
+                c.typed::<Int32Type>()
+                    .write_batch(&[1, 0, 1], None, None)
+                    .unwrap();
+            }
+        }
+        c.close().unwrap();
+        col += 1;
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+    let cfg = config_with(
+        dir.path(),
+        "path = \"p.parquet\"\nformat = \"parquet\"",
+        "task = \"binary\"\nfeatures = [\"a\", \"b\", \"ward\"]\ncategorical = [\"ward\"]\nfills = { b = -1.0 }",
+    );
+    let loaded = load_site_data(&cfg);
+    let l = loaded["s"].result.as_ref().unwrap();
+    assert_eq!(l.data.n, 3);
+    assert_eq!(l.report.filled, 1);
+    assert_eq!(l.data.row(1), &[2.0, -1.0, 1.0]);
+    assert_eq!(l.dictionaries[2], ["A", "B"]);
+    assert_eq!(l.data.y, [1.0, 0.0, 1.0]);
+}
+
+#[test]
+fn image_folders_are_read_lazily_and_unreadable_files_are_skipped_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    // Three 4x4 grey images (pixel value 16 * k), one of them 8x8 (resized to 4x4), and a
+    // manifest naming a fourth file that is not an image and a fifth that does not exist.
+    for (k, size) in [(1u8, 4u32), (2, 4), (3, 8)] {
+        let img = image::GrayImage::from_pixel(size, size, image::Luma([16 * k]));
+        img.save(imgs.join(format!("{k}.png"))).unwrap();
+    }
+    std::fs::write(imgs.join("4.png"), b"not an image").unwrap();
+    std::fs::write(
+        dir.path().join("manifest.csv"),
+        "file,y\n1.png,0\n2.png,1\n3.png,1\n4.png,0\n5.png,1\n",
+    )
+    .unwrap();
+    let cfg = config_with(
+        dir.path(),
+        "path = \"manifest.csv\"\nformat = \"images\"\nroot = \"imgs\"",
+        "task = \"binary\"\nimage_column = \"file\"",
+    );
+    let loaded = load_site_data(&cfg);
+    let l = loaded["s"].result.as_ref().unwrap();
+    assert_eq!(l.data.n, 3);
+    assert_eq!(l.report.skipped_malformed, 2);
+    let mut ann = announcement(PrivacyUnit::Record, &[]);
+    ann.data.features.clear();
+    ann.data.ranges.clear();
+    ann.data.fills.clear();
+    ann.data.image = Some(fedpriv_common::config::ImageSpec {
+        file_column: "file".into(),
+        channels: 1,
+        height: 4,
+        width: 4,
+        mean: vec![0.0],
+        std: vec![1.0],
+    });
+    ann.model = Architecture::Layers(vec![
+        fedpriv_common::arch::Layer::Conv2d {
+            channels: 2,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        fedpriv_common::arch::Layer::MaxPool { kernel: 2 },
+        fedpriv_common::arch::Layer::Flatten,
+        fedpriv_common::arch::Layer::Dense { units: 1 },
+    ]);
+    let study = prepare_study(&cfg, &loaded, None, &ann).unwrap();
+    assert!(study.data.x.is_empty(), "rows are not held in memory");
+    let mut rows = Vec::new();
+    study.data.rows_into(&[0, 2], &mut rows);
+    assert_eq!(rows.len(), 32);
+    assert!(rows[..16].iter().all(|&v| (v - 16.0 / 255.0).abs() < 1e-6));
+    assert!(rows[16..].iter().all(|&v| (v - 48.0 / 255.0).abs() < 1e-6));
+    // A file gone since start reads as zeros; the round still runs.
+    std::fs::remove_file(imgs.join("2.png")).unwrap();
+    let mut s = site("record", "");
+    s.cfg = cfg;
+    s.loaded = loaded;
+    let released = s.run(&study, &task_for(&study, 1)).unwrap();
+    assert!(released.fallback.is_none());
+    assert_eq!(released.update.len(), study.spec.num_values());
 }

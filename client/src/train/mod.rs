@@ -120,11 +120,22 @@ impl Learner {
         task: Task,
         outputs: usize,
     ) -> Result<Self, TrainError> {
-        let head = match (task, outputs) {
+        let compiled =
+            arch::compile(arch, input, outputs).map_err(|e| TrainError::Model(e.to_string()))?;
+        Self::from_compiled(arch, compiled, task)
+    }
+
+    /// A learner for a compiled model (its input and outputs as compiled).
+    fn from_compiled(
+        arch: &Architecture,
+        compiled: Compiled,
+        task: Task,
+    ) -> Result<Self, TrainError> {
+        let head = match (task, compiled.outputs) {
             (Task::Binary, 1) => Head::Sigmoid,
             (Task::Regression, 1) => Head::Identity,
             (Task::Multiclass, k) if k >= 2 => Head::Softmax(k),
-            _ => {
+            (_, outputs) => {
                 return Err(TrainError::Model(format!(
                     "{outputs} output(s) do not fit a {task:?} task"
                 )))
@@ -144,8 +155,6 @@ impl Learner {
             }
             _ => {}
         }
-        let compiled =
-            arch::compile(arch, input, outputs).map_err(|e| TrainError::Model(e.to_string()))?;
         let spec = compiled
             .spec()
             .map_err(|e| TrainError::Model(e.to_string()))?;
@@ -172,7 +181,9 @@ impl Learner {
         arch: &Architecture,
         data: &fedpriv_common::config::DataSpec,
     ) -> Result<Self, TrainError> {
-        Self::new(arch, &data.input_shape(), data.task, data.n_outputs())
+        let compiled = arch::compile_for(arch, data, data.n_outputs())
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        Self::from_compiled(arch, compiled, data.task)
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -216,7 +227,12 @@ impl Learner {
                 got: data.d,
             });
         }
-        if data.n.checked_mul(data.d) != Some(data.x.len()) || data.y.len() != data.n {
+        let values = if data.images.is_some() {
+            data.n * data.d
+        } else {
+            data.x.len()
+        };
+        if data.n.checked_mul(data.d) != Some(values) || data.y.len() != data.n {
             return Err(TrainError::BatchShape {
                 batch_n: data.n,
                 expected: data.n.saturating_mul(data.d),
@@ -401,7 +417,6 @@ pub fn train_local_for(
         .iter()
         .map(Var::from_tensor)
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let x = Tensor::from_slice(&data.x, (data.n, data.d), &dev)?;
     let targets = Targets::new(&data.y, learner.head, &dev)?;
     let mut order: Vec<u32> = (0..data.n as u32).collect();
     let mut pass: Vec<u32> = Vec::with_capacity(examples_per_epoch);
@@ -415,10 +430,15 @@ pub fn train_local_for(
         }
         for batch in pass.chunks(cfg.batch_size) {
             let ids = Tensor::from_slice(batch, batch.len(), &dev)?;
+            // Rows are gathered per batch, so image rows are read only when used.
+            let rows: Vec<usize> = batch.iter().map(|&i| i as usize).collect();
+            let mut xb = Vec::with_capacity(rows.len() * data.d);
+            data.rows_into(&rows, &mut xb);
+            let x = Tensor::from_vec(xb, (rows.len(), data.d), &dev)?;
             let loss = autograd_step(
                 learner,
                 &vars,
-                &x.index_select(&ids, 0)?,
+                &x,
                 &targets.rows(&ids)?,
                 f64::from(cfg.learning_rate),
                 rng.next_u64(),
@@ -472,9 +492,9 @@ fn gather(data: &Dataset, batch: &[usize]) -> Result<(Vec<f32>, Vec<f32>), Train
                 n: data.n,
             });
         }
-        xb.extend_from_slice(data.row(i));
         yb.push(data.y[i]);
     }
+    data.rows_into(batch, &mut xb);
     Ok((xb, yb))
 }
 
@@ -731,8 +751,9 @@ pub fn outputs(
     let mut out = Vec::with_capacity(data.n * learner.compiled.outputs);
     for start in (0..data.n).step_by(EVAL_CHUNK) {
         let rows = EVAL_CHUNK.min(data.n - start);
-        let x = &data.x[start * data.d..(start + rows) * data.d];
-        let x = Tensor::from_slice(x, (rows, data.d), &dev)?;
+        let mut xb = Vec::with_capacity(rows * data.d);
+        data.range_into(start, rows, &mut xb);
+        let x = Tensor::from_vec(xb, (rows, data.d), &dev)?;
         let (z, _) = net::forward(&learner.compiled, &p, &x, &net::Mode::Eval)?;
         out.extend(z.flatten_all()?.to_vec1::<f32>()?);
     }

@@ -158,6 +158,37 @@ pub(super) fn forward(
                 }
             }
             Layer::Flatten => h.reshape(with_batch(&step.output))?,
+            Layer::Encode(enc) => {
+                let mut parts = Vec::with_capacity(enc.categorical.len() + 1);
+                if enc.numeric > 0 {
+                    parts.push(h.narrow(1, 0, enc.numeric)?);
+                }
+                let mut tables = p.iter();
+                for (j, (slots, emb)) in enc.categorical.iter().enumerate() {
+                    let ids = category_ids(&h.narrow(1, enc.numeric + j, 1)?, *slots)?;
+                    match emb {
+                        Some(_) => {
+                            let table = tables.next().ok_or_else(|| {
+                                candle_core::Error::Msg("an embedding table is missing".into())
+                            })?;
+                            let ids = Tensor::from_vec(
+                                ids.iter().map(|&i| i as u32).collect::<Vec<u32>>(),
+                                n,
+                                &dev,
+                            )?;
+                            parts.push(table.index_select(&ids, 0)?);
+                        }
+                        None => {
+                            let mut onehot = vec![0f32; n * slots];
+                            for (i, &id) in ids.iter().enumerate() {
+                                onehot[i * slots + id] = 1.0;
+                            }
+                            parts.push(Tensor::from_vec(onehot, (n, *slots), &dev)?);
+                        }
+                    }
+                }
+                Tensor::cat(&parts, 1)?
+            }
             Layer::Activation(a) => match a {
                 Activation::Relu => h.relu()?,
                 Activation::Gelu => h.gelu_erf()?,
@@ -207,6 +238,24 @@ pub(super) fn forward(
     }
     let out = h.reshape((n, compiled.outputs))?;
     Ok((out, taps))
+}
+
+/// A categorical column's values as slot indices: a value that is not a whole number below
+/// `slots` (the loader writes the "other" slot for anything it does not know) goes to the
+/// last slot.
+pub(super) fn category_ids(column: &Tensor, slots: usize) -> candle_core::Result<Vec<usize>> {
+    Ok(column
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| {
+            if v >= 0.0 && v.fract() == 0.0 && (v as usize) < slots {
+                v as usize
+            } else {
+                slots - 1
+            }
+        })
+        .collect())
 }
 
 /// Unfolds one example's input for a convolution: `[positions, C * k...]`, zero where the
@@ -291,6 +340,12 @@ enum PerLayer {
     /// Every other kind: each example's gradient of each of the layer's tensors, flat,
     /// `[n, len]` per tensor.
     Explicit { tensors: Vec<(Vec<f32>, usize)> },
+    /// Embedding tables: per table `(slots, width, each example's row, each example's
+    /// gradient of its row [n, width])`; an example's gradient of a table is zero but for
+    /// its own row.
+    Embedding {
+        tables: Vec<(usize, usize, Vec<usize>, Vec<f32>)>,
+    },
 }
 
 /// Sum of squares in f64.
@@ -378,6 +433,25 @@ pub(super) fn clipped_sum(
                     tensors: vec![(gamma, width), (beta, width)],
                 }
             }
+            Layer::Encode(enc) => {
+                let width = enc.width();
+                let mut tables = Vec::new();
+                let mut at = enc.numeric;
+                for (j, (slots, emb)) in enc.categorical.iter().enumerate() {
+                    let w = emb.unwrap_or(*slots);
+                    if emb.is_some() {
+                        let ids = category_ids(&tap.input.narrow(1, enc.numeric + j, 1)?, *slots)?;
+                        let mut seg = vec![0f32; n * w];
+                        for i in 0..n {
+                            seg[i * w..(i + 1) * w]
+                                .copy_from_slice(&g_host[i * width + at..i * width + at + w]);
+                        }
+                        tables.push((*slots, w, ids, seg));
+                    }
+                    at += w;
+                }
+                PerLayer::Embedding { tables }
+            }
             other => {
                 return Err(TrainError::Model(format!(
                     "layer {} has no parameters",
@@ -401,6 +475,13 @@ pub(super) fn clipped_sum(
                 for (t, len) in tensors {
                     for (i, norm) in norms.iter_mut().enumerate() {
                         *norm += sq(&t[i * len..(i + 1) * len]);
+                    }
+                }
+            }
+            PerLayer::Embedding { tables } => {
+                for (_, w, _, seg) in tables {
+                    for (i, norm) in norms.iter_mut().enumerate() {
+                        *norm += sq(&seg[i * w..(i + 1) * w]);
                     }
                 }
             }
@@ -454,6 +535,20 @@ pub(super) fn clipped_sum(
                     for (i, &s) in scales.iter().enumerate() {
                         if s > 0.0 {
                             for (a, &v) in acc.iter_mut().zip(&t[i * len..(i + 1) * len]) {
+                                *a += f64::from(v) * f64::from(s);
+                            }
+                        }
+                    }
+                    sum.extend(acc.into_iter().map(|v| v as f32));
+                }
+            }
+            PerLayer::Embedding { tables } => {
+                for (slots, w, ids, seg) in tables {
+                    let mut acc = vec![0f64; slots * w];
+                    for (i, &s) in scales.iter().enumerate() {
+                        if s > 0.0 {
+                            let row = &mut acc[ids[i] * w..(ids[i] + 1) * w];
+                            for (a, &v) in row.iter_mut().zip(&seg[i * w..(i + 1) * w]) {
                                 *a += f64::from(v) * f64::from(s);
                             }
                         }

@@ -26,7 +26,24 @@ fn cases() -> Vec<(&'static str, Learner)> {
         l.extend(rest);
         Architecture::Layers(l)
     };
+    let embedded = table_spec(
+        3,
+        &[(4, Some(3)), (2, None), (5, Some(2))],
+        Task::Multiclass,
+        3,
+    );
     vec![
+        (
+            "mlp over numeric, embedded and one-hot columns",
+            Learner::for_data(
+                &Architecture::Mlp {
+                    hidden: vec![5],
+                    activation: Activation::Tanh,
+                },
+                &embedded,
+            )
+            .unwrap(),
+        ),
         ("logistic", logistic(4)),
         (
             "logistic, 3 classes",
@@ -135,6 +152,37 @@ fn cases() -> Vec<(&'static str, Learner)> {
     ]
 }
 
+/// A table of `numeric` features and categorical columns `(slots - 1 categories, embedding)`.
+fn table_spec(
+    numeric: usize,
+    cats: &[(usize, Option<usize>)],
+    task: Task,
+    classes: usize,
+) -> fedpriv_common::config::DataSpec {
+    fedpriv_common::config::DataSpec {
+        task,
+        label: "y".into(),
+        classes,
+        class_labels: Vec::new(),
+        features: (0..numeric).map(|i| format!("f{i}")).collect(),
+        ranges: vec![[-1.0, 1.0]; numeric],
+        label_range: None,
+        fills: vec![None; numeric],
+        categorical: cats
+            .iter()
+            .enumerate()
+            .map(
+                |(j, &(k, embedding))| fedpriv_common::config::CategoricalColumn {
+                    name: format!("c{j}"),
+                    categories: (0..k).map(|c| format!("v{c}")).collect(),
+                    embedding,
+                },
+            )
+            .collect(),
+        image: None,
+    }
+}
+
 /// A model with every value random (zero-initialised models would make the gradient test
 /// too easy).
 fn random_model(l: &Learner, seed: u64) -> FlatModel {
@@ -150,8 +198,18 @@ fn random_model(l: &Learner, seed: u64) -> FlatModel {
 fn random_batch(l: &Learner, n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let mut rng = SplitMix64::new(seed);
     let d = l.input_len();
+    let cats = match l.compiled.steps.first().map(|s| &s.layer) {
+        Some(fedpriv_common::arch::Layer::Encode(enc)) => enc.categorical.clone(),
+        _ => Vec::new(),
+    };
     let x = (0..n * d)
-        .map(|_| (rng.next_f64() * 4.0 - 2.0) as f32)
+        .map(|k| {
+            let col = k % d;
+            match cats.get(col.wrapping_sub(d - cats.len())) {
+                Some((slots, _)) if col >= d - cats.len() => rng.below(*slots + 1) as f32,
+                _ => (rng.next_f64() * 4.0 - 2.0) as f32,
+            }
+        })
         .collect();
     let y = (0..n)
         .map(|_| match l.head() {

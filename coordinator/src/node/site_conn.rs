@@ -283,7 +283,20 @@ async fn read_site_message(
         SiteMessage::Unable { study, reason } => {
             transport::recv_end(recv).await.map_err(|e| e.to_string())?;
             tracing::warn!(%site, %study, reason = reason.as_str(), "site cannot take part");
-            Ok(None)
+            enrolled_in(&study)?;
+            // A refusal for good takes the site out of the study (which may then end).
+            if reason.is_permanent() {
+                ev(
+                    study,
+                    Input::Declined {
+                        site: site.to_string(),
+                        round: 0,
+                        reason,
+                    },
+                )
+            } else {
+                Ok(None)
+            }
         }
         SiteMessage::Decline {
             study,

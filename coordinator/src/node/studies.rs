@@ -215,7 +215,7 @@ pub fn study_created(cfg: &StudyConfig, by: &str, toml_text: &str) -> StudyCreat
 
 /// The spec of a study's model.
 pub fn study_spec(cfg: &StudyConfig) -> Result<ModelSpec, ServerError> {
-    arch::model_spec_for(&cfg.model, &cfg.input_shape(), cfg.n_outputs())
+    arch::spec_for_data(&cfg.model, &cfg.data, cfg.n_outputs())
         .map_err(|e| ServerError::Config(format!("study {}: {e}", cfg.id)))
 }
 
@@ -298,7 +298,7 @@ pub fn study_runtime(
             model.values
         }
         None => {
-            arch::init_model_for(&cfg.model, &cfg.input_shape(), cfg.n_outputs(), 0)
+            arch::init_for_data(&cfg.model, &cfg.data, cfg.n_outputs(), 0)
                 .map_err(|e| ServerError::Internal(e.to_string()))?
                 .values
         }

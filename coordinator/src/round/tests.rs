@@ -729,3 +729,66 @@ fn a_central_update_over_the_clip_norm_is_refused_without_its_norm() {
         .expect("rejected");
     assert!(!reason.chars().any(|c| c.is_ascii_digit()), "{reason}");
 }
+
+#[test]
+fn a_study_no_site_can_take_part_in_ends_with_the_sites_reasons() {
+    let mut eng = engine(config(|b| b));
+    let mut noise = NoiseSource::insecure_from_seed(2);
+    let mut ended = None;
+    for (s, reason) in [
+        ("s1", DeclineReason::Unavailable),
+        ("s2", DeclineReason::TermsDiffer),
+        ("s3", DeclineReason::Unavailable),
+    ] {
+        for a in eng.handle(
+            Input::Declined {
+                site: s.into(),
+                round: 0,
+                reason,
+            },
+            0,
+            &mut noise,
+        ) {
+            if let Action::StudyEnded { reason } = a {
+                ended = Some(reason);
+            }
+        }
+    }
+    let reason = ended.expect("the study ended once too few sites could take part");
+    assert!(reason.contains("too few sites can take part"), "{reason}");
+    assert!(
+        reason.contains("s1: unavailable") && reason.contains("s2: terms_differ"),
+        "{reason}"
+    );
+    assert!(!reason.contains("budget"), "{reason}");
+}
+
+#[test]
+fn a_study_nobody_joins_ends_at_its_join_timeout() {
+    let mut eng = engine(config(|b| b.join_timeout_secs(30)));
+    let mut noise = NoiseSource::insecure_from_seed(2);
+    assert!(eng.handle(Input::Tick, 0, &mut noise).is_empty());
+    // The owner is told when to wake the study (it has no periodic tick).
+    assert_eq!(eng.next_deadline(), Some(30_000));
+    assert!(eng.handle(Input::Tick, 29_999, &mut noise).is_empty());
+    let out = eng.handle(Input::Tick, 30_000, &mut noise);
+    assert!(
+        matches!(&out[..], [Action::StudyEnded { reason }] if reason.contains("join timeout of 30 s")),
+        "{out:?}"
+    );
+    // A study some site joined does not time out.
+    let mut eng = engine(config(|b| b.join_timeout_secs(30)));
+    eng.handle(Input::Tick, 0, &mut noise);
+    eng.handle(
+        Input::SiteReady {
+            site: "s1".into(),
+            records: 100,
+        },
+        1_000,
+        &mut noise,
+    );
+    assert!(!eng
+        .handle(Input::Tick, 40_000, &mut noise)
+        .iter()
+        .any(|a| matches!(a, Action::StudyEnded { .. })));
+}

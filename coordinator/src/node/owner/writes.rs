@@ -106,7 +106,7 @@ impl<S: StateStore> Owner<S> {
                 return (error(Whose::Internal, reason), None);
             }
         };
-        let announced = CoordinatorMessage::StudyAnnounced(rt.announcement().clone());
+        let announced = CoordinatorMessage::StudyAnnounced(Box::new(rt.announcement().clone()));
         self.studies.insert(rt);
         self.ctx.broadcast(&cfg.enrolled, &announced);
         tracing::info!(study = %cfg.id, by = %who, sites = cfg.enrolled.len(), "study created");
