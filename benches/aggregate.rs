@@ -15,51 +15,21 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use fedpriv_common::config::StudyConfig;
 use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::model::{ModelSpec, TensorSpec};
+use fedpriv_common::test_util::StudyBuilder;
 use fedpriv_coordinator::round::{Action, Input, StudyEngine};
 
 /// Values per streamed chunk, as the server hands them over.
 const CHUNK: usize = fedpriv_coordinator::server::UPLOAD_CHUNK_VALUES;
 
 fn study(sites: usize) -> Arc<StudyConfig> {
-    let enrolled: Vec<String> = (0..sites).map(|i| format!("\"s{i}\"")).collect();
-    let text = format!(
-        r#"
-[study]
-id = "bench"
-model = {{ kind = "logistic_regression" }}
-rounds = 1000000
-min_sites = {sites}
-round_timeout_secs = 600
-
-[data]
-task = "binary"
-label = "y"
-features = ["a"]
-ranges = {{ a = [0.0, 1.0] }}
-
-[training]
-strategy = "fedavg"
-local_epochs = 1
-batch_size = 8
-learning_rate = 0.1
-server_learning_rate = 1.0
-
-[privacy]
-unit = "site"
-placement = "local"
-site_sample_rate = 1.0
-clip_norm = 1.0
-noise_multiplier = 1.0
-epsilon = 1000000.0
-delta = 1e-5
-accountant = "rdp"
-
-[sites]
-enrolled = [{}]
-"#,
-        enrolled.join(", ")
-    );
-    match StudyConfig::from_toml(&text) {
+    let cfg = StudyBuilder::new("bench")
+        .rounds(1_000_000)
+        .min_sites(sites)
+        .round_timeout_secs(600)
+        .noise(1.0, 1_000_000.0)
+        .enrolled((0..sites).map(|i| format!("s{i}")))
+        .config();
+    match cfg {
         Ok(c) => Arc::new(c),
         Err(e) => panic!("bench study: {e}"),
     }

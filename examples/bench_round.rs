@@ -38,6 +38,7 @@ use fedpriv_common::model::Architecture;
 use fedpriv_common::pki::{self, Identity, Role};
 use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION};
 use fedpriv_common::quic_io::{self, TransportLimits};
+use fedpriv_common::test_util::StudyBuilder;
 use fedpriv_common::wire::{self, Dtype};
 use fedpriv_coordinator::transport::make_server_endpoint;
 
@@ -166,55 +167,23 @@ fn study_toml(
     let event = SgmEvent::new(1.0, NOISE_MULTIPLIER / 2.0, rounds)?;
     let eps = accountant::epsilon(AccountantKind::Rdp, &[event], Delta::new(DELTA)?)?;
     let budget = (eps * 1.001 * 1000.0).ceil() / 1000.0;
-    let names: Vec<String> = (0..features).map(|i| format!("f{i}")).collect();
-    let ranges: Vec<String> = names.iter().map(|n| format!("{n} = [0.0, 1.0]")).collect();
-    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
-    let enrolled: Vec<String> = (0..sites).map(|i| format!("\"site-{i}\"")).collect();
-    Ok(format!(
-        r#"[study]
-id = "{STUDY}"
-model = {{ kind = "mlp", hidden = {hidden} }}
-rounds = {rounds}
-min_sites = {sites}
-round_timeout_secs = 600
-{encoding}
-[data]
-task = "binary"
-label = "y"
-features = [{features}]
-ranges = {{ {ranges} }}
-
-[training]
-strategy = "fedavg"
-local_epochs = 1
-batch_size = 16
-learning_rate = 0.1
-server_learning_rate = 1.0
-
-[privacy]
-unit = "site"
-placement = "local"
-site_sample_rate = 1.0
-clip_norm = {CLIP_NORM:?}
-noise_multiplier = {NOISE_MULTIPLIER:?}
-epsilon = {budget}
-delta = {DELTA:e}
-accountant = "rdp"
-
-[sites]
-enrolled = [{enrolled}]
-"#,
-        features = quoted.join(", "),
-        ranges = ranges.join(", "),
-        enrolled = enrolled.join(", "),
-        // Only when it is not the default, so that coordinators from before the option
-        // (e.g. a baseline build of an older commit, via --coordinator) accept the study.
-        encoding = if encoding == Dtype::F32 {
-            String::new()
-        } else {
-            format!("encoding = \"{}\"\n", encoding.as_str())
-        },
-    ))
+    let mut study = StudyBuilder::new(STUDY)
+        .mlp(hidden)
+        .features(features)
+        .rounds(rounds)
+        .min_sites(sites)
+        .round_timeout_secs(600)
+        .local_epochs(1, 16)
+        .clip_norm(CLIP_NORM)
+        .noise(NOISE_MULTIPLIER, budget)
+        .delta(DELTA)
+        .enrolled((0..sites).map(|i| format!("site-{i}")));
+    // Only when it is not the default, so that coordinators from before the option (e.g. a
+    // baseline build of an older commit, via --coordinator) accept the study.
+    if encoding != Dtype::F32 {
+        study = study.encoding(encoding.as_str());
+    }
+    Ok(study.toml())
 }
 
 /// Writes the study PKI: ca.pem, server.pem, server.key and site-i.pem / site-i.key.

@@ -17,16 +17,14 @@ use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION
 use fedpriv_common::quic_io::{self, TransportLimits};
 use fedpriv_common::seal::SealKey;
 use fedpriv_coordinator::admin::{self, ClientError};
+use fedpriv_coordinator::limits::Limits;
 use fedpriv_coordinator::pki_cli::{self, PkiCommand};
 use fedpriv_coordinator::server::{self, Options};
 use fedpriv_coordinator::store::Store;
 use serde_json::Value;
 use tokio::sync::watch;
 
-#[allow(dead_code)]
-#[path = "support/study.rs"]
-mod study;
-use study::Study;
+use fedpriv_common::test_util::StudyBuilder as Study;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -89,7 +87,8 @@ impl Fixture {
             _dir: dir,
             state: root.join("state"),
             root,
-            addr: free_udp_port(),
+            // Port 0 on the first start; a restart listens where the first run did.
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             stop,
             join: None,
         };
@@ -126,24 +125,12 @@ impl Fixture {
         };
         let (stop, stop_rx) = watch::channel(false);
         self.stop = stop;
-        self.join = Some(tokio::spawn(server::run(opts, stop_rx, None, false)));
-        // Listening once an operator gets an answer.
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            // A dial that raced the bind is retried (its first packets went nowhere).
-            let probe = async {
-                let (_endpoint, conn) = self.dial("alice").await.ok()?;
-                admin::request(&conn, &AdminRequest::Metrics).await.ok()
-            };
-            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "coordinator did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Listening once `start` returns: it reports the address it bound.
+        let running = server::start(opts, Limits::default(), stop_rx, None, false)
+            .await
+            .unwrap();
+        self.addr = running.addr;
+        self.join = Some(tokio::spawn(running.finished()));
     }
 
     async fn stop_coordinator(&mut self) {
@@ -200,6 +187,7 @@ impl Fixture {
         };
         quic_io::send_message(&conn, &hello, None).await.unwrap();
         let mut site = RawSite {
+            name: name.to_string(),
             _endpoint: endpoint,
             conn,
             seen: Vec::new(),
@@ -225,6 +213,27 @@ impl Fixture {
             .collect()
     }
 
+    /// Shows that nothing else is on its way to `sites`: creates a study enrolling them,
+    /// whose announcement must be the next message each receives (the coordinator sends a
+    /// site's messages one after the other, in order). Unlike waiting a while for nothing,
+    /// this cannot pass merely because a wrong message is slow.
+    async fn nothing_else_for(&self, sites: &mut [&mut RawSite]) {
+        static FENCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = FENCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("fence-{n}");
+        let names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+        let toml = study(&id, &names, 1);
+        self.ask("alice", AdminRequest::CreateStudy { config_toml: toml })
+            .await
+            .unwrap();
+        for site in sites.iter_mut() {
+            match site.next().await {
+                CoordinatorMessage::StudyAnnounced(a) if a.study == id => {}
+                other => panic!("{}: {other:?} arrived before {id}", site.name),
+            }
+        }
+    }
+
     fn audit_lines(&self) -> Vec<Value> {
         std::fs::read_to_string(self.state.join("audit.log"))
             .unwrap()
@@ -244,15 +253,9 @@ fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
-fn free_udp_port() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// A site on a raw connection: every message it receives is kept.
 struct RawSite {
+    name: String,
     _endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     seen: Vec<CoordinatorMessage>,
@@ -408,15 +411,21 @@ async fn studies_created_at_runtime_reach_only_their_enrolled_sites() {
     assert_eq!(c.studies_seen(), ["s1", "s2"]);
     assert_eq!(late_b.studies_seen(), ["s2"]);
 
-    assert!(a.next_within(Duration::from_millis(300)).await.is_none());
-    assert!(b.next_within(Duration::from_millis(10)).await.is_none());
-    assert!(c.next_within(Duration::from_millis(10)).await.is_none());
-    assert!(late_b
-        .next_within(Duration::from_millis(10))
-        .await
-        .is_none());
-    assert_eq!(a.studies_seen(), ["s1"]);
-    assert_eq!(b.studies_seen(), ["s2"]);
+    // The newer connection of site-b replaced the older one, which the coordinator closed;
+    // nothing else is on its way to the others.
+    let closed = tokio::time::timeout(WAIT, b.conn.closed()).await.unwrap();
+    assert!(closed.to_string().contains("replaced"), "{closed}");
+    fx.nothing_else_for(&mut [&mut a, &mut c, &mut late_b])
+        .await;
+    let real = |seen: Vec<String>| -> Vec<String> {
+        seen.into_iter()
+            .filter(|s| !s.starts_with("fence-"))
+            .collect()
+    };
+    assert_eq!(real(a.studies_seen()), ["s1"]);
+    assert_eq!(real(b.studies_seen()), ["s2"]);
+    assert_eq!(real(c.studies_seen()), ["s1", "s2"]);
+    assert_eq!(real(late_b.studies_seen()), ["s2"]);
     let records = Store::open_read_only(&db)
         .unwrap()
         .site_records("s1")
@@ -424,7 +433,8 @@ async fn studies_created_at_runtime_reach_only_their_enrolled_sites() {
     assert_eq!(records.keys().collect::<Vec<_>>(), ["site-a"]);
 
     // Each creation is on record, by the operator's certificate identity.
-    let created = fx.audited("study_created", "study");
+    let mut created = fx.audited("study_created", "study");
+    created.retain(|(_, s)| !s.starts_with("fence-"));
     assert_eq!(
         created,
         [
@@ -467,9 +477,11 @@ async fn an_operator_stops_a_study_and_its_sites_are_told() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(c.next_within(Duration::from_millis(300)).await.is_none());
+    // Site-c is not enrolled in s1: it hears nothing of the stop.
+    fx.nothing_else_for(&mut [&mut c]).await;
     let studies = list(&fx.ask("carol", AdminRequest::ListStudies).await.unwrap());
-    assert_eq!(studies[0]["status"], "stopped");
+    let s1 = studies.iter().find(|s| s["study"] == "s1").unwrap();
+    assert_eq!(s1["status"], "stopped");
     // Stopping twice, or a study that does not exist, is the requester's error.
     for s in ["s1", "nope"] {
         match fx
@@ -1130,6 +1142,7 @@ async fn a_site_that_stops_one_message_still_gets_the_next() {
         .unwrap();
     welcome.stop(7u32.into()).unwrap();
     let mut site = RawSite {
+        name: "site-a".into(),
         _endpoint: endpoint,
         conn,
         seen: Vec::new(),

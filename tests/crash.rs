@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use fedpriv::demo::{self, DemoOptions, SITES};
 use fedpriv_client::store::{SiteLedger, SpendRow};
+use fedpriv_common::digest::sha256_hex;
 use fedpriv_common::pki::{self, Identity, Role};
-use fedpriv_coordinator::server::model_path;
+use fedpriv_coordinator::checkpoint::model_path;
 use fedpriv_coordinator::store::{RoundStatus, Store};
 
 /// Coordinator kills (each at a seeded random moment of its run) before the final run.
@@ -185,20 +186,6 @@ impl SplitMix64 {
     fn between(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next_u64() % (hi - lo + 1)
     }
-}
-
-/// SHA-256 as hex, through the TLS crypto provider's hash (no extra dependency).
-fn sha256_hex(bytes: &[u8]) -> String {
-    rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
-        .tls13()
-        .expect("a TLS 1.3 suite")
-        .common
-        .hash_provider
-        .hash(bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -814,12 +801,4 @@ fn a_corrupt_state_database_is_a_clear_error_and_is_left_alone() {
         std::fs::remove_file(fx.state_dir.join("coordinator.db-shm")).ok();
         drop(File::create(&fx.coordinator_log).expect("truncate the log"));
     }
-}
-
-#[test]
-fn sha256_helper_is_sha256() {
-    assert_eq!(
-        sha256_hex(b"abc"),
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    );
 }

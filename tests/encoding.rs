@@ -4,7 +4,7 @@
 //! the f32 aggregate of the bf16-rounded updates (not of the values the sites started
 //! from), and the next round's broadcast must be that model rounded to bf16.
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use fedpriv_client::transport::{client_endpoint, connect};
@@ -14,14 +14,12 @@ use fedpriv_common::model::Architecture;
 use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION};
 use fedpriv_common::quic_io::{self, TransportLimits};
 use fedpriv_common::wire::{bf16_to_f32, f32_to_bf16, Dtype};
+use fedpriv_coordinator::limits::Limits;
 use fedpriv_coordinator::server::{self, Notification, Options};
 
-#[allow(dead_code)]
-#[path = "support/study.rs"]
-mod study;
 #[path = "support/test_pki.rs"]
 mod test_pki;
-use study::Study;
+use fedpriv_common::test_util::StudyBuilder as Study;
 
 const HIDDEN: usize = 10_000;
 const FEATURES: usize = 8;
@@ -145,11 +143,8 @@ async fn a_bf16_study_aggregates_the_rounded_updates_and_broadcasts_in_bf16() {
         .expect("init")
         .values;
 
-    let port = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|s| s.local_addr())
-        .expect("port")
-        .port();
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // Port 0: the coordinator says which port it bound.
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let at_rest_key = std::sync::Arc::new(
         fedpriv_common::seal::SealKey::from_material(
             fedpriv_common::seal::generate_key_hex()
@@ -168,8 +163,11 @@ async fn a_bf16_study_aggregates_the_rounded_updates_and_broadcasts_in_bf16() {
     };
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (note_tx, mut note_rx) = tokio::sync::mpsc::unbounded_channel();
-    let coordinator = tokio::spawn(server::run(opts, stop_rx, Some(note_tx), true));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = server::start(opts, Limits::default(), stop_rx, Some(note_tx), true)
+        .await
+        .expect("coordinator starts");
+    let addr = running.addr;
+    let coordinator = tokio::spawn(running.finished());
     let east = tokio::spawn(site(addr, site_tls("east"), "east", 1));
     let west = tokio::spawn(site(addr, site_tls("west"), "west", 2));
 

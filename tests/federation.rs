@@ -65,10 +65,64 @@ async fn three_sites_train_and_both_ledgers_match_the_accountant() {
         "reported {} vs ledger {worst}",
         last.epsilon
     );
-    // The ledger's stored display figure agrees with a fresh accountant run.
-    for r in store.ledger(&report.study_id).expect("rows") {
+    // The ledger's stored display figure agrees with a fresh accountant run over the
+    // site's events up to and including that round.
+    let rows = store.ledger(&report.study_id).expect("rows");
+    assert!(!rows.is_empty());
+    for r in &rows {
+        let upto: Vec<_> = rows
+            .iter()
+            .filter(|o| o.site == r.site && o.round <= r.round)
+            .map(|o| o.event)
+            .collect();
+        let fresh = accountant::epsilon(cfg.privacy.accountant, &upto, delta).expect("eps");
+        assert!(
+            (r.epsilon_after - fresh).abs() <= 1e-9 * fresh.max(1.0),
+            "{} round {}: stored {} vs fresh {fresh}",
+            r.site,
+            r.round,
+            r.epsilon_after
+        );
         assert!(r.epsilon_after <= opts.epsilon + 1e-9);
     }
+}
+
+/// The coordinator charges every round it sends a site before the task leaves, whether or
+/// not the site then takes part: for each site, every spend in the site's own ledger is in
+/// the coordinator's with the same mechanism, so the coordinator's figure for the site is
+/// never below the site's own.
+fn coordinator_ledger_is_never_below_the_sites(
+    store: &Store,
+    study: &str,
+    site: &str,
+    own: &SiteLedger,
+    accountant: AccountantKind,
+    delta: Delta,
+) {
+    let charged: Vec<(u64, fedpriv_common::dp::SgmEvent)> = store
+        .ledger(study)
+        .expect("coordinator ledger")
+        .into_iter()
+        .filter(|r| r.site == site)
+        .map(|r| (r.round, r.event))
+        .collect();
+    let paid = own.spends(study).expect("site ledger");
+    for p in &paid {
+        assert!(
+            charged.contains(&(p.round, p.event)),
+            "{site} paid round {} that the coordinator did not charge: {charged:?}",
+            p.round
+        );
+    }
+    let events = |v: Vec<fedpriv_common::dp::SgmEvent>| {
+        accountant::epsilon(accountant, &v, delta).expect("eps")
+    };
+    let theirs = events(paid.iter().map(|p| p.event).collect());
+    let ours = events(charged.iter().map(|c| c.1).collect());
+    assert!(
+        ours + 1e-12 >= theirs,
+        "{site}: coordinator {ours} < site {theirs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,8 +139,19 @@ async fn a_sites_own_cap_holds_when_the_study_budget_is_larger() {
         .await
         .expect("demo runs");
     let delta = Delta::new(opts.delta).expect("delta");
+    let store = Store::open(report.state_dir.join("coordinator.db")).expect("store");
+    let row = store.study(&report.study_id).expect("read").expect("study");
+    let cfg = StudyConfig::from_toml(&row.config_toml).expect("config");
     for (site, dir) in SITES.iter().zip(&report.site_state_dirs) {
         let own = SiteLedger::open(dir.join("site-ledger.db")).expect("site ledger");
+        coordinator_ledger_is_never_below_the_sites(
+            &store,
+            &report.study_id,
+            site,
+            &own,
+            cfg.privacy.accountant,
+            delta,
+        );
         let eps = accountant::epsilon(
             AccountantKind::Pld,
             &own.events(&report.study_id).expect("events"),

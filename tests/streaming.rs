@@ -4,7 +4,7 @@
 //! spool, and when it then sends a proper update the round's model is exactly what the two
 //! good updates make.
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use fedpriv_client::transport::{client_endpoint, connect};
@@ -13,14 +13,12 @@ use fedpriv_common::config::StudyConfig;
 use fedpriv_common::model::Architecture;
 use fedpriv_common::protocol::{CoordinatorMessage, SiteMessage, PROTOCOL_VERSION};
 use fedpriv_common::quic_io::{self, TransportLimits};
+use fedpriv_coordinator::limits::Limits;
 use fedpriv_coordinator::server::{self, Notification, Options};
 
-#[allow(dead_code)]
-#[path = "support/study.rs"]
-mod study;
 #[path = "support/test_pki.rs"]
 mod test_pki;
-use study::Study;
+use fedpriv_common::test_util::StudyBuilder as Study;
 
 const HIDDEN: usize = 1000;
 const FEATURES: usize = 98;
@@ -128,11 +126,8 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
         .map(|i| init[i] + (good[i] + flaky_good[i]) * 0.5)
         .collect();
 
-    let port = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|s| s.local_addr())
-        .expect("port")
-        .port();
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // Port 0: the coordinator says which port it bound.
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let at_rest_key = std::sync::Arc::new(
         fedpriv_common::seal::SealKey::from_material(
             fedpriv_common::seal::generate_key_hex()
@@ -153,8 +148,11 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
     let study_id = opts.studies[0].0.id.clone();
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (note_tx, mut note_rx) = tokio::sync::mpsc::unbounded_channel();
-    let coordinator = tokio::spawn(server::run(opts, stop_rx, Some(note_tx), true));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = server::start(opts, Limits::default(), stop_rx, Some(note_tx), true)
+        .await
+        .expect("coordinator starts");
+    let addr = running.addr;
+    let coordinator = tokio::spawn(running.finished());
     let a = tokio::spawn(site(addr, site_tls("good"), "good", vec![good]));
     let b = tokio::spawn(site(
         addr,

@@ -53,6 +53,9 @@
 
 use crate::digest::hex;
 use std::fmt;
+
+#[path = "audit_details.rs"]
+pub mod details;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};

@@ -30,5 +30,7 @@ pub mod quic_io;
 pub mod seal;
 #[cfg(any(feature = "sqlite", test))]
 pub mod state_db;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod time;
 pub mod wire;

@@ -10,6 +10,7 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use fedpriv_common::audit::details::Details;
 use fedpriv_common::audit::AuditEvent;
 use fedpriv_common::audit_file::AuditLog;
 use serde_json::Value;
@@ -17,6 +18,23 @@ use serde_json::Value;
 /// The coordinator's own actor name in its records (people and sites are named by their
 /// certificate identity, `role/name`).
 pub const COORDINATOR: &str = "coordinator";
+
+/// Who ran a command, for `by` in records of what the command line did (studies created
+/// from `--study` files, exports, prunes): the login name and the real uid.
+pub fn local_user() -> String {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    match std::env::var("USER") {
+        Ok(name) if !name.is_empty() => format!("local/{name} (uid {uid})"),
+        _ => format!("local/uid-{uid}"),
+    }
+}
 
 /// Appending failed: the log is unwritable or poisoned. Ours (the state directory), not
 /// the peer's; whatever was to be recorded must not happen.
@@ -92,50 +110,38 @@ fn writer(mut log: AuditLog, rx: mpsc::Receiver<Request>) {
 
 impl AuditHandle {
     /// Records an event and waits until it is on disk. For async callers.
-    pub async fn record(
-        &self,
-        actor: &str,
-        event: AuditEvent,
-        details: Value,
-    ) -> Result<u64, AuditFailed> {
+    pub async fn record<D: Details>(&self, actor: &str, details: &D) -> Result<u64, AuditFailed> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(actor, event, details, Reply::Async(tx))?;
+        self.send(actor, details, Reply::Async(tx))?;
         rx.await
             .map_err(|_| AuditFailed("the audit thread stopped".into()))?
     }
 
-    /// Records an event and blocks until it is on disk. For the studies' owner, which acts
-    /// synchronously between its awaits (as it does for its SQLite writes).
-    pub fn record_blocking(
+    /// Records an event and blocks until it is on disk. For the studies' owner, which runs
+    /// on its own thread and acts only once its records are durable (as its SQLite writes).
+    pub fn record_blocking<D: Details>(
         &self,
         actor: &str,
-        event: AuditEvent,
-        details: Value,
+        details: &D,
     ) -> Result<u64, AuditFailed> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(actor, event, details, Reply::Blocking(tx))?;
+        self.send(actor, details, Reply::Blocking(tx))?;
         rx.recv()
             .map_err(|_| AuditFailed("the audit thread stopped".into()))?
     }
 
     /// Queues a record without waiting: for reports (alerts, summaries) that gate nothing.
     /// A failure is logged by the audit thread.
-    pub fn record_detached(&self, actor: &str, event: AuditEvent, details: Value) {
-        let _ = self.send(actor, event, details, Reply::None);
+    pub fn record_detached<D: Details>(&self, actor: &str, details: &D) {
+        let _ = self.send(actor, details, Reply::None);
     }
 
-    fn send(
-        &self,
-        actor: &str,
-        event: AuditEvent,
-        details: Value,
-        reply: Reply,
-    ) -> Result<(), AuditFailed> {
+    fn send<D: Details>(&self, actor: &str, details: &D, reply: Reply) -> Result<(), AuditFailed> {
         self.tx
             .send(Request {
                 actor: actor.to_string(),
-                event,
-                details,
+                event: D::EVENT,
+                details: details.to_value(),
                 reply,
             })
             .map_err(|_| AuditFailed("the audit thread stopped".into()))
@@ -156,21 +162,28 @@ impl AuditThread {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use fedpriv_common::audit::details;
     use fedpriv_common::audit_file::verify_file;
-    use serde_json::json;
 
     #[tokio::test]
     async fn records_from_both_kinds_of_caller_land_in_order_and_verify() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let (handle, thread) = start(AuditLog::open(&path).unwrap()).unwrap();
-        let a = handle
-            .record("site/a", AuditEvent::ConnectionAccepted, json!({"n": 1}))
-            .await
-            .unwrap();
+        let accepted = details::ConnectionAccepted {
+            identity: "site/a".into(),
+            role: "site".into(),
+            remote: "127.0.0.1:9".into(),
+        };
+        let a = handle.record("site/a", &accepted).await.unwrap();
         let h2 = handle.clone();
         let b = tokio::task::spawn_blocking(move || {
-            h2.record_blocking(COORDINATOR, AuditEvent::RoundStarted, json!({"round": 1}))
+            let started = details::RoundStarted {
+                study: "s".into(),
+                round: 1,
+                sites: vec!["a".into()],
+            };
+            h2.record_blocking(COORDINATOR, &started)
         })
         .await
         .unwrap()

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use fedpriv_common::audit::details::{self, Details};
 use fedpriv_common::config::StudyConfig;
 use fedpriv_common::pki;
 use fedpriv_coordinator::admin;
@@ -14,6 +15,7 @@ use fedpriv_coordinator::limits::Limits;
 use fedpriv_coordinator::pki_cli::{self, PkiCommand};
 use fedpriv_coordinator::server::{self, Options};
 use fedpriv_coordinator::store::Store;
+use fedpriv_coordinator::{audit, checkpoint};
 use fedpriv_coordinator::{inventory, retention};
 
 /// Federated learning coordinator with differential privacy.
@@ -414,7 +416,7 @@ fn model_export(
         .map(|v| v.sha256)
         .ok_or_else(|| format!("round {round} of study {study} has no model version"))?;
     let key = at_rest::load_key(at_rest_key_file).map_err(|e| e.to_string())?;
-    let src = server::model_path(state, study, round);
+    let src = checkpoint::model_path(state, study, round);
     // On record before the model leaves the state directory. The running coordinator holds
     // the log: an export waits until it is stopped rather than go unrecorded.
     let log_path = state.join("audit.log");
@@ -425,20 +427,25 @@ fn model_export(
         ),
         e => format!("{}: {e}", log_path.display()),
     })?;
-    let by = server::local_user();
-    log.append_now(
-        &by,
-        fedpriv_common::audit::AuditEvent::ModelExported,
-        serde_json::json!({"study": study, "model_version": round, "sha256": sha, "by": by, "to": out.display().to_string()}),
-    )
-    .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let by = audit::local_user();
+    let exported = details::ModelExported {
+        study: study.to_string(),
+        model_version: round,
+        sha256: sha.clone(),
+        by: by.clone(),
+        to: out.display().to_string(),
+    };
+    log.append_now(&by, details::ModelExported::EVENT, exported.to_value())
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
     if let Err(e) = export_decrypted(&key, &src, study, round, &sha, out) {
         // The attempt is on record; so is that no model left.
-        let _ = log.append_now(
-            &by,
-            fedpriv_common::audit::AuditEvent::Refused,
-            serde_json::json!({"action": "model export", "study": study, "model_version": round, "reason": e}),
-        );
+        let refused = details::Refused::Export {
+            action: "model export".into(),
+            study: study.to_string(),
+            model_version: round,
+            reason: e.clone(),
+        };
+        let _ = log.append_now(&by, details::Refused::EVENT, refused.to_value());
         return Err(e);
     }
     Ok(format!(
@@ -473,7 +480,7 @@ fn export_decrypted(
         .open(&partial)
         .map_err(|e| format!("{}: {e}", partial.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let written = server::read_checkpoint(key, src, study, round, Some(sha), &mut w)
+    let written = checkpoint::read_checkpoint(key, src, study, round, Some(sha), &mut w)
         .map_err(|e| e.to_string())
         .and_then(|()| {
             w.flush()
@@ -535,7 +542,7 @@ fn audit_verify(log: Option<PathBuf>, state: Option<PathBuf>) -> Result<bool, St
 
 fn audit_recover(state: &std::path::Path) -> Result<String, String> {
     let path = state.join("audit.log");
-    let by = server::local_user();
+    let by = audit::local_user();
     let (_log, recovery) = fedpriv_common::audit_file::AuditLog::recover(&path, &by)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(if recovery.did_something() {

@@ -13,8 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use fedpriv_common::audit::AuditEvent;
-use serde_json::json;
+use fedpriv_common::audit::details::Alert;
 
 use crate::audit::{AuditHandle, COORDINATOR};
 
@@ -156,8 +155,11 @@ impl Metrics {
         if let Some(a) = audit {
             a.record_detached(
                 COORDINATOR,
-                AuditEvent::Alert,
-                json!({"kind": kind, "subject": subject, "detail": detail}),
+                &Alert {
+                    kind: kind.to_string(),
+                    subject: subject.to_string(),
+                    detail: detail.to_string(),
+                },
             );
         }
     }

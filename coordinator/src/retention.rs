@@ -19,10 +19,9 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use fedpriv_common::audit::AuditEvent;
+use fedpriv_common::audit::details::{Details, PrunePolicy, Pruned, PrunedFile};
 use fedpriv_common::audit_file::{AuditError, AuditLog};
 use serde::Serialize;
-use serde_json::json;
 
 use crate::store::{ModelVersionRow, Store, StoreError};
 
@@ -269,7 +268,7 @@ fn checkpoint_path(
         && parts.all(|c| matches!(c, Component::Normal(_)));
     // The path is derivable from (study, round): a row naming any other file (another
     // study's or round's checkpoint) is refused, never followed.
-    let derived = crate::server::model_path(state_dir, study, v.round);
+    let derived = crate::checkpoint::model_path(state_dir, study, v.round);
     if !under_models || state_dir.join(rel) != derived {
         return Err(RetentionError::BadPath {
             study: study.to_string(),
@@ -318,35 +317,44 @@ pub fn prune(
         plan.remove.chunks(MAX_FILES_PER_RECORD).collect()
     };
     let parts = batches.len();
-    let by = crate::server::local_user();
+    let by = crate::audit::local_user();
     for (i, batch) in batches.into_iter().enumerate() {
-        let removed: Vec<_> = batch
+        let removed = batch
             .iter()
-            .map(
-                |r| json!({"study": r.study, "round": r.round, "sha256": r.sha256, "file": r.file}),
-            )
+            .map(|r| PrunedFile {
+                study: r.study.clone(),
+                round: r.round,
+                sha256: Some(r.sha256.clone()),
+                file: r.file.clone(),
+            })
             .collect();
-        let mut details = json!({
-            "what": "model_versions",
-            "by": by,
-            "policy": {"keep_models_days": policy.keep_models_days, "keep_last": policy.keep_last},
-            "cutoff": plan.cutoff,
-            "removed": removed,
-            "kept": plan.kept,
-        });
-        if parts > 1 {
-            details["part"] = json!(format!("{} of {parts}", i + 1));
-        }
-        if i == 0 && !plan.leftovers.is_empty() {
-            details["finishing"] = json!(plan
-                .leftovers
+        let finishing = (i == 0 && !plan.leftovers.is_empty()).then(|| {
+            plan.leftovers
                 .iter()
-                .map(|r| json!({"study": r.study, "round": r.round, "file": r.file}))
-                .collect::<Vec<_>>());
-        }
+                .map(|r| PrunedFile {
+                    study: r.study.clone(),
+                    round: r.round,
+                    sha256: None,
+                    file: r.file.clone(),
+                })
+                .collect()
+        });
+        let details = Pruned {
+            what: "model_versions".into(),
+            by: by.clone(),
+            policy: PrunePolicy {
+                keep_models_days: policy.keep_models_days,
+                keep_last: policy.keep_last,
+            },
+            cutoff: plan.cutoff,
+            removed,
+            kept: plan.kept as u64,
+            part: (parts > 1).then(|| format!("{} of {parts}", i + 1)),
+            finishing,
+        };
         // On disk before anything it names is touched.
         let seq = log
-            .append(&by, AuditEvent::Pruned, details, now)
+            .append(&by, Pruned::EVENT, details.to_value(), now)
             .map_err(RetentionError::Audit)?;
         audit_seqs.push(seq);
         let mut by_study: BTreeMap<&str, Vec<u64>> = BTreeMap::new();

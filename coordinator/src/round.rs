@@ -38,6 +38,12 @@ use fedpriv_common::wire::TensorHeader;
 
 use crate::strategy::{self, ServerOptimizer};
 
+mod drive;
+mod reject;
+
+pub use drive::{drive, UnfoldSource};
+pub use reject::{NormFigures, RejectReason};
+
 /// Something that happened, as the network layer or the store saw it.
 #[derive(Debug)]
 pub enum Input {
@@ -117,7 +123,7 @@ pub enum Action {
     UpdateRejected {
         site: String,
         round: u64,
-        reason: String,
+        reason: RejectReason,
     },
     /// Feed back the first `len` values of streamed upload `upload` (they were folded into
     /// the aggregate and must come out) as [`Input::Unfold`], then [`Input::UnfoldDone`].
@@ -427,6 +433,34 @@ impl StudyEngine {
         }
     }
 
+    /// When this study next needs an [`Input::Tick`] if nothing else happens before: the
+    /// current round's deadline, or the end of the wait for more sites before a round.
+    /// `None`: only an event (a site, the store, an operator) can move it. A tick before
+    /// the time is harmless; one after it is late by as much.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let phase = match &self.phase {
+            Phase::Collecting { deadline_ms, .. } => Some(*deadline_ms),
+            Phase::Idle => self.gathering_since.map(|since| {
+                since
+                    .saturating_add(GATHER_MS.min(self.cfg.round_timeout_secs.saturating_mul(1000)))
+            }),
+            Phase::AwaitingSpend { .. } => None,
+            Phase::Finished => return None,
+        };
+        // Until a site joins, the study ends at its join timeout.
+        let join = self.cfg.join_timeout_secs.and_then(|secs| {
+            (!self.any_round && self.ready.is_empty()).then(|| {
+                self.started_ms
+                    .unwrap_or(0)
+                    .saturating_add(secs.saturating_mul(1000))
+            })
+        });
+        match (phase, join) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Feeds one input; returns what to do, in order.
     pub fn handle(&mut self, input: Input, now_ms: u64, noise: &mut NoiseSource) -> Vec<Action> {
         let mut out = Vec::new();
@@ -437,7 +471,7 @@ impl StudyEngine {
                 out.push(Action::UpdateRejected {
                     site,
                     round,
-                    reason: "the study has ended".into(),
+                    reason: RejectReason::StudyEnded,
                 });
             }
             return out;
@@ -781,20 +815,14 @@ impl StudyEngine {
     }
 
     /// Why an update's norm is refused, with the figures only when they may be told.
-    fn norm_refusal(&self, norm: f64, bound: f64, after: Option<(usize, usize)>) -> String {
-        if self.central() {
-            return "norm exceeds the clip norm".into();
-        }
-        match after {
-            Some((n, d)) => format!(
-                "norm {norm:.3} after {n} of {d} values exceeds what clipping and noise allow ({bound:.3})"
-            ),
-            None => format!("norm {norm:.3} exceeds what clipping and noise allow ({bound:.3})"),
+    fn norm_refusal(&self, norm: f64, bound: f64, after: Option<(usize, usize)>) -> RejectReason {
+        RejectReason::NormExceeded {
+            figures: (!self.central()).then_some(NormFigures { norm, bound, after }),
         }
     }
 
     /// Why `site` may not send an update for `round` now, if it may not.
-    fn admission(&self, site: &str, round: u64) -> Result<(), String> {
+    fn admission(&self, site: &str, round: u64) -> Result<(), RejectReason> {
         let Phase::Collecting {
             round: current,
             selected,
@@ -805,24 +833,25 @@ impl StudyEngine {
             ..
         } = &self.phase
         else {
-            return Err("no round is collecting updates".into());
+            return Err(RejectReason::NotCollecting);
         };
         if round != *current {
-            return Err(format!(
-                "update for round {round}, but round {current} is collecting"
-            ));
+            return Err(RejectReason::WrongRound {
+                round,
+                current: *current,
+            });
         }
         if !selected.contains(site) {
-            return Err("the site was not chosen for this round".into());
+            return Err(RejectReason::NotChosen);
         }
         if received.iter().any(|s| s == site) {
-            return Err("duplicate update for this round".into());
+            return Err(RejectReason::Duplicate);
         }
         if !outstanding.contains(site) || *closing {
-            return Err("the site already left this round".into());
+            return Err(RejectReason::LeftRound);
         }
         if uploads.values().any(|u| u.site == site) {
-            return Err("the site is already sending an update for this round".into());
+            return Err(RejectReason::AlreadySending);
         }
         Ok(())
     }
@@ -830,7 +859,7 @@ impl StudyEngine {
     fn on_update(&mut self, site: String, round: u64, values: Vec<f32>, out: &mut Vec<Action>) {
         let bound = self.norm_bound();
         let central = self.central();
-        let reject = |reason: String| Action::UpdateRejected {
+        let reject = |reason: RejectReason| Action::UpdateRejected {
             site: site.clone(),
             round,
             reason,
@@ -842,15 +871,14 @@ impl StudyEngine {
             return;
         };
         if values.len() != sum.len() {
-            return out.push(reject(format!(
-                "{} values, the model has {}",
-                values.len(),
-                sum.len()
-            )));
+            return out.push(reject(RejectReason::WrongLength {
+                got: values.len(),
+                model: sum.len(),
+            }));
         }
         let norm = match sum_squares(&values) {
             Ok(sq) => sq.sqrt(),
-            Err(i) => return out.push(reject(format!("value {i} is not finite"))),
+            Err(index) => return out.push(reject(RejectReason::NotFinite { index })),
         };
         if norm > bound {
             let reason = self.norm_refusal(norm, bound, None);
@@ -888,7 +916,7 @@ impl StudyEngine {
                 return out.push(Action::UpdateRejected {
                     site,
                     round,
-                    reason: format!("upload id {upload} is already in use"),
+                    reason: RejectReason::UploadIdInUse { upload },
                 });
             }
             uploads.insert(
@@ -908,7 +936,7 @@ impl StudyEngine {
         round: u64,
         uploads: &mut BTreeMap<u64, Upload>,
         id: u64,
-        reason: String,
+        reason: RejectReason,
         out: &mut Vec<Action>,
     ) {
         let Some(up) = uploads.get_mut(&id) else {
@@ -951,23 +979,21 @@ impl StudyEngine {
         let d = sum.len();
         let end = offset.checked_add(values.len()).filter(|&e| e <= d);
         let problem = if offset != up.folded {
-            Some(format!(
-                "chunk at value {offset}, expected value {}",
-                up.folded
-            ))
+            Some(RejectReason::OutOfOrder {
+                offset,
+                expected: up.folded,
+            })
         } else if end.is_none() {
-            Some(format!("more values than the model's {d}"))
+            Some(RejectReason::TooManyValues { model: d })
         } else {
             match sum_squares(values) {
-                Err(i) => Some(format!("value {} is not finite", offset + i)),
-                Ok(sq) if (up.sq_norm + sq).sqrt() > bound => Some(if central {
-                    "norm exceeds the clip norm".to_string()
-                } else {
-                    format!(
-                        "norm {:.3} after {} of {d} values exceeds what clipping and noise allow ({bound:.3})",
-                        (up.sq_norm + sq).sqrt(),
-                        offset + values.len()
-                    )
+                Err(i) => Some(RejectReason::NotFinite { index: offset + i }),
+                Ok(sq) if (up.sq_norm + sq).sqrt() > bound => Some(RejectReason::NormExceeded {
+                    figures: (!central).then_some(NormFigures {
+                        norm: (up.sq_norm + sq).sqrt(),
+                        bound,
+                        after: Some((offset + values.len(), d)),
+                    }),
                 }),
                 Ok(sq) => {
                     fold_into(&mut sum[offset..offset + values.len()], values);
@@ -1000,8 +1026,11 @@ impl StudyEngine {
         };
         let d = sum.len();
         let problem = match result {
-            Err(reason) => Some(format!("upload failed: {reason}")),
-            Ok(()) if up.folded != d => Some(format!("{} values, the model has {d}", up.folded)),
+            Err(reason) => Some(RejectReason::UploadFailed(reason)),
+            Ok(()) if up.folded != d => Some(RejectReason::WrongLength {
+                got: up.folded,
+                model: d,
+            }),
             Ok(()) => None,
         };
         if let Some(reason) = problem {
@@ -1070,8 +1099,7 @@ impl StudyEngine {
                 .map(|(id, _)| *id)
                 .collect();
             for id in active {
-                let reason = "the round closed before the upload ended".to_string();
-                Self::refuse_upload(*round, uploads, id, reason, out);
+                Self::refuse_upload(*round, uploads, id, RejectReason::RoundClosed, out);
             }
             if !uploads.is_empty() {
                 return;

@@ -123,6 +123,7 @@ fn restart(dir: &Path, key: SealKey) -> Result<(), ServerError> {
 fn config_error(r: Result<(), ServerError>) -> String {
     match r {
         Err(ServerError::Config(m)) => m,
+        Err(ServerError::Checkpoint(e)) if e.is_operators() => e.to_string(),
         other => panic!("expected an operator error, got {other:?}"),
     }
 }

@@ -8,7 +8,7 @@
 //! per-source handshake limit then throttles the flooders without touching the sites.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,12 +26,9 @@ use fedpriv_coordinator::server::{self, Notification, Options};
 use fedpriv_coordinator::store::Store;
 use rustls::pki_types::pem::PemObject;
 
-#[allow(dead_code)]
-#[path = "study.rs"]
-mod study;
 #[path = "test_pki.rs"]
 mod test_pki;
-use study::Study;
+use fedpriv_common::test_util::StudyBuilder as Study;
 
 pub const STUDY: &str = "load";
 const FEATURES: usize = 8;
@@ -447,13 +444,6 @@ async fn attacker(
     ep.wait_idle().await;
 }
 
-fn free_port() -> u16 {
-    UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|s| s.local_addr())
-        .expect("port")
-        .port()
-}
-
 /// Runs one scenario to the end of its round and the coordinator's exit.
 pub async fn run(scenario: Scenario) -> Outcome {
     // RUST_LOG=info shows the coordinator's side.
@@ -484,7 +474,8 @@ pub async fn run(scenario: Scenario) -> Outcome {
         .enrolled((0..scenario.sites).map(site_name))
         .toml();
     let cfg = StudyConfig::from_toml(&text).expect("study");
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    // Port 0: the coordinator says which port it bound.
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let state = dir.path().join("state");
     let opts = Options {
         listen: addr,
@@ -514,14 +505,11 @@ pub async fn run(scenario: Scenario) -> Outcome {
         },
         ..Limits::default()
     };
-    let coordinator = tokio::spawn(server::run_with_limits(
-        opts,
-        limits,
-        stop_rx,
-        Some(note_tx),
-        false,
-    ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = server::start(opts, limits, stop_rx, Some(note_tx), false)
+        .await
+        .expect("coordinator starts");
+    let addr = running.addr;
+    let coordinator = tokio::spawn(running.finished());
 
     let started = Instant::now();
     let outcomes = Arc::new(HandshakeOutcomes::default());

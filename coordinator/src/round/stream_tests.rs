@@ -4,12 +4,12 @@
 //! exact in f32 and results can be compared bit for bit.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::VecDeque;
-
 use fedpriv_common::model::TensorSpec;
+use fedpriv_common::test_util::StudyBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::drive::MemSpools;
 use super::*;
 
 const D: usize = 40;
@@ -17,43 +17,22 @@ const SITES: [&str; 3] = ["s1", "s2", "s3"];
 const TIMEOUT_MS: u64 = 10_000;
 
 fn engine() -> StudyEngine {
-    let text = r#"
-[study]
-id = "stream"
-model = { kind = "logistic_regression" }
-rounds = 3
-min_sites = 2
-round_timeout_secs = 10
-
-[data]
-task = "binary"
-label = "y"
-features = ["a"]
-ranges = { a = [0.0, 1.0] }
-
-[training]
-strategy = "fedavg"
-local_epochs = 1
-batch_size = 8
-learning_rate = 0.1
-server_learning_rate = 1.0
-
-[privacy]
-unit = "site"
-placement = "local"
-site_sample_rate = 1.0
-clip_norm = 1.0
-noise_multiplier = 1.0
-epsilon = 500.0
-delta = 1e-5
-accountant = "rdp"
-
-[sites]
-enrolled = ["s1", "s2", "s3"]
-"#;
-    let cfg = Arc::new(StudyConfig::from_toml(text).unwrap());
+    let cfg = StudyBuilder::new("stream")
+        .rounds(3)
+        .round_timeout_secs(10)
+        .noise(1.0, 500.0)
+        .enrolled(SITES)
+        .config()
+        .unwrap();
     let spec = ModelSpec::new(vec![TensorSpec::new("w", &[D as u64])]).unwrap();
-    StudyEngine::new(cfg, spec, vec![0.0; D], 1, BTreeMap::new(), BTreeMap::new())
+    StudyEngine::new(
+        Arc::new(cfg),
+        spec,
+        vec![0.0; D],
+        1,
+        BTreeMap::new(),
+        BTreeMap::new(),
+    )
 }
 
 /// An exactly summable update: multiples of 2^-10 in [-0.0625, 0.0625].
@@ -64,13 +43,13 @@ fn update(rng: &mut ChaCha8Rng) -> Vec<f32> {
 }
 
 /// The engine and a stand-in for the network layer: it remembers what each upload sent
-/// (its spool) and answers [`Action::Unfold`] from it, as the server does.
+/// (its spool) and answers [`Action::Unfold`] from it through [`drive`], the loop the
+/// server runs.
 struct Harness {
     eng: StudyEngine,
     noise: NoiseSource,
     now: u64,
-    spools: BTreeMap<u64, Vec<f32>>,
-    unfold_works: bool,
+    spools: MemSpools,
     next_upload: u64,
 }
 
@@ -81,8 +60,7 @@ impl Harness {
             eng: engine(),
             noise: NoiseSource::insecure_from_seed(5),
             now: 0,
-            spools: BTreeMap::new(),
-            unfold_works: true,
+            spools: MemSpools::default(),
             next_upload: 1,
         };
         for s in SITES {
@@ -104,34 +82,19 @@ impl Harness {
     }
 
     fn feed(&mut self, input: Input) -> Vec<Action> {
-        let mut queue: VecDeque<Action> = self.eng.handle(input, self.now, &mut self.noise).into();
         let mut all = Vec::new();
-        while let Some(a) = queue.pop_front() {
-            if let Action::Unfold { upload, len, .. } = &a {
-                let (upload, len) = (*upload, *len);
-                let spool = self.spools.get(&upload).cloned().unwrap_or_default();
-                assert!(
-                    len <= spool.len(),
-                    "asked for {len} values, {} sent",
-                    spool.len()
-                );
-                let ok = self.unfold_works;
-                if ok {
-                    // Fed back in pieces unrelated to how the values arrived.
-                    for (i, piece) in spool[..len].chunks(7).enumerate() {
-                        let input = Input::Unfold {
-                            upload,
-                            offset: i * 7,
-                            values: piece.to_vec(),
-                        };
-                        queue.extend(self.eng.handle(input, self.now, &mut self.noise));
-                    }
-                }
-                let done = Input::UnfoldDone { upload, ok };
-                queue.extend(self.eng.handle(done, self.now, &mut self.noise));
-            }
-            all.push(a);
-        }
+        let fed = drive(
+            &mut self.eng,
+            input,
+            self.now,
+            &mut self.noise,
+            &mut self.spools,
+            |_, a| {
+                all.push(a);
+                Ok::<_, std::convert::Infallible>(None)
+            },
+        );
+        assert!(fed.is_ok());
         all
     }
 
@@ -147,11 +110,7 @@ impl Harness {
     }
 
     fn chunk(&mut self, upload: u64, offset: usize, values: &[f32]) -> Vec<Action> {
-        // What the server spools before it forwards a chunk.
-        self.spools
-            .entry(upload)
-            .or_default()
-            .extend_from_slice(values);
+        self.spools.spool(upload, values);
         self.feed(Input::UpdateChunk {
             upload,
             offset,
@@ -194,7 +153,7 @@ fn rejected(actions: &[Action]) -> Vec<(String, String)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::UpdateRejected { site, reason, .. } => Some((site.clone(), reason.clone())),
+            Action::UpdateRejected { site, reason, .. } => Some((site.clone(), reason.to_string())),
             _ => None,
         })
         .collect()
@@ -357,7 +316,7 @@ fn the_deadline_takes_out_uploads_in_flight_then_closes() {
 fn a_round_whose_aggregate_cannot_be_repaired_is_aborted() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let mut h = Harness::collecting();
-    h.unfold_works = false;
+    h.spools.broken = true;
     let mut out = h.stream("s1", &update(&mut rng), 8);
     out.extend(h.stream("s2", &update(&mut rng), 8));
     let (id, _) = h.begin("s3", 1);

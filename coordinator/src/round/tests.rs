@@ -4,57 +4,29 @@
 #![allow(clippy::unwrap_used)]
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use fedpriv_common::model::TensorSpec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use fedpriv_common::test_util::StudyBuilder;
+
+use super::drive::MemSpools;
 use super::*;
 
 const D: usize = 16;
 
-fn config(extra: &[(&str, &str)]) -> Arc<StudyConfig> {
-    let mut text = r#"
-[study]
-id = "sim"
-model = { kind = "logistic_regression" }
-rounds = 40
-min_sites = 2
-round_timeout_secs = 10
-
-[data]
-task = "binary"
-label = "y"
-features = ["a"]
-ranges = { a = [0.0, 1.0] }
-
-[training]
-strategy = "fedavg"
-local_epochs = 1
-batch_size = 8
-learning_rate = 0.1
-server_learning_rate = 1.0
-
-[privacy]
-unit = "site"
-placement = "local"
-site_sample_rate = 1.0
-clip_norm = 1.0
-noise_multiplier = 4.0
-epsilon = 6.0
-delta = 1e-5
-accountant = "rdp"
-
-[sites]
-enrolled = ["s1", "s2", "s3", "s4"]
-"#
-    .to_string();
-    for (from, to) in extra {
-        assert!(text.contains(from), "{from}");
-        text = text.replace(from, to);
-    }
-    Arc::new(StudyConfig::from_toml(&text).unwrap())
+/// The simulations' study: four sites, site-level local noise (sigma 4), a budget of
+/// epsilon 6 for up to 40 rounds; `change` adjusts it.
+fn config(change: impl FnOnce(StudyBuilder) -> StudyBuilder) -> Arc<StudyConfig> {
+    let base = StudyBuilder::new("sim")
+        .rounds(40)
+        .min_sites(2)
+        .round_timeout_secs(10)
+        .noise(4.0, 6.0)
+        .enrolled(["s1", "s2", "s3", "s4"]);
+    Arc::new(change(base).config().unwrap())
 }
 
 fn engine(cfg: Arc<StudyConfig>) -> StudyEngine {
@@ -73,20 +45,23 @@ enum Behaviour {
     HugeNorm,
     LeaveMidUpload,
     CapReached,
+    /// The upload stops part-way: the connection drops.
+    CutOff,
 }
 
-#[derive(Debug)]
-enum Ev {
-    Input(Input),
-    Tick,
-}
-
-/// The fake world: a store, sites and a clock.
+/// The fake world: a store, sites that stream their updates as the server does (chunks of
+/// random sizes, uploads interleaved, some cut off), spools, and a clock that jumps to the
+/// next event or to the engine's next deadline (there is no periodic tick: a study that
+/// needed one it did not ask for would stall, and the test would see it never end).
 struct World {
     now: u64,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: BTreeMap<u64, Ev>,
+    events: BTreeMap<u64, Input>,
     seq: u64,
+    /// Deadlines a tick is already scheduled for.
+    ticks: BTreeSet<u64>,
+    spools: MemSpools,
+    next_upload: u64,
     committed: BTreeMap<(String, u64), SgmEvent>,
     tasks_sent: BTreeMap<u64, Vec<String>>,
     checkpoints: Vec<(u64, Vec<String>)>,
@@ -104,6 +79,9 @@ impl World {
             queue: BinaryHeap::new(),
             events: BTreeMap::new(),
             seq: 0,
+            ticks: BTreeSet::new(),
+            spools: MemSpools::default(),
+            next_upload: 1,
             committed: BTreeMap::new(),
             tasks_sent: BTreeMap::new(),
             checkpoints: Vec::new(),
@@ -115,10 +93,10 @@ impl World {
         }
     }
 
-    fn at(&mut self, t: u64, ev: Ev) {
+    fn at(&mut self, t: u64, input: Input) {
         self.seq += 1;
         self.queue.push(Reverse((t, self.seq)));
-        self.events.insert(self.seq, ev);
+        self.events.insert(self.seq, input);
     }
 
     /// An honest noised update: small values, well within the norm bound.
@@ -128,182 +106,167 @@ impl World {
             .collect()
     }
 
-    /// Carries out the actions and checks the invariants.
-    fn apply(
+    /// Streams `values` from `t` on as the server forwards an upload: a begin, chunks of
+    /// random sizes a few milliseconds apart, and an end; with `cut_after`, the connection
+    /// drops after that many values.
+    fn stream(
         &mut self,
-        eng: &mut StudyEngine,
-        actions: Vec<Action>,
-        behaviour: &dyn Fn(&str, u64) -> Behaviour,
+        t: u64,
+        site: &str,
+        round: u64,
+        values: Vec<f32>,
+        cut_after: Option<usize>,
     ) {
+        let upload = self.next_upload;
+        self.next_upload += 1;
+        let begin = Input::UpdateBegin {
+            site: site.to_string(),
+            round,
+            upload,
+        };
+        self.at(t, begin);
+        let stop = cut_after.unwrap_or(values.len()).min(values.len());
+        let (mut at, mut when) = (0usize, t);
+        while at < stop {
+            let size = self.rng.random_range(1..=D / 2).min(stop - at);
+            when += self.rng.random_range(1..20);
+            let chunk = Input::UpdateChunk {
+                upload,
+                offset: at,
+                values: values[at..at + size].to_vec(),
+            };
+            self.at(when, chunk);
+            at += size;
+        }
+        let result = match cut_after {
+            Some(_) => Err("connection lost".to_string()),
+            None => Ok(()),
+        };
+        self.at(when + 1, Input::UpdateEnd { upload, result });
+    }
+
+    /// Carries out one action, checking the invariants that concern it.
+    fn act(&mut self, eng: &StudyEngine, a: Action, behaviour: &dyn Fn(&str, u64) -> Behaviour) {
         let budget = eng.config().privacy.epsilon.get();
         let timeout = eng.config().round_timeout_secs * 1000;
-        for a in actions {
-            match a {
-                Action::RecordSpend { round, entries } => {
-                    for e in &entries {
-                        // Never record a spend that takes a site over the budget.
-                        assert!(e.epsilon_after <= budget, "spend above budget: {e:?}");
-                        let prev = self.committed.insert((e.site.clone(), round), e.event);
-                        assert!(
-                            prev.is_none(),
-                            "spend recorded twice for {} round {round}",
-                            e.site
-                        );
-                    }
-                    // The store answers a little later.
-                    let t = self.now + self.rng.random_range(1..50);
-                    self.at(t, Ev::Input(Input::SpendCommitted { round }));
-                }
-                Action::SendTask { site, task, .. } => {
-                    let round = task.round;
-                    // The invariant: the cost of a task is durable before the task leaves.
+        match a {
+            Action::RecordSpend { round, entries } => {
+                for e in &entries {
+                    // Never record a spend that takes a site over the budget.
+                    assert!(e.epsilon_after <= budget, "spend above budget: {e:?}");
+                    let prev = self.committed.insert((e.site.clone(), round), e.event);
                     assert!(
-                        self.committed.contains_key(&(site.clone(), round)),
-                        "task sent to {site} for round {round} before its spend was recorded"
+                        prev.is_none(),
+                        "spend recorded twice for {} round {round}",
+                        e.site
                     );
-                    assert_eq!(self.committed[&(site.clone(), round)], task.cost);
-                    self.tasks_sent.entry(round).or_default().push(site.clone());
-                    let b = behaviour(&site, round);
-                    let reply = self.now + self.rng.random_range(100..3000);
-                    let honest = self.update();
-                    match b {
-                        Behaviour::Honest => self.at(
-                            reply,
-                            Ev::Input(Input::Update {
-                                site,
-                                round,
-                                values: honest,
-                            }),
-                        ),
-                        Behaviour::Dropout => {}
-                        Behaviour::Late => self.at(
-                            self.now + timeout + 500,
-                            Ev::Input(Input::Update {
-                                site,
-                                round,
-                                values: honest,
-                            }),
-                        ),
-                        Behaviour::Duplicate => {
-                            self.at(
-                                reply,
-                                Ev::Input(Input::Update {
-                                    site: site.clone(),
-                                    round,
-                                    values: honest.clone(),
-                                }),
-                            );
-                            self.at(
-                                reply + 10,
-                                Ev::Input(Input::Update {
-                                    site,
-                                    round,
-                                    values: honest,
-                                }),
-                            );
-                        }
-                        Behaviour::WrongRound => {
-                            self.at(
-                                reply,
-                                Ev::Input(Input::Update {
-                                    site: site.clone(),
-                                    round: round.saturating_sub(1),
-                                    values: honest.clone(),
-                                }),
-                            );
-                            self.at(
-                                reply + 5,
-                                Ev::Input(Input::Update {
-                                    site,
-                                    round: round + 1,
-                                    values: honest,
-                                }),
-                            );
-                        }
-                        Behaviour::NaN => {
-                            let mut v = honest;
-                            v[3] = f32::NAN;
-                            self.at(
-                                reply,
-                                Ev::Input(Input::Update {
-                                    site,
-                                    round,
-                                    values: v,
-                                }),
-                            );
-                        }
-                        Behaviour::HugeNorm => {
-                            let v = vec![1e6f32; D];
-                            self.at(
-                                reply,
-                                Ev::Input(Input::Update {
-                                    site,
-                                    round,
-                                    values: v,
-                                }),
-                            );
-                        }
-                        Behaviour::LeaveMidUpload => {
-                            self.at(reply, Ev::Input(Input::SiteGone { site: site.clone() }));
-                            self.at(
-                                reply + 2000,
-                                Ev::Input(Input::SiteReady { site, records: 100 }),
-                            );
-                        }
-                        Behaviour::CapReached => self.at(
-                            reply,
-                            Ev::Input(Input::Declined {
-                                site,
-                                round,
-                                reason: DeclineReason::OverCap,
-                            }),
-                        ),
+                }
+                // The store answers a little later.
+                let t = self.now + self.rng.random_range(1..50);
+                self.at(t, Input::SpendCommitted { round });
+            }
+            Action::SendTask { site, task, .. } => {
+                let round = task.round;
+                // The invariant: the cost of a task is durable before the task leaves.
+                assert!(
+                    self.committed.contains_key(&(site.clone(), round)),
+                    "task sent to {site} for round {round} before its spend was recorded"
+                );
+                assert_eq!(self.committed[&(site.clone(), round)], task.cost);
+                self.tasks_sent.entry(round).or_default().push(site.clone());
+                let b = behaviour(&site, round);
+                let reply = self.now + self.rng.random_range(100..3000);
+                let honest = self.update();
+                match b {
+                    Behaviour::Honest => self.stream(reply, &site, round, honest, None),
+                    Behaviour::Dropout => {}
+                    Behaviour::Late => {
+                        self.stream(self.now + timeout + 500, &site, round, honest, None)
                     }
-                }
-                Action::UpdateAccepted { site, round, .. } => {
-                    assert!(
-                        self.tasks_sent
-                            .get(&round)
-                            .is_some_and(|s| s.contains(&site)),
-                        "accepted an update nobody asked for"
-                    );
-                    assert!(
-                        !self.accepted.contains(&(site.clone(), round)),
-                        "accepted twice"
-                    );
-                    self.accepted.push((site, round));
-                }
-                Action::UpdateRejected {
-                    site,
-                    round,
-                    reason,
-                } => self.rejected.push((site, round, reason)),
-                Action::SiteDeclined { .. } | Action::SiteExcluded { .. } => {}
-                Action::Unfold { .. } => panic!("whole updates are never unfolded"),
-                Action::Checkpoint {
-                    round,
-                    contributors,
-                    model,
-                    epsilon,
-                } => {
-                    assert!(epsilon <= budget);
-                    assert!(model.iter().all(|v| v.is_finite()));
-                    for c in &contributors {
-                        assert!(
-                            self.accepted.contains(&(c.clone(), round)),
-                            "{c} in lineage of round {round} without an accepted update"
-                        );
+                    Behaviour::Duplicate => {
+                        self.stream(reply, &site, round, honest.clone(), None);
+                        self.stream(reply + 10, &site, round, honest, None);
                     }
-                    assert!(contributors.len() >= eng.config().min_sites);
-                    self.checkpoints.push((round, contributors));
-                }
-                Action::RoundAborted { round, .. } => self.aborted.push(round),
-                Action::StudyEnded { reason } => {
-                    assert!(self.ended.is_none(), "study ended twice");
-                    self.ended = Some(reason);
+                    Behaviour::WrongRound => {
+                        let earlier = round.saturating_sub(1);
+                        self.stream(reply, &site, earlier, honest.clone(), None);
+                        self.stream(reply + 5, &site, round + 1, honest, None);
+                    }
+                    Behaviour::NaN => {
+                        let mut v = honest;
+                        v[3] = f32::NAN;
+                        self.stream(reply, &site, round, v, None);
+                    }
+                    Behaviour::HugeNorm => {
+                        self.stream(reply, &site, round, vec![1e6f32; D], None);
+                    }
+                    Behaviour::CutOff => {
+                        let cut = self.rng.random_range(0..D);
+                        self.stream(reply, &site, round, honest, Some(cut));
+                    }
+                    Behaviour::LeaveMidUpload => {
+                        self.at(reply, Input::SiteGone { site: site.clone() });
+                        self.at(reply + 2000, Input::SiteReady { site, records: 100 });
+                    }
+                    Behaviour::CapReached => self.at(
+                        reply,
+                        Input::Declined {
+                            site,
+                            round,
+                            reason: DeclineReason::OverCap,
+                        },
+                    ),
                 }
             }
+            Action::UpdateAccepted { site, round, .. } => {
+                assert!(
+                    self.tasks_sent
+                        .get(&round)
+                        .is_some_and(|s| s.contains(&site)),
+                    "accepted an update nobody asked for"
+                );
+                assert!(
+                    !self.accepted.contains(&(site.clone(), round)),
+                    "accepted twice"
+                );
+                self.accepted.push((site, round));
+            }
+            Action::UpdateRejected {
+                site,
+                round,
+                reason,
+            } => self.rejected.push((site, round, reason.to_string())),
+            // Answered from the spools by `drive` before it got here.
+            Action::Unfold { .. } => {}
+            Action::SiteDeclined { .. } | Action::SiteExcluded { .. } => {}
+            Action::Checkpoint {
+                round,
+                contributors,
+                model,
+                epsilon,
+            } => {
+                assert!(epsilon <= budget);
+                assert!(model.iter().all(|v| v.is_finite()));
+                for c in &contributors {
+                    assert!(
+                        self.accepted.contains(&(c.clone(), round)),
+                        "{c} in lineage of round {round} without an accepted update"
+                    );
+                }
+                assert!(contributors.len() >= eng.config().min_sites);
+                self.checkpoints.push((round, contributors));
+            }
+            Action::RoundAborted { round, .. } => self.aborted.push(round),
+            Action::StudyEnded { reason } => {
+                assert!(self.ended.is_none(), "study ended twice");
+                self.ended = Some(reason);
+            }
         }
+    }
+
+    /// The invariants that hold after every step.
+    fn check(&self, eng: &StudyEngine) {
+        let budget = eng.config().privacy.epsilon.get();
         // The ledger never shows a site above the budget.
         let mut per_site: BTreeMap<&str, Vec<SgmEvent>> = BTreeMap::new();
         for ((s, _), e) in &self.committed {
@@ -330,37 +293,49 @@ impl World {
         for (i, s) in sites.iter().enumerate() {
             self.at(
                 i as u64 * 10,
-                Ev::Input(Input::SiteReady {
+                Input::SiteReady {
                     site: s.to_string(),
                     records: 100,
-                }),
+                },
             );
         }
-        self.at(0, Ev::Tick);
+        // As the owner does when it starts.
+        self.at(0, Input::Tick);
         let mut steps = 0;
         while let Some(Reverse((t, seq))) = self.queue.pop() {
             steps += 1;
             assert!(steps < 100_000, "simulation does not terminate");
             self.now = t;
-            let ev = self.events.remove(&seq).unwrap();
-            let input = match ev {
-                Ev::Input(i) => i,
-                Ev::Tick => {
-                    if self.ended.is_none() {
-                        self.at(t + 1000, Ev::Tick);
-                    }
-                    Input::Tick
+            let input = self.events.remove(&seq).unwrap();
+            if let Input::Tick = input {
+                self.ticks.remove(&t);
+            }
+            if let Input::UpdateChunk { upload, values, .. } = &input {
+                // Spooled before it is forwarded, as the server does.
+                self.spools.spool(*upload, values);
+            }
+            let mut spools = std::mem::take(&mut self.spools);
+            let done = drive(eng, input, t, &mut noise, &mut spools, |eng, a| {
+                self.act(eng, a, behaviour);
+                Ok::<_, std::convert::Infallible>(None)
+            });
+            assert!(done.is_ok());
+            self.spools = spools;
+            self.check(eng);
+            // Wake the engine when it asked to be woken, and only then.
+            if let Some(deadline) = eng.next_deadline() {
+                let deadline = deadline.max(t);
+                if self.ticks.insert(deadline) {
+                    self.at(deadline, Input::Tick);
                 }
-            };
-            let actions = eng.handle(input, t, &mut noise);
-            self.apply(eng, actions, behaviour);
+            }
         }
     }
 }
 
 #[test]
 fn honest_sites_run_until_the_budget_is_spent() {
-    let mut eng = engine(config(&[]));
+    let mut eng = engine(config(|b| b));
     let mut w = World::new(1);
     w.run(
         &mut eng,
@@ -392,10 +367,7 @@ fn honest_sites_run_until_the_budget_is_spent() {
 
 #[test]
 fn planned_rounds_end_the_study_when_budget_is_ample() {
-    let mut eng = engine(config(&[
-        ("rounds = 40", "rounds = 3"),
-        ("epsilon = 6.0", "epsilon = 50.0"),
-    ]));
+    let mut eng = engine(config(|b| b.rounds(3).epsilon(50.0)));
     let mut w = World::new(2);
     w.run(&mut eng, &|_, _| Behaviour::Honest, &["s1", "s2", "s3"]);
     assert!(w.ended.clone().unwrap().contains("all 3 planned rounds"));
@@ -414,11 +386,9 @@ fn misbehaving_sites_are_rejected_and_rounds_go_on() {
         (Behaviour::Late, true),
         (Behaviour::Dropout, false),
         (Behaviour::LeaveMidUpload, false),
+        (Behaviour::CutOff, true),
     ] {
-        let mut eng = engine(config(&[
-            ("rounds = 40", "rounds = 6"),
-            ("epsilon = 6.0", "epsilon = 50.0"),
-        ]));
+        let mut eng = engine(config(|b| b.rounds(6).epsilon(50.0)));
         let mut w = World::new(3);
         let behaviour =
             move |site: &str, _round: u64| if site == "s3" { bad } else { Behaviour::Honest };
@@ -451,11 +421,7 @@ fn misbehaving_sites_are_rejected_and_rounds_go_on() {
 
 #[test]
 fn too_few_updates_abort_the_round_without_refund() {
-    let mut eng = engine(config(&[
-        ("rounds = 40", "rounds = 3"),
-        ("epsilon = 6.0", "epsilon = 50.0"),
-        ("min_sites = 2", "min_sites = 3"),
-    ]));
+    let mut eng = engine(config(|b| b.rounds(3).epsilon(50.0).min_sites(3)));
     let mut w = World::new(4);
     let behaviour = |site: &str, round: u64| {
         if site != "s1" && round == 2 {
@@ -475,10 +441,7 @@ fn too_few_updates_abort_the_round_without_refund() {
 
 #[test]
 fn a_site_at_its_own_cap_sits_out_and_the_study_goes_on() {
-    let mut eng = engine(config(&[
-        ("rounds = 40", "rounds = 5"),
-        ("epsilon = 6.0", "epsilon = 50.0"),
-    ]));
+    let mut eng = engine(config(|b| b.rounds(5).epsilon(50.0)));
     let mut w = World::new(5);
     let behaviour = |site: &str, round: u64| {
         if site == "s2" && round >= 2 {
@@ -497,7 +460,7 @@ fn a_site_at_its_own_cap_sits_out_and_the_study_goes_on() {
 
 #[test]
 fn study_stops_when_too_few_sites_can_afford_a_round() {
-    let mut eng = engine(config(&[("min_sites = 2", "min_sites = 3")]));
+    let mut eng = engine(config(|b| b.min_sites(3)));
     let mut w = World::new(6);
     // s3 and s4 reach their own caps in round 2: only s1 and s2 remain, fewer than 3.
     let behaviour = |site: &str, round: u64| {
@@ -525,15 +488,13 @@ fn randomised_fault_mix_keeps_every_invariant() {
         Behaviour::NaN,
         Behaviour::HugeNorm,
         Behaviour::LeaveMidUpload,
+        Behaviour::CutOff,
     ];
     for seed in 0..12u64 {
         let cfg = if seed % 2 == 0 {
-            config(&[])
+            config(|b| b)
         } else {
-            config(&[
-                ("placement = \"local\"", "placement = \"central\""),
-                ("noise_multiplier = 4.0", "noise_multiplier = 1.5"),
-            ])
+            config(|b| b.placement("central").noise_multiplier(1.5))
         };
         let mut eng = engine(cfg);
         let mut w = World::new(100 + seed);
@@ -554,17 +515,7 @@ fn randomised_fault_mix_keeps_every_invariant() {
 
 #[test]
 fn record_unit_refuses_sites_too_small_for_delta() {
-    let cfg = config(&[
-        (
-            "unit = \"site\"\nplacement = \"local\"\nsite_sample_rate = 1.0",
-            "unit = \"record\"",
-        ),
-        (
-            "local_epochs = 1\nbatch_size = 8",
-            "local_steps = 2\nexpected_batch = 4.0",
-        ),
-        ("delta = 1e-5", "delta = 0.002"),
-    ]);
+    let cfg = config(|b| b.record_unit(2, 4.0).delta(0.002));
     let mut eng = engine(cfg);
     let mut noise = NoiseSource::insecure_from_seed(1);
     // 1000 records: delta 0.002 is not below 1/1000.
@@ -611,11 +562,7 @@ fn record_unit_refuses_sites_too_small_for_delta() {
 #[test]
 fn central_placement_noises_the_aggregate_before_release() {
     // Sites send clipped deltas of zeros; only the coordinator's noise can move the model.
-    let cfg = config(&[
-        ("placement = \"local\"", "placement = \"central\""),
-        ("rounds = 40", "rounds = 1"),
-        ("epsilon = 6.0", "epsilon = 50.0"),
-    ]);
+    let cfg = config(|b| b.placement("central").rounds(1).epsilon(50.0));
     let mut eng = engine(cfg);
     let mut noise = NoiseSource::insecure_from_seed(5);
     let mut out = Vec::new();
@@ -674,12 +621,12 @@ fn central_placement_noises_the_aggregate_before_release() {
 
 #[test]
 fn central_placement_is_priced_at_q_one_divided_by_the_enrolled_count_and_tells_no_norm() {
-    let cfg = config(&[
-        ("placement = \"local\"", "placement = \"central\""),
-        ("rounds = 40", "rounds = 1"),
-        ("epsilon = 6.0", "epsilon = 1000.0"),
-        ("noise_multiplier = 4.0", "noise_multiplier = 0.05"),
-    ]);
+    let cfg = config(|b| {
+        b.placement("central")
+            .rounds(1)
+            .epsilon(1000.0)
+            .noise_multiplier(0.05)
+    });
     let mut eng = engine(cfg);
     let mut noise = NoiseSource::insecure_from_seed(9);
     // Two of the four enrolled sites are there: the round starts after the gathering wait.
@@ -742,10 +689,7 @@ fn central_placement_is_priced_at_q_one_divided_by_the_enrolled_count_and_tells_
 
 #[test]
 fn a_central_update_over_the_clip_norm_is_refused_without_its_norm() {
-    let cfg = config(&[
-        ("placement = \"local\"", "placement = \"central\""),
-        ("rounds = 40", "rounds = 1"),
-    ]);
+    let cfg = config(|b| b.placement("central").rounds(1));
     let mut eng = engine(cfg);
     let mut noise = NoiseSource::insecure_from_seed(3);
     let mut out = Vec::new();
@@ -779,7 +723,7 @@ fn a_central_update_over_the_clip_norm_is_refused_without_its_norm() {
     let reason = out
         .iter()
         .find_map(|a| match a {
-            Action::UpdateRejected { reason, .. } => Some(reason.clone()),
+            Action::UpdateRejected { reason, .. } => Some(reason.to_string()),
             _ => None,
         })
         .expect("rejected");
@@ -788,7 +732,7 @@ fn a_central_update_over_the_clip_norm_is_refused_without_its_norm() {
 
 #[test]
 fn a_study_no_site_can_take_part_in_ends_with_the_sites_reasons() {
-    let mut eng = engine(config(&[]));
+    let mut eng = engine(config(|b| b));
     let mut noise = NoiseSource::insecure_from_seed(2);
     let mut ended = None;
     for (s, reason) in [
@@ -821,12 +765,11 @@ fn a_study_no_site_can_take_part_in_ends_with_the_sites_reasons() {
 
 #[test]
 fn a_study_nobody_joins_ends_at_its_join_timeout() {
-    let mut eng = engine(config(&[(
-        "round_timeout_secs = 10",
-        "round_timeout_secs = 10\njoin_timeout_secs = 30",
-    )]));
+    let mut eng = engine(config(|b| b.join_timeout_secs(30)));
     let mut noise = NoiseSource::insecure_from_seed(2);
     assert!(eng.handle(Input::Tick, 0, &mut noise).is_empty());
+    // The owner is told when to wake the study (it has no periodic tick).
+    assert_eq!(eng.next_deadline(), Some(30_000));
     assert!(eng.handle(Input::Tick, 29_999, &mut noise).is_empty());
     let out = eng.handle(Input::Tick, 30_000, &mut noise);
     assert!(
@@ -834,10 +777,7 @@ fn a_study_nobody_joins_ends_at_its_join_timeout() {
         "{out:?}"
     );
     // A study some site joined does not time out.
-    let mut eng = engine(config(&[(
-        "round_timeout_secs = 10",
-        "round_timeout_secs = 10\njoin_timeout_secs = 30",
-    )]));
+    let mut eng = engine(config(|b| b.join_timeout_secs(30)));
     eng.handle(Input::Tick, 0, &mut noise);
     eng.handle(
         Input::SiteReady {

@@ -1,0 +1,418 @@
+//! Model checkpoints on disk: where each model version lives, how it is written (sealed with
+//! the at-rest key, streamed, atomically) and read back (authenticated segment by segment,
+//! checked against the digest the ledger recorded). Used by the studies' owner, `main.rs`
+//! (`model export`), `retention.rs` and the admin channel's export.
+//!
+//! What it does not do: decide which version to write or read (the owner and the store do),
+//! or hold a model in memory (values are streamed from and to the caller's buffers).
+
+use std::path::{Path, PathBuf};
+
+use fedpriv_common::digest::hex;
+use fedpriv_common::model::ModelSpec;
+use fedpriv_common::seal::{SealError, SealKey, SealReader, SealWriter};
+
+/// Why a checkpoint could not be read. Every variant but [`CheckpointError::Internal`] is the
+/// operator's to resolve (the message says how); nothing unauthenticated was used.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file could not be opened or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Sealed under another at-rest key.
+    #[error(
+        "{what} was sealed with another at-rest key (key id {file_key_id}; the key given has \
+         id {our_key_id}): start with the key this state directory was written with \
+         (--at-rest-key-file or {})",
+        crate::at_rest::KEY_ENV
+    )]
+    WrongKey {
+        what: String,
+        file_key_id: String,
+        our_key_id: String,
+    },
+    /// Not a sealed checkpoint at all.
+    #[error(
+        "{what} is not an encrypted checkpoint (plaintext, another format, or damaged at the \
+         start); nothing of it was used: restore it from backup"
+    )]
+    NotSealed { what: String },
+    /// Altered, truncated, or moved from another study's or round's slot.
+    #[error(
+        "{what} does not authenticate under the at-rest key: it was altered, truncated or \
+         moved from another study or round; nothing unauthenticated was used: restore it \
+         from backup"
+    )]
+    NotAuthentic { what: String },
+    /// Authenticates, but is not the file the ledger recorded (an older or newer copy).
+    #[error(
+        "{what} authenticates but is not the file the ledger recorded (SHA-256 differs): an \
+         older or newer copy of that round; restore it from backup"
+    )]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        found: String,
+    },
+    /// Writing the decrypted bytes to the caller's sink failed, or the sealing layer failed
+    /// in a way no file explains. Ours.
+    #[error("{what}: {message}")]
+    Internal { what: String, message: String },
+}
+
+impl CheckpointError {
+    /// Whether the operator can resolve it (a file, a key, a backup), rather than a bug of
+    /// ours.
+    pub fn is_operators(&self) -> bool {
+        !matches!(self, Self::Internal { .. })
+    }
+}
+
+/// Path of a model version's file.
+pub fn model_path(state_dir: &Path, study: &str, round: u64) -> PathBuf {
+    state_dir
+        .join("models")
+        .join(study)
+        .join(format!("round-{round:05}.safetensors"))
+}
+
+/// Writes a file so that it is either all there or not there: temporary file (filled by
+/// `fill`), fsync, rename, fsync of the directory.
+pub(crate) fn write_atomic<T>(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("no parent directory"))?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    let out = {
+        let mut f = std::fs::File::create(&tmp)?;
+        let out = fill(&mut f)?;
+        f.sync_all()?;
+        out
+    };
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(out)
+}
+
+/// Streams `values` as a safetensors file (f32, little-endian) into `out` without building
+/// the file in memory: the header, then the values straight from the model's memory in
+/// 1 MiB pieces. Tensors are stored in the spec's (flat-vector) order, so the data is one
+/// contiguous run; the order is also kept in the metadata, as
+/// [`fedpriv_common::model::FlatModel::to_safetensors_bytes`] does, and the file reads back
+/// with [`fedpriv_common::model::FlatModel::from_safetensors_bytes`] (or any safetensors
+/// reader).
+pub fn write_safetensors(
+    spec: &ModelSpec,
+    values: &[f32],
+    meta: &std::collections::BTreeMap<String, String>,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+    let n = spec.validate().map_err(|e| invalid(e.to_string()))? as usize;
+    if values.len() != n {
+        return Err(invalid(format!(
+            "model spec says {n} values, got {}",
+            values.len()
+        )));
+    }
+    let order: Vec<&str> = spec.tensors.iter().map(|t| t.name.as_str()).collect();
+    let mut header = serde_json::Map::new();
+    // `meta` (the model card) first; the tensor order key always wins.
+    let mut metadata: serde_json::Map<String, serde_json::Value> = meta
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    metadata.insert(
+        fedpriv_common::model::SAFETENSORS_ORDER_KEY.into(),
+        serde_json::Value::String(serde_json::to_string(&order)?),
+    );
+    header.insert("__metadata__".into(), serde_json::Value::Object(metadata));
+    for (name, shape, off, len) in spec.layout() {
+        header.insert(
+            name.to_owned(),
+            serde_json::json!({
+                "dtype": "F32",
+                "shape": shape,
+                "data_offsets": [off * 4, (off + len) * 4],
+            }),
+        );
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    // Pad with spaces so the data starts 8-byte aligned, as safetensors' own writer does.
+    while (header.len() + 8) % 8 != 0 {
+        header.push(b' ');
+    }
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    let body = fedpriv_common::wire::f32_body_bytes(values);
+    for piece in body.chunks(1 << 20) {
+        out.write_all(piece)?;
+    }
+    Ok(())
+}
+
+/// What a checkpoint is sealed for: a file moved into another study's or round's slot
+/// does not open there.
+fn checkpoint_purpose(study: &str, round: u64) -> Vec<u8> {
+    format!("fedpriv checkpoint\0study={study}\0round={round}").into_bytes()
+}
+
+/// SHA-256 of the bytes written through it.
+pub(crate) struct HashingWriter<W> {
+    pub(crate) inner: W,
+    pub(crate) hash: ring::digest::Context,
+}
+
+impl<W> HashingWriter<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hash: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
+
+    /// The inner writer and the lowercase hex SHA-256 of what went through.
+    pub(crate) fn finish(self) -> (W, String) {
+        (self.inner, hex(self.hash.finish().as_ref()))
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// SHA-256 of the bytes read through it.
+struct HashingReader<R> {
+    inner: R,
+    hash: ring::digest::Context,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Writes round `round`'s model as a sealed (streamed AES-256-GCM) safetensors file at
+/// `path`, atomically, and returns the SHA-256 of the sealed file (what the store records).
+/// Memory: one 1 MiB segment; the model is read from its own memory, never copied whole.
+pub fn write_checkpoint(
+    key: &SealKey,
+    spec: &ModelSpec,
+    values: &[f32],
+    meta: &std::collections::BTreeMap<String, String>,
+    study: &str,
+    round: u64,
+    path: &Path,
+) -> std::io::Result<String> {
+    write_atomic(path, |f| {
+        let mut sealed = SealWriter::new(
+            key,
+            HashingWriter::new(f),
+            &checkpoint_purpose(study, round),
+        )
+        .map_err(std::io::Error::other)?;
+        write_safetensors(spec, values, meta, &mut sealed)?;
+        let hashing = sealed.finish().map_err(std::io::Error::other)?;
+        Ok(hashing.finish().1)
+    })
+}
+
+/// Decrypts round `round`'s checkpoint at `path` into `out`, segment by segment, each
+/// authenticated before it is written; with `expected_sha`, the sealed file must also have
+/// that SHA-256 (checked once the whole file was read: on a mismatch, whatever reached
+/// `out` must be discarded, as on any error). Errors name the file and the way out.
+pub fn read_checkpoint(
+    key: &SealKey,
+    path: &Path,
+    study: &str,
+    round: u64,
+    expected_sha: Option<&str>,
+    out: &mut impl std::io::Write,
+) -> Result<(), CheckpointError> {
+    let what = format!(
+        "model file {} (round {round} of study {study})",
+        path.display()
+    );
+    let sealed_err = |e: SealError| match e {
+        SealError::Io { kind, message } => CheckpointError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(kind, message),
+        },
+        SealError::WrongKey {
+            file_key_id,
+            our_key_id,
+        } => CheckpointError::WrongKey {
+            what: what.clone(),
+            file_key_id,
+            our_key_id,
+        },
+        SealError::NotSealed => CheckpointError::NotSealed { what: what.clone() },
+        SealError::Truncated { .. } | SealError::Authentication => {
+            CheckpointError::NotAuthentic { what: what.clone() }
+        }
+        other => CheckpointError::Internal {
+            what: what.clone(),
+            message: other.to_string(),
+        },
+    };
+    let file = std::fs::File::open(path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let hashing = HashingReader {
+        inner: std::io::BufReader::with_capacity(1 << 16, file),
+        hash: ring::digest::Context::new(&ring::digest::SHA256),
+    };
+    let mut reader =
+        SealReader::new(key, hashing, &checkpoint_purpose(study, round)).map_err(sealed_err)?;
+    while let Some(plain) = reader.next_segment().map_err(sealed_err)? {
+        out.write_all(plain)
+            .map_err(|e| CheckpointError::Internal {
+                what: what.clone(),
+                message: format!("writing the decrypted model: {e}"),
+            })?;
+    }
+    let digest = hex(reader.into_inner().hash.finish().as_ref());
+    match expected_sha {
+        Some(sha) if sha != digest => Err(CheckpointError::DigestMismatch {
+            what,
+            expected: sha.to_string(),
+            found: digest,
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use fedpriv_common::digest::sha256_hex;
+    use fedpriv_common::model::{FlatModel, TensorSpec};
+
+    fn test_key(byte: u8) -> SealKey {
+        SealKey::from_bytes(&[byte; 32]).unwrap()
+    }
+
+    #[test]
+    fn streamed_checkpoints_read_back_with_their_digest() {
+        let spec = ModelSpec::new(vec![
+            TensorSpec::new("z.weight", &[3, 5]),
+            TensorSpec::new("a.bias", &[5]),
+            TensorSpec::new("m", &[1]),
+        ])
+        .unwrap();
+        let values: Vec<f32> = (0..21).map(|i| i as f32 * 0.25 - 2.0).collect();
+        let mut file = Vec::new();
+        write_safetensors(&spec, &values, &Default::default(), &mut file).unwrap();
+        let back = FlatModel::from_safetensors_bytes(&file, Some(&spec)).unwrap();
+        assert_eq!(back.values, values);
+        // Without the spec, the stored order gives back the flat vector as it was.
+        let back = FlatModel::from_safetensors_bytes(&file, None).unwrap();
+        assert_eq!((back.spec, back.values), (spec.clone(), values.clone()));
+        // The data starts 8-byte aligned, as safetensors' own writer leaves it.
+        let header = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + header) % 8, 0);
+        assert_eq!(file.len(), 8 + header + 21 * 4);
+        assert!(
+            write_safetensors(&spec, &values[1..], &Default::default(), &mut Vec::new()).is_err()
+        );
+    }
+
+    #[test]
+    fn sealed_checkpoints_hide_the_model_and_open_only_in_their_slot() {
+        // Over two 1 MiB segments.
+        let spec = ModelSpec::new(vec![
+            TensorSpec::new("w", &[300, 1000]),
+            TensorSpec::new("b", &[7]),
+        ])
+        .unwrap();
+        let values: Vec<f32> = (0..300_007)
+            .map(|i| (i % 977) as f32 * 0.125 + 1.5)
+            .collect();
+        let mut plain = Vec::new();
+        write_safetensors(&spec, &values, &Default::default(), &mut plain).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = model_path(dir.path(), "s1", 3);
+        let key = test_key(1);
+        let digest =
+            write_checkpoint(&key, &spec, &values, &Default::default(), "s1", 3, &path).unwrap();
+        let sealed = std::fs::read(&path).unwrap();
+        assert_eq!(
+            digest,
+            sha256_hex(&sealed),
+            "digest is over the sealed file"
+        );
+        assert!(sealed.starts_with(fedpriv_common::seal::STREAM_MAGIC));
+        let needle = &plain[plain.len() - 4096..plain.len() - 4000];
+        assert!(
+            !sealed.windows(needle.len()).any(|w| w == needle),
+            "plaintext model on disk"
+        );
+        assert!(
+            !sealed.windows(8).any(|w| w == b"__metada"),
+            "plaintext header on disk"
+        );
+
+        let mut out = Vec::new();
+        read_checkpoint(&key, &path, "s1", 3, Some(&digest), &mut out).unwrap();
+        assert_eq!(out, plain);
+
+        let refused = |key: &SealKey, round: u64, sha: Option<&str>, path: &Path| {
+            let e = read_checkpoint(key, path, "s1", round, sha, &mut Vec::new()).unwrap_err();
+            assert!(e.is_operators(), "{e:?}");
+            e
+        };
+        let e = refused(&test_key(2), 3, None, &path);
+        let m = e.to_string();
+        assert!(
+            matches!(e, CheckpointError::WrongKey { .. })
+                && m.contains("another at-rest key")
+                && m.contains(&path.display().to_string()),
+            "{m}"
+        );
+        let e = refused(&key, 4, None, &path);
+        let m = e.to_string();
+        assert!(
+            matches!(e, CheckpointError::NotAuthentic { .. })
+                && m.contains("restore it from backup"),
+            "{m}"
+        );
+        match refused(&key, 3, Some(&"0".repeat(64)), &path) {
+            CheckpointError::DigestMismatch {
+                expected, found, ..
+            } => assert_eq!((expected, found), ("0".repeat(64), digest.clone())),
+            other => panic!("{other:?}"),
+        }
+        for at in [30, sealed.len() / 2, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[at] ^= 0x20;
+            std::fs::write(&path, &bad).unwrap();
+            let e = refused(&key, 3, None, &path);
+            assert!(
+                matches!(e, CheckpointError::NotAuthentic { .. }),
+                "byte {at}: {e}"
+            );
+        }
+        std::fs::write(&path, &plain).unwrap();
+        let e = refused(&key, 3, None, &path);
+        assert!(matches!(e, CheckpointError::NotSealed { .. }), "{e}");
+    }
+}
