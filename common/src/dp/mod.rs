@@ -11,6 +11,7 @@ pub mod noise;
 pub mod pld;
 pub mod rdp;
 pub mod sampling;
+mod special;
 
 use serde::{Deserialize, Serialize};
 
