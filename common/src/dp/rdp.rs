@@ -78,7 +78,7 @@ fn log_a_int(q: f64, sigma: f64, alpha: u64) -> f64 {
     let (lq, l1q) = (q.ln(), (-q).ln_1p());
     let s2 = 2.0 * sigma * sigma;
     // Terms of the binomial sum in log space, the coefficient updated term by term
-    // (ln C(a, i+1) = ln C(a, i) + ln((a - i) / (i + 1))) instead of three log-gammas per
+    // (ln C(a, i) = ln C(a, i-1) + ln((a - i + 1) / i)) instead of three log-gammas per
     // term: orders up to 1024 make this the bulk of the accountant's work. The accumulated
     // rounding is a few hundred ulps of numbers below a few thousand: far below the
     // accountant's tolerance.
@@ -95,8 +95,14 @@ fn log_a_int(q: f64, sigma: f64, alpha: u64) -> f64 {
         top = top.max(term);
         terms.push(term);
     }
-    // One exponential per term, against the largest (log-sum-exp).
-    top + terms.iter().map(|t| (t - top).exp()).sum::<f64>().ln()
+    // Log-sum-exp against the largest term; terms 40 nats below it change the sum by less
+    // than e^-40 each and are not worth an exponential (most of them underflow anyway).
+    let sum: f64 = terms
+        .iter()
+        .filter(|&&t| t - top > -40.0)
+        .map(|t| (t - top).exp())
+        .sum();
+    top + sum.ln()
 }
 
 fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> Result<f64, AccountError> {
