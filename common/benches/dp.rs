@@ -5,7 +5,11 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fedpriv_common::dp::{accountant, clip, noise::NoiseSource, ClipNorm, Delta, SgmEvent};
+use fedpriv_common::dp::{
+    accountant, clip,
+    noise::{Generator, NoiseSource},
+    ClipNorm, Delta, Epsilon, NoiseMultiplier, SampleRate, SgmEvent,
+};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_distr::StandardNormal;
 
@@ -20,6 +24,28 @@ fn accountants(c: &mut Criterion) {
     ] {
         g.bench_function(kind.as_str(), |b| {
             b.iter(|| accountant::epsilon(kind, &ev, delta).expect("finite"))
+        });
+    }
+    g.finish();
+
+    // The inverse questions of `fedpriv-coordinator budget`: the case (about 1.6M
+    // steps) and a calibration.
+    let mut g = c.benchmark_group("accountant_inverse");
+    g.sample_size(10);
+    let q = SampleRate::new(0.001).expect("valid");
+    let sigma = NoiseMultiplier::new(1.0).expect("valid");
+    let eps8 = Epsilon::new(8.0).expect("valid");
+    for kind in [
+        accountant::AccountantKind::Rdp,
+        accountant::AccountantKind::Pld,
+    ] {
+        g.bench_function(format!("steps_q0.001_s1_e8/{}", kind.as_str()), |b| {
+            b.iter(|| accountant::max_steps(kind, &[], q, sigma, eps8, delta).expect("answer"))
+        });
+        let q2 = SampleRate::new(0.01).expect("valid");
+        let eps2 = Epsilon::new(2.0).expect("valid");
+        g.bench_function(format!("noise_q0.01_T10000_e2/{}", kind.as_str()), |b| {
+            b.iter(|| accountant::calibrate_noise(kind, q2, 10_000, eps2, delta).expect("sigma"))
         });
     }
     g.finish();
@@ -72,12 +98,21 @@ fn clip_noise(c: &mut Criterion) {
             }
         })
     });
-    g.bench_function("normal_secure_four_draws", |b| {
-        b.iter(|| {
-            out.iter_mut().for_each(|v| *v = 0.0);
-            src.add_gaussian(&mut out, 1.0, 1);
-        })
-    });
+    // The secure sampler per keystream: AES-256-CTR (what a CPU with AES instructions
+    // uses) and ChaCha20 (the fallback), and each keystream alone.
+    let mut words = vec![0u64; D];
+    for gen in [Generator::Aes256Ctr, Generator::ChaCha20] {
+        let mut s = NoiseSource::from_os().expect("os rng").with_generator(gen);
+        g.bench_function(format!("normal_secure_four_draws/{}", gen.as_str()), |b| {
+            b.iter(|| {
+                out.iter_mut().for_each(|v| *v = 0.0);
+                s.add_gaussian(&mut out, 1.0, 1);
+            })
+        });
+        g.bench_function(format!("keystream_u64/{}", gen.as_str()), |b| {
+            b.iter(|| s.raw_keystream(&mut words))
+        });
+    }
     // What fewer ChaCha rounds would save (not used: see docs/performance.md).
     let mut r12 = rand_chacha::ChaCha12Rng::from_os_rng();
     g.bench_function("chacha12_raw_u64", |b| {

@@ -12,6 +12,7 @@ pub mod noise;
 pub mod pld;
 pub mod rdp;
 pub mod sampling;
+mod special;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,8 +1,20 @@
 //! Gaussian noise from a cryptographically secure generator.
 //!
-//! The generator is ChaCha20 keyed from the operating system. Every call draws a fresh key
-//! from it and splits the vector into fixed chunks, each with its own ChaCha20 stream, so
-//! the chunks can be filled on several cores and the output does not depend on how many.
+//! The master generator is ChaCha20 keyed from the operating system. Every call draws a
+//! fresh 256-bit key from it and splits the vector into fixed chunks, each with its own
+//! keystream under that key, so the chunks can be filled on several cores and the output
+//! does not depend on how many. The keystream ([`Generator`]) is AES-256 in counter mode
+//! (the chunk index as the upper half of the counter block, the block number as the lower)
+//! where the CPU has AES instructions, detected at run time (the `aes` crate then uses VAES
+//! or AES-NI, whichever it finds), and ChaCha20 (the chunk index as its stream number)
+//! elsewhere. Both are stream ciphers used as the CSPRNGs they are: with a uniformly random
+//! key, their output is indistinguishable from uniform bits without the key, and a key is
+//! used for one call only. AES-256-CTR is NIST's CTR_DRBG construction without its
+//! reseeding bookkeeping (the key is fresh per call, and a chunk's stream, 2 MiB, is far
+//! below the 2^64 blocks a key may encrypt). With AES instructions it is about three times
+//! faster than ChaCha20's vectorised software (docs/performance.md); without them, the
+//! `aes` crate's constant-time software AES would be slower than ChaCha20, hence the
+//! fallback. The output for a key is fixed per generator by known-answer tests.
 //!
 //! Floating-point attack (Mironov 2012): a Gaussian sample computed in floating point takes
 //! only some values, and which ones can reveal the unnoised input from the low bits of the
@@ -24,15 +36,109 @@
 //!
 //! [`StandardNormal`]: https://docs.rs/rand_distr/0.5/rand_distr/struct.StandardNormal.html
 //!
+//! Fewer random bits per draw: not taken. A draw reads one 64-bit word and uses 60 of its
+//! bits (8 for the layer, 52 for the uniform); the output distribution is a function of
+//! exactly those bits, so a sampler reading 60-bit fields from the keystream would give the
+//! same distribution with 6% less keystream. That saving is smaller than what cutting words
+//! across boundaries costs here, so every draw still takes one word. Fewer than 60 bits
+//! would change the distribution (the layer or the uniform's resolution).
+//!
 //! A deterministic generator exists only behind the `insecure-test-seed` cargo feature (and
 //! in this crate's own tests); production builds cannot construct one.
 
+use aes::Aes256;
+use ctr::cipher::{KeyIvInit, StreamCipher};
 use rand::{Rng, RngCore, SeedableRng};
 
-/// The noise generator. ChaCha20 (20 rounds) on purpose: ChaCha12 (rand's `StdRng`) would
-/// make the noise about a quarter cheaper (docs/performance.md); this is the one line to
-/// change if that trade is ever made.
+/// The master generator, and the noise keystream where the CPU has no AES instructions.
+/// ChaCha20 (20 rounds) on purpose: ChaCha12 (rand's `StdRng`) would be about a quarter
+/// cheaper (docs/performance.md), at a smaller security margin.
 type NoiseRng = rand_chacha::ChaCha20Rng;
+
+/// AES-256 in counter mode, the counter block big-endian.
+type AesCtr = ctr::Ctr128BE<Aes256>;
+
+/// Which keystream fills the noise's chunks. Both are cryptographically secure; they give
+/// different (each fixed) outputs for the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generator {
+    /// AES-256-CTR: the chunk index in the upper 64 bits of the counter block.
+    Aes256Ctr,
+    /// ChaCha20: the chunk index as its stream number.
+    ChaCha20,
+}
+
+impl Generator {
+    /// AES-256-CTR where the CPU has AES instructions, ChaCha20 elsewhere.
+    pub fn detect() -> Self {
+        if aes_instructions() {
+            Self::Aes256Ctr
+        } else {
+            Self::ChaCha20
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Aes256Ctr => "aes256-ctr",
+            Self::ChaCha20 => "chacha20",
+        }
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn aes_instructions() -> bool {
+    std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("sse2")
+}
+
+#[cfg(target_arch = "aarch64")]
+fn aes_instructions() -> bool {
+    std::arch::is_aarch64_feature_detected!("aes")
+}
+
+#[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
+fn aes_instructions() -> bool {
+    false
+}
+
+/// One chunk's keystream.
+enum Keystream {
+    Aes(Box<AesCtr>),
+    ChaCha(Box<NoiseRng>),
+}
+
+impl Keystream {
+    fn new(generator: Generator, key: [u8; 32], chunk: usize) -> Self {
+        match generator {
+            Generator::Aes256Ctr => {
+                let mut iv = [0u8; 16];
+                iv[..8].copy_from_slice(&(chunk as u64).to_be_bytes());
+                Self::Aes(Box::new(AesCtr::new(&key.into(), &iv.into())))
+            }
+            Generator::ChaCha20 => {
+                let mut rng = NoiseRng::from_seed(key);
+                rng.set_stream(chunk as u64);
+                Self::ChaCha(Box::new(rng))
+            }
+        }
+    }
+
+    /// The next words of the stream: little-endian u64s of the keystream bytes.
+    #[inline]
+    fn fill(&mut self, buf: &mut [u64]) {
+        match self {
+            Self::Aes(c) => {
+                // A chunk reads at most 2 MiB from a counter that has 2^64 blocks to go.
+                c.write_keystream(bytemuck::cast_slice_mut(buf));
+                if cfg!(target_endian = "big") {
+                    buf.iter_mut().for_each(|w| *w = u64::from_le(*w));
+                }
+            }
+            // The same words `next_u64` would return.
+            Self::ChaCha(r) => r.fill(buf),
+        }
+    }
+}
 
 mod tables;
 
@@ -51,6 +157,7 @@ pub struct NoiseError(String);
 /// A cryptographically secure source of Gaussian noise.
 pub struct NoiseSource {
     rng: NoiseRng,
+    generator: Generator,
 }
 
 impl std::fmt::Debug for NoiseSource {
@@ -60,17 +167,17 @@ impl std::fmt::Debug for NoiseSource {
     }
 }
 
-/// One chunk's ChaCha20 stream, read a block of words at a time, in stream order.
+/// One chunk's keystream, read a block of words at a time, in stream order.
 struct Words {
-    rng: NoiseRng,
+    stream: Keystream,
     buf: [u64; WORDS],
     pos: usize,
 }
 
 impl Words {
-    fn new(rng: NoiseRng) -> Self {
+    fn new(stream: Keystream) -> Self {
         Self {
-            rng,
+            stream,
             buf: [0; WORDS],
             pos: WORDS,
         }
@@ -88,8 +195,7 @@ impl Words {
 
     #[inline(never)]
     fn refill(&mut self) {
-        // Little-endian words of the keystream: the same u64s `next_u64` would return.
-        self.rng.fill(&mut self.buf[..]);
+        self.stream.fill(&mut self.buf[..]);
         self.pos = 0;
     }
 
@@ -169,7 +275,8 @@ fn secure_standard_normal(w: &mut Words) -> f64 {
         return finish_one_by_one(w, [(0.0, false); 4]);
     };
     let draws = bits.map(ziggurat_fast);
-    if draws.iter().all(|d| d.1) {
+    // One branch for the four tests (not four), taken the same way 94% of the time.
+    if draws[0].1 & draws[1].1 & draws[2].1 & draws[3].1 {
         w.pos += 4;
         return (draws[0].0 + draws[1].0 + draws[2].0 + draws[3].0) * 0.5;
     }
@@ -195,10 +302,8 @@ fn finish_one_by_one(w: &mut Words, fast: [(f64, bool); 4]) -> f64 {
 
 /// Adds `std` times secure standard normal noise to every value of one chunk, from the
 /// chunk's own stream.
-fn fill_chunk(key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
-    let mut rng = NoiseRng::from_seed(key);
-    rng.set_stream(index as u64);
-    let mut words = Words::new(rng);
+fn fill_chunk(generator: Generator, key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
+    let mut words = Words::new(Keystream::new(generator, key, index));
     for v in chunk.iter_mut() {
         *v = (f64::from(*v) + std * secure_standard_normal(&mut words)) as f32;
     }
@@ -206,10 +311,8 @@ fn fill_chunk(key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
 
 /// [`fill_chunk`] for values kept in f64 (DP-SGD's working model): the noise is added in f64
 /// and the caller rounds once, at the end.
-fn fill_chunk_f64(key: [u8; 32], index: usize, chunk: &mut [f64], std: f64) {
-    let mut rng = NoiseRng::from_seed(key);
-    rng.set_stream(index as u64);
-    let mut words = Words::new(rng);
+fn fill_chunk_f64(generator: Generator, key: [u8; 32], index: usize, chunk: &mut [f64], std: f64) {
+    let mut words = Words::new(Keystream::new(generator, key, index));
     for v in chunk.iter_mut() {
         *v += std * secure_standard_normal(&mut words);
     }
@@ -246,7 +349,10 @@ impl NoiseSource {
     /// Keyed from the operating system's generator.
     pub fn from_os() -> Result<Self, NoiseError> {
         NoiseRng::try_from_os_rng()
-            .map(|rng| Self { rng })
+            .map(|rng| Self {
+                rng,
+                generator: Generator::detect(),
+            })
             .map_err(|e| NoiseError(e.to_string()))
     }
 
@@ -255,7 +361,20 @@ impl NoiseSource {
     pub fn insecure_from_seed(seed: u64) -> Self {
         Self {
             rng: NoiseRng::seed_from_u64(seed),
+            generator: Generator::detect(),
         }
+    }
+
+    /// The keystream this source fills chunks with.
+    pub fn generator(&self) -> Generator {
+        self.generator
+    }
+
+    /// Fills chunks with the other secure keystream (benches, known-answer tests, and
+    /// machines whose AES instructions are known to be unusable). Either is secure.
+    pub fn with_generator(mut self, generator: Generator) -> Self {
+        self.generator = generator;
+        self
     }
 
     /// The underlying secure generator, for sampling decisions (Poisson batches, site
@@ -268,7 +387,8 @@ impl NoiseSource {
     pub fn add_gaussian(&mut self, values: &mut [f32], std: f64, threads: usize) {
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
-        fill_parallel(values, threads, |i, c| fill_chunk(key, i, c, std));
+        let g = self.generator;
+        fill_parallel(values, threads, |i, c| fill_chunk(g, key, i, c, std));
     }
 
     /// [`Self::add_gaussian`] on f64 values: nothing is rounded to f32 here, so a caller that
@@ -276,7 +396,8 @@ impl NoiseSource {
     pub fn add_gaussian_f64(&mut self, values: &mut [f64], std: f64, threads: usize) {
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
-        fill_parallel(values, threads, |i, c| fill_chunk_f64(key, i, c, std));
+        let g = self.generator;
+        fill_parallel(values, threads, |i, c| fill_chunk_f64(g, key, i, c, std));
     }
 
     /// A fresh vector of N(0, std^2) values, filled on every core when it spans several
@@ -287,9 +408,18 @@ impl NoiseSource {
         v
     }
 
-    /// Raw generator throughput helper for benchmarks: fills `buf` with generator output.
+    /// Raw generator throughput helper for benchmarks: fills `buf` with the master
+    /// generator's (ChaCha20) output.
     pub fn raw_fill(&mut self, buf: &mut [u8]) {
         self.rng.fill_bytes(buf);
+    }
+
+    /// Raw keystream throughput helper for benchmarks: fills `buf` with one chunk's
+    /// keystream of this source's generator under a fresh key.
+    pub fn raw_keystream(&mut self, buf: &mut [u64]) {
+        let mut key = [0u8; 32];
+        self.rng.fill_bytes(&mut key);
+        Keystream::new(self.generator, key, 0).fill(buf);
     }
 }
 
@@ -322,65 +452,93 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
+    const BOTH: [Generator; 2] = [Generator::Aes256Ctr, Generator::ChaCha20];
+
+    fn source(seed: u64, g: Generator) -> NoiseSource {
+        NoiseSource::insecure_from_seed(seed).with_generator(g)
+    }
+
     #[test]
     fn noise_is_standard_normal_scaled() {
-        let n = 200_000;
-        let std = 2.5;
-        let mut src = NoiseSource::insecure_from_seed(7);
-        let v = src.gaussian(n, std);
-        let xs: Vec<f64> = v.iter().map(|&x| f64::from(x) / std).collect();
-        let mean = xs.iter().sum::<f64>() / n as f64;
-        let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
-        // Mean: 5 standard errors. Variance of the sample variance is 2/n for a normal.
-        assert!(mean.abs() < 5.0 / (n as f64).sqrt(), "mean {mean}");
-        assert!(
-            (var - 1.0).abs() < 5.0 * (2.0 / n as f64).sqrt(),
-            "variance {var}"
-        );
-        // KS critical value at alpha = 0.001 is 1.95 / sqrt(n).
-        let mut sorted = xs.clone();
-        let d = ks_distance(&mut sorted);
-        assert!(d < 1.95 / (n as f64).sqrt(), "KS distance {d}");
+        for g in BOTH {
+            let n = 200_000;
+            let std = 2.5;
+            let v = source(7, g).gaussian(n, std);
+            let xs: Vec<f64> = v.iter().map(|&x| f64::from(x) / std).collect();
+            let mean = xs.iter().sum::<f64>() / n as f64;
+            let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
+            // Mean: 5 standard errors. Variance of the sample variance is 2/n for a normal.
+            assert!(mean.abs() < 5.0 / (n as f64).sqrt(), "{g:?}: mean {mean}");
+            assert!(
+                (var - 1.0).abs() < 5.0 * (2.0 / n as f64).sqrt(),
+                "{g:?}: variance {var}"
+            );
+            // KS critical value at alpha = 0.001 is 1.95 / sqrt(n).
+            let mut sorted = xs.clone();
+            let d = ks_distance(&mut sorted);
+            assert!(d < 1.95 / (n as f64).sqrt(), "{g:?}: KS distance {d}");
+        }
     }
 
     #[test]
     fn ks_test_detects_a_wrong_variance() {
         // The KS threshold above must be able to fail: noise with std 1.05 fails it.
-        let n = 200_000;
-        let mut src = NoiseSource::insecure_from_seed(8);
-        let mut xs: Vec<f64> = src
-            .gaussian(n, 1.05)
-            .iter()
-            .map(|&x| f64::from(x))
-            .collect();
-        assert!(ks_distance(&mut xs) > 1.95 / (n as f64).sqrt());
+        for g in BOTH {
+            let n = 200_000;
+            let mut xs: Vec<f64> = source(8, g)
+                .gaussian(n, 1.05)
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            assert!(ks_distance(&mut xs) > 1.95 / (n as f64).sqrt(), "{g:?}");
+        }
     }
 
     #[test]
     fn tail_frequencies_match_chi_square() {
         // Chi-square over 10 equiprobable bins of N(0,1); df = 9, 0.999 quantile 27.88.
-        let n = 100_000;
-        let mut src = NoiseSource::insecure_from_seed(9);
-        let v = src.gaussian(n, 1.0);
-        let mut counts = [0f64; 10];
-        for &x in &v {
-            let bin = ((normal_cdf(f64::from(x)) * 10.0) as usize).min(9);
-            counts[bin] += 1.0;
+        for g in BOTH {
+            let n = 100_000;
+            let v = source(9, g).gaussian(n, 1.0);
+            let mut counts = [0f64; 10];
+            for &x in &v {
+                let bin = ((normal_cdf(f64::from(x)) * 10.0) as usize).min(9);
+                counts[bin] += 1.0;
+            }
+            let expected = n as f64 / 10.0;
+            let chi2: f64 = counts
+                .iter()
+                .map(|c| (c - expected).powi(2) / expected)
+                .sum();
+            assert!(chi2 < 27.88, "{g:?}: chi-square {chi2}");
         }
-        let expected = n as f64 / 10.0;
-        let chi2: f64 = counts
-            .iter()
-            .map(|c| (c - expected).powi(2) / expected)
-            .sum();
-        assert!(chi2 < 27.88, "chi-square {chi2}");
+    }
+
+    /// A chunk's keystream read word by word through rand's generator interface, for
+    /// rand_distr's own sampler.
+    struct WordByWord(Keystream);
+
+    impl RngCore for WordByWord {
+        fn next_u32(&mut self) -> u32 {
+            self.next_u64() as u32
+        }
+        fn next_u64(&mut self) -> u64 {
+            let mut w = [0u64; 1];
+            self.0.fill(&mut w);
+            w[0]
+        }
+        fn fill_bytes(&mut self, dst: &mut [u8]) {
+            for c in dst.chunks_mut(8) {
+                c.copy_from_slice(&self.next_u64().to_le_bytes()[..c.len()]);
+            }
+        }
     }
 
     /// This file's sampler before block-wise generation: rand_distr's own ziggurat reading
-    /// the chunk's ChaCha20 stream word by word.
-    fn reference_chunk(key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
+    /// the chunk's stream word by word.
+    fn reference_chunk(g: Generator, key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
         use rand_distr::StandardNormal;
-        let mut rng = NoiseRng::from_seed(key);
-        rng.set_stream(index as u64);
+        let mut rng = WordByWord(Keystream::new(g, key, index));
         for v in chunk.iter_mut() {
             let a: f64 = rng.sample(StandardNormal);
             let b: f64 = rng.sample(StandardNormal);
@@ -391,68 +549,170 @@ mod tests {
     }
 
     #[test]
+    fn the_chacha_keystream_is_rand_chachas() {
+        // Word for word what rand_chacha's generator gives for the key and stream: the
+        // ChaCha20 path is the generator this module always had.
+        let mut rng = NoiseRng::from_seed([5; 32]);
+        rng.set_stream(7);
+        let mut words = [0u64; 1000];
+        Keystream::new(Generator::ChaCha20, [5; 32], 7).fill(&mut words);
+        for (i, w) in words.iter().enumerate() {
+            assert_eq!(*w, rng.next_u64(), "word {i}");
+        }
+    }
+
+    #[test]
+    fn the_aes_keystream_is_aes256_ctr() {
+        // NIST SP 800-38A, F.5.5 (CTR-AES256.Encrypt), block 1: the crate's CTR with this
+        // counter block is AES-256-CTR.
+        let key: [u8; 32] = [
+            0x60, 0x3d, 0xeb, 0x10, 0x15, 0xca, 0x71, 0xbe, 0x2b, 0x73, 0xae, 0xf0, 0x85, 0x7d,
+            0x77, 0x81, 0x1f, 0x35, 0x2c, 0x07, 0x3b, 0x61, 0x08, 0xd7, 0x2d, 0x98, 0x10, 0xa3,
+            0x09, 0x14, 0xdf, 0xf4,
+        ];
+        let iv: [u8; 16] = [
+            0xf0, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa, 0xfb, 0xfc, 0xfd,
+            0xfe, 0xff,
+        ];
+        let mut block: [u8; 16] = [
+            0x6b, 0xc1, 0xbe, 0xe2, 0x2e, 0x40, 0x9f, 0x96, 0xe9, 0x3d, 0x7e, 0x11, 0x73, 0x93,
+            0x17, 0x2a,
+        ];
+        AesCtr::new(&key.into(), &iv.into()).apply_keystream(&mut block);
+        assert_eq!(
+            block,
+            [
+                0x60, 0x1e, 0xc3, 0x13, 0x77, 0x57, 0x89, 0xa5, 0xb7, 0xa7, 0xf5, 0x04, 0xbb, 0xf3,
+                0xd2, 0x28
+            ]
+        );
+        // A chunk's stream is E_K(chunk || n) for n = 0, 1, ...: checked block by block
+        // against the bare block cipher.
+        use aes::cipher::{BlockCipherEncrypt, KeyInit};
+        let cipher = Aes256::new(&key.into());
+        let mut words = [0u64; 64];
+        Keystream::new(Generator::Aes256Ctr, key, 5).fill(&mut words);
+        for n in 0..32u64 {
+            let mut counter = [0u8; 16];
+            counter[..8].copy_from_slice(&5u64.to_be_bytes());
+            counter[8..].copy_from_slice(&n.to_be_bytes());
+            let mut b = counter.into();
+            cipher.encrypt_block(&mut b);
+            let want: [u8; 16] = b.into();
+            let got = [words[2 * n as usize], words[2 * n as usize + 1]];
+            assert_eq!(
+                bytemuck::cast_slice::<u64, u8>(&got),
+                &want[..],
+                "block {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn known_answers_fix_the_sampler_per_generator() {
+        // The first noise values (std 1, on zeros) of chunk 3 under key [42; 32], as f32
+        // bits. A change to the keystream, the sampler, the four-draw sum or the rounding
+        // changes them.
+        let want: [(Generator, [u32; 8]); 2] = [
+            (Generator::Aes256Ctr, AES_KAT),
+            (Generator::ChaCha20, CHACHA_KAT),
+        ];
+        for (g, want) in want {
+            let mut got = [0.0f32; 8];
+            fill_chunk(g, [42; 32], 3, &mut got, 1.0);
+            let bits = got.map(f32::to_bits);
+            assert_eq!(bits, want, "{g:?}: {got:?}");
+        }
+    }
+
+    const AES_KAT: [u32; 8] = [
+        3210853319, 1063874185, 1066475339, 3221200616, 3198323542, 3196022155, 3215512096,
+        3193212148,
+    ];
+    const CHACHA_KAT: [u32; 8] = [
+        1074549551, 3207184111, 1048885984, 1074819859, 3219074635, 3196509947, 3208515823,
+        1047548485,
+    ];
+
+    #[test]
     fn draws_equal_rand_distr_bit_for_bit() {
         // Single draws, every path: 2M draws take the wedge ~24,000 times and the tail
         // beyond R ~500 times.
-        let mut rng = NoiseRng::seed_from_u64(41);
-        rng.set_stream(3);
-        let mut words = Words::new(rng.clone());
-        let mut tail = 0;
-        for n in 0..2_000_000 {
-            let want: f64 = rng.sample(rand_distr::StandardNormal);
-            let got = ziggurat(&mut words);
-            assert_eq!(got.to_bits(), want.to_bits(), "draw {n}: {got} vs {want}");
-            tail += usize::from(got.abs() >= tables::ZIG_NORM_R);
+        for g in BOTH {
+            let mut rng = WordByWord(Keystream::new(g, [41; 32], 3));
+            let mut words = Words::new(Keystream::new(g, [41; 32], 3));
+            let mut tail = 0;
+            for n in 0..2_000_000 {
+                let want: f64 = rng.sample(rand_distr::StandardNormal);
+                let got = ziggurat(&mut words);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{g:?} draw {n}: {got} vs {want}"
+                );
+                tail += usize::from(got.abs() >= tables::ZIG_NORM_R);
+            }
+            assert!(
+                tail > 100,
+                "{g:?}: only {tail} tail draws: the tail path was barely tested"
+            );
         }
-        assert!(
-            tail > 100,
-            "only {tail} tail draws: the tail path was barely tested"
-        );
     }
 
     #[test]
     fn noise_equals_the_word_by_word_sampler_bit_for_bit() {
         // Four-draw values through the fast path, the slow path, and the ends of blocks
         // reached mid-value; three chunks, each its own stream.
-        for (index, std) in [(0usize, 1.0f64), (1, 0.37), (7, 12.5)] {
-            let base: Vec<f32> = (0..CHUNK).map(|i| (i as f32 - 3e4) * 1e-4).collect();
-            let (mut got, mut want) = (base.clone(), base);
-            fill_chunk([index as u8 + 9; 32], index, &mut got, std);
-            reference_chunk([index as u8 + 9; 32], index, &mut want, std);
-            let differ = got
-                .iter()
-                .zip(&want)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            assert_eq!(differ, 0, "chunk {index}: {differ} values differ");
+        for g in BOTH {
+            for (index, std) in [(0usize, 1.0f64), (1, 0.37), (7, 12.5)] {
+                let base: Vec<f32> = (0..CHUNK).map(|i| (i as f32 - 3e4) * 1e-4).collect();
+                let (mut got, mut want) = (base.clone(), base);
+                fill_chunk(g, [index as u8 + 9; 32], index, &mut got, std);
+                reference_chunk(g, [index as u8 + 9; 32], index, &mut want, std);
+                let differ = got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(differ, 0, "{g:?} chunk {index}: {differ} values differ");
+            }
         }
     }
 
     #[test]
     fn output_does_not_depend_on_thread_count() {
-        let base: Vec<f32> = (0..(3 * CHUNK + 17)).map(|i| i as f32 * 1e-3).collect();
-        let mut one = base.clone();
-        let mut two = base.clone();
-        NoiseSource::insecure_from_seed(3).add_gaussian(&mut one, 1.0, 1);
-        NoiseSource::insecure_from_seed(3).add_gaussian(&mut two, 1.0, 2);
-        assert_eq!(one, two);
-        assert_ne!(one, base);
-        // Successive calls use fresh keys.
-        let mut src = NoiseSource::insecure_from_seed(3);
-        assert_ne!(src.gaussian(8, 1.0), src.gaussian(8, 1.0));
+        for g in BOTH {
+            let base: Vec<f32> = (0..(3 * CHUNK + 17)).map(|i| i as f32 * 1e-3).collect();
+            let mut one = base.clone();
+            let mut two = base.clone();
+            source(3, g).add_gaussian(&mut one, 1.0, 1);
+            source(3, g).add_gaussian(&mut two, 1.0, 2);
+            assert_eq!(one, two);
+            assert_ne!(one, base);
+            // Successive calls use fresh keys.
+            let mut src = source(3, g);
+            assert_ne!(src.gaussian(8, 1.0), src.gaussian(8, 1.0));
+        }
+        // The two generators give different noise for the same key.
+        assert_ne!(
+            source(3, Generator::Aes256Ctr).gaussian(8, 1.0),
+            source(3, Generator::ChaCha20).gaussian(8, 1.0)
+        );
     }
 
     #[test]
     fn the_f64_path_is_the_f32_path_before_its_one_rounding() {
-        let n = 2 * CHUNK + 5;
-        let mut wide = vec![0.0f64; n];
-        NoiseSource::insecure_from_seed(11).add_gaussian_f64(&mut wide, 0.7, 2);
-        let mut narrow = vec![0.0f32; n];
-        NoiseSource::insecure_from_seed(11).add_gaussian(&mut narrow, 0.7, 1);
-        let rounded: Vec<f32> = wide.iter().map(|&v| v as f32).collect();
-        assert_eq!(rounded, narrow);
-        // The f64 values keep bits the f32 output does not have.
-        assert!(wide.iter().any(|&v| f64::from(v as f32) != v));
+        for g in BOTH {
+            let n = 2 * CHUNK + 5;
+            let mut wide = vec![0.0f64; n];
+            source(11, g).add_gaussian_f64(&mut wide, 0.7, 2);
+            let mut narrow = vec![0.0f32; n];
+            source(11, g).add_gaussian(&mut narrow, 0.7, 1);
+            let rounded: Vec<f32> = wide.iter().map(|&v| v as f32).collect();
+            assert_eq!(rounded, narrow, "{g:?}");
+            // The f64 values keep bits the f32 output does not have.
+            assert!(wide.iter().any(|&v| f64::from(v as f32) != v));
+        }
     }
 
     #[test]
@@ -460,5 +720,12 @@ mod tests {
         let a = NoiseSource::from_os().expect("os rng").gaussian(4, 1.0);
         let b = NoiseSource::from_os().expect("os rng").gaussian(4, 1.0);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn the_generator_follows_the_cpu() {
+        let g = NoiseSource::from_os().expect("os rng").generator();
+        assert_eq!(g, Generator::detect());
+        assert_eq!(g == Generator::Aes256Ctr, aes_instructions());
     }
 }
