@@ -3,6 +3,9 @@
 //! What this does not do: anything outside f64, or any function the accountants do not
 //! need.
 
+// The coefficients are copied digit for digit from the C source they come from.
+#![allow(clippy::excessive_precision)]
+
 /// erfc, as `libm::erfc` computes it (FreeBSD's s_erf.c, by way of musl: the rational
 /// approximations and the split of x^2 below are theirs; "Copyright (C) 1993 by Sun
 /// Microsystems, Inc. All rights reserved. Developed at SunPro, a Sun Microsystems, Inc.
