@@ -16,6 +16,7 @@ pub mod identifiers;
 pub mod inference;
 pub mod inventory;
 pub mod ledger_view;
+pub mod privacy_audit;
 pub mod site;
 pub mod sources;
 pub mod store;

@@ -24,7 +24,7 @@ use fedpriv_common::config::{
     round_cost, source_event, LocalPlan, Placement, PrivacyUnit, Task as TaskKind,
 };
 use fedpriv_common::dp::clip::clip_l2;
-use fedpriv_common::dp::noise::{available_threads, NoiseSource};
+use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::dp::{ClipNorm, Delta, SgmEvent};
 use fedpriv_common::model::{delta, FlatModel, ModelSpec};
 use fedpriv_common::protocol::{DeclineReason, StudyAnnouncement, Task};
@@ -728,10 +728,7 @@ pub fn run_task(
             };
             clip_l2(&mut d, clip);
             if ann.placement == Placement::Local {
-                // In f64, rounded once; every core (the noise does not depend on how many).
-                let mut wide: Vec<f64> = d.iter().map(|&v| f64::from(v)).collect();
-                noise.add_gaussian_f64(&mut wide, sigma_c, available_threads());
-                d = train::saturated_f32(&wide);
+                d = train::noised_site_delta(&d, sigma_c, noise);
             }
             (d, None, zeroed)
         }

@@ -39,6 +39,32 @@ enum Command {
     /// Study PKI: create the CA and server certificate, issue site/operator/auditor certificates, revoke.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Audit a study's exact mechanism empirically before it runs: one training run on
+    /// synthetic records with secret canaries gives a lower bound on its real epsilon
+    /// (Steinke, Nasr, Jagielski 2023), printed next to the accountant's. Exits 1 when the
+    /// bound is above the claim: the implementation leaks more than it says.
+    PrivacyAudit {
+        /// The study's TOML, as `run --study` takes it.
+        #[arg(long, value_name = "FILE")]
+        study: PathBuf,
+        /// Canaries of each kind (gradient canaries, and input canaries in record-unit studies).
+        #[arg(long, default_value_t = 1000)]
+        canaries: usize,
+        /// Seeds the auditor's choices (canaries, coins, synthetic records) to repeat a run;
+        /// the mechanism's own randomness always comes from the secure generator.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Record unit: the record count of the site the audit stands for (sets q).
+        #[arg(long)]
+        records: Option<u64>,
+        /// Confidence of the lower bound.
+        #[arg(long, default_value_t = 0.95)]
+        confidence: f64,
+        /// One JSON object (fields epsilon_claimed, epsilon_lower_bound, delta, confidence,
+        /// canaries, guesses, correct_guesses, released_view, black_box, ...).
+        #[arg(long)]
+        json: bool,
+    },
     /// Run studies: listen for sites over QUIC (mutual TLS) and run rounds until each study ends.
     Run {
         /// Study configuration (TOML); repeat for several studies. Optional: operators can
@@ -206,6 +232,66 @@ enum ModelCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+}
+
+/// Runs and prints a privacy audit; `Ok(false)` when the bound beats the claim.
+fn privacy_audit(
+    study: &std::path::Path,
+    opts: &fedpriv_client::privacy_audit::AuditOptions,
+    json: bool,
+) -> Result<bool, String> {
+    let text = std::fs::read_to_string(study)
+        .map_err(|e| format!("cannot read {}: {e}", study.display()))?;
+    let cfg = fedpriv_common::config::StudyConfig::from_toml(&text)
+        .map_err(|e| format!("{}: {e}", study.display()))?;
+    let r = fedpriv_client::privacy_audit::run(&cfg, opts).map_err(|e| e.to_string())?;
+    if json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "study {} ({:?} unit, {:?} noise): {} steps at q = {}, sigma {}, clip {}",
+            r.study, r.unit, r.placement, r.steps, r.q, r.noise_multiplier, r.clip_norm
+        );
+        println!(
+            "accountant ({}): epsilon {:.3} at delta {:e}",
+            r.accountant, r.epsilon_claimed, r.delta
+        );
+        println!(
+            "white-box ({} {} canaries): {} of {} guesses right, epsilon >= {:.3} at {}% confidence",
+            r.canaries,
+            r.canary_directions,
+            r.correct_guesses,
+            r.guesses,
+            r.epsilon_lower_bound,
+            r.confidence * 100.0
+        );
+        println!(
+            "what a site sends: {} of {} right, epsilon >= {:.3}",
+            r.released_view.correct_guesses,
+            r.released_view.guesses,
+            r.released_view.epsilon_lower_bound
+        );
+        if r.canary_directions == "random" {
+            println!(
+                "note: the model has fewer values than canaries, so the canaries overlap and the audit has little power; use fewer canaries or a larger model"
+            );
+        }
+        if let Some(b) = &r.black_box {
+            println!(
+                "black-box (input canaries, final model's loss): {} of {} right, epsilon >= {:.3}",
+                b.correct_guesses, b.guesses, b.epsilon_lower_bound
+            );
+        }
+        println!(
+            "{}",
+            if r.failed() {
+                "FAILED: the mechanism leaks more than the accountant claims"
+            } else {
+                "passed: no bound above the claim (an audit cannot prove privacy, only find leaks)"
+            }
+        );
+    }
+    Ok(!r.failed())
 }
 
 fn model_evaluate(
@@ -607,6 +693,27 @@ fn main() -> ExitCode {
                 },
         } => model_export(&study, &state, round, &out, at_rest_key_file.as_deref())
             .map(|o| println!("{o}")),
+        Command::PrivacyAudit {
+            study,
+            canaries,
+            seed,
+            records,
+            confidence,
+            json,
+        } => {
+            let opts = fedpriv_client::privacy_audit::AuditOptions {
+                canaries,
+                seed,
+                records,
+                confidence,
+                guesses: None,
+            };
+            match privacy_audit(&study, &opts, json) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::from(1),
+                Err(e) => Err(e),
+            }
+        }
         Command::Model {
             cmd: ModelCommand::Evaluate { model, data, json },
         } => model_evaluate(&model, &data, json).map(|o| println!("{o}")),

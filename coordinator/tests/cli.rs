@@ -335,3 +335,55 @@ fn model_evaluate_and_predict_use_the_cards_preprocessing() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bare.safetensors"));
 }
+
+#[test]
+fn privacy_audit_reports_its_bound_next_to_the_claim() {
+    let study = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/configs/study-record.toml"
+    );
+    let out = bin()
+        .args([
+            "privacy-audit",
+            "--study",
+            study,
+            "--records",
+            "200",
+            "--canaries",
+            "200",
+            "--seed",
+            "5",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for field in [
+        "epsilon_claimed",
+        "epsilon_lower_bound",
+        "delta",
+        "confidence",
+    ] {
+        assert!(v[field].is_f64(), "{field}: {v}");
+    }
+    assert_eq!(v["canaries"], 200);
+    assert_eq!(v["guesses"], 40);
+    assert!(v["correct_guesses"].as_u64().expect("count") <= 40);
+    assert!(v["epsilon_lower_bound"].as_f64() <= v["epsilon_claimed"].as_f64());
+    // q = expected batch 16 / 200 records, 40 rounds of 5 steps: the study's own terms.
+    assert!((v["q"].as_f64().expect("q") - 0.08).abs() < 1e-12);
+    assert_eq!(v["steps"], 200);
+
+    // A record-unit audit without a record count is the operator's mistake: exit 2, a reason.
+    let out = bin()
+        .args(["privacy-audit", "--study", study])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--records"));
+}

@@ -702,6 +702,23 @@ compile_error!(
     "the audit-weak-noise feature weakens the privacy noise: tests only, never a release build"
 );
 
+/// A clipped site-unit delta as it leaves a site under local noise: N(0, (sigma C)^2) added
+/// to every value in f64 (scaled by [`noise_scale`]), rounded to f32 once.
+pub fn noised_site_delta(
+    clipped: &[f32],
+    sigma_c: f64,
+    noise: &mut fedpriv_common::dp::noise::NoiseSource,
+) -> Vec<f32> {
+    let mut wide: Vec<f64> = clipped.iter().map(|&v| f64::from(v)).collect();
+    // Every core: the noise does not depend on how many.
+    noise.add_gaussian_f64(
+        &mut wide,
+        sigma_c * noise_scale(),
+        fedpriv_common::dp::noise::available_threads(),
+    );
+    saturated_f32(&wide)
+}
+
 /// f64 values rounded to f32, infinities and out-of-range values saturated to the largest
 /// finite f32 (NaN cannot come out of a finite working model, but maps to zero if it did).
 pub fn saturated_f32(values: &[f64]) -> Vec<f32> {
