@@ -376,7 +376,7 @@ pub fn run(study: &StudyConfig, opts: &AuditOptions) -> Result<AuditReport, Audi
     let mut noise = NoiseSource::from_os().map_err(internal)?;
     let mut aux = StdRng::seed_from_u64(opts.seed.unwrap_or_else(|| noise.rng().next_u64()));
     let learner = Learner::for_data(&study.model, &study.data).map_err(req_display)?;
-    let dim = learner.spec().num_values() as usize;
+    let dim = learner.spec().num_values();
     let clip = p.clip_norm.get();
     let sigma = p.noise_multiplier.get();
     let included: Vec<bool> = (0..m).map(|_| aux.random_bool(0.5)).collect();
