@@ -767,6 +767,11 @@ pub struct Federation {
 }
 
 impl Federation {
+    /// The sites' configs (as their daemons load them).
+    pub fn site_configs(&self) -> &[SiteConfig] {
+        &self.sites
+    }
+
     /// Writes the PKI, the site shards and configs under `root`; starts nothing.
     pub fn prepare(root: &Path, opts: &DemoOptions) -> DemoResult<Self> {
         let split = split(opts)?;

@@ -73,4 +73,44 @@ async fn a_federations_model_carries_its_card_and_scores_the_same_from_a_file() 
     assert_eq!(e.records, split.test.n);
     assert_eq!(e.accuracy, want.accuracy);
     assert!(e.auroc.is_some_and(|a| (0.5..=1.0).contains(&a)), "{e:?}");
+
+    // The site tests the released model against its own patients: its shard are the
+    // members, the held-out rows split between reference training and non-members.
+    let site = &fed.site_configs()[0];
+    let mut log = fedpriv_client::leakage::open_log(site).expect("the daemon has stopped");
+    let opts = fedpriv_client::leakage::LeakageOptions {
+        references: 4,
+        seed: 3,
+        ..Default::default()
+    };
+    let report = fedpriv_client::leakage::run(site, &study, &released, &test_csv, &opts)
+        .expect("leakage test");
+    assert_eq!(report.members, split.shards[0].n);
+    assert_eq!(report.non_members + report.reference_records, raw_test.n);
+    // This site's own epsilon, which the coordinator's figure never undercuts.
+    let own = report.epsilon.expect("the site paid for rounds");
+    assert!(
+        own > 0.0 && own <= card.epsilon + 1e-9,
+        "{own} vs {}",
+        card.epsilon
+    );
+    assert_eq!(report.attacks.len(), 2);
+    for a in &report.attacks {
+        assert!((0.0..=1.0).contains(&a.auc), "{a:?}");
+        let most = a.max_auc_under_dp.expect("a bound");
+        assert!(most > 0.5 && most < 1.0, "{a:?}");
+        // Under 1,000 non-members neither rate can be measured, and none is made up.
+        assert!(a
+            .rates
+            .iter()
+            .all(|r| r.tpr.is_none() && r.max_tpr_under_dp.is_some()));
+    }
+    fedpriv_client::leakage::record(&mut log, site, &report, &file).expect("recorded");
+    drop(log);
+    let text = std::fs::read_to_string(fedpriv_client::daemon::audit_path(site)).expect("log");
+    let last = text.lines().last().expect("a record");
+    assert!(
+        last.contains("leakage_tested") && last.contains("offline_lira"),
+        "{last}"
+    );
 }

@@ -15,6 +15,7 @@ pub mod data;
 pub mod identifiers;
 pub mod inference;
 pub mod inventory;
+pub mod leakage;
 pub mod ledger_view;
 pub mod privacy_audit;
 pub mod site;

@@ -69,6 +69,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Test a released model for membership leakage against this site's own records,
+    /// locally: a loss-threshold and an offline likelihood-ratio attack (reference models
+    /// trained on half of a held-out file), AUC and true-positive rates at 1% and 0.1%
+    /// false positives with Clopper-Pearson intervals, next to what this site's epsilon
+    /// allows. The report stays here; its summary goes to the site's audit log (stop the
+    /// daemon first: the log has one writer).
+    LeakageTest {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_name = "ID")]
+        study: String,
+        /// The released model (an exported safetensors file with its card).
+        #[arg(long, value_name = "FILE")]
+        model: PathBuf,
+        /// This site's records that did not take part in training (CSV with the study's
+        /// columns): half trains the reference models, half are the non-members.
+        #[arg(long, value_name = "CSV")]
+        holdout: PathBuf,
+        /// Reference models for the likelihood-ratio attack.
+        #[arg(long, default_value_t = 8)]
+        references: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +145,37 @@ fn run(config: PathBuf) -> Result<(), String> {
         });
         daemon::run(cfg, rx).await.map_err(|e| e.to_string())
     })
+}
+
+fn leakage_test(
+    config: &std::path::Path,
+    study: &str,
+    model: &std::path::Path,
+    holdout: &std::path::Path,
+    references: usize,
+    seed: u64,
+    json: bool,
+) -> Result<(), String> {
+    use fedpriv_client::leakage;
+    let cfg = SiteConfig::load(config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let released = fedpriv_client::inference::load_model(model)?;
+    let opts = leakage::LeakageOptions {
+        references,
+        seed,
+        ..Default::default()
+    };
+    // The log first: a test whose summary cannot be recorded does not run.
+    let mut log = leakage::open_log(&cfg)?;
+    let report = leakage::run(&cfg, study, &released, holdout, &opts)?;
+    leakage::record(&mut log, &cfg, &report, model)?;
+    if json {
+        out(&format!(
+            "{}\n",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        ))
+    } else {
+        out(&report.to_string())
+    }
 }
 
 fn ledger(config: PathBuf, json: bool) -> Result<(), String> {
@@ -222,6 +280,15 @@ fn main() -> ExitCode {
             epsilon_cap,
         } => terms(study, source, records, epsilon_cap),
         Command::Inventory { config, json } => inventory(config, json),
+        Command::LeakageTest {
+            config,
+            study,
+            model,
+            holdout,
+            references,
+            seed,
+            json,
+        } => leakage_test(&config, &study, &model, &holdout, references, seed, json),
         Command::Audit(AuditCommand::Verify { log, config }) => match audit_verify(log, config) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

@@ -135,6 +135,14 @@ pub enum AuditEvent {
     /// A site released a stand-in instead of its trained update after paying for a round
     /// (`study`, `round`, `kind`: `noise_only` or `zero_delta`, `why`).
     StandInReleased,
+    /// A site ran a membership-inference test of a released model on its own records
+    /// (`study`, `model_sha256`, `round`, counts, each attack's AUC; the report itself
+    /// stays at the site).
+    LeakageTested,
+    /// A privacy audit of a study's mechanism ran (`study`, `epsilon_claimed`,
+    /// `epsilon_lower_bound`, `delta`, `confidence`, `canaries`, `guesses`,
+    /// `correct_guesses`, `passed`).
+    PrivacyAudited,
 }
 
 impl AuditEvent {
@@ -165,6 +173,8 @@ impl AuditEvent {
         AuditEvent::DataLoaded,
         AuditEvent::StudyAccepted,
         AuditEvent::StandInReleased,
+        AuditEvent::LeakageTested,
+        AuditEvent::PrivacyAudited,
     ];
 
     /// The name written in the log.
@@ -195,6 +205,8 @@ impl AuditEvent {
             AuditEvent::DataLoaded => "data_loaded",
             AuditEvent::StudyAccepted => "study_accepted",
             AuditEvent::StandInReleased => "stand_in_released",
+            AuditEvent::LeakageTested => "leakage_tested",
+            AuditEvent::PrivacyAudited => "privacy_audited",
         }
     }
 

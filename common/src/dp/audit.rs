@@ -100,6 +100,41 @@ pub fn guess(scores: &[f64], included: &[bool], k_in: usize, k_out: usize) -> (u
     ((k_in + k_out) as u64, (right_in + right_out) as u64)
 }
 
+/// The Clopper-Pearson interval for a binomial proportion: `k` successes in `n` trials, at
+/// `confidence` (two-sided, exact: never narrower than the truth allows).
+pub fn clopper_pearson(k: u64, n: u64, confidence: f64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let tail = (1.0 - confidence) / 2.0;
+    // Both ends by bisection on the binomial tails, which are monotone in p.
+    let solve = |f: &dyn Fn(f64) -> bool| {
+        let (mut lo, mut hi) = (0f64, 1f64);
+        for _ in 0..60 {
+            let mid = (lo + hi) / 2.0;
+            if f(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        (lo + hi) / 2.0
+    };
+    let lower = if k == 0 {
+        0.0
+    } else {
+        // The smallest p with P[Bin(n, p) >= k] >= tail.
+        solve(&|p| binom_sf(k, n, p) >= tail)
+    };
+    let upper = if k == n {
+        1.0
+    } else {
+        // The largest p with P[Bin(n, p) <= k] >= tail.
+        solve(&|p| 1.0 - binom_sf(k + 1, n, p) < tail)
+    };
+    (lower, upper)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +168,21 @@ mod tests {
         assert!(p_value(m, r, v, b + 1e-3, d) >= 0.05);
         // More delta makes the null harder to reject: a smaller bound.
         assert!(epsilon_lower_bound(m, r, v, 1e-3, 0.95) < b);
+    }
+
+    #[test]
+    fn clopper_pearson_matches_published_values() {
+        // scipy.stats.binomtest(5, 20).proportion_ci(method="exact"): (0.0866, 0.4910).
+        let (lo, hi) = clopper_pearson(5, 20, 0.95);
+        assert!(
+            (lo - 0.086_571).abs() < 1e-4 && (hi - 0.491_046).abs() < 1e-4,
+            "{lo} {hi}"
+        );
+        // 0 of 10: upper = 1 - 0.025^(1/10).
+        let (lo, hi) = clopper_pearson(0, 10, 0.95);
+        assert_eq!(lo, 0.0);
+        assert!((hi - (1.0 - 0.025f64.powf(0.1))).abs() < 1e-6, "{hi}");
+        assert_eq!(clopper_pearson(10, 10, 0.95).1, 1.0);
     }
 
     #[test]
