@@ -81,6 +81,23 @@ struct Raw {
     training: RawTraining,
     privacy: RawPrivacy,
     sites: RawSites,
+    #[serde(default)]
+    release: Option<RawRelease>,
+}
+
+/// `[release]`: what must hold before a model of the study leaves the coordinator.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelease {
+    require_privacy_audit: bool,
+}
+
+/// What must hold before a model of the study is exported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasePolicy {
+    /// A passing privacy audit of these exact terms (`fedpriv-coordinator privacy-audit
+    /// --state`) must be on record.
+    pub require_privacy_audit: bool,
 }
 
 /// The TOML spelling of a model: `{ kind = "logistic_regression" }`,
@@ -424,6 +441,7 @@ pub struct StudyConfig {
     pub local: LocalPlan,
     pub privacy: PrivacyPlan,
     pub enrolled: Vec<String>,
+    pub release: ReleasePolicy,
 }
 
 impl StudyConfig {
@@ -844,6 +862,12 @@ impl StudyConfig {
                 accountant,
             },
             enrolled: enrolled.into_iter().collect(),
+            release: ReleasePolicy {
+                require_privacy_audit: raw
+                    .release
+                    .as_ref()
+                    .is_some_and(|r| r.require_privacy_audit),
+            },
         };
         cfg.check_model_size()?;
         Ok(cfg)
@@ -897,6 +921,19 @@ impl StudyConfig {
     /// One example's input shape.
     pub fn input_shape(&self) -> Vec<usize> {
         self.data.input_shape()
+    }
+
+    /// The SHA-256 of everything that makes the study's mechanism (model, data contract,
+    /// local plan, privacy plan, rounds): a privacy audit holds for these terms only.
+    pub fn mechanism_digest(&self) -> String {
+        let terms = serde_json::json!({
+            "model": self.model,
+            "data": self.data,
+            "local": self.local,
+            "privacy": self.privacy,
+            "rounds": self.rounds,
+        });
+        crate::digest::sha256_hex(terms.to_string().as_bytes())
     }
 }
 

@@ -209,6 +209,98 @@ impl<R: std::io::Read> std::io::Read for HashingReader<R> {
     }
 }
 
+/// A writer that passes a safetensors file through, adding `extra` to its header's
+/// metadata on the way (an export adds what is known only at export time, such as the
+/// privacy audit the release gate checked). The tensors' offsets are relative to the end
+/// of the header, so only the header changes; it is padded with spaces to keep the data
+/// 8-byte aligned. With nothing to add, the bytes pass through unchanged.
+#[derive(Debug)]
+pub struct MetadataAdder<W: std::io::Write> {
+    inner: W,
+    extra: std::collections::BTreeMap<String, String>,
+    /// The file's first bytes, held until the whole header has arrived.
+    head: Vec<u8>,
+    done: bool,
+}
+
+/// The largest header an export rewrites (safetensors' own limit is 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+impl<W: std::io::Write> MetadataAdder<W> {
+    pub fn new(inner: W, extra: std::collections::BTreeMap<String, String>) -> Self {
+        let done = extra.is_empty();
+        MetadataAdder {
+            inner,
+            extra,
+            head: Vec::new(),
+            done,
+        }
+    }
+
+    /// The inner writer, once the whole header has gone through.
+    pub fn finish(self) -> std::io::Result<W> {
+        if !self.done {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the model file ended inside its header",
+            ));
+        }
+        Ok(self.inner)
+    }
+
+    fn try_rewrite(&mut self) -> std::io::Result<()> {
+        let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+        if self.head.len() < 8 {
+            return Ok(());
+        }
+        let n = u64::from_le_bytes(self.head[..8].try_into().map_err(|_| invalid("header"))?);
+        if n > MAX_HEADER {
+            return Err(invalid("safetensors header too large"));
+        }
+        let end = 8 + n as usize;
+        if self.head.len() < end {
+            return Ok(());
+        }
+        let mut header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&self.head[8..end])
+                .map_err(|_| invalid("header is not JSON"))?;
+        let meta = header
+            .entry("__metadata__")
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        let serde_json::Value::Object(meta) = meta else {
+            return Err(invalid("__metadata__ is not an object"));
+        };
+        for (k, v) in &self.extra {
+            meta.insert(k.clone(), serde_json::Value::String(v.clone()));
+        }
+        let mut text = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        while (8 + text.len()) % 8 != 0 {
+            text.push(b' ');
+        }
+        self.inner.write_all(&(text.len() as u64).to_le_bytes())?;
+        self.inner.write_all(&text)?;
+        self.inner.write_all(&self.head[end..])?;
+        self.head = Vec::new();
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for MetadataAdder<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.done {
+            return self.inner.write(buf);
+        }
+        self.head.extend_from_slice(buf);
+        self.try_rewrite()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Writes round `round`'s model as a sealed (streamed AES-256-GCM) safetensors file at
 /// `path`, atomically, and returns the SHA-256 of the sealed file (what the store records).
 /// Memory: one 1 MiB segment; the model is read from its own memory, never copied whole.
@@ -297,6 +389,49 @@ pub fn read_checkpoint(
             found: digest,
         }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod metadata_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use fedpriv_common::model::{FlatModel, TensorSpec};
+    use std::io::Write;
+
+    #[test]
+    fn added_metadata_keeps_the_tensors_and_their_alignment() {
+        let spec = ModelSpec::new(vec![
+            TensorSpec::new("w", &[5, 1]),
+            TensorSpec::new("b", &[1]),
+        ])
+        .unwrap();
+        let values: Vec<f32> = (0..6).map(|i| i as f32 - 2.5).collect();
+        let mut plain = Vec::new();
+        write_safetensors(&spec, &values, &Default::default(), &mut plain).unwrap();
+        let extra = std::collections::BTreeMap::from([("k".to_string(), "v \"q\"".to_string())]);
+        // Fed in small pieces, as a stream arrives.
+        let mut w = MetadataAdder::new(Vec::new(), extra);
+        for piece in plain.chunks(7) {
+            w.write_all(piece).unwrap();
+        }
+        let out = w.finish().unwrap();
+        let n = u64::from_le_bytes(out[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + n) % 8, 0);
+        let header: serde_json::Value = serde_json::from_slice(&out[8..8 + n]).unwrap();
+        assert_eq!(header["__metadata__"]["k"], "v \"q\"");
+        let back = FlatModel::from_safetensors_bytes(&out, Some(&spec)).unwrap();
+        assert_eq!(back.values, values);
+        // Nothing to add: the bytes pass through as they are; a cut header is an error.
+        let mut w = MetadataAdder::new(Vec::new(), Default::default());
+        w.write_all(&plain).unwrap();
+        assert_eq!(w.finish().unwrap(), plain);
+        let mut w = MetadataAdder::new(
+            Vec::new(),
+            std::collections::BTreeMap::from([("k".into(), "v".into())]),
+        );
+        w.write_all(&plain[..12]).unwrap();
+        assert!(w.finish().is_err());
     }
 }
 

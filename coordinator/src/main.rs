@@ -60,6 +60,12 @@ enum Command {
         /// Confidence of the lower bound.
         #[arg(long, default_value_t = 0.95)]
         confidence: f64,
+        /// Record the result in this coordinator state directory (its database and audit
+        /// log; the coordinator must be stopped), where a study with
+        /// `[release] require_privacy_audit = true` needs a passing audit of its exact
+        /// terms before a model is exported.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
         /// One JSON object (fields epsilon_claimed, epsilon_lower_bound, delta, confidence,
         /// canaries, guesses, correct_guesses, released_view, black_box, ...).
         #[arg(long)]
@@ -234,17 +240,83 @@ enum ModelCommand {
     },
 }
 
+/// The audit log and the database of a stopped coordinator's state directory.
+fn open_for_audit(
+    dir: &std::path::Path,
+) -> Result<(fedpriv_common::audit_file::AuditLog, Store), String> {
+    if !dir.is_dir() {
+        return Err(format!("{}: not a directory", dir.display()));
+    }
+    let log_path = dir.join("audit.log");
+    let log = fedpriv_common::audit_file::AuditLog::open(&log_path).map_err(|e| match e {
+        fedpriv_common::audit_file::AuditError::InUse { .. } => format!(
+            "the coordinator is running and holds the audit log {}: stop it to record an audit",
+            log_path.display()
+        ),
+        e => format!("{}: {e}", log_path.display()),
+    })?;
+    let store = Store::open(dir.join("coordinator.db")).map_err(|e| e.to_string())?;
+    Ok((log, store))
+}
+
 /// Runs and prints a privacy audit; `Ok(false)` when the bound beats the claim.
 fn privacy_audit(
     study: &std::path::Path,
     opts: &fedpriv_client::privacy_audit::AuditOptions,
+    state: Option<&std::path::Path>,
     json: bool,
 ) -> Result<bool, String> {
     let text = std::fs::read_to_string(study)
         .map_err(|e| format!("cannot read {}: {e}", study.display()))?;
     let cfg = fedpriv_common::config::StudyConfig::from_toml(&text)
         .map_err(|e| format!("{}: {e}", study.display()))?;
+    // Where the result goes is checked before the (long) run.
+    let mut record = match state {
+        Some(dir) => Some(open_for_audit(dir)?),
+        None => None,
+    };
     let r = fedpriv_client::privacy_audit::run(&cfg, opts).map_err(|e| e.to_string())?;
+    if let Some((log, store)) = record.as_mut() {
+        let report_json = serde_json::to_string(&r).map_err(|e| e.to_string())?;
+        let by = audit::local_user();
+        log.append_now(
+            &by,
+            fedpriv_common::audit::AuditEvent::PrivacyAudited,
+            serde_json::json!({
+                "study": cfg.id,
+                "terms_sha256": cfg.mechanism_digest(),
+                "epsilon_claimed": r.epsilon_claimed,
+                "epsilon_lower_bound": r.epsilon_lower_bound,
+                "delta": r.delta,
+                "confidence": r.confidence,
+                "canaries": r.canaries,
+                "guesses": r.guesses,
+                "correct_guesses": r.correct_guesses,
+                "passed": !r.failed(),
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_secs();
+        store
+            .record_privacy_audit(&fedpriv_coordinator::store::PrivacyAuditRow {
+                study: cfg.id.clone(),
+                terms_sha256: cfg.mechanism_digest(),
+                audited_at: i64::try_from(now).map_err(|e| e.to_string())?,
+                epsilon_claimed: r.epsilon_claimed,
+                epsilon_lower_bound: r.epsilon_lower_bound,
+                delta: r.delta,
+                confidence: r.confidence,
+                canaries: r.canaries as u64,
+                guesses: r.guesses,
+                correct_guesses: r.correct_guesses,
+                passed: !r.failed(),
+                report_json,
+            })
+            .map_err(|e| e.to_string())?;
+    }
     if json {
         println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
     } else {
@@ -514,6 +586,51 @@ fn model_export(
         e => format!("{}: {e}", log_path.display()),
     })?;
     let by = audit::local_user();
+    // The release gate: a study may require a passing privacy audit of its exact terms.
+    let cfg = store
+        .study(study)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no study {study:?} in {}", state.display()))
+        .and_then(|row| {
+            fedpriv_common::config::StudyConfig::from_toml(&row.config_toml)
+                .map_err(|e| format!("study {study}'s stored config: {e}"))
+        })?;
+    let passing = store
+        .passing_privacy_audit(study, &cfg.mechanism_digest())
+        .map_err(|e| e.to_string())?;
+    if cfg.release.require_privacy_audit && passing.is_none() {
+        let reason = format!(
+            "study {study} requires a passing privacy audit of its terms before export, and none is on record (run `fedpriv-coordinator privacy-audit --study FILE --state {}`)",
+            state.display()
+        );
+        let refused = details::Refused::Export {
+            action: "model export".into(),
+            study: study.to_string(),
+            model_version: round,
+            reason: reason.clone(),
+        };
+        log.append_now(&by, details::Refused::EVENT, refused.to_value())
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        return Err(reason);
+    }
+    let mut extra = std::collections::BTreeMap::new();
+    if let Some(a) = &passing {
+        extra.insert(
+            "fedpriv.privacy_audit".to_string(),
+            serde_json::json!({
+                "terms_sha256": a.terms_sha256,
+                "audited_at": a.audited_at,
+                "epsilon_claimed": a.epsilon_claimed,
+                "epsilon_lower_bound": a.epsilon_lower_bound,
+                "delta": a.delta,
+                "confidence": a.confidence,
+                "canaries": a.canaries,
+                "guesses": a.guesses,
+                "correct_guesses": a.correct_guesses,
+            })
+            .to_string(),
+        );
+    }
     let exported = details::ModelExported {
         study: study.to_string(),
         model_version: round,
@@ -523,7 +640,7 @@ fn model_export(
     };
     log.append_now(&by, details::ModelExported::EVENT, exported.to_value())
         .map_err(|e| format!("{}: {e}", log_path.display()))?;
-    if let Err(e) = export_decrypted(&key, &src, study, round, &sha, out) {
+    if let Err(e) = export_decrypted(&key, &src, study, round, &sha, &extra, out) {
         // The attempt is on record; so is that no model left.
         let refused = details::Refused::Export {
             action: "model export".into(),
@@ -549,6 +666,7 @@ fn export_decrypted(
     study: &str,
     round: u64,
     sha: &str,
+    extra: &std::collections::BTreeMap<String, String>,
     out: &std::path::Path,
 ) -> Result<(), String> {
     use std::io::Write;
@@ -565,10 +683,14 @@ fn export_decrypted(
         .mode(0o600)
         .open(&partial)
         .map_err(|e| format!("{}: {e}", partial.display()))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut w = checkpoint::MetadataAdder::new(
+        std::io::BufWriter::with_capacity(1 << 20, file),
+        extra.clone(),
+    );
     let written = checkpoint::read_checkpoint(key, src, study, round, Some(sha), &mut w)
         .map_err(|e| e.to_string())
-        .and_then(|()| {
+        .and_then(|()| w.finish().map_err(|e| e.to_string()))
+        .and_then(|mut w| {
             w.flush()
                 .and_then(|()| w.get_ref().sync_all())
                 .map_err(|e| format!("{}: {e}", partial.display()))
@@ -699,6 +821,7 @@ fn main() -> ExitCode {
             seed,
             records,
             confidence,
+            state,
             json,
         } => {
             let opts = fedpriv_client::privacy_audit::AuditOptions {
@@ -708,7 +831,7 @@ fn main() -> ExitCode {
                 confidence,
                 guesses: None,
             };
-            match privacy_audit(&study, &opts, json) {
+            match privacy_audit(&study, &opts, state.as_deref(), json) {
                 Ok(true) => Ok(()),
                 Ok(false) => return ExitCode::from(1),
                 Err(e) => Err(e),

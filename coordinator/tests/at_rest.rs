@@ -39,11 +39,15 @@ fn study() -> StudyConfig {
 /// A state directory where round 1 completed (its checkpoint sealed with `key`) and round
 /// 2 was paid for but never finished (a restart marks it aborted). Returns the model.
 fn state_with_checkpoint(dir: &Path, key: &SealKey) -> Vec<f32> {
-    let cfg = study();
+    state_with_checkpoint_of(dir, key, STUDY_TOML)
+}
+
+fn state_with_checkpoint_of(dir: &Path, key: &SealKey, toml: &str) -> Vec<f32> {
+    let cfg = StudyConfig::from_toml(toml).expect("study config");
     let spec = server::study_spec(&cfg).expect("spec");
     let mut store = Store::open(dir.join("coordinator.db")).expect("store");
     store
-        .create_study(&cfg.id, STUDY_TOML, &cfg.enrolled, NOW)
+        .create_study(&cfg.id, toml, &cfg.enrolled, NOW)
         .expect("create");
     let ev = SgmEvent::new(0.1, 1.0, 5).expect("event");
     let paid: Vec<_> = cfg.enrolled[..2]
@@ -341,4 +345,88 @@ fn a_key_file_readable_by_others_is_refused_by_run_and_export() {
     assert_eq!(res.status.code(), Some(2), "{}", stderr(&res));
     assert!(stderr(&res).contains("no at-rest key"), "{}", stderr(&res));
     assert_eq!(ledger_state(&state), before);
+}
+
+#[test]
+fn a_study_that_requires_a_privacy_audit_exports_only_after_a_passing_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    let (key_path, key) = key_file(dir.path(), "at-rest.key");
+    let toml = format!("{STUDY_TOML}\n[release]\nrequire_privacy_audit = true\n");
+    let study_file = dir.path().join("study.toml");
+    std::fs::write(&study_file, &toml).expect("write");
+    let values = state_with_checkpoint_of(&state, &key, &toml);
+    let out_file = dir.path().join("model.safetensors");
+
+    let refused = export(&state, &out_file, Some(&key_path), None);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("requires a passing privacy audit"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!out_file.exists());
+
+    // An audit of other terms does not count: here, a different noise multiplier.
+    let other = dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        toml.replace("noise_multiplier = 2.5", "noise_multiplier = 3.0"),
+    )
+    .expect("write");
+    let audit = |file: &Path| {
+        bin()
+            .args([
+                "privacy-audit",
+                "--records",
+                "200",
+                "--canaries",
+                "100",
+                "--seed",
+                "2",
+            ])
+            .arg("--study")
+            .arg(file)
+            .arg("--state")
+            .arg(&state)
+            .output()
+            .expect("runs")
+    };
+    let ran = audit(&other);
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    assert!(!export(&state, &out_file, Some(&key_path), None)
+        .status
+        .success());
+
+    let ran = audit(&study_file);
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    let ok = export(&state, &out_file, Some(&key_path), None);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let bytes = std::fs::read(&out_file).expect("exported");
+    let spec = server::study_spec(&study()).expect("spec");
+    assert_eq!(
+        FlatModel::from_safetensors_bytes(&bytes, Some(&spec))
+            .expect("reads")
+            .values,
+        values
+    );
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("json");
+    let audit: serde_json::Value = serde_json::from_str(
+        header["__metadata__"]["fedpriv.privacy_audit"]
+            .as_str()
+            .expect("the audit travels with the model"),
+    )
+    .expect("json");
+    assert_eq!(audit["canaries"], 100);
+    assert_eq!(audit["terms_sha256"], study_config_digest(&toml));
+    let log = std::fs::read_to_string(state.join("audit.log")).expect("log");
+    assert_eq!(log.matches("\"privacy_audited\"").count(), 2, "{log}");
+}
+
+fn study_config_digest(toml: &str) -> String {
+    StudyConfig::from_toml(toml)
+        .expect("study")
+        .mechanism_digest()
 }

@@ -24,6 +24,7 @@ use fedpriv_common::state_db::{open_db, Access, DbFileError};
 use rusqlite::{Connection, Row, TransactionBehavior};
 use serde::Serialize;
 
+pub use audits::PrivacyAuditRow;
 pub use fedpriv_common::state_db::FileProblem;
 
 /// Why the store could not do what was asked.
@@ -169,6 +170,7 @@ pub struct Pruned {
     pub audit_seq: u64,
 }
 
+mod audits;
 mod ledger;
 mod models;
 mod schema;

@@ -91,6 +91,30 @@ CREATE TRIGGER model_prunes_no_update BEFORE UPDATE ON model_prunes
 CREATE TRIGGER model_prunes_no_delete BEFORE DELETE ON model_prunes
     BEGIN SELECT RAISE(ABORT, 'prune records are never deleted'); END;
 ",
+    "
+-- Privacy audits run against a study's terms (`privacy-audit --state`), passing or not;
+-- an export of a study that requires one looks for a passing audit of its exact terms.
+-- No reference to studies: an audit usually runs before the study is started.
+CREATE TABLE privacy_audits (
+    id INTEGER PRIMARY KEY,
+    study TEXT NOT NULL,
+    terms_sha256 TEXT NOT NULL,
+    audited_at INTEGER NOT NULL,
+    epsilon_claimed REAL NOT NULL,
+    epsilon_lower_bound REAL NOT NULL,
+    delta REAL NOT NULL,
+    confidence REAL NOT NULL,
+    canaries INTEGER NOT NULL,
+    guesses INTEGER NOT NULL,
+    correct_guesses INTEGER NOT NULL,
+    passed INTEGER NOT NULL CHECK (passed IN (0, 1)),
+    report_json TEXT NOT NULL
+) STRICT;
+CREATE TRIGGER privacy_audits_no_update BEFORE UPDATE ON privacy_audits
+    BEGIN SELECT RAISE(ABORT, 'audit records are never changed'); END;
+CREATE TRIGGER privacy_audits_no_delete BEFORE DELETE ON privacy_audits
+    BEGIN SELECT RAISE(ABORT, 'audit records are never deleted'); END;
+",
 ];
 
 /// `READ_ONLY_STANDINS[i]`: empty TEMP tables standing in for what `MIGRATIONS[i]` adds,
@@ -102,6 +126,13 @@ pub(super) const READ_ONLY_STANDINS: &[&str] = &[
     "CREATE TEMP TABLE model_prunes (
         study TEXT NOT NULL, round INTEGER NOT NULL, pruned_at INTEGER NOT NULL,
         audit_seq INTEGER NOT NULL, PRIMARY KEY (study, round)
+    ) STRICT;",
+    "CREATE TEMP TABLE privacy_audits (
+        id INTEGER PRIMARY KEY, study TEXT NOT NULL, terms_sha256 TEXT NOT NULL,
+        audited_at INTEGER NOT NULL, epsilon_claimed REAL NOT NULL,
+        epsilon_lower_bound REAL NOT NULL, delta REAL NOT NULL, confidence REAL NOT NULL,
+        canaries INTEGER NOT NULL, guesses INTEGER NOT NULL, correct_guesses INTEGER NOT NULL,
+        passed INTEGER NOT NULL, report_json TEXT NOT NULL
     ) STRICT;",
 ];
 
