@@ -79,6 +79,101 @@ pub fn model_path(state_dir: &Path, study: &str, round: u64) -> PathBuf {
         .join(format!("round-{round:05}.safetensors"))
 }
 
+/// Where round `round`'s server-optimiser state (FedAdam's moments) is kept, beside its
+/// checkpoint. Only the latest completed round's is needed to resume.
+pub fn optimizer_path(state_dir: &Path, study: &str, round: u64) -> PathBuf {
+    state_dir
+        .join("models")
+        .join(study)
+        .join(format!("round-{round:05}.optimizer"))
+}
+
+fn optimizer_purpose(study: &str, round: u64) -> Vec<u8> {
+    format!("fedpriv optimizer state\0study={study}\0round={round}").into_bytes()
+}
+
+/// Writes an optimiser state sealed like a checkpoint (bound to its study and round, so a
+/// file of another round or study does not authenticate), atomically.
+pub fn write_optimizer_state(
+    key: &SealKey,
+    state: &[f32],
+    study: &str,
+    round: u64,
+    path: &Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    write_atomic(path, |f| {
+        let mut sealed = SealWriter::new(key, &mut *f, &optimizer_purpose(study, round))
+            .map_err(std::io::Error::other)?;
+        for chunk in state.chunks(1 << 18) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            sealed.write_all(&bytes)?;
+        }
+        sealed.finish().map_err(std::io::Error::other)?;
+        Ok(())
+    })
+}
+
+/// Removes the optimiser states of rounds before `round` (only the latest completed round's
+/// is needed), best effort: one left behind costs only disk.
+pub fn remove_older_optimizer_states(state_dir: &Path, study: &str, round: u64) {
+    let Ok(dir) = std::fs::read_dir(state_dir.join("models").join(study)) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(r) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("round-"))
+            .and_then(|n| n.strip_suffix(".optimizer"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if r < round {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(study, round = r, error = %e, "could not remove an old optimiser state");
+            }
+        }
+    }
+}
+
+/// Reads an optimiser state written by [`write_optimizer_state`], authenticated in full.
+pub fn read_optimizer_state(
+    key: &SealKey,
+    path: &Path,
+    study: &str,
+    round: u64,
+) -> Result<Vec<f32>, CheckpointError> {
+    use std::io::Read;
+    let what = format!(
+        "optimiser state {} (round {round} of study {study})",
+        path.display()
+    );
+    let file = std::fs::File::open(path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut plain = Vec::new();
+    SealReader::new(key, file, &optimizer_purpose(study, round))
+        .and_then(|mut r| {
+            r.read_to_end(&mut plain)
+                .map_err(|e| SealError::Io {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                })
+                .map(|_| ())
+        })
+        .map_err(|_| CheckpointError::NotAuthentic { what: what.clone() })?;
+    if plain.len() % 4 != 0 {
+        return Err(CheckpointError::NotAuthentic { what });
+    }
+    Ok(plain
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
 /// Writes a file so that it is either all there or not there: temporary file (filled by
 /// `fill`), fsync, rename, fsync of the directory.
 pub(crate) fn write_atomic<T>(

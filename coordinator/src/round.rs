@@ -359,6 +359,17 @@ impl StudyEngine {
         }
     }
 
+    /// The server optimiser's state after the last completed round (FedAdam's moments),
+    /// to be stored with that round's checkpoint.
+    pub fn optimizer_state(&self) -> Option<Vec<f32>> {
+        self.optimizer.state()
+    }
+
+    /// Resumes the server optimiser from a stored state.
+    pub fn restore_optimizer(&mut self, state: &[f32]) -> Result<(), String> {
+        self.optimizer.restore(state)
+    }
+
     pub fn config(&self) -> &StudyConfig {
         &self.cfg
     }

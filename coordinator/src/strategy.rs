@@ -9,6 +9,21 @@ use fedpriv_common::config::Strategy;
 /// A server optimiser: applies a pseudo-gradient (the mean delta) to the global model.
 pub trait ServerOptimizer: Send {
     fn apply(&mut self, global: &mut [f32], mean_delta: &[f32]);
+
+    /// State that must survive a restart (FedAdam's moments), flat; `None` when there is
+    /// none.
+    fn state(&self) -> Option<Vec<f32>> {
+        None
+    }
+
+    /// Puts back what [`Self::state`] gave.
+    fn restore(&mut self, state: &[f32]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err("this optimiser keeps no state".into())
+        }
+    }
 }
 
 /// FedAvg: `global += lr * mean_delta`.
@@ -62,6 +77,28 @@ impl ServerOptimizer for FedAdam {
             *g += self.lr * *m / (v.sqrt() + self.tau);
         }
     }
+
+    /// The first moments, then the second.
+    fn state(&self) -> Option<Vec<f32>> {
+        Some(self.m.iter().chain(&self.v).copied().collect())
+    }
+
+    fn restore(&mut self, state: &[f32]) -> Result<(), String> {
+        let dim = self.m.len();
+        if state.len() != 2 * dim {
+            return Err(format!(
+                "FedAdam state has {} values, the model needs {}",
+                state.len(),
+                2 * dim
+            ));
+        }
+        if state.iter().any(|x| !x.is_finite()) || state[dim..].iter().any(|&v| v < 0.0) {
+            return Err("FedAdam state holds non-finite or negative second moments".into());
+        }
+        self.m.copy_from_slice(&state[..dim]);
+        self.v.copy_from_slice(&state[dim..]);
+        Ok(())
+    }
 }
 
 /// The optimiser a study names.
@@ -75,6 +112,31 @@ pub fn for_study(strategy: Strategy, lr: f32, dim: usize) -> Box<dyn ServerOptim
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fedadam_resumed_from_its_state_moves_as_if_never_stopped() {
+        let deltas = [[0.5f32, -1.0], [0.25, 0.75], [-0.5, 0.1]];
+        let mut a = FedAdam::new(0.1, 2);
+        let mut ga = vec![1.0f32, 2.0];
+        a.apply(&mut ga, &deltas[0]);
+        let saved = a.state().unwrap();
+        let mut b = FedAdam::new(0.1, 2);
+        b.restore(&saved).unwrap();
+        let mut gb = ga.clone();
+        // A fresh optimiser (the old restart) moves differently.
+        let mut fresh = FedAdam::new(0.1, 2);
+        let mut gf = ga.clone();
+        for d in &deltas[1..] {
+            a.apply(&mut ga, d);
+            b.apply(&mut gb, d);
+            fresh.apply(&mut gf, d);
+        }
+        assert_eq!(ga, gb);
+        assert_ne!(ga, gf);
+        assert!(b.restore(&saved[1..]).is_err());
+        assert!(b.restore(&[0.0, 0.0, -1.0, 0.0]).is_err());
+        assert!(FedAvg { lr: 1.0 }.state().is_none());
+    }
 
     #[test]
     fn fedavg_moves_by_lr_times_delta() {

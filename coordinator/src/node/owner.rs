@@ -529,6 +529,22 @@ impl<S: StateStore> Ctx<S> {
                     path: path.clone(),
                     source,
                 })?;
+                // FedAdam's moments go beside it, so that a restart resumes the optimiser
+                // rather than silently resetting it.
+                if let Some(state) = eng.optimizer_state() {
+                    let opt = checkpoint::optimizer_path(&self.state_dir, study, round);
+                    checkpoint::write_optimizer_state(
+                        &self.at_rest_key,
+                        &state,
+                        study,
+                        round,
+                        &opt,
+                    )
+                    .map_err(|source| StoreError::Io {
+                        path: opt.clone(),
+                        source,
+                    })?;
+                }
                 let rel = path
                     .strip_prefix(&self.state_dir)
                     .unwrap_or(&path)
@@ -548,6 +564,9 @@ impl<S: StateStore> Ctx<S> {
                 })?;
                 self.store
                     .complete_round(study, round, &rel, &digest, &contributors, now.unix)?;
+                if eng.optimizer_state().is_some() {
+                    checkpoint::remove_older_optimizer_states(&self.state_dir, study, round);
+                }
                 metrics.inc(metrics::ROUNDS_COMPLETED, &[("study", study)]);
                 let budget = eng.config().privacy.epsilon.get();
                 tracing::info!(%study, round, sites = contributors.len(), epsilon = format!("{epsilon:.4}"), budget, "round completed");

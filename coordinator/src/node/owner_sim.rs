@@ -577,3 +577,53 @@ fn injected_store_failures_never_let_a_task_out_unpaid() {
     }
     assert!(failed_runs >= 5, "only {failed_runs} runs had a failure");
 }
+
+#[test]
+fn fedadam_resumes_its_moments_after_a_restart() {
+    let toml = study_toml("adam", 3, "fedadam");
+    let mut sim = Sim::new(7, std::slice::from_ref(&toml), 0.0);
+    sim.run(&|_, _| Reply::Honest);
+    assert_eq!(sim.released.len(), 3);
+    let mut store = sim.stop();
+    let models = sim.dir.path().join("models").join("adam");
+    // Only the last completed round's state is kept.
+    let kept: Vec<String> = std::fs::read_dir(&models)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".optimizer"))
+        .collect();
+    assert_eq!(kept, ["round-00003.optimizer"]);
+    let path = crate::checkpoint::optimizer_path(sim.dir.path(), "adam", 3);
+    let saved = crate::checkpoint::read_optimizer_state(&sim.key, &path, "adam", 3).unwrap();
+    assert!(saved.iter().any(|&v| v != 0.0));
+
+    // What a restart loads: the engine carries the moments on.
+    let cfg = StudyConfig::from_toml(&toml).unwrap();
+    let configs = vec![(cfg, toml.clone())];
+    let loaded = studies::load_studies(
+        &mut store,
+        sim.dir.path(),
+        &configs,
+        &sim.key,
+        1_800_000_000,
+    )
+    .unwrap();
+    let engine = loaded.get("adam").unwrap().engine();
+    assert_eq!(engine.optimizer_state().unwrap(), saved);
+    assert_eq!(saved.len(), 2 * engine.global().len());
+
+    // A state bound to another round does not authenticate; a missing one stops the resume
+    // instead of silently resetting the optimiser.
+    assert!(crate::checkpoint::read_optimizer_state(&sim.key, &path, "adam", 2).is_err());
+    std::fs::remove_file(&path).unwrap();
+    let err = studies::load_studies(
+        &mut store,
+        sim.dir.path(),
+        &configs,
+        &sim.key,
+        1_800_000_000,
+    )
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("FedAdam"), "{err}");
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use fedpriv_common::arch;
 use fedpriv_common::audit::details::StudyCreated;
-use fedpriv_common::config::{Placement, PrivacyUnit, StudyConfig};
+use fedpriv_common::config::{Placement, PrivacyUnit, Strategy, StudyConfig};
 use fedpriv_common::model::{FlatModel, ModelSpec};
 use fedpriv_common::protocol::StudyAnnouncement;
 use fedpriv_common::quic_io::SharedBody;
@@ -287,7 +287,8 @@ pub fn study_runtime(
         }
     };
     let spec = study_spec(cfg)?;
-    let global = match store.last_completed_round(&cfg.id)? {
+    let last = store.last_completed_round(&cfg.id)?;
+    let global = match last.clone() {
         Some((round, file, sha)) => {
             let path = state_dir.join(&file);
             // Authenticated (and digest-checked) in full before a byte is parsed.
@@ -326,6 +327,20 @@ pub fn study_runtime(
         spent,
         records,
     );
+    if let (Some((round, ..)), Strategy::FedAdam) = (&last, cfg.strategy) {
+        // A restart resumes FedAdam's moments; without them it would silently restart the
+        // optimiser, so a missing or unreadable state stops the study from resuming.
+        let path = checkpoint::optimizer_path(state_dir, &cfg.id, *round);
+        let state = checkpoint::read_optimizer_state(key, &path, &cfg.id, *round).map_err(|e| {
+            ServerError::Config(format!(
+                "study {} uses FedAdam and cannot resume its optimiser state: {e}",
+                cfg.id
+            ))
+        })?;
+        engine.restore_optimizer(&state).map_err(|e| {
+            ServerError::Config(format!("study {}: {}: {e}", cfg.id, path.display()))
+        })?;
+    }
     let status = store.study(&cfg.id)?.map(|r| r.status);
     if status != Some(StudyStatus::Active) {
         tracing::info!(study = %cfg.id, "study already ended; serving its state read-only");
