@@ -621,13 +621,19 @@ impl StudyEngine {
             .filter(|s| !self.retired.contains(*s))
             .cloned()
             .collect();
+        // Sites that cannot be priced at all (not merely over budget), with why: if they
+        // leave too few sites, that is the study's end reason, not the budget.
+        let mut unpriceable: Vec<String> = Vec::new();
         for site in &active {
             let records = self.records.get(site).copied();
             let cost = match self.cfg.privacy.round_cost(&self.cfg.local, records) {
                 Ok(c) => c,
                 // A site whose size we do not know yet cannot be priced; it may be later.
                 Err(_) if records.is_none() => continue,
-                Err(_) => continue,
+                Err(why) => {
+                    unpriceable.push(format!("{site}: {why}"));
+                    continue;
+                }
             };
             let mut events = self.spent.get(site).cloned().unwrap_or_default();
             events.push(cost);
@@ -635,7 +641,8 @@ impl StudyEngine {
                 Ok(e) if e <= budget => {
                     affordable.insert(site.clone(), (cost, e));
                 }
-                _ => {}
+                Ok(_) => {}
+                Err(e) => unpriceable.push(format!("{site}: the accountant failed: {e}")),
             }
         }
         let unpriced = enrolled
@@ -652,7 +659,14 @@ impl StudyEngine {
                 .map(|(s, _)| s.as_str())
                 .collect();
             let others = self.refused.len() - capped.len();
-            let reason = if others == 0 {
+            let reason = if !unpriceable.is_empty() {
+                format!(
+                    "too few sites can take part: {} of the {} the study needs can do round {round}; cannot be priced: {}",
+                    could_join,
+                    self.cfg.min_sites,
+                    unpriceable.join("; ")
+                )
+            } else if others == 0 {
                 let own = if capped.is_empty() {
                     String::new()
                 } else {

@@ -792,3 +792,36 @@ fn a_study_nobody_joins_ends_at_its_join_timeout() {
         .iter()
         .any(|a| matches!(a, Action::StudyEnded { .. })));
 }
+
+#[test]
+fn a_site_that_cannot_be_priced_is_named_not_blamed_on_the_budget() {
+    // Record unit with an expected batch of 50: a site declaring 20 records has no rate.
+    let mut eng = engine(config(|b| b.record_unit(5, 50.0).min_sites(2)));
+    let mut noise = NoiseSource::insecure_from_seed(3);
+    let mut out = Vec::new();
+    for s in ["s1", "s2", "s3", "s4"] {
+        out.extend(eng.handle(
+            Input::SiteReady {
+                site: s.into(),
+                records: 20,
+            },
+            0,
+            &mut noise,
+        ));
+    }
+    out.extend(eng.handle(Input::Tick, 1, &mut noise));
+    let reason = out
+        .iter()
+        .find_map(|a| match a {
+            Action::StudyEnded { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("the study ends");
+    assert!(!reason.contains("budget exhausted"), "{reason}");
+    assert!(
+        reason.contains("cannot be priced")
+            && reason.contains("s1:")
+            && reason.contains("fewer than the expected batch"),
+        "{reason}"
+    );
+}
