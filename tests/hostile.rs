@@ -63,6 +63,7 @@ fn announcement(study: &str, unit: PrivacyUnit, placement: Placement) -> StudyAn
         ),
     };
     StudyAnnouncement {
+        instance: "run-1".into(),
         study: study.into(),
         model: Architecture::mlp(HIDDEN),
         data: DataSpec {
@@ -484,6 +485,16 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
         }
         other => panic!("old terms: {other:?}"),
     }
+    // Another run of the same study id (a coordinator with fresh state, whose rounds start
+    // at 1 again): refused as a whole at its announcement (the prepared run stays; a task
+    // carries no run of its own, so tasks are paid under the prepared run only).
+    let mut rerun = rec.clone();
+    rerun.instance = "run-2".into();
+    match peer.announce(&rerun).await {
+        Answer::Unable(_, DeclineReason::OtherInstance) => {}
+        other => panic!("another run: {other:?}"),
+    }
+    deviations += 1;
 
     // The central study the site opted into: clipped, un-noised deltas (norm at most C).
     match peer.announce(&cen).await {
@@ -578,6 +589,22 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
     let rec_view = view.studies.iter().find(|s| s.study == "rec").unwrap();
     assert_eq!(rec_view.delta, Some(1e-6));
     assert!(rec_view.rounds_declined > 0 && rec_view.epsilon.unwrap() > 0.0);
+    // Tasks declined before any payment (a malformed model, a study not yet accepted) are
+    // in the ledger's refusals too, which `fedpriv-client inventory` counts.
+    let reasons = |study: &str| -> Vec<String> {
+        ledger
+            .refusals(study)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.reason)
+            .collect()
+    };
+    let rec_reasons = reasons("rec");
+    assert!(
+        rec_reasons.iter().filter(|r| *r == "invalid_task").count() >= 3,
+        "{rec_reasons:?}"
+    );
+    assert!(reasons("loc").contains(&"terms_differ".to_string()));
 
     // Every deviation is on the site's record, and the record verifies.
     let log = fedpriv_client::daemon::audit_path(&cfg);

@@ -263,10 +263,12 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                     .and_then(|g| g.studies.get(&task.study).cloned());
                 let Some(study) = study else {
                     let reason = unprepared_reason(state, &task.study);
-                    let _ = audit(
+                    note_declined(
                         state,
-                        AuditEvent::Refused,
-                        serde_json::json!({"identity": "coordinator", "action": "task", "study": task.study, "round": task.round, "reason": reason.as_str(), "detail": "no accepted announcement of this study"}),
+                        &task,
+                        &coordinator,
+                        reason,
+                        "no accepted announcement of this study",
                     );
                     let reply = SiteMessage::Decline {
                         study: task.study.clone(),
@@ -292,10 +294,12 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                 {
                     // The coordinator's model, not anything of ours: say so and go on.
                     tracing::warn!(error = %e, "task body refused");
-                    let _ = audit(
+                    note_declined(
                         state,
-                        AuditEvent::Refused,
-                        serde_json::json!({"identity": "coordinator", "action": "task", "study": task.study, "round": task.round, "reason": DeclineReason::InvalidTask.as_str(), "detail": format!("model body: {e}")}),
+                        &task,
+                        &coordinator,
+                        DeclineReason::InvalidTask,
+                        &format!("model body: {e}"),
                     );
                     let reply = SiteMessage::Decline {
                         study: task.study.clone(),
@@ -424,6 +428,34 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
 }
 
 /// Why a task for a study the site has not prepared is declined.
+/// Records a task declined before it reached the ledger's payment (no accepted
+/// announcement, a malformed model): in the ledger's refusals, which `inventory` counts,
+/// and in the audit log, like every other refusal.
+fn note_declined(
+    state: &Arc<Mutex<SiteState>>,
+    task: &fedpriv_common::protocol::Task,
+    coordinator: &str,
+    reason: DeclineReason,
+    detail: &str,
+) {
+    if let Ok(mut g) = state.lock() {
+        if let Err(e) = g.ledger.record_refusal(
+            &task.study,
+            task.round,
+            coordinator,
+            reason.as_str(),
+            unix_now(),
+        ) {
+            tracing::error!(error = %e, "could not record a refusal in the site ledger");
+        }
+    }
+    let _ = audit(
+        state,
+        AuditEvent::Refused,
+        serde_json::json!({"identity": "coordinator", "action": "task", "study": task.study, "round": task.round, "reason": reason.as_str(), "detail": detail}),
+    );
+}
+
 fn unprepared_reason(state: &Arc<Mutex<SiteState>>, study: &str) -> DeclineReason {
     let Ok(g) = state.lock() else {
         return DeclineReason::Internal;
@@ -463,6 +495,20 @@ async fn take_up(
                     reason: DeclineReason::Internal,
                     detail: format!("site ledger: {e}"),
                 })?;
+            let run = guard
+                .ledger
+                .pinned_instance(&ann.study)
+                .map_err(|e| site::Refusal {
+                    reason: DeclineReason::Internal,
+                    detail: format!("site ledger: {e}"),
+                })?;
+            // Paid under another run of this study id: refuse this run as a whole.
+            if run.as_deref().is_some_and(|r| r != ann.instance) {
+                return Err(site::Refusal {
+                    reason: DeclineReason::OtherInstance,
+                    detail: "the study was paid for under another run".into(),
+                });
+            }
             site::prepare_study(&guard.cfg, &guard.loaded, pinned.as_ref(), &ann)
         }
         Err(_) => Err(site::Refusal {

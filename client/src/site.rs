@@ -674,11 +674,15 @@ pub fn run_task(
         source_event: at_source,
         terms: &study.terms,
         coordinator,
+        instance: &ann.instance,
     };
     let paid = match ledger.pay(&spend, &study_cap, &source_cap, unix_now()) {
         Ok(p) => p,
         Err(e @ StoreError::OverCap { .. }) => {
             return Err(Refusal::new(DeclineReason::OverCap, e.to_string()))
+        }
+        Err(e @ StoreError::OtherInstance { .. }) => {
+            return Err(Refusal::new(DeclineReason::OtherInstance, e.to_string()))
         }
         Err(e @ StoreError::AlreadySpent { .. }) => {
             return Err(Refusal::new(DeclineReason::AlreadyPaid, e.to_string()))

@@ -44,6 +44,10 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// This site paid for rounds of another run of this study id (another coordinator
+    /// state, whose round numbers start again): it takes no part in this run.
+    #[error("study {study:?} was paid for under another run; this run's rounds are refused (a new study id is needed)")]
+    OtherInstance { study: String },
     /// This site already paid for this round of this study: decline the task (a replay).
     #[error("round {round} of study {study:?} was already paid for; a round is never run twice")]
     AlreadySpent { study: String, round: u64 },
@@ -135,6 +139,9 @@ pub struct Spend<'a> {
     pub terms: &'a str,
     /// The coordinator's identity (from its certificate) that asked for the round.
     pub coordinator: &'a str,
+    /// The run of the study the round belongs to (its announcement's `instance`): pinned
+    /// at the study's first spend here; rounds of another run are refused.
+    pub instance: &'a str,
 }
 
 /// What a recorded spend brought the study and its source to.
@@ -254,13 +261,31 @@ CREATE TRIGGER study_terms_no_update BEFORE UPDATE ON study_terms
 CREATE TRIGGER study_terms_no_delete BEFORE DELETE ON study_terms
     BEGIN SELECT RAISE(ABORT, 'pinned terms are never deleted'); END;
 ",
+    "
+-- The run of each study this site paid under (the announcement's instance id).
+CREATE TABLE study_instances (
+    study TEXT PRIMARY KEY NOT NULL,
+    instance TEXT NOT NULL,
+    pinned_at INTEGER NOT NULL
+) STRICT;
+CREATE TRIGGER study_instances_no_update BEFORE UPDATE ON study_instances
+    BEGIN SELECT RAISE(ABORT, 'pinned runs are never changed'); END;
+CREATE TRIGGER study_instances_no_delete BEFORE DELETE ON study_instances
+    BEGIN SELECT RAISE(ABORT, 'pinned runs are never deleted'); END;
+",
 ];
 
 const SPEC: DbSpec = DbSpec {
     app_id: APPLICATION_ID,
     kind: "fedpriv site ledger",
     migrations: MIGRATIONS,
-    read_only_standins: &["", ""],
+    read_only_standins: &[
+        "",
+        "",
+        "CREATE TEMP TABLE study_instances (
+            study TEXT PRIMARY KEY NOT NULL, instance TEXT NOT NULL, pinned_at INTEGER NOT NULL
+        ) STRICT;",
+    ],
 };
 
 /// The site's ledger.
@@ -359,6 +384,15 @@ impl SiteLedger {
         Ok(())
     }
 
+    /// The run (announcement instance) `study` was first paid under, if it was.
+    pub fn pinned_instance(&self, study: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT instance FROM study_instances WHERE study = ?1")?
+            .query_row([study], |r| r.get(0))
+            .optional()?)
+    }
+
     /// The terms and source `study` was first paid under, if it was: `(source, terms)`.
     pub fn pinned_terms(&self, study: &str) -> Result<Option<(String, String)>, StoreError> {
         let mut stmt = self
@@ -387,6 +421,17 @@ impl SiteLedger {
     ) -> Result<Paid, StoreError> {
         let tx = self.write()?;
         let (study, round) = (spend.study, spend.round);
+        // Another run first: its round numbers overlap this run's, so "already paid"
+        // would hide what happened.
+        let run: Option<String> = tx
+            .prepare_cached("SELECT instance FROM study_instances WHERE study = ?1")?
+            .query_row([study], |r| r.get(0))
+            .optional()?;
+        if run.as_deref().is_some_and(|r| r != spend.instance) {
+            return Err(StoreError::OtherInstance {
+                study: study.to_string(),
+            });
+        }
         let spent: bool = tx
             .prepare_cached("SELECT 1 FROM spends WHERE study = ?1 AND round = ?2")?
             .exists(params![study, round])?;
@@ -501,6 +546,14 @@ impl SiteLedger {
                 e.steps
             ],
         )?;
+        if run.is_none() {
+            // The first spend pins the run (spends from before runs were pinned count as
+            // this run's).
+            tx.execute(
+                "INSERT INTO study_instances (study, instance, pinned_at) VALUES (?1, ?2, ?3)",
+                params![study, spend.instance, now],
+            )?;
+        }
         if pinned.is_none() {
             tx.execute(
                 "INSERT INTO study_terms (study, source, terms, sha256, pinned_at)
@@ -715,6 +768,7 @@ mod tests {
             source_event: event,
             terms: "t",
             coordinator: "coord",
+            instance: "run-1",
         };
         ledger.pay(&spend, cap, &open_source(), now)
     }
@@ -989,7 +1043,7 @@ mod tests {
             file_problem(SiteLedger::open(&copy).expect_err("newer")),
             FileProblem::NewerSchema {
                 found: 7,
-                supported: 2
+                supported: MIGRATIONS.len() as i64
             }
         );
     }
@@ -1020,6 +1074,7 @@ mod tests {
                 source_event: release,
                 terms: "t",
                 coordinator: "coord",
+                instance: "run-1",
             };
             match ledger.pay(&spend, &study_cap, &source, 1) {
                 Ok(p) => {
@@ -1057,6 +1112,7 @@ mod tests {
             source_event: release,
             terms: "t",
             coordinator: "coord",
+            instance: "run-1",
         };
         ledger
             .pay(&spend, &study_cap, &source, 2)
@@ -1085,6 +1141,53 @@ mod tests {
     }
 
     #[test]
+    fn a_study_is_paid_under_one_run_only() {
+        let (_dir, _path, mut ledger) = fresh();
+        let cap = Cap {
+            epsilon: Epsilon::new(1e9).expect("eps"),
+            delta: delta(),
+            accountant: AccountantKind::Rdp,
+        };
+        let step = ev(0.1, 1.0, 10);
+        let first = Spend {
+            study: "s1",
+            round: 1,
+            event: step,
+            source: "wards",
+            source_event: step,
+            terms: "terms A",
+            coordinator: "coord",
+            instance: "run-1",
+        };
+        ledger.pay(&first, &cap, &open_source(), 1).expect("first");
+        // Another run of the same study id (a coordinator with fresh state starts its
+        // rounds again): refused as such, for any round, and nothing is recorded.
+        for round in [1, 2, 7] {
+            let other = Spend {
+                round,
+                instance: "run-2",
+                ..first.clone()
+            };
+            assert!(matches!(
+                ledger.pay(&other, &cap, &open_source(), 2),
+                Err(StoreError::OtherInstance { .. })
+            ));
+        }
+        assert_eq!(ledger.spends("s1").expect("spends").len(), 1);
+        let next = Spend {
+            round: 2,
+            ..first.clone()
+        };
+        ledger
+            .pay(&next, &cap, &open_source(), 3)
+            .expect("same run");
+        assert!(ledger
+            .conn
+            .execute("UPDATE study_instances SET instance = 'run-2'", [])
+            .is_err());
+    }
+
+    #[test]
     fn terms_and_source_are_pinned_by_the_first_spend() {
         let (_dir, _path, mut ledger) = fresh();
         let cap = Cap {
@@ -1101,6 +1204,7 @@ mod tests {
             source_event: step,
             terms: "terms A",
             coordinator: "coord",
+            instance: "run-1",
         };
         assert_eq!(ledger.pinned_terms("s1").expect("query"), None);
         ledger.pay(&first, &cap, &open_source(), 1).expect("first");

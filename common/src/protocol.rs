@@ -34,13 +34,18 @@ pub struct StudyAnnouncement {
     pub noise_multiplier: f64,
     /// How each site trains in a round (DP-SGD plan for the record unit).
     pub local: LocalPlan,
+    /// A random id of this run of the study, chosen when the coordinator created it: a
+    /// site that paid under one run refuses another run of the same study id (its round
+    /// numbers would start again), rather than decline round after round as already paid.
+    pub instance: String,
 }
 
 impl StudyAnnouncement {
     /// The terms of a validated study, as the coordinator announces them.
-    pub fn for_study(cfg: &StudyConfig) -> Self {
+    pub fn for_study(cfg: &StudyConfig, instance: &str) -> Self {
         let p = &cfg.privacy;
         Self {
+            instance: instance.to_string(),
             study: cfg.id.clone(),
             model: cfg.model.clone(),
             data: cfg.data.clone(),
@@ -106,6 +111,9 @@ pub enum DeclineReason {
     Unavailable,
     /// Something failed at the site before it paid for the round.
     Internal,
+    /// The site paid for rounds of another run of this study id (another coordinator
+    /// state): it takes no part in this one.
+    OtherInstance,
 }
 
 impl DeclineReason {
@@ -114,7 +122,11 @@ impl DeclineReason {
     pub fn is_permanent(self) -> bool {
         matches!(
             self,
-            Self::NotEnrolled | Self::TermsDiffer | Self::OverCap | Self::Unavailable
+            Self::NotEnrolled
+                | Self::TermsDiffer
+                | Self::OverCap
+                | Self::Unavailable
+                | Self::OtherInstance
         )
     }
 
@@ -128,6 +140,7 @@ impl DeclineReason {
             Self::AlreadyPaid => "already_paid",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::OtherInstance => "other_instance",
         }
     }
 }
@@ -146,6 +159,9 @@ impl std::fmt::Display for DeclineReason {
                 "the site's data for this study has been unavailable since it started"
             }
             Self::Internal => "the site failed before paying for the round",
+            Self::OtherInstance => {
+                "the site paid under another run of this study id; use a new study id"
+            }
         })
     }
 }
@@ -212,6 +228,7 @@ mod tests {
     #[test]
     fn every_message_round_trips_through_the_wire_format() {
         let ann = StudyAnnouncement {
+            instance: "0123456789abcdef".into(),
             study: "bc".into(),
             model: Architecture::mlp(4),
             data: DataSpec {

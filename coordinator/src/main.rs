@@ -89,7 +89,9 @@ enum Command {
         /// Certificate revocation list (PEM); repeatable.
         #[arg(long, value_name = "FILE")]
         crl: Vec<PathBuf>,
-        /// Exit once every study has ended (default: keep serving).
+        /// Exit once every study has ended (default: keep serving). Exit status 6 if a
+        /// study ended without doing its work (too few sites could take part, or none
+        /// joined in time); a budget used up or all rounds done is a normal end (0).
         #[arg(long)]
         exit_when_done: bool,
         /// Key that encrypts model checkpoints at rest (made by `at-rest-key`; mode 0600,
@@ -458,7 +460,7 @@ fn run_studies(
     exit_when_done: bool,
     at_rest_key_file: Option<&std::path::Path>,
     limits_file: Option<&std::path::Path>,
-) -> Result<(), String> {
+) -> Result<Vec<(String, String)>, String> {
     // Before anything else: a bad limits file is the operator's to fix, and says so at once.
     let limits = load_limits(limits_file)?;
     let at_rest_key = at_rest::load_key(at_rest_key_file).map_err(|e| e.to_string())?;
@@ -493,9 +495,46 @@ fn run_studies(
             max_concurrent_uploads: 2,
             at_rest_key: std::sync::Arc::new(at_rest_key),
         };
-        server::run_with_limits(opts, limits, stop_rx, None, exit_when_done)
+        // Studies that ended without doing their work, as the engine typed it. Consumed as
+        // they come (a round's notification holds its model), the rest drained at the end.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+        let consumer = tokio::spawn(async move {
+            let mut failed = Vec::new();
+            let mut keep = |n: server::Notification| {
+                if let server::Notification::StudyEnded {
+                    study,
+                    reason,
+                    cause: Some(cause),
+                } = n
+                {
+                    if cause.is_failure() {
+                        failed.push((study, reason));
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    n = rx.recv() => match n {
+                        Some(n) => keep(n),
+                        None => break,
+                    },
+                    _ = &mut done_rx => {
+                        while let Ok(n) = rx.try_recv() {
+                            keep(n);
+                        }
+                        break;
+                    }
+                }
+            }
+            failed
+        });
+        let served = server::run_with_limits(opts, limits, stop_rx, Some(tx), exit_when_done)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        let _ = done_tx.send(());
+        let failed = consumer.await.map_err(|e| e.to_string())?;
+        served.map(|()| failed)
     })
 }
 
@@ -780,7 +819,7 @@ fn main() -> ExitCode {
             exit_when_done,
             at_rest_key_file,
             limits,
-        } => run_studies(
+        } => match run_studies(
             &studies,
             state,
             listen,
@@ -789,7 +828,16 @@ fn main() -> ExitCode {
             exit_when_done,
             at_rest_key_file.as_deref(),
             limits.as_deref(),
-        ),
+        ) {
+            Ok(failed) if failed.is_empty() => Ok(()),
+            Ok(failed) => {
+                for (study, reason) in failed {
+                    eprintln!("error: study {study} ended without completing: {reason}");
+                }
+                return ExitCode::from(6);
+            }
+            Err(e) => Err(e),
+        },
         Command::AtRestKey { out } => at_rest::write_new_key_file(&out)
             .map(|id| {
                 println!(

@@ -156,6 +156,29 @@ pub enum Action {
     StudyEnded { reason: String },
 }
 
+/// Why a study ended, as a type (the reason text is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndCause {
+    /// Every planned round ran: the normal end.
+    AllRoundsDone,
+    /// Too few sites can afford another round: also a normal end.
+    BudgetExhausted,
+    /// Too few sites can take part at all (they refused for good, or cannot be priced).
+    TooFewSites,
+    /// No enrolled site joined within the join timeout.
+    NobodyJoined,
+    /// Ended before this start, or by an operator.
+    Ended,
+}
+
+impl EndCause {
+    /// Whether the study ended without doing what it was set up to do: an operator
+    /// running with `--exit-when-done` hears of it in the exit status.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::TooFewSites | Self::NobodyJoined)
+    }
+}
+
 /// One site's charge for one round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpendEntry {
@@ -293,6 +316,7 @@ pub struct StudyEngine {
     optimizer: Box<dyn ServerOptimizer>,
     eps_cache: HashMap<Vec<(u64, u64, u64)>, f64>,
     end_reason: Option<String>,
+    end_cause: Option<EndCause>,
     /// When enough sites for a round first were ready, while others may still connect.
     gathering_since: Option<u64>,
 }
@@ -355,6 +379,7 @@ impl StudyEngine {
             optimizer,
             eps_cache: HashMap::new(),
             end_reason: None,
+            end_cause: None,
             gathering_since: None,
         }
     }
@@ -374,6 +399,11 @@ impl StudyEngine {
         &self.cfg
     }
 
+    /// Why the study ended (`None` while it runs).
+    pub fn end_cause(&self) -> Option<EndCause> {
+        self.end_cause
+    }
+
     pub fn global(&self) -> &Arc<Vec<f32>> {
         &self.global
     }
@@ -388,6 +418,7 @@ impl StudyEngine {
     pub fn mark_ended(&mut self, reason: &str) {
         self.phase = Phase::Finished;
         self.end_reason = Some(reason.to_string());
+        self.end_cause.get_or_insert(EndCause::Ended);
     }
 
     pub fn is_finished(&self) -> bool {
@@ -575,7 +606,7 @@ impl StudyEngine {
             let nobody = !self.any_round && self.ready.is_empty();
             if nobody && now_ms >= started.saturating_add(secs.saturating_mul(1000)) {
                 let reason = format!("no enrolled site joined within the join timeout of {secs} s");
-                self.finish(reason, &mut out);
+                self.finish(reason, EndCause::NobodyJoined, &mut out);
                 return out;
             }
         }
@@ -600,9 +631,10 @@ impl StudyEngine {
         }
     }
 
-    fn finish(&mut self, reason: String, out: &mut Vec<Action>) {
+    fn finish(&mut self, reason: String, cause: EndCause, out: &mut Vec<Action>) {
         self.phase = Phase::Finished;
         self.end_reason = Some(reason.clone());
+        self.end_cause = Some(cause);
         out.push(Action::StudyEnded { reason });
     }
 
@@ -610,7 +642,7 @@ impl StudyEngine {
         let round = self.next_round;
         if round > self.cfg.rounds {
             let reason = format!("all {} planned rounds are done", self.cfg.rounds);
-            return self.finish(reason, out);
+            return self.finish(reason, EndCause::AllRoundsDone, out);
         }
         // Which enrolled sites could still pay for this round, whether connected or not.
         let mut affordable: BTreeMap<String, (SgmEvent, f64)> = BTreeMap::new();
@@ -659,6 +691,11 @@ impl StudyEngine {
                 .map(|(s, _)| s.as_str())
                 .collect();
             let others = self.refused.len() - capped.len();
+            let cause = if unpriceable.is_empty() && others == 0 {
+                EndCause::BudgetExhausted
+            } else {
+                EndCause::TooFewSites
+            };
             let reason = if !unpriceable.is_empty() {
                 format!(
                     "too few sites can take part: {} of the {} the study needs can do round {round}; cannot be priced: {}",
@@ -691,7 +728,7 @@ impl StudyEngine {
                     said.join(", ")
                 )
             };
-            return self.finish(reason, out);
+            return self.finish(reason, cause, out);
         }
         let candidates: Vec<String> = affordable
             .keys()

@@ -387,3 +387,60 @@ fn privacy_audit_reports_its_bound_next_to_the_claim() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--records"));
 }
+
+#[test]
+fn exit_when_done_fails_a_study_no_site_joined() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(bin()
+        .args(["pki", "init", "--out"])
+        .arg(&pki)
+        .output()
+        .expect("runs"));
+    let key = dir.path().join("at-rest.key");
+    ok(bin()
+        .args(["at-rest-key", "--out"])
+        .arg(&key)
+        .output()
+        .expect("runs"));
+    let toml = include_str!("../../examples/configs/study-record.toml").replace(
+        "round_timeout_secs = 120",
+        "round_timeout_secs = 120\njoin_timeout_secs = 1",
+    );
+    let study = dir.path().join("study.toml");
+    std::fs::write(&study, toml).expect("write");
+    let state = dir.path().join("state");
+    let out = bin()
+        .args([
+            "run",
+            "--exit-when-done",
+            "--listen",
+            "127.0.0.1:0",
+            "--study",
+        ])
+        .arg(&study)
+        .arg("--state")
+        .arg(&state)
+        .arg("--pki")
+        .arg(&pki)
+        .arg("--at-rest-key-file")
+        .arg(&key)
+        .env_remove("FEDPRIV_AT_REST_KEY")
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Not a success, not the operator's files (2): a study that did not do its work.
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("study breast-cancer ended without completing")
+            && stderr.contains("no enrolled site joined"),
+        "{stderr}"
+    );
+}

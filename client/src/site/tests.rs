@@ -40,6 +40,7 @@ fn announcement(unit: PrivacyUnit, features: &[&str]) -> StudyAnnouncement {
         },
     };
     StudyAnnouncement {
+        instance: "run-1".into(),
         study: "s".into(),
         model: Architecture::LogisticRegression,
         data: DataSpec {

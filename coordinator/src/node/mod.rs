@@ -56,6 +56,8 @@ pub enum Notification {
     StudyEnded {
         study: String,
         reason: String,
+        /// `None` only if the engine did not say (it always does when it ends a study).
+        cause: Option<crate::round::EndCause>,
     },
 }
 

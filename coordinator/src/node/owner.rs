@@ -616,6 +616,7 @@ impl<S: StateStore> Ctx<S> {
                 self.effects.push(Effect::Notify(Notification::StudyEnded {
                     study: study.to_string(),
                     reason,
+                    cause: eng.end_cause(),
                 }));
             }
         }

@@ -99,6 +99,9 @@ impl FaultyStore {
 }
 
 impl StateStore for FaultyStore {
+    fn study_instance(&mut self, id: &str, fresh: &str) -> Result<String, StoreError> {
+        self.inner.study_instance(id, fresh)
+    }
     fn study(&self, id: &str) -> Result<Option<StudyRow>, StoreError> {
         self.inner.study(id)
     }

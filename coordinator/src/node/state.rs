@@ -58,9 +58,15 @@ pub trait StateStore {
     fn spent_by_site(&self, study: &str) -> Result<BTreeMap<String, Vec<SgmEvent>>, StoreError>;
     fn site_records(&self, study: &str) -> Result<BTreeMap<String, u64>, StoreError>;
     fn set_site_records(&mut self, study: &str, site: &str, n: u64) -> Result<(), StoreError>;
+    /// The study's run id, chosen once when it is first needed (see
+    /// [`fedpriv_common::protocol::StudyAnnouncement::instance`]).
+    fn study_instance(&mut self, id: &str, fresh: &str) -> Result<String, StoreError>;
 }
 
 impl StateStore for Store {
+    fn study_instance(&mut self, id: &str, fresh: &str) -> Result<String, StoreError> {
+        Store::study_instance(self, id, fresh)
+    }
     fn study(&self, id: &str) -> Result<Option<StudyRow>, StoreError> {
         Store::study(self, id)
     }

@@ -346,7 +346,16 @@ pub fn study_runtime(
         tracing::info!(study = %cfg.id, "study already ended; serving its state read-only");
         engine.mark_ended("ended before this start");
     }
-    let announcement = StudyAnnouncement::for_study(cfg);
+    let fresh = {
+        use ring::rand::SecureRandom;
+        let mut b = [0u8; 16];
+        ring::rand::SystemRandom::new()
+            .fill(&mut b)
+            .map_err(|_| ServerError::Internal("the OS random generator failed".into()))?;
+        fedpriv_common::digest::hex(&b)
+    };
+    let instance = store.study_instance(&cfg.id, &fresh)?;
+    let announcement = StudyAnnouncement::for_study(cfg, &instance);
     Ok(StudyRuntime {
         engine,
         meta: StudyMeta {

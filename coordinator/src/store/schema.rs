@@ -114,6 +114,8 @@ CREATE TRIGGER privacy_audits_no_update BEFORE UPDATE ON privacy_audits
     BEGIN SELECT RAISE(ABORT, 'audit records are never changed'); END;
 CREATE TRIGGER privacy_audits_no_delete BEFORE DELETE ON privacy_audits
     BEGIN SELECT RAISE(ABORT, 'audit records are never deleted'); END;
+-- The study's run id, sent with its announcements; NULL until the study's next start.
+ALTER TABLE studies ADD COLUMN instance TEXT;
 ",
 ];
 

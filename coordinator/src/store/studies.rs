@@ -47,6 +47,30 @@ impl Store {
         Ok(())
     }
 
+    /// The study's run id: the stored one, or `fresh`, stored now, if it has none yet (a
+    /// study created before run ids existed gets one at its next start).
+    pub fn study_instance(&mut self, id: &str, fresh: &str) -> Result<String, StoreError> {
+        let tx = self.write()?;
+        let stored: Option<Option<String>> = tx
+            .query_row("SELECT instance FROM studies WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let instance = match stored {
+            None => return Err(StoreError::Invalid(format!("no study {id:?}"))),
+            Some(Some(i)) => i,
+            Some(None) => {
+                tx.execute(
+                    "UPDATE studies SET instance = ?2 WHERE id = ?1",
+                    params![id, fresh],
+                )?;
+                fresh.to_string()
+            }
+        };
+        tx.commit()?;
+        Ok(instance)
+    }
+
     pub fn study(&self, id: &str) -> Result<Option<StudyRow>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, config_toml, created_at, status, end_reason FROM studies WHERE id = ?1",
