@@ -1249,3 +1249,117 @@ fn site_toml(
     }
     .toml(&[(s1, 2.0)])
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_exports_a_model_over_the_admin_channel_once_its_release_conditions_hold() {
+    let mut fx = Fixture::start().await;
+    fx.stop_coordinator().await;
+    // A study with a completed round, as a run leaves the state directory; it requires a
+    // passing privacy audit before any model leaves.
+    let toml = format!(
+        "{}\n[release]\nrequire_privacy_audit = true\n",
+        study("exp", &["site-a", "site-b"], 2)
+    );
+    let cfg = fedpriv_common::config::StudyConfig::from_toml(&toml).unwrap();
+    let key = SealKey::from_bytes(&[7; 32]).unwrap();
+    let spec = server::study_spec(&cfg).unwrap();
+    let values: Vec<f32> = (0..spec.num_values())
+        .map(|i| i as f32 * 0.5 - 1.0)
+        .collect();
+    {
+        let mut store = Store::open(fx.state.join("coordinator.db")).unwrap();
+        let now = 1_700_000_000;
+        store
+            .create_study(&cfg.id, &toml, &cfg.enrolled, now)
+            .unwrap();
+        let ev = fedpriv_common::dp::SgmEvent::new(1.0, 5.0, 1).unwrap();
+        store
+            .record_spend(&cfg.id, 1, &[("site-a".to_string(), ev, 0.1)], now)
+            .unwrap();
+        let path = server::model_path(&fx.state, &cfg.id, 1);
+        let card = fedpriv_common::model_card::ModelCard::for_round(&cfg, 1, 0.1).metadata();
+        let sha = server::write_checkpoint(&key, &spec, &values, &card, &cfg.id, 1, &path).unwrap();
+        let rel = path.strip_prefix(&fx.state).unwrap().to_string_lossy();
+        store
+            .complete_round(&cfg.id, 1, &rel, &sha, &["site-a".to_string()], now + 1)
+            .unwrap();
+    }
+    fx.run_coordinator(Vec::new()).await;
+    let out = fx.root.join("model.safetensors");
+    // An auditor may not; the operator may not either until an audit passed.
+    assert!(matches!(
+        export_as(&fx, "carol", &out).await,
+        Err(ClientError::Refused(_))
+    ));
+    match export_as(&fx, "alice", &out).await {
+        Err(ClientError::Refused(reason)) => {
+            assert!(reason.contains("privacy audit"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!out.exists() && !fx.root.join("model.safetensors.partial").exists());
+    assert!(fx
+        .audited("refused", "action")
+        .iter()
+        .any(|(who, a)| who.contains("alice") && a == "export_model"));
+
+    // A passing audit of exactly these terms on record: the model leaves, with it.
+    fx.stop_coordinator().await;
+    {
+        let mut store = Store::open(fx.state.join("coordinator.db")).unwrap();
+        store
+            .record_privacy_audit(&fedpriv_coordinator::store::PrivacyAuditRow {
+                study: cfg.id.clone(),
+                terms_sha256: cfg.mechanism_digest(),
+                audited_at: 1_700_000_100,
+                epsilon_claimed: 2.0,
+                epsilon_lower_bound: 0.4,
+                delta: 1e-5,
+                confidence: 0.95,
+                canaries: 1000,
+                guesses: 200,
+                correct_guesses: 130,
+                passed: true,
+                report_json: "{}".into(),
+            })
+            .unwrap();
+    }
+    fx.run_coordinator(Vec::new()).await;
+    let said: Value = serde_json::from_str(&export_as(&fx, "alice", &out).await.unwrap()).unwrap();
+    assert_eq!(
+        (said["study"].as_str(), said["round"].as_u64()),
+        (Some("exp"), Some(1))
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(said["bytes"].as_u64(), Some(bytes.len() as u64));
+    assert_eq!(
+        fedpriv_common::model::FlatModel::from_safetensors_bytes(&bytes, Some(&spec))
+            .unwrap()
+            .values,
+        values
+    );
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert!(header["__metadata__"]["fedpriv.privacy_audit"]
+        .as_str()
+        .unwrap()
+        .contains("\"correct_guesses\":130"));
+    // On record, with the digest, by the operator.
+    let exported = fx.audited("model_exported", "sha256");
+    assert_eq!(exported.len(), 1, "{exported:?}");
+    assert!(exported[0].0.contains("alice"));
+    // A second export to the same file is refused locally: nothing is overwritten.
+    assert!(matches!(
+        export_as(&fx, "alice", &out).await,
+        Err(ClientError::Config(_))
+    ));
+    fx.stop_coordinator().await;
+    assert!(verify_file(fx.state.join("audit.log")).unwrap().is_ok());
+}
+
+async fn export_as(fx: &Fixture, name: &str, out: &Path) -> Result<String, ClientError> {
+    let (_endpoint, conn) = fx.dial(name).await.unwrap();
+    let r = admin::export_model(&conn, "exp", None, out).await;
+    conn.close(0u32.into(), b"done");
+    r
+}

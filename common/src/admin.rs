@@ -54,6 +54,11 @@ pub enum AdminRequest {
     FetchAudit { from_seq: u64, max: u32 },
     /// The coordinator's counters in the Prometheus text format.
     Metrics,
+    /// A completed round's model (the last completed one without `round`), decrypted and
+    /// streamed to the operator as safetensors ([`AdminResponse::Bytes`] parts), recorded
+    /// with its digest before a byte leaves; refused while the study's release conditions
+    /// (a passing privacy audit) are unmet.
+    ExportModel { study: String, round: Option<u64> },
 }
 
 impl AdminRequest {
@@ -67,6 +72,7 @@ impl AdminRequest {
             Self::ShowLedger { .. } => "show_ledger",
             Self::FetchAudit { .. } => "fetch_audit",
             Self::Metrics => "metrics",
+            Self::ExportModel { .. } => "export_model",
         }
     }
 
@@ -83,7 +89,8 @@ impl AdminRequest {
         match self {
             Self::ChangeStudy { study, .. }
             | Self::StopStudy { study, .. }
-            | Self::ShowLedger { study } => Some(study),
+            | Self::ShowLedger { study }
+            | Self::ExportModel { study, .. } => Some(study),
             _ => None,
         }
     }
@@ -126,7 +133,9 @@ impl AdminRequest {
                 }
                 Ok(())
             }
-            Self::ShowLedger { study } => long("the study id", study.len(), MAX_SETTING),
+            Self::ShowLedger { study } | Self::ExportModel { study, .. } => {
+                long("the study id", study.len(), MAX_SETTING)
+            }
             Self::FetchAudit { max, .. } => {
                 if *max == 0 || *max > MAX_AUDIT_PAGE {
                     Err(format!("max must be between 1 and {MAX_AUDIT_PAGE}"))
@@ -175,6 +184,9 @@ pub enum AdminResponse {
         next: Option<u64>,
         head: Option<u64>,
     },
+    /// A piece of a binary payload (an exported model); more frames follow, then `Ok`
+    /// whose text describes the whole (its size and SHA-256).
+    Bytes { data: Vec<u8> },
     /// Not allowed (role or policy). Already in the coordinator's audit log.
     Refused { reason: String },
     /// Could not be done.

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod pki_cli;
+pub mod release;
 pub mod retention;
 pub mod round;
 pub mod server;

@@ -587,33 +587,13 @@ fn model_export(
     at_rest_key_file: Option<&std::path::Path>,
 ) -> Result<String, String> {
     let store = open_existing(state)?;
-    let rounds = store.rounds(study).map_err(|e| e.to_string())?;
-    let round = match round {
-        Some(r) => r,
-        None => store
-            .last_completed_round(study)
-            .map_err(|e| e.to_string())?
-            .map(|(r, ..)| r)
-            .ok_or("the study has no completed round yet")?,
+    // Whether the model exists and may leave; a withheld one is refused on record below.
+    let cleared = match fedpriv_coordinator::release::clear(&store, study, round) {
+        Err(e @ fedpriv_coordinator::release::ReleaseError::Withheld(_)) => Err(e),
+        Err(e) => return Err(e.to_string()),
+        Ok(c) => Ok(c),
     };
-    if !rounds
-        .iter()
-        .any(|r| r.round == round && r.status == fedpriv_coordinator::store::RoundStatus::Completed)
-    {
-        return Err(format!("round {round} of study {study} did not complete"));
-    }
-    if let Some(note) = retention::pruned_note(&store, study, round).map_err(|e| e.to_string())? {
-        return Err(note);
-    }
-    let sha = store
-        .model_versions(study)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .find(|v| v.round == round)
-        .map(|v| v.sha256)
-        .ok_or_else(|| format!("round {round} of study {study} has no model version"))?;
     let key = at_rest::load_key(at_rest_key_file).map_err(|e| e.to_string())?;
-    let src = checkpoint::model_path(state, study, round);
     // On record before the model leaves the state directory. The running coordinator holds
     // the log: an export waits until it is stopped rather than go unrecorded.
     let log_path = state.join("audit.log");
@@ -625,51 +605,23 @@ fn model_export(
         e => format!("{}: {e}", log_path.display()),
     })?;
     let by = audit::local_user();
-    // The release gate: a study may require a passing privacy audit of its exact terms.
-    let cfg = store
-        .study(study)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no study {study:?} in {}", state.display()))
-        .and_then(|row| {
-            fedpriv_common::config::StudyConfig::from_toml(&row.config_toml)
-                .map_err(|e| format!("study {study}'s stored config: {e}"))
-        })?;
-    let passing = store
-        .passing_privacy_audit(study, &cfg.mechanism_digest())
-        .map_err(|e| e.to_string())?;
-    if cfg.release.require_privacy_audit && passing.is_none() {
-        let reason = format!(
-            "study {study} requires a passing privacy audit of its terms before export, and none is on record (run `fedpriv-coordinator privacy-audit --study FILE --state {}`)",
-            state.display()
-        );
-        let refused = details::Refused::Export {
-            action: "model export".into(),
-            study: study.to_string(),
-            model_version: round,
-            reason: reason.clone(),
-        };
-        log.append_now(&by, details::Refused::EVENT, refused.to_value())
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        return Err(reason);
-    }
-    let mut extra = std::collections::BTreeMap::new();
-    if let Some(a) = &passing {
-        extra.insert(
-            "fedpriv.privacy_audit".to_string(),
-            serde_json::json!({
-                "terms_sha256": a.terms_sha256,
-                "audited_at": a.audited_at,
-                "epsilon_claimed": a.epsilon_claimed,
-                "epsilon_lower_bound": a.epsilon_lower_bound,
-                "delta": a.delta,
-                "confidence": a.confidence,
-                "canaries": a.canaries,
-                "guesses": a.guesses,
-                "correct_guesses": a.correct_guesses,
-            })
-            .to_string(),
-        );
-    }
+    let cleared = match cleared {
+        Ok(c) => c,
+        Err(fedpriv_coordinator::release::ReleaseError::Withheld(reason)) => {
+            let refused = details::Refused::Export {
+                action: "model export".into(),
+                study: study.to_string(),
+                model_version: round.unwrap_or(0),
+                reason: reason.clone(),
+            };
+            log.append_now(&by, details::Refused::EVENT, refused.to_value())
+                .map_err(|e| format!("{}: {e}", log_path.display()))?;
+            return Err(reason);
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let (round, sha, extra) = (cleared.round, cleared.sha256, cleared.metadata);
+    let src = checkpoint::model_path(state, study, round);
     let exported = details::ModelExported {
         study: study.to_string(),
         model_version: round,

@@ -325,6 +325,7 @@ async fn serve(
         shutdown: stop.clone(),
         refusals: refusals.clone(),
         message_rate: limits.message_rate,
+        at_rest_key: Arc::clone(&opts.at_rest_key),
     };
     let site_ctx = SiteCtx {
         conn_id: 0,

@@ -126,10 +126,122 @@ pub async fn request(conn: &quinn::Connection, req: &AdminRequest) -> Result<Rep
                 text.push_str(&t);
                 return Ok(Reply { text, next, head });
             }
+            AdminResponse::Bytes { .. } => {
+                return Err(ClientError::Failed {
+                    whose: Whose::Peer,
+                    reason: "binary data in a text answer".into(),
+                })
+            }
             AdminResponse::Refused { reason } => return Err(ClientError::Refused(reason)),
             AdminResponse::Error { reason, whose } => {
                 return Err(ClientError::Failed { whose, reason })
             }
+        }
+    }
+}
+
+/// Exports a model over the admin channel into `out` (0600; written as `out.partial` and
+/// renamed once its size and SHA-256 match what the coordinator says it sent). Returns
+/// the coordinator's description of the export (JSON: study, round, bytes, sha256).
+pub async fn export_model(
+    conn: &quinn::Connection,
+    study: &str,
+    round: Option<u64>,
+    out: &Path,
+) -> Result<String, ClientError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let lost = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
+    let req = AdminRequest::ExportModel {
+        study: study.to_string(),
+        round,
+    };
+    req.check_bounds().map_err(ClientError::Config)?;
+    if out.exists() {
+        return Err(ClientError::Config(format!(
+            "{} already exists; an export never overwrites a file",
+            out.display()
+        )));
+    }
+    let mut partial_name = out
+        .file_name()
+        .ok_or_else(|| ClientError::Config(format!("{}: not a file path", out.display())))?
+        .to_os_string();
+    partial_name.push(".partial");
+    let partial = out.with_file_name(partial_name);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| ClientError::Config(format!("{}: {e}", partial.display())))?;
+    let mut w = std::io::BufWriter::new(file);
+    let local = |e: std::io::Error| ClientError::Config(format!("{}: {e}", partial.display()));
+    let result = async {
+        let frame = encode_frame(&req).map_err(|e| ClientError::Config(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| lost(&quic_io::describe_close(&e)))?;
+        send.write_all(&frame).await.map_err(|e| lost(&e))?;
+        send.finish().map_err(|e| lost(&e))?;
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut bytes = 0u64;
+        loop {
+            let frame: AdminResponse =
+                quic_io::recv_frame(&mut recv).await.map_err(|e| match e {
+                    quic_io::StreamError::Connection(c) => lost(&quic_io::describe_close(&c)),
+                    other => lost(&other),
+                })?;
+            match frame {
+                AdminResponse::Bytes { data } => {
+                    hash.update(&data);
+                    bytes += data.len() as u64;
+                    w.write_all(&data).map_err(local)?;
+                }
+                AdminResponse::Ok { text, .. } => {
+                    let said: Value =
+                        serde_json::from_str(&text).map_err(|e| ClientError::Failed {
+                            whose: Whose::Peer,
+                            reason: format!("export description is not JSON: {e}"),
+                        })?;
+                    let sha = fedpriv_common::digest::hex(hash.finish().as_ref());
+                    if said["bytes"].as_u64() != Some(bytes) || said["sha256"] != sha.as_str() {
+                        return Err(ClientError::Failed {
+                            whose: Whose::Peer,
+                            reason: format!(
+                                "the model arrived incomplete or altered ({bytes} bytes, sha256 {sha})"
+                            ),
+                        });
+                    }
+                    w.flush().map_err(local)?;
+                    w.get_ref().sync_all().map_err(local)?;
+                    return Ok(text);
+                }
+                AdminResponse::Part { .. } => {
+                    return Err(ClientError::Failed {
+                        whose: Whose::Peer,
+                        reason: "text in a model export".into(),
+                    })
+                }
+                AdminResponse::Refused { reason } => return Err(ClientError::Refused(reason)),
+                AdminResponse::Error { reason, whose } => {
+                    return Err(ClientError::Failed { whose, reason })
+                }
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(text) => {
+            std::fs::rename(&partial, out).map_err(|e| {
+                ClientError::Config(format!("{} -> {}: {e}", partial.display(), out.display()))
+            })?;
+            Ok(text)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
         }
     }
 }
@@ -255,6 +367,18 @@ pub enum AdminCli {
     },
     /// The coordinator's counters, Prometheus text format (operator, auditor).
     Metrics,
+    /// Export a completed round's model (the last one by default) while the coordinator
+    /// runs (operator): streamed over this channel, recorded with its digest before it is
+    /// sent, refused while the study's release conditions are unmet.
+    Export {
+        #[arg(long)]
+        study: String,
+        #[arg(long)]
+        round: Option<u64>,
+        /// Where to write it (created 0600; must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 /// Runs an admin command; returns what to print.
@@ -293,7 +417,7 @@ pub fn run_cli(args: &AdminArgs) -> Result<String, ClientError> {
         AdminCli::Ledger { study, .. } => Some(AdminRequest::ShowLedger {
             study: study.clone(),
         }),
-        AdminCli::Audit { .. } => None,
+        AdminCli::Audit { .. } | AdminCli::Export { .. } => None,
         AdminCli::Metrics => Some(AdminRequest::Metrics),
     };
     if let Some(r) = &request {
@@ -312,6 +436,9 @@ pub fn run_cli(args: &AdminArgs) -> Result<String, ClientError> {
         let (endpoint, conn) = connect(server, &server_name, &ca, &cert, &key).await?;
         let out = match (&args.cmd, request) {
             (AdminCli::Audit { from, max }, _) => fetch_audit(&conn, *from, *max).await,
+            (AdminCli::Export { study, round, out }, _) => {
+                export_model(&conn, study, *round, out).await
+            }
             (AdminCli::Ledger { json: false, .. }, Some(r)) => {
                 let reply = request_text(&conn, &r).await?;
                 let v: Value = serde_json::from_str(&reply).map_err(|e| ClientError::Failed {

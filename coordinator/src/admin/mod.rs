@@ -15,8 +15,8 @@ pub mod policy;
 pub mod serve;
 
 pub use client::{
-    connect, fetch_audit, fetch_audit_in_pages, request, run_cli, AdminArgs, AdminCli, ClientError,
-    Reply,
+    connect, export_model, fetch_audit, fetch_audit_in_pages, request, run_cli, AdminArgs,
+    AdminCli, ClientError, Reply,
 };
 pub use policy::{authorize, Refusal};
 pub use serve::{audit_page, ledger_json, ledger_text, list_studies, serve_admin, AdminCtx};

@@ -33,6 +33,7 @@ pub fn authorize(role: Role, request: &AdminRequest) -> Result<(), Refusal> {
                 | R::ListStudies
                 | R::ShowLedger { .. }
                 | R::Metrics
+                | R::ExportModel { .. }
         ),
         Role::Auditor => matches!(
             request,
@@ -81,6 +82,10 @@ mod tests {
                 max: 10,
             },
             AdminRequest::Metrics,
+            AdminRequest::ExportModel {
+                study: "s".into(),
+                round: None,
+            },
         ]
     }
 
@@ -95,6 +100,7 @@ mod tests {
             ("show_ledger", true, true, false),
             ("fetch_audit", false, true, false),
             ("metrics", true, true, false),
+            ("export_model", true, false, false),
         ];
         let requests = every_request();
         assert_eq!(
@@ -118,8 +124,13 @@ mod tests {
                     }
                 }
             }
-            // Writes are exactly what only operators may do.
-            assert_eq!(req.is_write(), op && !aud, "{action}");
+            // Writes are what only operators may do, and an export (an operator's read of a
+            // model, recorded, changing no state).
+            assert_eq!(
+                req.is_write(),
+                op && !aud && action != "export_model",
+                "{action}"
+            );
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct AdminCtx {
     /// access record and a database check, so an operator or auditor in a loop is slowed,
     /// not served flat out.
     pub message_rate: crate::limits::Rate,
+    /// Decrypts checkpoints for `admin export`.
+    pub at_rest_key: std::sync::Arc<fedpriv_common::seal::SealKey>,
 }
 
 /// Serves an operator's or auditor's connection: one request per bidirectional stream, in
@@ -124,6 +126,11 @@ async fn serve_request(
     let frames = match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
         Err(_) => vec![error(Whose::Peer, "no complete request within 10 s")],
         Ok(Err(e)) => vec![error(Whose::Peer, format!("bad request: {e}"))],
+        Ok(Ok(req @ AdminRequest::ExportModel { .. })) => {
+            // Streamed as it is decrypted, not gathered first.
+            export(peer, ctx, req, &mut send).await;
+            Vec::new()
+        }
         Ok(Ok(req)) => answer(peer, ctx, req).await,
     };
     for frame in frames {
@@ -143,6 +150,190 @@ async fn serve_request(
     // Wait (briefly) until the requester has the answer, so a close that follows does
     // not cut it off.
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+}
+
+/// Writes one response frame; false when the requester has gone.
+async fn send_frame(send: &mut quinn::SendStream, frame: &AdminResponse) -> bool {
+    match encode_frame(frame) {
+        Ok(bytes) => send.write_all(&bytes).await.is_ok(),
+        Err(e) => {
+            tracing::error!(error = %e, "admin response does not encode");
+            false
+        }
+    }
+}
+
+/// Bytes per [`AdminResponse::Bytes`] frame (under the control-frame cap).
+const MODEL_PART_BYTES: usize = admin::PART_BYTES;
+
+/// A `Write` that hands the model to the async sender in frame-sized pieces and hashes
+/// what it hands over.
+struct PartWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+    hash: ring::digest::Context,
+    bytes: u64,
+}
+
+impl PartWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let part = std::mem::replace(&mut self.buf, Vec::with_capacity(MODEL_PART_BYTES));
+        self.hash.update(&part);
+        self.bytes += part.len() as u64;
+        self.tx.blocking_send(part).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the requester went away")
+        })
+    }
+}
+
+impl std::io::Write for PartWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = MODEL_PART_BYTES - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == MODEL_PART_BYTES {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `admin export`: an operator's model export while the coordinator runs. Authorized,
+/// cleared by the release gate (a withheld model is a refusal, on record), recorded with
+/// its digest, and only then decrypted and streamed; the final frame gives its size and
+/// SHA-256 so that the client can tell a cut-off transfer from a whole one.
+async fn export(
+    peer: &AuthenticatedPeer,
+    ctx: &AdminCtx,
+    req: AdminRequest,
+    send: &mut quinn::SendStream,
+) {
+    let AdminRequest::ExportModel { study, round } = req.clone() else {
+        return;
+    };
+    let action = req.action();
+    tracing::info!(identity = %peer.identity, action, %study, "admin request");
+    if let Err(reason) = req.check_bounds() {
+        send_frame(send, &error(Whose::Peer, reason)).await;
+        return;
+    }
+    if let Err(refusal) = authorize(peer.identity.role, &req) {
+        record_refusal(ctx, peer, refusal.action, Some(&study), &refusal.reason).await;
+        send_frame(
+            send,
+            &AdminResponse::Refused {
+                reason: refusal.reason,
+            },
+        )
+        .await;
+        return;
+    }
+    let state_dir = ctx.state_dir.clone();
+    let s = study.clone();
+    let cleared = tokio::task::spawn_blocking(move || {
+        let store = Store::open_read_only(state_dir.join("coordinator.db"))
+            .map_err(|e| crate::release::ReleaseError::State(format!("state database: {e}")))?;
+        crate::release::clear(&store, &s, round)
+    })
+    .await;
+    let cleared = match cleared {
+        Ok(Ok(c)) => c,
+        Ok(Err(crate::release::ReleaseError::Withheld(reason))) => {
+            record_refusal(ctx, peer, action, Some(&study), &reason).await;
+            send_frame(send, &AdminResponse::Refused { reason }).await;
+            return;
+        }
+        Ok(Err(e @ crate::release::ReleaseError::NotFound(_))) => {
+            send_frame(send, &error(Whose::Peer, e.to_string())).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            send_frame(send, &error(Whose::Operator, e.to_string())).await;
+            return;
+        }
+        Err(e) => {
+            send_frame(send, &error(Whose::Internal, e.to_string())).await;
+            return;
+        }
+    };
+    let who = peer.identity.to_string();
+    let exported = fedpriv_common::audit::details::ModelExported {
+        study: study.clone(),
+        model_version: cleared.round,
+        sha256: cleared.sha256.clone(),
+        by: who.clone(),
+        to: format!("admin channel ({})", peer.remote_address()),
+    };
+    if let Err(e) = ctx.audit.record(&who, &exported).await {
+        tracing::error!(error = %e, identity = %who, "export not audited; not served");
+        send_frame(
+            send,
+            &error(
+                Whose::Operator,
+                format!("{e}; the model was not sent (every export is recorded first)"),
+            ),
+        )
+        .await;
+        return;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let key = std::sync::Arc::clone(&ctx.at_rest_key);
+    let path = crate::checkpoint::model_path(&ctx.state_dir, &study, cleared.round);
+    let (s, round, sha) = (study.clone(), cleared.round, cleared.sha256.clone());
+    let reader = tokio::task::spawn_blocking(move || {
+        let parts = PartWriter {
+            tx,
+            buf: Vec::with_capacity(MODEL_PART_BYTES),
+            hash: ring::digest::Context::new(&ring::digest::SHA256),
+            bytes: 0,
+        };
+        let mut w = crate::checkpoint::MetadataAdder::new(parts, cleared.metadata);
+        crate::checkpoint::read_checkpoint(&key, &path, &s, round, Some(&sha), &mut w)
+            .map_err(|e| e.to_string())?;
+        let mut parts = w.finish().map_err(|e| e.to_string())?;
+        parts.send().map_err(|e| e.to_string())?;
+        Ok::<_, String>((
+            parts.bytes,
+            fedpriv_common::digest::hex(parts.hash.finish().as_ref()),
+        ))
+    });
+    let mut gone = false;
+    while let Some(data) = rx.recv().await {
+        if !send_frame(send, &AdminResponse::Bytes { data }).await {
+            gone = true;
+            break;
+        }
+    }
+    drop(rx);
+    let done = reader.await;
+    if gone {
+        tracing::info!(identity = %who, %study, "the requester went away during an export");
+        return;
+    }
+    let last = match done {
+        Ok(Ok((bytes, sha256))) => {
+            tracing::info!(identity = %who, %study, round, bytes, "model exported over the admin channel");
+            AdminResponse::Ok {
+                text: json!({"study": study, "round": round, "bytes": bytes, "sha256": sha256})
+                    .to_string(),
+                next: None,
+                head: None,
+            }
+        }
+        Ok(Err(e)) => error(
+            Whose::Operator,
+            format!("the checkpoint could not be read: {e}"),
+        ),
+        Err(e) => error(Whose::Internal, e.to_string()),
+    };
+    send_frame(send, &last).await;
 }
 
 fn error(whose: Whose, reason: impl Into<String>) -> AdminResponse {
