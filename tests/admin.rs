@@ -98,6 +98,11 @@ impl Fixture {
 
     /// (Re)starts the coordinator with `studies` given as `--study` files would be.
     async fn run_coordinator(&mut self, studies: Vec<String>) {
+        self.run_coordinator_until(studies, false).await
+    }
+
+    /// As [`Self::run_coordinator`]; with `exit_when_done`, as `run --exit-when-done`.
+    async fn run_coordinator_until(&mut self, studies: Vec<String>, exit_when_done: bool) {
         let ca = self.root.join("ca");
         let tls = pki::server_config(
             &read(&ca.join(pki_cli::CA_CERT)),
@@ -126,7 +131,7 @@ impl Fixture {
         let (stop, stop_rx) = watch::channel(false);
         self.stop = stop;
         // Listening once `start` returns: it reports the address it bound.
-        let running = server::start(opts, Limits::default(), stop_rx, None, false)
+        let running = server::start(opts, Limits::default(), stop_rx, None, exit_when_done)
             .await
             .unwrap();
         self.addr = running.addr;
@@ -1362,4 +1367,35 @@ async fn export_as(fx: &Fixture, name: &str, out: &Path) -> Result<String, Clien
     let r = admin::export_model(&conn, "exp", None, out).await;
     conn.close(0u32.into(), b"done");
     r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_last_study_under_exit_when_done_answers_and_tells_its_sites() {
+    let mut fx = Fixture::start().await;
+    fx.stop_coordinator().await;
+    fx.run_coordinator_until(vec![study("last", &["site-a"], 1)], true)
+        .await;
+    let mut a = fx.site("site-a").await;
+    assert_eq!(a.studies_seen(), ["last"]);
+    // The stop ends the run; the operator still hears that it worked.
+    fx.ask(
+        "alice",
+        AdminRequest::StopStudy {
+            study: "last".into(),
+            reason: "done early".into(),
+        },
+    )
+    .await
+    .expect("the stop is answered before the coordinator exits");
+    match a.next().await {
+        CoordinatorMessage::StudyEnded { study, .. } => assert_eq!(study, "last"),
+        other => panic!("{other:?}"),
+    }
+    // And the coordinator exits on its own.
+    let join = fx.join.take().unwrap();
+    tokio::time::timeout(WAIT, join)
+        .await
+        .expect("exits")
+        .unwrap()
+        .unwrap();
 }
