@@ -52,6 +52,24 @@ details! {
     Alert => Alert,
     Pruned => Pruned,
     AccessGranted => AccessGranted,
+    PrivacyAudited => PrivacyAudited,
+}
+
+/// A privacy audit of a study's terms ran (`privacy-audit --state`): the figures the
+/// release gate and the exported model's metadata carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyAudited {
+    pub study: String,
+    /// The audited terms' digest (`StudyConfig::mechanism_digest`).
+    pub terms_sha256: String,
+    pub epsilon_claimed: f64,
+    pub epsilon_lower_bound: f64,
+    pub delta: f64,
+    pub confidence: f64,
+    pub canaries: u64,
+    pub guesses: u64,
+    pub correct_guesses: u64,
+    pub passed: bool,
 }
 
 /// The coordinator started (`version` of fedpriv, the address it listens on, how many

@@ -281,23 +281,20 @@ fn privacy_audit(
     if let Some((log, store)) = record.as_mut() {
         let report_json = serde_json::to_string(&r).map_err(|e| e.to_string())?;
         let by = audit::local_user();
-        log.append_now(
-            &by,
-            fedpriv_common::audit::AuditEvent::PrivacyAudited,
-            serde_json::json!({
-                "study": cfg.id,
-                "terms_sha256": cfg.mechanism_digest(),
-                "epsilon_claimed": r.epsilon_claimed,
-                "epsilon_lower_bound": r.epsilon_lower_bound,
-                "delta": r.delta,
-                "confidence": r.confidence,
-                "canaries": r.canaries,
-                "guesses": r.guesses,
-                "correct_guesses": r.correct_guesses,
-                "passed": !r.failed(),
-            }),
-        )
-        .map_err(|e| e.to_string())?;
+        let record = details::PrivacyAudited {
+            study: cfg.id.clone(),
+            terms_sha256: cfg.mechanism_digest(),
+            epsilon_claimed: r.epsilon_claimed,
+            epsilon_lower_bound: r.epsilon_lower_bound,
+            delta: r.delta,
+            confidence: r.confidence,
+            canaries: r.canaries as u64,
+            guesses: r.guesses,
+            correct_guesses: r.correct_guesses,
+            passed: !r.failed(),
+        };
+        log.append_now(&by, details::PrivacyAudited::EVENT, record.to_value())
+            .map_err(|e| e.to_string())?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_err(|e| e.to_string())?
