@@ -5,7 +5,10 @@
 //! when it is unset: candle's CPU matmul reads it on every call and runs single-threaded
 //! at 1). `FEDPRIV_BENCH_SECONDS` sets the time per measurement (default 0.5).
 //!
-//! Measured, per model (logistic regression 30 -> 1 and an MLP 30 -> 64 -> 1, batch 256):
+//! Measured, per model (logistic regression 30 -> 1, an MLP 30 -> 64 -> 1, and the digits
+//! study's small CNN on 1x8x8 images: conv 8x3x3 (padding 1), relu, max pool 2, dense 10,
+//! softmax; batch 256). `tools/opacus_bench.py` measures the same MLP and CNN with Opacus
+//! for comparison (docs/performance.md):
 //! - `train_local`: non-private minibatch SGD with candle autograd, the loop that
 //!   site-level DP-FedAvg runs (tensors built once per call, many steps);
 //! - `sgd_step`: one non-private autograd step per call, converting the flat model to
@@ -45,6 +48,53 @@ fn synthetic(n: usize) -> Dataset {
     Dataset::new(x, y, names, "y".into()).expect("valid synthetic data")
 }
 
+/// Synthetic 8x8 grey images in [-1, 1] with 10 classes (shapes matter, not content).
+fn synthetic_images(n: usize) -> Dataset {
+    let base = synthetic(n * 64 / D + 1);
+    let x: Vec<f32> = base.x[..n * 64].to_vec();
+    let y: Vec<f32> = (0..n).map(|i| (i % 10) as f32).collect();
+    let names = (0..64).map(|i| format!("px{i}")).collect();
+    Dataset::new(x, y, names, "digit".into()).expect("valid synthetic images")
+}
+
+/// The digits study's network (examples/studies.rs), from its study TOML.
+fn cnn_learner() -> Learner {
+    let toml = r#"
+[study]
+id = "bench"
+model = { kind = "layers", layers = [{ type = "conv2d", channels = 8, kernel = 3, padding = 1 }, { type = "relu" }, { type = "max_pool", kernel = 2 }, { type = "flatten" }, { type = "dense", units = 10 }] }
+rounds = 1
+min_sites = 1
+round_timeout_secs = 60
+
+[data]
+task = "multiclass"
+classes = 10
+label = "digit"
+image = { file_column = "file", channels = 1, height = 8, width = 8, mean = [0.0], std = [1.0] }
+
+[training]
+strategy = "fedavg"
+local_steps = 1
+expected_batch = 256.0
+learning_rate = 0.1
+server_learning_rate = 1.0
+
+[privacy]
+unit = "record"
+clip_norm = 1.0
+noise_multiplier = 1.0
+epsilon = 10.0
+delta = 1e-5
+accountant = "pld"
+
+[sites]
+enrolled = ["a"]
+"#;
+    let cfg = fedpriv_common::config::StudyConfig::from_toml(toml).expect("bench study");
+    Learner::for_data(&cfg.model, &cfg.data).expect("cnn learner")
+}
+
 /// Median over `REPEATS` runs of examples per second; `run` processes `per_call` examples.
 fn rate(seconds: f64, per_call: usize, mut run: impl FnMut()) -> f64 {
     run(); // warm-up
@@ -73,16 +123,20 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0.5);
     let data = synthetic(BATCH * BATCHES);
+    let images = synthetic_images(BATCH * BATCHES);
     let batches: Vec<Vec<usize>> = (0..BATCHES)
         .map(|b| (b * BATCH..(b + 1) * BATCH).collect())
         .collect();
+    let flat = |arch: Architecture| {
+        Learner::flat(&arch, D, fedpriv_common::config::Task::Binary, 1).expect("learner")
+    };
+    let cnn = cnn_learner();
     let mut results = Vec::new();
-    for (label, arch) in [
-        ("logistic 30->1", Architecture::LogisticRegression),
-        ("mlp 30->64->1", Architecture::mlp(64)),
+    for (label, learner, data) in [
+        ("logistic 30->1", flat(Architecture::LogisticRegression), &data),
+        ("mlp 30->64->1", flat(Architecture::mlp(64)), &data),
+        ("cnn 1x8x8 conv8 pool dense10", cnn, &images),
     ] {
-        let learner =
-            Learner::flat(&arch, D, fedpriv_common::config::Task::Binary, 1).expect("learner");
         let model = learner.init(1).expect("model");
         let cfg = LocalTraining {
             epochs: 1,
@@ -90,12 +144,12 @@ fn main() {
             learning_rate: 0.01,
         };
         let local = rate(seconds, data.n, || {
-            train_local(&learner, &model, &data, &cfg, 0).expect("train_local");
+            train_local(&learner, &model, data, &cfg, 0).expect("train_local");
         });
         let mut m = model.clone();
         let mut b = 0;
         let step = rate(seconds, BATCH, || {
-            sgd_step(&learner, &mut m, &data, &batches[b % BATCHES], 0.01).expect("sgd_step");
+            sgd_step(&learner, &mut m, data, &batches[b % BATCHES], 0.01).expect("sgd_step");
             b += 1;
         });
         let noise = vec![0f64; model.values.len()];
@@ -105,7 +159,7 @@ fn main() {
             dp_sgd_step(
                 &learner,
                 &mut theta,
-                &data,
+                data,
                 &batches[b % BATCHES],
                 1.0,
                 &noise,

@@ -411,6 +411,7 @@ impl std::fmt::Display for LeakageReport {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

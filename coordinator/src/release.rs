@@ -41,8 +41,6 @@ pub fn clear(store: &Store, study: &str, round: Option<u64>) -> Result<Cleared, 
         .study(study)
         .map_err(state)?
         .ok_or_else(|| ReleaseError::NotFound(format!("no study {study:?}")))?;
-    let cfg = StudyConfig::from_toml(&row.config_toml)
-        .map_err(|e| ReleaseError::State(format!("study {study}'s stored config: {e}")))?;
     let round = match round {
         Some(r) => r,
         None => store
@@ -78,6 +76,8 @@ pub fn clear(store: &Store, study: &str, round: Option<u64>) -> Result<Cleared, 
                 "round {round} of study {study} has no model version"
             ))
         })?;
+    let cfg = StudyConfig::from_toml(&row.config_toml)
+        .map_err(|e| ReleaseError::State(format!("study {study}'s stored config: {e}")))?;
     let passing = store
         .passing_privacy_audit(study, &cfg.mechanism_digest())
         .map_err(state)?;
