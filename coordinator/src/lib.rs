@@ -6,6 +6,7 @@
 //! budget than the site's own cap allows (each site enforces its cap in its own ledger).
 
 pub mod admin;
+pub mod assess;
 pub mod at_rest;
 pub mod audit;
 pub mod budget_cli;

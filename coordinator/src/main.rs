@@ -9,6 +9,7 @@ use fedpriv_common::audit::details::{self, Details};
 use fedpriv_common::config::StudyConfig;
 use fedpriv_common::pki;
 use fedpriv_coordinator::admin;
+use fedpriv_coordinator::assess::{self, StudyCommand};
 use fedpriv_coordinator::at_rest;
 use fedpriv_coordinator::budget_cli::{self, BudgetCommand};
 use fedpriv_coordinator::limits::Limits;
@@ -39,6 +40,9 @@ enum Command {
     /// Study PKI: create the CA and server certificate, issue site/operator/auditor certificates, revoke.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Before a study runs: a privacy impact assessment of its file (`study assess`).
+    #[command(subcommand)]
+    Study(StudyCommand),
     /// Audit a study's exact mechanism empirically before it runs: one training run on
     /// synthetic records with secret canaries gives a lower bound on its real epsilon
     /// (Steinke, Nasr, Jagielski 2023), printed next to the accountant's. Exits 1 when the
@@ -759,6 +763,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Budget(cmd) => budget_cli::run(&cmd).map(|out| println!("{out}")),
         Command::Pki(cmd) => pki_cli::run(&cmd).map(|out| println!("{out}")),
+        Command::Study(cmd) => assess::run(&cmd)
+            .map(|out| print!("{out}{}", if out.ends_with('\n') { "" } else { "\n" }))
+            .map_err(|e| e.to_string()),
         Command::Run {
             studies,
             state,
