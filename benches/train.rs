@@ -133,7 +133,11 @@ fn main() {
     let cnn = cnn_learner();
     let mut results = Vec::new();
     for (label, learner, data) in [
-        ("logistic 30->1", flat(Architecture::LogisticRegression), &data),
+        (
+            "logistic 30->1",
+            flat(Architecture::LogisticRegression),
+            &data,
+        ),
         ("mlp 30->64->1", flat(Architecture::mlp(64)), &data),
         ("cnn 1x8x8 conv8 pool dense10", cnn, &images),
     ] {

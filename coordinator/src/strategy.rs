@@ -111,6 +111,7 @@ pub fn for_study(strategy: Strategy, lr: f32, dim: usize) -> Box<dyn ServerOptim
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
