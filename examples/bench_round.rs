@@ -501,6 +501,7 @@ fn run_coordinator(
         }
     }
     let exe = std::env::current_exe()?;
+    let first_site = procs.0.len();
     let mut site_pids = Vec::new();
     for i in 0..args.sites {
         let child = Command::new(&exe)
@@ -525,7 +526,28 @@ fn run_coordinator(
     let mut site_cpu = vec![0.0f64; site_pids.len()];
     let mut site_hwm = 0u64;
     loop {
-        let (at, line) = next_line("study end")?;
+        // Waiting for the coordinator's next line, a site that gave up is an error naming
+        // it, not a wait until the deadline.
+        let (at, line) = loop {
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(v) => break v,
+                Err(_) if Instant::now() >= deadline => {
+                    return Err("coordinator: no study end (see its log under --keep-dir)".into())
+                }
+                Err(_) => {
+                    for (i, c) in procs.0[first_site..].iter_mut().enumerate() {
+                        if let Ok(Some(status)) = c.try_wait() {
+                            if !status.success() {
+                                return Err(format!(
+                                    "site-{i} exited ({status}) before the study ended"
+                                )
+                                .into());
+                            }
+                        }
+                    }
+                }
+            }
+        };
         for (cpu, pid) in site_cpu.iter_mut().zip(&site_pids) {
             if let Some(c) = cpu_secs(*pid) {
                 *cpu = c;
@@ -792,7 +814,24 @@ fn site_main(args: &Args) -> Result<(), BoxError> {
             "127.0.0.1:0".parse()?,
             &TransportLimits::site(),
         )?;
-        let conn = connect(&ep, addr, "localhost").await?;
+        // Retried with backoff as the site daemon does (a burst of sites from one address
+        // may wait for the coordinator's per-source handshake slots).
+        let mut backoff = Duration::from_millis(50);
+        let mut tries = 0;
+        let conn = loop {
+            match connect(&ep, addr, "localhost").await {
+                Ok(c) => break c,
+                Err(e) if tries < 12 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "connect failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    return Err(format!("site {name} cannot join: {e}").into());
+                }
+            }
+        };
         let hello = SiteMessage::Hello {
             version: PROTOCOL_VERSION,
             claimed_site: name.clone(),

@@ -103,6 +103,17 @@ impl Fixture {
 
     /// As [`Self::run_coordinator`]; with `exit_when_done`, as `run --exit-when-done`.
     async fn run_coordinator_until(&mut self, studies: Vec<String>, exit_when_done: bool) {
+        self.run_coordinator_with(studies, exit_when_done, Limits::default())
+            .await
+    }
+
+    /// As [`Self::run_coordinator_until`], under `limits`.
+    async fn run_coordinator_with(
+        &mut self,
+        studies: Vec<String>,
+        exit_when_done: bool,
+        limits: Limits,
+    ) {
         let ca = self.root.join("ca");
         let tls = pki::server_config(
             &read(&ca.join(pki_cli::CA_CERT)),
@@ -131,7 +142,7 @@ impl Fixture {
         let (stop, stop_rx) = watch::channel(false);
         self.stop = stop;
         // Listening once `start` returns: it reports the address it bound.
-        let running = server::start(opts, Limits::default(), stop_rx, None, exit_when_done)
+        let running = server::start(opts, limits, stop_rx, None, exit_when_done)
             .await
             .unwrap();
         self.addr = running.addr;
@@ -1398,4 +1409,68 @@ async fn stopping_the_last_study_under_exit_when_done_answers_and_tells_its_site
         .expect("exits")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_sites_from_one_address_all_get_in() {
+    let mut fx = Fixture::start().await;
+    let names: Vec<String> = (0..8).map(|i| format!("burst-{i}")).collect();
+    for name in &names {
+        pki_cli::run(&PkiCommand::Issue {
+            ca_dir: fx.root.join("ca"),
+            role: Role::Site,
+            name: name.clone(),
+            out: fx.root.join("issued"),
+            days: 5,
+        })
+        .unwrap();
+    }
+    fx.stop_coordinator().await;
+    // One handshake at a time per source (64 / 64): eight sites dialling at once from
+    // 127.0.0.1 must queue for it, not be turned away.
+    let limits = Limits {
+        handshakes_in_flight: 64,
+        retry_above: 64,
+        ..Limits::default()
+    };
+    fx.run_coordinator_with(Vec::new(), false, limits).await;
+    let fx = &fx;
+    let sites = futures_join_all(names.iter().map(|n| fx.site(n))).await;
+    assert_eq!(sites.len(), 8);
+    let refused = fx
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["event"] == "connection_refused")
+        .count();
+    assert_eq!(refused, 0);
+}
+
+/// Runs the futures concurrently and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let futs: Vec<_> = futs.map(Box::pin).collect();
+    let mut out = Vec::with_capacity(futs.len());
+    let mut pending: Vec<_> = futs.into_iter().map(Some).collect();
+    let mut done: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        done[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.extend(done.into_iter().flatten());
+    out
 }
