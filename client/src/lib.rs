@@ -17,6 +17,7 @@ pub mod inference;
 pub mod inventory;
 pub mod leakage;
 pub mod ledger_view;
+pub mod logging;
 pub mod privacy_audit;
 pub mod site;
 pub mod sources;

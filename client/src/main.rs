@@ -15,6 +15,9 @@ use fedpriv_client::daemon;
 #[derive(Debug, Parser)]
 #[command(name = "fedpriv-client", version, about, long_about = None)]
 struct Cli {
+    /// Log lines as text (default) or one JSON object per line, on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: fedpriv_client::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -264,12 +267,7 @@ fn audit_recover(config: &std::path::Path) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fedpriv_client::logging::init(cli.log_format, "info");
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Ledger { config, json } => ledger(config, json),

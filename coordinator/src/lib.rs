@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod pki_cli;
+pub mod progress;
 pub mod release;
 pub mod retention;
 pub mod round;

@@ -28,6 +28,9 @@ use fedpriv_coordinator::{inventory, retention};
 #[derive(Debug, Parser)]
 #[command(name = "fedpriv-coordinator", version, about, long_about = None)]
 struct Cli {
+    /// Log lines as text (default) or one JSON object per line, on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: fedpriv_client::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -461,6 +464,7 @@ fn run_studies(
     exit_when_done: bool,
     at_rest_key_file: Option<&std::path::Path>,
     limits_file: Option<&std::path::Path>,
+    progress: bool,
 ) -> Result<Vec<(String, String)>, String> {
     // Before anything else: a bad limits file is the operator's to fix, and says so at once.
     let limits = load_limits(limits_file)?;
@@ -472,6 +476,10 @@ fn run_studies(
         let cfg = StudyConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         configs.push((cfg, text));
     }
+    let planned: std::collections::BTreeMap<String, u64> = configs
+        .iter()
+        .map(|(c, _)| (c.id.clone(), c.rounds))
+        .collect();
     let crls = crl.iter().map(|p| read(p)).collect::<Result<Vec<_>, _>>()?;
     let tls = pki::server_config(
         &read(&pki_dir.join("ca.pem"))?,
@@ -502,17 +510,40 @@ fn run_studies(
         let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
         let consumer = tokio::spawn(async move {
             let mut failed = Vec::new();
-            let mut keep = |n: server::Notification| {
-                if let server::Notification::StudyEnded {
+            let mut keep = |n: server::Notification| match n {
+                server::Notification::StudyEnded {
                     study,
                     reason,
-                    cause: Some(cause),
-                } = n
-                {
-                    if cause.is_failure() {
+                    cause,
+                } => {
+                    if progress {
+                        eprintln!("{study}: ended: {reason}");
+                    }
+                    if cause.is_some_and(|c| c.is_failure()) {
                         failed.push((study, reason));
                     }
                 }
+                server::Notification::RoundCompleted {
+                    study,
+                    round,
+                    contributors,
+                    epsilon,
+                    budget,
+                    ..
+                } if progress => {
+                    eprintln!(
+                        "{}",
+                        fedpriv_coordinator::progress::line(
+                            &study,
+                            round,
+                            planned.get(&study).copied(),
+                            contributors.len(),
+                            epsilon,
+                            budget,
+                        )
+                    );
+                }
+                _ => {}
             };
             loop {
                 tokio::select! {
@@ -754,12 +785,12 @@ fn audit_recover(state: &std::path::Path) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // On a terminal, `run` shows progress lines instead of the info log (warnings still
+    // show); anything else gets the log.
+    let progress = matches!(cli.command, Command::Run { .. })
+        && cli.log_format == fedpriv_client::logging::LogFormat::Text
+        && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    fedpriv_client::logging::init(cli.log_format, if progress { "warn" } else { "info" });
     let result = match cli.command {
         Command::Budget(cmd) => budget_cli::run(&cmd).map(|out| println!("{out}")),
         Command::Pki(cmd) => pki_cli::run(&cmd).map(|out| println!("{out}")),
@@ -784,6 +815,7 @@ fn main() -> ExitCode {
             exit_when_done,
             at_rest_key_file.as_deref(),
             limits.as_deref(),
+            progress,
         ) {
             Ok(failed) if failed.is_empty() => Ok(()),
             Ok(failed) => {

@@ -419,6 +419,8 @@ fn exit_when_done_fails_a_study_no_site_joined() {
     let state = dir.path().join("state");
     let out = bin()
         .args([
+            "--log-format",
+            "json",
             "run",
             "--exit-when-done",
             "--listen",
@@ -441,6 +443,18 @@ fn exit_when_done_fails_a_study_no_site_joined() {
     assert!(
         stderr.contains("study breast-cancer ended without completing")
             && stderr.contains("no enrolled site joined"),
+        "{stderr}"
+    );
+    // `--log-format json`: the log is one JSON object per line, the study's end among them.
+    let logged: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a log line is one JSON object"))
+        .collect();
+    assert!(
+        logged
+            .iter()
+            .any(|v| v["level"] == "INFO" && v["message"] == "study ended"),
         "{stderr}"
     );
 }
