@@ -51,6 +51,7 @@ struct Fixture {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     join: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
+    metrics: Option<fedpriv_coordinator::metrics::Metrics>,
 }
 
 impl Fixture {
@@ -91,6 +92,7 @@ impl Fixture {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             stop,
             join: None,
+            metrics: None,
         };
         fx.run_coordinator(Vec::new()).await;
         fx
@@ -146,6 +148,7 @@ impl Fixture {
             .await
             .unwrap();
         self.addr = running.addr;
+        self.metrics = Some(running.metrics.clone());
         self.join = Some(tokio::spawn(running.finished()));
     }
 
@@ -1473,4 +1476,39 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
     .await;
     out.extend(done.into_iter().flatten());
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scraper_reads_the_running_coordinators_counters_over_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::start().await;
+    let _a = fx.site("site-a").await;
+    let listener = fedpriv_client::metrics_http::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = fx.metrics.clone().unwrap();
+    let (stop, stop_rx) = watch::channel(false);
+    let served = tokio::spawn(fedpriv_client::metrics_http::serve(
+        listener,
+        move || metrics.render(),
+        stop_rx,
+    ));
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    assert!(
+        reply.contains("# TYPE fedpriv_connections_accepted_total counter"),
+        "{reply}"
+    );
+    assert!(
+        reply.contains("fedpriv_connections_accepted_total"),
+        "{reply}"
+    );
+    stop.send(true).unwrap();
+    served.await.unwrap();
 }

@@ -589,6 +589,22 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
     let rec_view = view.studies.iter().find(|s| s.study == "rec").unwrap();
     assert_eq!(rec_view.delta, Some(1e-6));
     assert!(rec_view.rounds_declined > 0 && rec_view.epsilon.unwrap() > 0.0);
+    // What `fedpriv-client run --metrics-listen` serves: the same figures, per scrape.
+    let prom = fedpriv_client::ledger_view::prometheus(&cfg).unwrap();
+    assert!(
+        prom.contains(&format!(
+            "fedpriv_site_source_epsilon{{source=\"wards\"}} {got}\n"
+        )),
+        "{prom}"
+    );
+    assert!(prom.contains("fedpriv_site_source_epsilon_cap{source=\"wards\"} 25\n"));
+    let rec_paid = ledger.spends("rec").unwrap().len();
+    assert!(prom.contains(&format!(
+        "fedpriv_site_tasks_paid_total{{study=\"rec\"}} {rec_paid}\n"
+    )));
+    assert!(
+        prom.contains("fedpriv_site_tasks_declined_total{study=\"rec\",reason=\"invalid_task\"}")
+    );
     // Tasks declined before any payment (a malformed model, a study not yet accepted) are
     // in the ledger's refusals too, which `fedpriv-client inventory` counts.
     let reasons = |study: &str| -> Vec<String> {

@@ -119,6 +119,101 @@ pub fn build(cfg: &SiteConfig) -> Result<LedgerView, String> {
     })
 }
 
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The site's figures in the Prometheus text format (`fedpriv-client run --metrics-listen`),
+/// read from its own ledger at each scrape: tasks paid and declined (by reason) per study,
+/// epsilon per study, and each data source's filter level against its cap. Only counts and
+/// privacy figures the site's own tools already show; nothing about records.
+pub fn prometheus(cfg: &SiteConfig) -> Result<String, String> {
+    let view = build(cfg)?;
+    let path = cfg.state_dir.join("site-ledger.db");
+    let ledger = SiteLedger::open_read_only(&path).map_err(e)?;
+    fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    }
+    let mut out = String::new();
+    family(
+        &mut out,
+        "fedpriv_site_tasks_paid_total",
+        "counter",
+        "Rounds this site paid for and sent an update for.",
+    );
+    for st in &view.studies {
+        out.push_str(&format!(
+            "fedpriv_site_tasks_paid_total{{study=\"{}\"}} {}\n",
+            label(&st.study),
+            st.rounds_paid
+        ));
+    }
+    family(
+        &mut out,
+        "fedpriv_site_tasks_declined_total",
+        "counter",
+        "Tasks this site declined, by reason.",
+    );
+    for st in &view.studies {
+        let mut by_reason: std::collections::BTreeMap<String, u64> = Default::default();
+        for r in ledger.refusals(&st.study).map_err(e)? {
+            *by_reason.entry(r.reason).or_default() += 1;
+        }
+        for (reason, n) in by_reason {
+            out.push_str(&format!(
+                "fedpriv_site_tasks_declined_total{{study=\"{}\",reason=\"{}\"}} {n}\n",
+                label(&st.study),
+                label(&reason)
+            ));
+        }
+    }
+    family(
+        &mut out,
+        "fedpriv_site_study_epsilon",
+        "gauge",
+        "Epsilon this site has spent on a study, at the study's delta.",
+    );
+    for st in &view.studies {
+        if let Some(eps) = st.epsilon {
+            out.push_str(&format!(
+                "fedpriv_site_study_epsilon{{study=\"{}\"}} {eps}\n",
+                label(&st.study)
+            ));
+        }
+    }
+    family(
+        &mut out,
+        "fedpriv_site_source_epsilon",
+        "gauge",
+        "A data source's Renyi-filter level (the epsilon its cap is checked against).",
+    );
+    for so in &view.sources {
+        out.push_str(&format!(
+            "fedpriv_site_source_epsilon{{source=\"{}\"}} {}\n",
+            label(&so.source),
+            so.filter_level
+        ));
+    }
+    family(
+        &mut out,
+        "fedpriv_site_source_epsilon_cap",
+        "gauge",
+        "A data source's epsilon cap in the site config.",
+    );
+    for so in &view.sources {
+        if let Some(cap) = so.epsilon_cap {
+            out.push_str(&format!(
+                "fedpriv_site_source_epsilon_cap{{source=\"{}\"}} {cap}\n",
+                label(&so.source)
+            ));
+        }
+    }
+    Ok(out)
+}
+
 impl std::fmt::Display for LedgerView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "site {}", self.site)?;

@@ -18,6 +18,7 @@ pub mod inventory;
 pub mod leakage;
 pub mod ledger_view;
 pub mod logging;
+pub mod metrics_http;
 pub mod privacy_audit;
 pub mod site;
 pub mod sources;

@@ -28,6 +28,11 @@ enum Command {
     Run {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Serve this site's figures (tasks paid and declined by reason, epsilon per study
+        /// and per data source, from its own ledger) in the Prometheus text format at
+        /// http://ADDR/metrics; loopback addresses only.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// What this site has spent: per data source (cap, the Rényi filter's level over every
     /// study reading it, and the PLD figure beside it) and per study (cap, epsilon at its
@@ -136,7 +141,7 @@ async fn wait_for_signal() {
     }
 }
 
-fn run(config: PathBuf) -> Result<(), String> {
+fn run(config: PathBuf, metrics_listen: Option<std::net::SocketAddr>) -> Result<(), String> {
     let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     rt.block_on(async move {
@@ -146,6 +151,21 @@ fn run(config: PathBuf) -> Result<(), String> {
             tracing::info!("shutdown requested");
             let _ = tx.send(true);
         });
+        if let Some(addr) = metrics_listen {
+            let listener = fedpriv_client::metrics_http::bind(addr).await?;
+            let scrape_cfg = cfg.clone();
+            tokio::spawn(fedpriv_client::metrics_http::serve(
+                listener,
+                move || {
+                    // A ledger that cannot be read yet (before the first start) is a
+                    // comment, not a failed scrape.
+                    fedpriv_client::ledger_view::prometheus(&scrape_cfg).unwrap_or_else(|e| {
+                        format!("# site ledger not readable: {}\n", e.replace('\n', " "))
+                    })
+                },
+                rx.clone(),
+            ));
+        }
         daemon::run(cfg, rx).await.map_err(|e| e.to_string())
     })
 }
@@ -269,7 +289,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     fedpriv_client::logging::init(cli.log_format, "info");
     let result = match cli.command {
-        Command::Run { config } => run(config),
+        Command::Run {
+            config,
+            metrics_listen,
+        } => run(config, metrics_listen),
         Command::Ledger { config, json } => ledger(config, json),
         Command::Terms {
             study,

@@ -110,6 +110,10 @@ enum Command {
         /// examples/configs/limits.toml for each key and its default.
         #[arg(long, value_name = "FILE")]
         limits: Option<PathBuf>,
+        /// Serve the counters in the Prometheus text format at http://ADDR/metrics
+        /// (loopback addresses only; the `metrics.prom` file in the state directory stays).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Make a new at-rest key file (mode 0600; never overwrites) for `run --at-rest-key-file`.
     /// Back it up apart from the state directory: checkpoints cannot be read without it.
@@ -465,6 +469,7 @@ fn run_studies(
     at_rest_key_file: Option<&std::path::Path>,
     limits_file: Option<&std::path::Path>,
     progress: bool,
+    metrics_listen: Option<SocketAddr>,
 ) -> Result<Vec<(String, String)>, String> {
     // Before anything else: a bad limits file is the operator's to fix, and says so at once.
     let limits = load_limits(limits_file)?;
@@ -561,9 +566,29 @@ fn run_studies(
             }
             failed
         });
-        let served = server::run_with_limits(opts, limits, stop_rx, Some(tx), exit_when_done)
-            .await
-            .map_err(|e| e.to_string());
+        let metrics_listener = match metrics_listen {
+            Some(addr) => Some(fedpriv_client::metrics_http::bind(addr).await?),
+            None => None,
+        };
+        let metrics_stop = stop_rx.clone();
+        let served = match server::start(opts, limits, stop_rx, Some(tx), exit_when_done).await {
+            Ok(running) => {
+                let scrapes = metrics_listener.map(|l| {
+                    let m = running.metrics.clone();
+                    tokio::spawn(fedpriv_client::metrics_http::serve(
+                        l,
+                        move || m.render(),
+                        metrics_stop,
+                    ))
+                });
+                let done = running.finished().await.map_err(|e| e.to_string());
+                if let Some(task) = scrapes {
+                    task.abort();
+                }
+                done
+            }
+            Err(e) => Err(e.to_string()),
+        };
         let _ = done_tx.send(());
         let failed = consumer.await.map_err(|e| e.to_string())?;
         served.map(|()| failed)
@@ -806,6 +831,7 @@ fn main() -> ExitCode {
             exit_when_done,
             at_rest_key_file,
             limits,
+            metrics_listen,
         } => match run_studies(
             &studies,
             state,
@@ -816,6 +842,7 @@ fn main() -> ExitCode {
             at_rest_key_file.as_deref(),
             limits.as_deref(),
             progress,
+            metrics_listen,
         ) {
             Ok(failed) if failed.is_empty() => Ok(()),
             Ok(failed) => {

@@ -155,6 +155,8 @@ pub async fn run_with_limits(
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// The coordinator's counters (what `metrics.prom` and `--metrics-listen` serve).
+    pub metrics: Metrics,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
@@ -189,6 +191,7 @@ pub async fn start(
     let (audit, audit_thread) =
         crate::audit::start(audit_log).map_err(|e| ServerError::Internal(e.to_string()))?;
     let metrics = Metrics::new();
+    let served_metrics = metrics.clone();
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let result = serve(
@@ -214,7 +217,11 @@ pub async fn start(
         result
     });
     match bound_rx.await {
-        Ok(addr) => Ok(Running { addr, task }),
+        Ok(addr) => Ok(Running {
+            addr,
+            metrics: served_metrics,
+            task,
+        }),
         // The start failed before the endpoint was up: its error.
         Err(_) => Err(match task.await {
             Ok(Err(e)) => e,
