@@ -315,7 +315,7 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
     let addr = endpoint.local_addr().unwrap();
     let cfg = write_site(dir.path(), addr, &ca);
 
-    let (stop, stop_rx) = watch::channel(false);
+    let (_stop, stop_rx) = watch::channel(false);
     let daemon = tokio::spawn(fedpriv_client::daemon::run(cfg.clone(), stop_rx));
     let incoming = tokio::time::timeout(WAIT, endpoint.accept())
         .await
@@ -540,7 +540,18 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
         other => panic!("{other:?}"),
     }
 
-    let _ = stop.send(true);
+    // Every study it serves has ended: the daemon stops on its own (no signal), instead of
+    // dialling a coordinator that has nothing more for it.
+    for study in cfg.studies.keys() {
+        peer.send(
+            &CoordinatorMessage::StudyEnded {
+                study: study.clone(),
+                reason: "done".into(),
+            },
+            None,
+        )
+        .await;
+    }
     tokio::time::timeout(WAIT, daemon)
         .await
         .unwrap()

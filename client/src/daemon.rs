@@ -46,6 +46,16 @@ struct SiteState {
     /// once, never per announcement.
     loaded: BTreeMap<String, site::StudyLoad>,
     studies: BTreeMap<String, Arc<PreparedStudy>>,
+    /// Configured studies the coordinator said have ended (this process's life).
+    ended: std::collections::BTreeSet<String>,
+}
+
+impl SiteState {
+    /// Whether every study this site is configured for has ended: nothing is left to serve
+    /// until its config changes (which takes a restart), so the daemon stops.
+    fn all_studies_ended(&self) -> bool {
+        !self.cfg.studies.is_empty() && self.cfg.studies.keys().all(|s| self.ended.contains(s))
+    }
 }
 
 impl SiteState {
@@ -148,11 +158,13 @@ pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result
         audit: audit_log,
         loaded,
         studies: BTreeMap::new(),
+        ended: Default::default(),
     }));
     let mut backoff = Backoff::default();
     // A refusal is audited when its reason is new, not at every retry: a coordinator with
     // a bad certificate would otherwise write a record per backoff step.
     let mut last_refusal: Option<String> = None;
+    let mut stop_reason = "shutdown requested";
     loop {
         let mut on_failure = |e: &DialError| {
             if let Some(reason) = e.refusal() {
@@ -185,6 +197,13 @@ pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result
         };
         tokio::select! {
             reason = session(&conn, &name, &state) => {
+                let done = state.lock().map(|g| g.all_studies_ended()).unwrap_or(false);
+                if done {
+                    tracing::info!("every study this site serves has ended; stopping");
+                    quic_io::close(&conn, fedpriv_common::wire::CloseCode::Normal, "all studies ended");
+                    stop_reason = "every study this site serves has ended";
+                    break;
+                }
                 tracing::warn!(%reason, "connection to the coordinator ended; reconnecting");
             }
             _ = shutdown.wait_for(|s| *s) => {
@@ -197,7 +216,7 @@ pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result
     let _ = audit(
         &state,
         AuditEvent::ServiceStopped,
-        serde_json::json!({"reason": "shutdown requested"}),
+        serde_json::json!({"reason": stop_reason}),
     );
     Ok(())
 }
@@ -418,7 +437,19 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                 }
             }
             CoordinatorMessage::StudyEnded { study, reason } => {
-                tracing::info!(%study, %reason, "study ended")
+                tracing::info!(%study, %reason, "study ended");
+                let all_ended = match state.lock() {
+                    Ok(mut g) => {
+                        if g.cfg.studies.contains_key(&study) {
+                            g.ended.insert(study);
+                        }
+                        g.all_studies_ended()
+                    }
+                    Err(_) => false,
+                };
+                if all_ended {
+                    return "every study this site serves has ended".into();
+                }
             }
             CoordinatorMessage::Refused { reason } => {
                 return format!("refused by the coordinator: {reason}")
