@@ -114,6 +114,17 @@ impl Proc {
         }
     }
 
+    /// Whether a site daemon has stopped cleanly because every study it serves ended (it
+    /// does so on the coordinator's StudyEnded, just before the coordinator exits).
+    fn stopped_after_its_studies_ended(&mut self) -> bool {
+        match self.child.try_wait() {
+            Ok(Some(status)) if status.success() => std::fs::read_to_string(&self.log)
+                .unwrap_or_default()
+                .contains("every study this site serves has ended"),
+            _ => false,
+        }
+    }
+
     /// SIGKILL (std's `Child::kill`) and reap.
     fn kill(mut self) {
         self.child
@@ -683,7 +694,8 @@ fn killed_coordinator_and_site_lose_no_spend_and_the_study_finishes() {
 }
 
 /// Lets the coordinator run for up to `limit`; returns its exit status if it exits on its
-/// own (the study ended). Every site daemon must keep running meanwhile.
+/// own (the study ended). Every site daemon must keep running meanwhile, unless it stopped
+/// cleanly because its studies ended.
 fn run_until(
     coordinator: &mut Proc,
     sites: &mut [Option<Proc>],
@@ -694,8 +706,14 @@ fn run_until(
         if let Some(status) = coordinator.wait_for_exit(Duration::ZERO) {
             return Some(status);
         }
-        for site in sites.iter_mut().flatten() {
-            site.assert_running();
+        for slot in sites.iter_mut() {
+            if let Some(site) = slot {
+                if site.stopped_after_its_studies_ended() {
+                    *slot = None;
+                } else {
+                    site.assert_running();
+                }
+            }
         }
         if Instant::now() >= until {
             return None;
