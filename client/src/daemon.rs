@@ -94,6 +94,13 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, DaemonError> {
 
 /// Runs until `shutdown` turns true.
 pub async fn run(cfg: SiteConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
+    // Cargo unifies features: a test run with `audit-weak-noise` rebuilds this crate (and
+    // its binary) with the noise scaled down. Such a build never serves a coordinator.
+    if crate::train::noise_scale() != 1.0 {
+        return Err(DaemonError::Config(
+            "this build scales the privacy noise down for the audit's tests (feature audit-weak-noise); it cannot serve a coordinator: rebuild without it".into(),
+        ));
+    }
     std::fs::create_dir_all(&cfg.state_dir)
         .map_err(|e| DaemonError::Config(format!("{}: {e}", cfg.state_dir.display())))?;
     let ledger_path = cfg.state_dir.join("site-ledger.db");

@@ -185,6 +185,34 @@ fn a_mechanism_with_too_little_noise_is_caught() {
     assert!(!r.failed(), "{r:?}");
 }
 
+/// A weakened build cannot be used as a site daemon by mistake.
+#[cfg(feature = "audit-weak-noise")]
+#[tokio::test]
+async fn a_weakened_build_refuses_to_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = fedpriv_client::config::SiteConfig::from_toml(
+        &fedpriv_client::config::SiteSetup {
+            name: "a",
+            coordinator: "127.0.0.1:9".parse().expect("addr"),
+            ca: std::path::Path::new("ca.pem"),
+            cert: std::path::Path::new("site.pem"),
+            key: std::path::Path::new("site.key"),
+            data: std::path::Path::new("data.csv"),
+            records: 1000,
+            source_delta: 1e-5,
+            source_cap: 10.0,
+        }
+        .toml(&[(&record_study(), 5.0)]),
+        dir.path(),
+    )
+    .expect("site config");
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let err = fedpriv_client::daemon::run(cfg, rx)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("audit-weak-noise"), "{err}");
+}
+
 /// Site unit, local noise: the site's own noising code, weakened, is caught too.
 #[cfg(feature = "audit-weak-noise")]
 #[test]
