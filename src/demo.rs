@@ -672,9 +672,39 @@ fn write(path: &Path, bytes: &[u8]) -> DemoResult<()> {
 }
 
 /// A free UDP port on loopback (the coordinator binds it right after).
-fn free_port() -> DemoResult<u16> {
+pub fn free_port() -> DemoResult<u16> {
     let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).map_err(s)?;
     Ok(sock.local_addr().map_err(s)?.port())
+}
+
+/// A throw-away study PKI for a federation on loopback: the coordinator's TLS config (its
+/// certificate for `localhost` and `addr`'s IP), and for each site `root/<name>/` holding
+/// `ca.pem`, `site.pem` and `site.key`. Valid for two days.
+pub fn loopback_pki(
+    root: &Path,
+    sites: &[&str],
+    addr: SocketAddr,
+    ca_name: &str,
+) -> DemoResult<rustls::ServerConfig> {
+    let ca = pki::generate_ca(ca_name, 2).map_err(s)?;
+    let server_cert =
+        pki::issue_server_cert(&ca, &["localhost".to_string()], &[addr.ip()], 2).map_err(s)?;
+    let tls = pki::server_config(
+        ca.cert_pem.as_bytes(),
+        server_cert.cert_pem.as_bytes(),
+        server_cert.key_pem.as_bytes(),
+        &[],
+    )
+    .map_err(s)?;
+    for name in sites {
+        let dir = root.join(name);
+        let cert = pki::issue_identity_cert(&ca, &Identity::new(Role::Site, *name).map_err(s)?, 2)
+            .map_err(s)?;
+        write(&dir.join("ca.pem"), ca.cert_pem.as_bytes())?;
+        write(&dir.join("site.pem"), cert.cert_pem.as_bytes())?;
+        write(&dir.join("site.key"), cert.key_pem.as_bytes())?;
+    }
+    Ok(tls)
 }
 
 /// Creates the PKI, the site folders and configs; returns the server TLS config and the
@@ -686,24 +716,11 @@ fn setup(
     shards: &[Dataset],
     addr: SocketAddr,
 ) -> DemoResult<(rustls::ServerConfig, Vec<SiteConfig>)> {
-    let ca = pki::generate_ca("fedpriv demo CA", 2).map_err(s)?;
-    let server_cert =
-        pki::issue_server_cert(&ca, &["localhost".to_string()], &[addr.ip()], 2).map_err(s)?;
-    let tls = pki::server_config(
-        ca.cert_pem.as_bytes(),
-        server_cert.cert_pem.as_bytes(),
-        server_cert.key_pem.as_bytes(),
-        &[],
-    )
-    .map_err(s)?;
+    let names: Vec<&str> = SITES.iter().take(shards.len()).copied().collect();
+    let tls = loopback_pki(root, &names, addr, "fedpriv demo CA")?;
     let mut sites = Vec::new();
     for (name, shard) in SITES.iter().zip(shards) {
         let dir = root.join(name);
-        let id = Identity::new(Role::Site, *name).map_err(s)?;
-        let cert = pki::issue_identity_cert(&ca, &id, 2).map_err(s)?;
-        write(&dir.join("ca.pem"), ca.cert_pem.as_bytes())?;
-        write(&dir.join("site.pem"), cert.cert_pem.as_bytes())?;
-        write(&dir.join("site.key"), cert.key_pem.as_bytes())?;
         data::write_csv(shard, dir.join("patients.csv")).map_err(s)?;
         // Each hospital pins exactly the study's terms, declares its true record count (the
         // demo plays its operator, who knows it) and caps its one data source well above

@@ -3,7 +3,7 @@
 //! file with the sites' own preprocessing (`fedpriv_client::inference`). For the accuracy
 //! experiments beyond the demo's breast-cancer data (multi-class tables, images).
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,6 @@ use fedpriv_client::data::Dataset;
 use fedpriv_client::train::{self, Learner, LocalTraining};
 use fedpriv_common::config::{DataSpec, StudyConfig};
 use fedpriv_common::model::FlatModel;
-use fedpriv_common::pki::{self, Identity, Role};
 use fedpriv_coordinator::server::{self, Notification, Options};
 use tokio::sync::{mpsc, watch};
 
@@ -77,30 +76,12 @@ pub async fn run(root: &Path, study_toml: &str, sites: &[SiteData], test: &Path)
     let study = StudyConfig::from_toml(study_toml).map_err(|e| format!("study: {e}"))?;
     let learner = Learner::for_data(&study.model, &study.data).map_err(s)?;
     let test = load_eval(&study.data, test)?;
-    let addr = {
-        let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).map_err(s)?;
-        SocketAddr::from((Ipv4Addr::LOCALHOST, sock.local_addr().map_err(s)?.port()))
-    };
-    let ca = pki::generate_ca("fedpriv trial CA", 2).map_err(s)?;
-    let server_cert =
-        pki::issue_server_cert(&ca, &["localhost".to_string()], &[addr.ip()], 2).map_err(s)?;
-    let tls = pki::server_config(
-        ca.cert_pem.as_bytes(),
-        server_cert.cert_pem.as_bytes(),
-        server_cert.key_pem.as_bytes(),
-        &[],
-    )
-    .map_err(s)?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::demo::free_port()?));
+    let names: Vec<&str> = sites.iter().map(|site| site.name.as_str()).collect();
+    let tls = crate::demo::loopback_pki(root, &names, addr, "fedpriv trial CA")?;
     let mut configs = Vec::new();
     for site in sites {
         let dir = root.join(&site.name);
-        std::fs::create_dir_all(&dir).map_err(s)?;
-        let cert =
-            pki::issue_identity_cert(&ca, &Identity::new(Role::Site, &site.name).map_err(s)?, 2)
-                .map_err(s)?;
-        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).map_err(s)?;
-        std::fs::write(dir.join("site.pem"), &cert.cert_pem).map_err(s)?;
-        std::fs::write(dir.join("site.key"), &cert.key_pem).map_err(s)?;
         let mut toml = fedpriv_client::config::SiteSetup {
             name: &site.name,
             coordinator: addr,

@@ -601,7 +601,7 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
     assert_eq!(rec_view.delta, Some(1e-6));
     assert!(rec_view.rounds_declined > 0 && rec_view.epsilon.unwrap() > 0.0);
     // What `fedpriv-client run --metrics-listen` serves: the same figures, per scrape.
-    let prom = fedpriv_client::ledger_view::prometheus(&cfg).unwrap();
+    let prom = fedpriv_client::site_metrics::render(&cfg).unwrap();
     assert!(
         prom.contains(&format!(
             "fedpriv_site_source_epsilon{{source=\"wards\"}} {got}\n"

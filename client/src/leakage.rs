@@ -32,6 +32,7 @@ use fedpriv_common::audit::AuditEvent;
 use fedpriv_common::audit_file::AuditLog;
 use fedpriv_common::dp::audit::clopper_pearson;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
@@ -227,10 +228,7 @@ pub fn run(
     }
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut order: Vec<usize> = (0..pool.n).collect();
-    for i in 0..order.len() {
-        let j = rng.random_range(i..order.len());
-        order.swap(i, j);
-    }
+    order.shuffle(&mut rng);
     let half = pool.n / 2;
     let refs_data = pool
         .select_rows(&order[..half])

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics_http;
 pub mod privacy_audit;
 pub mod site;
+pub mod site_metrics;
 pub mod sources;
 pub mod store;
 pub mod train;

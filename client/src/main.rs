@@ -159,7 +159,7 @@ fn run(config: PathBuf, metrics_listen: Option<std::net::SocketAddr>) -> Result<
                 move || {
                     // A ledger that cannot be read yet (before the first start) is a
                     // comment, not a failed scrape.
-                    fedpriv_client::ledger_view::prometheus(&scrape_cfg).unwrap_or_else(|e| {
+                    fedpriv_client::site_metrics::render(&scrape_cfg).unwrap_or_else(|e| {
                         format!("# site ledger not readable: {}\n", e.replace('\n', " "))
                     })
                 },

@@ -40,6 +40,7 @@ use fedpriv_common::dp::audit;
 use fedpriv_common::dp::noise::{available_threads, NoiseSource};
 use fedpriv_common::dp::SgmEvent;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
@@ -151,10 +152,7 @@ impl Canaries {
         if m <= dim {
             let mut idx: Vec<usize> = (0..dim).collect();
             // A random order first, so that ties fall at random.
-            for i in 0..dim {
-                let j = rng.random_range(i..dim);
-                idx.swap(i, j);
-            }
+            idx.shuffle(rng);
             if let Some(q) = quiet {
                 idx.sort_by(|&a, &b| q[a].total_cmp(&q[b]));
             }
@@ -540,4 +538,64 @@ pub fn run(study: &StudyConfig, opts: &AuditOptions) -> Result<AuditReport, Audi
 
 fn req_display(e: impl std::fmt::Display) -> AuditError {
     AuditError::Request(e.to_string())
+}
+
+impl std::fmt::Display for AuditReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "study {} ({:?} unit, {:?} noise): {} steps at q = {}, sigma {}, clip {}",
+            self.study,
+            self.unit,
+            self.placement,
+            self.steps,
+            self.q,
+            self.noise_multiplier,
+            self.clip_norm
+        )?;
+        writeln!(
+            f,
+            "accountant ({}): epsilon {:.3} at delta {:e}",
+            self.accountant, self.epsilon_claimed, self.delta
+        )?;
+        writeln!(
+            f,
+            "white-box ({} {} canaries): {} of {} guesses right, epsilon >= {:.3} ({}% confidence for all views together)",
+            self.canaries,
+            self.canary_directions,
+            self.correct_guesses,
+            self.guesses,
+            self.epsilon_lower_bound,
+            self.confidence * 100.0
+        )?;
+        writeln!(
+            f,
+            "what a site sends: {} of {} right, epsilon >= {:.3}",
+            self.released_view.correct_guesses,
+            self.released_view.guesses,
+            self.released_view.epsilon_lower_bound
+        )?;
+        if self.canary_directions == "random" {
+            writeln!(
+                f,
+                "note: the model has fewer values than canaries, so the canaries overlap and the audit has little power; use fewer canaries or a larger model"
+            )?;
+        }
+        if let Some(b) = &self.black_box {
+            writeln!(
+                f,
+                "black-box (input canaries, final model's loss): {} of {} right, epsilon >= {:.3}",
+                b.correct_guesses, b.guesses, b.epsilon_lower_bound
+            )?;
+        }
+        writeln!(
+            f,
+            "{}",
+            if self.failed() {
+                "FAILED: the mechanism leaks more than the accountant claims"
+            } else {
+                "passed: no bound above the claim (an audit cannot prove privacy, only find leaks)"
+            }
+        )
+    }
 }

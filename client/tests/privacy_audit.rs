@@ -113,7 +113,6 @@ fn an_honest_record_level_mechanism_is_never_caught() {
         assert!(!r.failed(), "seed {seed}: {r:?}");
         // (At a claim under 1 the honest white-box guesses may sit at chance; the audit's
         // power is what the weak-noise build's tests check.)
-        assert!(r.correct_guesses <= r.guesses);
         assert!(r.black_box.is_some());
     }
 }

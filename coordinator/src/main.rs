@@ -330,48 +330,7 @@ fn privacy_audit(
     if json {
         println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
     } else {
-        println!(
-            "study {} ({:?} unit, {:?} noise): {} steps at q = {}, sigma {}, clip {}",
-            r.study, r.unit, r.placement, r.steps, r.q, r.noise_multiplier, r.clip_norm
-        );
-        println!(
-            "accountant ({}): epsilon {:.3} at delta {:e}",
-            r.accountant, r.epsilon_claimed, r.delta
-        );
-        println!(
-            "white-box ({} {} canaries): {} of {} guesses right, epsilon >= {:.3} at {}% confidence",
-            r.canaries,
-            r.canary_directions,
-            r.correct_guesses,
-            r.guesses,
-            r.epsilon_lower_bound,
-            r.confidence * 100.0
-        );
-        println!(
-            "what a site sends: {} of {} right, epsilon >= {:.3}",
-            r.released_view.correct_guesses,
-            r.released_view.guesses,
-            r.released_view.epsilon_lower_bound
-        );
-        if r.canary_directions == "random" {
-            println!(
-                "note: the model has fewer values than canaries, so the canaries overlap and the audit has little power; use fewer canaries or a larger model"
-            );
-        }
-        if let Some(b) = &r.black_box {
-            println!(
-                "black-box (input canaries, final model's loss): {} of {} right, epsilon >= {:.3}",
-                b.correct_guesses, b.guesses, b.epsilon_lower_bound
-            );
-        }
-        println!(
-            "{}",
-            if r.failed() {
-                "FAILED: the mechanism leaks more than the accountant claims"
-            } else {
-                "passed: no bound above the claim (an audit cannot prove privacy, only find leaks)"
-            }
-        );
+        print!("{r}");
     }
     Ok(!r.failed())
 }

@@ -124,7 +124,9 @@ impl Metrics {
             if !labels.is_empty() {
                 let l: Vec<String> = labels
                     .iter()
-                    .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                    .map(|(k, v)| {
+                        format!("{k}=\"{}\"", fedpriv_common::exposition::escape_label(v))
+                    })
                     .collect();
                 out.push_str(&format!("{{{}}}", l.join(",")));
             }
@@ -163,12 +165,6 @@ impl Metrics {
             );
         }
     }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// Counts refusals per source (a remote address or an identity) in fixed windows and says
