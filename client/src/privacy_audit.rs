@@ -86,6 +86,25 @@ pub struct ViewResult {
     pub epsilon_lower_bound: f64,
 }
 
+/// How the gradient canaries point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CanaryDirections {
+    /// One coordinate of the model per canary (no canary sees another).
+    Coordinate,
+    /// Random directions: more canaries than the model has values, so they overlap.
+    Random,
+}
+
+impl std::fmt::Display for CanaryDirections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Coordinate => "coordinate",
+            Self::Random => "random",
+        })
+    }
+}
+
 /// What an audit found. The top-level fields are the white-box view the accountant bounds.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuditReport {
@@ -107,8 +126,7 @@ pub struct AuditReport {
     pub clip_norm: f64,
     /// Noised steps (record unit) or rounds (site unit) the canaries went through.
     pub steps: u64,
-    /// "coordinate" (one coordinate per canary) or "random" (more canaries than values).
-    pub canary_directions: &'static str,
+    pub canary_directions: CanaryDirections,
     /// The same canaries scored from what a site sends (its f32 deltas).
     pub released_view: ViewResult,
     /// Input canaries scored from the final model's loss (record unit only).
@@ -185,11 +203,11 @@ impl Canaries {
         }
     }
 
-    fn kind(&self) -> &'static str {
+    fn kind(&self) -> CanaryDirections {
         if self.coords.is_some() {
-            "coordinate"
+            CanaryDirections::Coordinate
         } else {
-            "random"
+            CanaryDirections::Random
         }
     }
 
@@ -575,7 +593,7 @@ impl std::fmt::Display for AuditReport {
             self.released_view.guesses,
             self.released_view.epsilon_lower_bound
         )?;
-        if self.canary_directions == "random" {
+        if self.canary_directions == CanaryDirections::Random {
             writeln!(
                 f,
                 "note: the model has fewer values than canaries, so the canaries overlap and the audit has little power; use fewer canaries or a larger model"

@@ -106,7 +106,10 @@ fn an_honest_record_level_mechanism_is_never_caught() {
             "claim {}",
             r.epsilon_claimed
         );
-        assert_eq!(r.canary_directions, "coordinate");
+        assert_eq!(
+            r.canary_directions,
+            privacy_audit::CanaryDirections::Coordinate
+        );
         assert_eq!((r.canaries, r.guesses), (1000, 200));
         assert_eq!(r.steps, 100);
         assert!((r.q - 0.03).abs() < 1e-12);
