@@ -55,6 +55,7 @@ fn frames(c: &mut Criterion) {
             learning_rate: 0.1,
         },
         delta: 1e-5,
+        evaluation: None,
     });
     let frame = match encode_frame(&task) {
         Ok(f) => f,

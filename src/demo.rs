@@ -927,6 +927,20 @@ impl Federation {
                 Some(Notification::RoundAborted { round, reason, .. }) => {
                     tracing::warn!(round, %reason, "round aborted")
                 }
+                Some(Notification::Evaluated {
+                    model_round,
+                    summary,
+                    ..
+                }) => {
+                    let (metric, value) = summary.headline();
+                    tracing::info!(
+                        model_round,
+                        metric,
+                        value,
+                        noise_sd = summary.noise_sd,
+                        "DP evaluation"
+                    )
+                }
                 Some(Notification::StudyEnded { reason, .. }) => return Ok(reason),
                 None => return Err("the coordinator stopped unexpectedly".into()),
             }

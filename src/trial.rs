@@ -156,6 +156,7 @@ pub async fn run(root: &Path, study_toml: &str, sites: &[SiteData], test: &Path)
             Some(Notification::RoundAborted { round, reason, .. }) => {
                 tracing::warn!(round, %reason, "round aborted")
             }
+            Some(Notification::Evaluated { .. }) => {}
             Some(Notification::StudyEnded { reason, .. }) => break reason,
             None => return Err("the coordinator stopped unexpectedly".into()),
         }

@@ -84,6 +84,7 @@ fn announcement(study: &str, unit: PrivacyUnit, placement: Placement) -> StudyAn
         clip_norm: 1.0,
         noise_multiplier,
         local,
+        evaluation: None,
     }
 }
 
@@ -136,6 +137,10 @@ fn task(ann: &StudyAnnouncement, round: u64) -> Task {
         placement: ann.placement,
         local: ann.local.clone(),
         delta: ann.delta,
+        evaluation: ann
+            .evaluation
+            .filter(|e| e.is_due(round))
+            .map(|e| e.event()),
     }
 }
 
@@ -151,6 +156,7 @@ enum Answer {
     Unable(String, DeclineReason),
     Update(String, u64, Vec<f32>),
     Decline(String, u64, DeclineReason),
+    Evaluation(String, u64, Vec<f64>),
 }
 
 impl Peer {
@@ -180,6 +186,14 @@ impl Peer {
             } => {
                 recv_end(&mut recv).await.unwrap();
                 Answer::Decline(study, round, reason)
+            }
+            SiteMessage::Evaluation {
+                study,
+                round,
+                values,
+            } => {
+                recv_end(&mut recv).await.unwrap();
+                Answer::Evaluation(study, round, values)
             }
             SiteMessage::Update {
                 study,

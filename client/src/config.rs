@@ -133,6 +133,25 @@ struct RawStudy {
     /// like one (see `crate::identifiers`).
     #[serde(default)]
     allow_identifier_columns: Vec<String>,
+    /// `evaluation = { holdout = 0.2, min_noise_multiplier = 5.0 }`: the site takes part in
+    /// the study's DP evaluation (record unit) on this held-out share of its records.
+    evaluation: Option<RawSiteEvaluation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSiteEvaluation {
+    holdout: f64,
+    min_noise_multiplier: f64,
+}
+
+/// What the site agreed to for a study's DP evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvaluationPins {
+    /// The share of the source's records held out from training and evaluated on.
+    pub holdout: f64,
+    /// The least evaluation noise multiplier the site accepts.
+    pub min_noise_multiplier: NoiseMultiplier,
 }
 
 /// One data source: a set of patients whose every use composes into one budget.
@@ -182,6 +201,8 @@ pub struct PinnedTerms {
     /// Record unit: the most DP-SGD steps per round.
     pub max_steps_per_round: Option<u64>,
     pub max_delta: Delta,
+    /// The study's DP evaluation, if the site takes part in one (record unit only).
+    pub evaluation: Option<EvaluationPins>,
 }
 
 /// One study the site takes part in.
@@ -458,6 +479,28 @@ fn validate_study(
     if let Some((f, _)) = s.fills.iter().find(|(_, v)| !v.is_finite()) {
         return Err(field(at("fills"), format!("{f:?}: need a finite value")));
     }
+    let evaluation = match &s.evaluation {
+        None => None,
+        Some(e) => {
+            if s.unit != PrivacyUnit::Record {
+                return Err(field(
+                    at("evaluation"),
+                    "DP evaluation is for record-unit studies",
+                ));
+            }
+            if !(e.holdout.is_finite() && e.holdout > 0.0 && e.holdout <= 0.5) {
+                return Err(field(
+                    at("evaluation.holdout"),
+                    "a share of the records above 0 and at most 0.5",
+                ));
+            }
+            Some(EvaluationPins {
+                holdout: e.holdout,
+                min_noise_multiplier: NoiseMultiplier::new(e.min_noise_multiplier)
+                    .map_err(|err| field(at("evaluation.min_noise_multiplier"), err))?,
+            })
+        }
+    };
     let allow_identifier_columns = validate_columns(&s.allow_identifier_columns)
         .map(|()| s.allow_identifier_columns)
         .map_err(|e| field(at("allow_identifier_columns"), e))?;
@@ -480,6 +523,7 @@ fn validate_study(
             max_sample_rate,
             max_steps_per_round,
             max_delta,
+            evaluation,
         },
         allow_identifier_columns,
     })
@@ -592,6 +636,14 @@ pub fn pinned_terms_toml(
         let _ = writeln!(t, "max_steps_per_round = {steps}");
     }
     let _ = writeln!(t, "max_delta = {:?}", p.delta.get());
+    if let Some(e) = &study.evaluation {
+        // The held-out share is the site's choice; 0.2 is a common one.
+        let _ = writeln!(
+            t,
+            "evaluation = {{ holdout = 0.2, min_noise_multiplier = {:?} }}",
+            e.noise_multiplier.get()
+        );
+    }
     t
 }
 

@@ -358,7 +358,7 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                             guard
                                 .audit(
                                     AuditEvent::BudgetSpent,
-                                    serde_json::json!({"study": t.study, "round": t.round, "q": t.cost.q.get(), "sigma": t.cost.sigma.get(), "steps": t.cost.steps, "delta": t.delta, "source": study.local.source, "study_epsilon": released.paid.study_epsilon, "source_level": released.paid.source_level}),
+                                    serde_json::json!({"study": t.study, "round": t.round, "q": t.cost.q.get(), "sigma": t.cost.sigma.get(), "steps": t.cost.steps, "evaluation": t.evaluation, "delta": t.delta, "source": study.local.source, "study_epsilon": released.paid.study_epsilon, "source_level": released.paid.source_level}),
                                 )
                                 .map_err(|e| site::Refusal {
                                     reason: DeclineReason::Internal,
@@ -409,6 +409,20 @@ async fn session(conn: &quinn::Connection, name: &str, state: &Arc<Mutex<SiteSta
                 });
                 let sent = match outcome {
                     Ok(released) => {
+                        // The evaluation goes first, on an earlier stream: the coordinator
+                        // reads a site's streams in order, so it has the vector before the
+                        // update that may close the round.
+                        if let Some(values) = &released.evaluation {
+                            let msg = SiteMessage::Evaluation {
+                                study: task.study.clone(),
+                                round: task.round,
+                                values: values.clone(),
+                            };
+                            if let Err(e) = quic_io::send_message(conn, &msg, None).await {
+                                return format!("send failed: {e}");
+                            }
+                            tracing::info!(study = %task.study, round = task.round, "noised evaluation sent");
+                        }
                         tracing::info!(study = %task.study, round = task.round, "update trained, noised and sent");
                         // Updates go back in the study's encoding; they are already noised.
                         let dtype = task.header.dtype;
@@ -525,7 +539,7 @@ async fn take_up(
     let study = ann.study.clone();
     let st = Arc::clone(state);
     let prepared = tokio::task::spawn_blocking(move || match st.lock() {
-        Ok(guard) => {
+        Ok(mut guard) => {
             let pinned = guard
                 .ledger
                 .pinned_terms(&ann.study)
@@ -547,7 +561,30 @@ async fn take_up(
                     detail: "the study was paid for under another run".into(),
                 });
             }
-            site::prepare_study(&guard.cfg, &guard.loaded, pinned.as_ref(), &ann)
+            // A study with evaluation holds out records: the split's seed is drawn once
+            // and kept in the ledger.
+            let holdout_seed = match ann.evaluation {
+                Some(_) => {
+                    let g = &mut *guard;
+                    let fresh = rand::RngCore::next_u64(g.noise.rng());
+                    let seed = g
+                        .ledger
+                        .holdout_seed(&ann.study, fresh, site::unix_now())
+                        .map_err(|e| site::Refusal {
+                            reason: DeclineReason::Internal,
+                            detail: format!("site ledger: {e}"),
+                        })?;
+                    Some(seed)
+                }
+                None => None,
+            };
+            site::prepare_study(
+                &guard.cfg,
+                &guard.loaded,
+                pinned.as_ref(),
+                &ann,
+                holdout_seed,
+            )
         }
         Err(_) => Err(site::Refusal {
             reason: DeclineReason::Internal,

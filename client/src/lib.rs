@@ -12,6 +12,7 @@
 pub mod config;
 pub mod daemon;
 pub mod data;
+pub mod evaluation;
 pub mod identifiers;
 pub mod inference;
 pub mod inventory;

@@ -68,7 +68,7 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -238,24 +238,43 @@ pub struct PreparedStudy {
     pub terms: String,
     pub learner: Learner,
     pub spec: ModelSpec,
+    /// The records the study trains on (all of them unless it has an evaluation).
     pub data: Dataset,
+    /// The held-out records a study with evaluation is evaluated on.
+    pub holdout: Option<Dataset>,
     pub local: SiteStudy,
     pub source: DataSource,
 }
 
-/// The canonical text of an announcement's terms, as the ledger pins them.
+/// The canonical text of an announcement's terms, as the ledger pins them. A study
+/// without evaluation has no `evaluation` key, so the terms pinned before evaluation
+/// existed still match.
 pub fn terms_text(ann: &StudyAnnouncement) -> String {
-    serde_json::to_string(ann).unwrap_or_default()
+    match serde_json::to_value(ann) {
+        Ok(mut v) => {
+            if let Some(o) = v.as_object_mut() {
+                if o.get("evaluation").is_some_and(serde_json::Value::is_null) {
+                    o.remove("evaluation");
+                }
+            }
+            v.to_string()
+        }
+        Err(_) => String::new(),
+    }
 }
 
 /// Checks an announcement against the site's pinned terms and, when the site already paid
 /// for a round of the study, against the terms it paid under (`pinned`: the source and terms
 /// text from the ledger); selects and scales the study's columns.
+///
+/// `holdout_seed`: the seed of the study's held-out split, as the ledger keeps it (used
+/// only when the announcement asks for evaluation).
 pub fn prepare_study(
     cfg: &SiteConfig,
     loaded: &BTreeMap<String, StudyLoad>,
     pinned: Option<&(String, String)>,
     ann: &StudyAnnouncement,
+    holdout_seed: Option<u64>,
 ) -> Result<PreparedStudy, Refusal> {
     let Some(local) = cfg.studies.get(&ann.study) else {
         return Err(Refusal::new(
@@ -308,12 +327,27 @@ pub fn prepare_study(
     let spec = learner.spec().clone();
     let data = select_and_scale(data, &ann.data)
         .map_err(|e| Refusal::new(DeclineReason::TermsDiffer, format!("data: {e}")))?;
+    let (data, holdout) = match (&ann.evaluation, &local.terms.evaluation, holdout_seed) {
+        (Some(_), Some(pins), Some(seed)) => {
+            let (train, held) = crate::evaluation::split(&data, pins.holdout, seed)
+                .map_err(|e| Refusal::new(DeclineReason::Internal, format!("holdout: {e}")))?;
+            (train, Some(held))
+        }
+        (Some(_), _, _) => {
+            return Err(Refusal::new(
+                DeclineReason::Internal,
+                "the held-out split has no seed",
+            ))
+        }
+        (None, _, _) => (data, None),
+    };
     Ok(PreparedStudy {
         announcement: ann.clone(),
         terms,
         learner,
         spec,
         data,
+        holdout,
         local: local.clone(),
         source: source.clone(),
     })
@@ -437,6 +471,23 @@ fn check_terms(
             ann.noise_multiplier,
             t.min_noise_multiplier.get()
         ));
+    }
+    match (&ann.evaluation, &t.evaluation) {
+        (None, _) => {}
+        (Some(_), None) => {
+            return Err("the study asks for DP evaluation, which the site has not pinned".into())
+        }
+        (Some(e), Some(pins)) => {
+            if e.noise_multiplier < pins.min_noise_multiplier {
+                return Err(format!(
+                    "evaluation noise multiplier {} is below the pinned {}",
+                    e.noise_multiplier, pins.min_noise_multiplier
+                ));
+            }
+            if e.every == 0 || !(e.loss_clip.is_finite() && e.loss_clip > 0.0) {
+                return Err("the evaluation plan is malformed".into());
+            }
+        }
     }
     match (&ann.local, ann.unit) {
         (
@@ -604,6 +655,8 @@ pub struct Released {
     pub fallback: Option<String>,
     /// Whether a site-unit delta was replaced by zero because training diverged.
     pub zeroed: bool,
+    /// The noised evaluation vector, when the round carries an evaluation.
+    pub evaluation: Option<Vec<f64>>,
 }
 
 /// What a round costs this site: the study-level event and the source-level event.
@@ -655,6 +708,17 @@ pub fn run_task(
             task.cost
         )));
     }
+    // The evaluation a task may carry is the announced plan's, on exactly its rounds.
+    let evaluation = ann
+        .evaluation
+        .filter(|e| e.is_due(task.round))
+        .map(|e| e.event());
+    if task.evaluation != evaluation {
+        return Err(invalid(format!(
+            "the task's evaluation {:?} is not the announced plan's for round {} ({evaluation:?})",
+            task.evaluation, task.round
+        )));
+    }
     let clip = ClipNorm::new(ann.clip_norm).map_err(|e| invalid(e.to_string()))?;
     let delta_t = Delta::new(ann.delta).map_err(|e| invalid(e.to_string()))?;
     let study_cap = Cap {
@@ -672,6 +736,7 @@ pub fn run_task(
         event: own,
         source: &study.local.source,
         source_event: at_source,
+        evaluation,
         terms: &study.terms,
         coordinator,
         instance: &ann.instance,
@@ -698,7 +763,21 @@ pub fn run_task(
         }
     };
 
-    // Paid: from here on, something is released whatever happens.
+    // Paid: from here on, something is released whatever happens. The evaluation first:
+    // it measures the model as it came, before this site trains on it.
+    let evaluation = match (&ann.evaluation, evaluation) {
+        (Some(plan), Some(_)) => {
+            let exact = study.holdout.as_ref().and_then(|held| {
+                let pins = study.local.terms.evaluation?;
+                let pad =
+                    crate::evaluation::padded_rows(study.source.records, pins.holdout, held.n);
+                crate::evaluation::exact_sums(&study.learner, &model, held, &ann.data, plan, pad)
+                    .ok()
+            });
+            Some(crate::evaluation::noised(exact, &ann.data, plan, noise))
+        }
+        _ => None,
+    };
     let sigma_c = ann.noise_multiplier * clip.get();
     let (update, fallback, zeroed) = match &ann.local {
         LocalPlan::Sgd {
@@ -770,6 +849,7 @@ pub fn run_task(
         paid,
         fallback,
         zeroed,
+        evaluation,
     })
 }
 

@@ -134,6 +134,9 @@ pub struct Spend<'a> {
     pub source: &'a str,
     /// The same release under record-level add/remove adjacency, for the source's filter.
     pub source_event: SgmEvent,
+    /// The round's evaluation, when it carries one: a record-level event already, charged
+    /// to the study and to the source beside the training event.
+    pub evaluation: Option<SgmEvent>,
     /// The terms the round is paid under, in a canonical text form (pinned at the first
     /// spend of the study; later spends must match them).
     pub terms: &'a str,
@@ -273,6 +276,48 @@ CREATE TRIGGER study_instances_no_update BEFORE UPDATE ON study_instances
 CREATE TRIGGER study_instances_no_delete BEFORE DELETE ON study_instances
     BEGIN SELECT RAISE(ABORT, 'pinned runs are never deleted'); END;
 ",
+    "
+-- A round's DP evaluation, charged beside its training spend: to the study and, again
+-- under record-level adjacency, to the source.
+CREATE TABLE evaluation_spends (
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    q REAL NOT NULL CHECK (q > 0 AND q <= 1),
+    sigma REAL NOT NULL CHECK (sigma > 0),
+    steps INTEGER NOT NULL CHECK (steps >= 0),
+    PRIMARY KEY (study, round),
+    FOREIGN KEY (study, round) REFERENCES spends(study, round)
+) STRICT;
+CREATE TRIGGER evaluation_spends_no_update BEFORE UPDATE ON evaluation_spends
+    BEGIN SELECT RAISE(ABORT, 'spends are never changed'); END;
+CREATE TRIGGER evaluation_spends_no_delete BEFORE DELETE ON evaluation_spends
+    BEGIN SELECT RAISE(ABORT, 'spends are never deleted'); END;
+CREATE TABLE source_evaluation_events (
+    source TEXT NOT NULL REFERENCES sources(name),
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    q REAL NOT NULL CHECK (q > 0 AND q <= 1),
+    sigma REAL NOT NULL CHECK (sigma > 0),
+    steps INTEGER NOT NULL CHECK (steps >= 0),
+    PRIMARY KEY (study, round),
+    FOREIGN KEY (study, round) REFERENCES spends(study, round)
+) STRICT;
+CREATE INDEX source_evaluation_events_by_source ON source_evaluation_events (source);
+CREATE TRIGGER source_evaluation_events_no_update BEFORE UPDATE ON source_evaluation_events
+    BEGIN SELECT RAISE(ABORT, 'source events are never changed'); END;
+CREATE TRIGGER source_evaluation_events_no_delete BEFORE DELETE ON source_evaluation_events
+    BEGIN SELECT RAISE(ABORT, 'source events are never deleted'); END;
+-- The seed of each study's held-out split, drawn once so the split survives restarts.
+CREATE TABLE holdouts (
+    study TEXT PRIMARY KEY NOT NULL,
+    seed INTEGER NOT NULL,
+    drawn_at INTEGER NOT NULL
+) STRICT;
+CREATE TRIGGER holdouts_no_update BEFORE UPDATE ON holdouts
+    BEGIN SELECT RAISE(ABORT, 'held-out splits are never changed'); END;
+CREATE TRIGGER holdouts_no_delete BEFORE DELETE ON holdouts
+    BEGIN SELECT RAISE(ABORT, 'held-out splits are never deleted'); END;
+",
 ];
 
 const SPEC: DbSpec = DbSpec {
@@ -284,6 +329,17 @@ const SPEC: DbSpec = DbSpec {
         "",
         "CREATE TEMP TABLE study_instances (
             study TEXT PRIMARY KEY NOT NULL, instance TEXT NOT NULL, pinned_at INTEGER NOT NULL
+        ) STRICT;",
+        "CREATE TEMP TABLE evaluation_spends (
+            study TEXT NOT NULL, round INTEGER NOT NULL, q REAL NOT NULL, sigma REAL NOT NULL,
+            steps INTEGER NOT NULL, PRIMARY KEY (study, round)
+        ) STRICT;
+        CREATE TEMP TABLE source_evaluation_events (
+            source TEXT NOT NULL, study TEXT NOT NULL, round INTEGER NOT NULL, q REAL NOT NULL,
+            sigma REAL NOT NULL, steps INTEGER NOT NULL, PRIMARY KEY (study, round)
+        ) STRICT;
+        CREATE TEMP TABLE holdouts (
+            study TEXT PRIMARY KEY NOT NULL, seed INTEGER NOT NULL, drawn_at INTEGER NOT NULL
         ) STRICT;",
     ],
 };
@@ -382,6 +438,31 @@ impl SiteLedger {
         insert_spend(&tx, study, round, event, coordinator, now)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// The seed of `study`'s held-out split: the one drawn before, or `fresh`, kept now.
+    pub fn holdout_seed(&mut self, study: &str, fresh: u64, now: i64) -> Result<u64, StoreError> {
+        let tx = self.write()?;
+        tx.execute(
+            "INSERT INTO holdouts (study, seed, drawn_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (study) DO NOTHING",
+            params![study, fresh as i64, now],
+        )?;
+        let seed: i64 =
+            tx.query_row("SELECT seed FROM holdouts WHERE study = ?1", [study], |r| {
+                r.get(0)
+            })?;
+        tx.commit()?;
+        Ok(seed as u64)
+    }
+
+    /// The rounds of `study` whose evaluation this site paid for.
+    pub fn evaluation_rounds(&self, study: &str) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT round FROM evaluation_spends WHERE study = ?1 ORDER BY round",
+        )?;
+        let rows = stmt.query_map([study], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The run (announcement instance) `study` was first paid under, if it was.
@@ -505,6 +586,7 @@ impl SiteLedger {
 
         let mut all = events_in(&tx, study)?;
         all.push(spend.event);
+        all.extend(spend.evaluation);
         let study_epsilon = match accountant::epsilon(study_cap.accountant, &all, study_cap.delta) {
             Ok(e) => e,
             Err(AccountError::Unbounded) => f64::INFINITY,
@@ -522,6 +604,7 @@ impl SiteLedger {
         }
         let mut source_events = source_events_in(&tx, spend.source)?;
         source_events.push(spend.source_event);
+        source_events.extend(spend.evaluation);
         let (source_level, _) = filter::level(&source_events, &orders, source_cap.delta.get())?;
         if source_level.is_nan() || source_level > source_cap.epsilon.get() {
             return Err(StoreError::OverCap {
@@ -546,6 +629,19 @@ impl SiteLedger {
                 e.steps
             ],
         )?;
+        if let Some(e) = spend.evaluation {
+            let (q, sigma, steps) = (e.q.get(), e.sigma.get(), e.steps);
+            tx.execute(
+                "INSERT INTO evaluation_spends (study, round, q, sigma, steps)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![study, round, q, sigma, steps],
+            )?;
+            tx.execute(
+                "INSERT INTO source_evaluation_events (source, study, round, q, sigma, steps)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![spend.source, study, round, q, sigma, steps],
+            )?;
+        }
         if run.is_none() {
             // The first spend pins the run (spends from before runs were pinned count as
             // this run's).
@@ -671,15 +767,20 @@ impl SiteLedger {
 
 fn source_events_in(conn: &Connection, source: &str) -> rusqlite::Result<Vec<SgmEvent>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT q, sigma, steps FROM source_events WHERE source = ?1 ORDER BY rowid",
+        "SELECT q, sigma, steps FROM source_events WHERE source = ?1
+         UNION ALL
+         SELECT q, sigma, steps FROM source_evaluation_events WHERE source = ?1",
     )?;
     let rows = stmt.query_map([source], |r| sgm_event(r, 0))?;
     rows.collect()
 }
 
 fn events_in(conn: &Connection, study: &str) -> rusqlite::Result<Vec<SgmEvent>> {
-    let mut stmt =
-        conn.prepare_cached("SELECT q, sigma, steps FROM spends WHERE study = ?1 ORDER BY round")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT q, sigma, steps FROM spends WHERE study = ?1
+         UNION ALL
+         SELECT q, sigma, steps FROM evaluation_spends WHERE study = ?1",
+    )?;
     let rows = stmt.query_map([study], |r| sgm_event(r, 0))?;
     rows.collect()
 }
@@ -766,6 +867,7 @@ mod tests {
             event,
             source: "wards",
             source_event: event,
+            evaluation: None,
             terms: "t",
             coordinator: "coord",
             instance: "run-1",
@@ -1072,6 +1174,7 @@ mod tests {
                 event: release,
                 source: "wards",
                 source_event: release,
+                evaluation: None,
                 terms: "t",
                 coordinator: "coord",
                 instance: "run-1",
@@ -1110,6 +1213,7 @@ mod tests {
             event: release,
             source: "icu",
             source_event: release,
+            evaluation: None,
             terms: "t",
             coordinator: "coord",
             instance: "run-1",
@@ -1155,6 +1259,7 @@ mod tests {
             event: step,
             source: "wards",
             source_event: step,
+            evaluation: None,
             terms: "terms A",
             coordinator: "coord",
             instance: "run-1",
@@ -1202,6 +1307,7 @@ mod tests {
             event: step,
             source: "wards",
             source_event: step,
+            evaluation: None,
             terms: "terms A",
             coordinator: "coord",
             instance: "run-1",

@@ -143,6 +143,9 @@ pub enum AuditEvent {
     /// `epsilon_lower_bound`, `delta`, `confidence`, `canaries`, `guesses`,
     /// `correct_guesses`, `passed`).
     PrivacyAudited,
+    /// A round's DP evaluation arrived (`study`, `round`, `model_version`, `sites`,
+    /// `metric`, `value`, `noise_sd`): noised figures only.
+    ModelEvaluated,
 }
 
 impl AuditEvent {
@@ -175,6 +178,7 @@ impl AuditEvent {
         AuditEvent::StandInReleased,
         AuditEvent::LeakageTested,
         AuditEvent::PrivacyAudited,
+        AuditEvent::ModelEvaluated,
     ];
 
     /// The name written in the log.
@@ -207,6 +211,7 @@ impl AuditEvent {
             AuditEvent::StandInReleased => "stand_in_released",
             AuditEvent::LeakageTested => "leakage_tested",
             AuditEvent::PrivacyAudited => "privacy_audited",
+            AuditEvent::ModelEvaluated => "model_evaluated",
         }
     }
 

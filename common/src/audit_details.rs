@@ -53,6 +53,7 @@ details! {
     Pruned => Pruned,
     AccessGranted => AccessGranted,
     PrivacyAudited => PrivacyAudited,
+    ModelEvaluated => ModelEvaluated,
 }
 
 /// A privacy audit of a study's terms ran (`privacy-audit --state`): the figures the
@@ -212,6 +213,23 @@ pub struct BudgetSpent {
     pub steps: u64,
     pub epsilon: f64,
     pub delta: f64,
+    /// The round also carries a DP evaluation: its mechanism, charged with the round
+    /// (`epsilon` is after both). Absent from records of rounds without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<crate::dp::SgmEvent>,
+}
+
+/// A round's DP evaluation arrived: which model it measured, from how many sites, and the
+/// headline figure with the noise's standard deviation on the summed vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEvaluated {
+    pub study: String,
+    pub round: u64,
+    pub model_version: u64,
+    pub sites: u64,
+    pub metric: String,
+    pub value: f64,
+    pub noise_sd: f64,
 }
 
 /// A model version left the state directory (`to`: a file, or an admin requester).

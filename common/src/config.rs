@@ -83,6 +83,18 @@ struct Raw {
     sites: RawSites,
     #[serde(default)]
     release: Option<RawRelease>,
+    #[serde(default)]
+    evaluation: Option<RawEvaluation>,
+}
+
+/// `[evaluation]`: DP federated evaluation on the sites' held-out records (record unit).
+/// Every key is required: these are privacy terms.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvaluation {
+    every: u64,
+    noise_multiplier: f64,
+    loss_clip: f64,
 }
 
 /// `[release]`: what must hold before a model of the study leaves the coordinator.
@@ -442,6 +454,9 @@ pub struct StudyConfig {
     pub privacy: PrivacyPlan,
     pub enrolled: Vec<String>,
     pub release: ReleasePolicy,
+    /// DP federated evaluation, if the study asks for it.
+    #[serde(default)]
+    pub evaluation: Option<crate::evaluation::EvaluationPlan>,
 }
 
 impl StudyConfig {
@@ -828,7 +843,33 @@ impl StudyConfig {
             }
         };
 
+        let evaluation = match raw.evaluation {
+            None => None,
+            Some(e) => {
+                if p.unit != PrivacyUnit::Record {
+                    return Err(field(
+                        "evaluation",
+                        "DP evaluation is for record-unit studies: under the site unit a site's whole evaluation vector can change with its data, so no per-record noise protects it",
+                    ));
+                }
+                if e.every == 0 {
+                    return Err(field("evaluation.every", "must be at least 1"));
+                }
+                if !(e.loss_clip.is_finite() && e.loss_clip > 0.0) {
+                    return Err(field("evaluation.loss_clip", "must be a number above 0"));
+                }
+                let noise_multiplier = NoiseMultiplier::new(e.noise_multiplier)
+                    .map_err(|err| field("evaluation.noise_multiplier", err))?;
+                Some(crate::evaluation::EvaluationPlan {
+                    every: e.every,
+                    noise_multiplier,
+                    loss_clip: e.loss_clip,
+                })
+            }
+        };
+
         let cfg = Self {
+            evaluation,
             id: s.id,
             model,
             rounds: s.rounds,

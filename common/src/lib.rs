@@ -21,6 +21,7 @@ pub mod audit_file;
 pub mod config;
 pub mod digest;
 pub mod dp;
+pub mod evaluation;
 pub mod exposition;
 pub mod model;
 pub mod model_card;

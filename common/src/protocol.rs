@@ -13,11 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{DataSpec, LocalPlan, Placement, PrivacyUnit, StudyConfig};
 use crate::dp::SgmEvent;
+use crate::evaluation::EvaluationPlan;
 use crate::model::Architecture;
 use crate::wire::TensorHeader;
 
 /// Bumped on any incompatible change; also part of the ALPN string.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A study's terms: everything a site checks against its own pinned terms before it agrees,
 /// and that no later announcement or task of the study may change once the site has paid for
@@ -38,6 +39,8 @@ pub struct StudyAnnouncement {
     /// site that paid under one run refuses another run of the same study id (its round
     /// numbers would start again), rather than decline round after round as already paid.
     pub instance: String,
+    /// DP federated evaluation on the sites' held-out records, if the study asks for it.
+    pub evaluation: Option<EvaluationPlan>,
 }
 
 impl StudyAnnouncement {
@@ -55,6 +58,7 @@ impl StudyAnnouncement {
             clip_norm: p.clip_norm.get(),
             noise_multiplier: p.noise_multiplier.get(),
             local: cfg.local.clone(),
+            evaluation: cfg.evaluation,
         }
     }
 
@@ -85,6 +89,9 @@ pub struct Task {
     pub placement: Placement,
     pub local: LocalPlan,
     pub delta: f64,
+    /// When the round carries an evaluation of the model it sends: what the evaluation
+    /// costs the site (already in the coordinator's ledger, beside `cost`).
+    pub evaluation: Option<SgmEvent>,
 }
 
 /// Why a site will not take part in a study or a round. A normal outcome, not an error.
@@ -195,6 +202,13 @@ pub enum SiteMessage {
         round: u64,
         reason: DeclineReason,
     },
+    /// The site's noised evaluation vector (see [`crate::evaluation::Layout`]) of the
+    /// model `round`'s task carried; sent before the round's update.
+    Evaluation {
+        study: String,
+        round: u64,
+        values: Vec<f64>,
+    },
 }
 
 /// Coordinator to site.
@@ -253,6 +267,7 @@ mod tests {
                 expected_batch: 32.0,
                 learning_rate: 0.5,
             },
+            evaluation: None,
         };
         let welcome = CoordinatorMessage::Welcome {
             version: PROTOCOL_VERSION,

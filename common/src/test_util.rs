@@ -38,6 +38,8 @@ pub struct StudyBuilder {
     delta: f64,
     accountant: Option<String>,
     enrolled: Vec<String>,
+    /// `[evaluation]`: every, noise multiplier, loss clip.
+    evaluation: Option<(u64, f64, f64)>,
 }
 
 impl StudyBuilder {
@@ -65,6 +67,7 @@ impl StudyBuilder {
             delta: 1e-5,
             accountant: Some("rdp".into()),
             enrolled: Vec::new(),
+            evaluation: None,
         }
     }
 
@@ -192,6 +195,12 @@ impl StudyBuilder {
         self
     }
 
+    /// DP evaluation every `every` rounds (record unit).
+    pub fn evaluation(mut self, every: u64, noise_multiplier: f64, loss_clip: f64) -> Self {
+        self.evaluation = Some((every, noise_multiplier, loss_clip));
+        self
+    }
+
     pub fn enrolled<S: Into<String>>(mut self, sites: impl IntoIterator<Item = S>) -> Self {
         self.enrolled = sites.into_iter().map(Into::into).collect();
         self
@@ -224,6 +233,12 @@ impl StudyBuilder {
             .map(|(name, lo, hi)| format!("{name} = [{lo:?}, {hi:?}]"))
             .collect();
         let enrolled: Vec<String> = self.enrolled.iter().map(|s| format!("{s:?}")).collect();
+        let evaluation = self
+            .evaluation
+            .map(|(every, z, l)| {
+                format!("\n[evaluation]\nevery = {every}\nnoise_multiplier = {z:?}\nloss_clip = {l:?}\n")
+            })
+            .unwrap_or_default();
         let (plan, unit) = match &self.plan {
             Plan::Epochs {
                 local_epochs,
@@ -270,7 +285,7 @@ delta = {delta:?}
 {accountant}
 [sites]
 enrolled = [{enrolled}]
-"#,
+{evaluation}"#,
             id = self.id,
             rounds = self.rounds,
             min_sites = self.min_sites,

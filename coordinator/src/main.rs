@@ -507,6 +507,21 @@ fn run_studies(
                         )
                     );
                 }
+                server::Notification::Evaluated {
+                    study,
+                    model_round,
+                    summary,
+                    ..
+                } if progress => {
+                    eprintln!(
+                        "{}",
+                        fedpriv_coordinator::progress::evaluation_line(
+                            &study,
+                            model_round,
+                            &summary
+                        )
+                    );
+                }
                 _ => {}
             };
             loop {

@@ -32,6 +32,29 @@ pub fn line(
     )
 }
 
+/// A study's DP evaluation as a line: the headline figure with the noise's standard
+/// deviation on it (the figures are noised; the band is part of the reading).
+pub fn evaluation_line(
+    study: &str,
+    model_round: u64,
+    s: &fedpriv_common::evaluation::EvalSummary,
+) -> String {
+    let name: String = study
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(32)
+        .collect();
+    let (metric, value) = s.headline();
+    let sd = match (s.accuracy_sd, s.rmse) {
+        (Some(sd), _) => format!(" +- {sd:.3}"),
+        _ => String::new(),
+    };
+    format!(
+        "{name}: DP evaluation of the model after round {model_round}: {metric} {value:.3}{sd}, mean loss {:.3} ({} site(s), ~{:.0} held-out records, noised)",
+        s.mean_loss, s.sites, s.examples
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,7 @@ use fedpriv_common::config::{LocalPlan, Placement, PrivacyUnit, StudyConfig};
 use fedpriv_common::dp::accountant::{self, AccountError};
 use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::dp::SgmEvent;
+use fedpriv_common::evaluation;
 use fedpriv_common::model::ModelSpec;
 use fedpriv_common::protocol::{DeclineReason, Task};
 use fedpriv_common::wire::TensorHeader;
@@ -52,6 +53,8 @@ pub use events::{Action, EndCause, Input};
 pub struct SpendEntry {
     pub site: String,
     pub event: SgmEvent,
+    /// What the round's evaluation costs the site, when the round carries one.
+    pub evaluation: Option<SgmEvent>,
     /// The site's epsilon after this round, from the accountant over all its events.
     pub epsilon_after: f64,
 }
@@ -63,6 +66,7 @@ enum Phase {
         round: u64,
         selected: Vec<String>,
         charged: BTreeMap<String, SgmEvent>,
+        evaluation: Option<SgmEvent>,
     },
     Collecting {
         round: u64,
@@ -77,6 +81,9 @@ enum Phase {
         closing: bool,
         /// An unfold failed: the sum holds values that cannot be taken out.
         corrupt: bool,
+        /// The round carries an evaluation (its cost), and the vectors received so far.
+        evaluation: Option<SgmEvent>,
+        evaluations: BTreeMap<String, Vec<f64>>,
     },
     Finished,
 }
@@ -442,6 +449,11 @@ impl StudyEngine {
                 values,
             } => self.on_unfold(upload, offset, &values),
             Input::UnfoldDone { upload, ok } => self.on_unfold_done(upload, ok),
+            Input::Evaluation {
+                site,
+                round,
+                values,
+            } => self.on_evaluation(site, round, values, &mut out),
             Input::Declined {
                 site,
                 round,
@@ -524,6 +536,11 @@ impl StudyEngine {
         // Sites that cannot be priced at all (not merely over budget), with why: if they
         // leave too few sites, that is the study's end reason, not the budget.
         let mut unpriceable: Vec<String> = Vec::new();
+        let evaluation = self
+            .cfg
+            .evaluation
+            .filter(|e| e.is_due(round))
+            .map(|e| e.event());
         for site in &active {
             let records = self.records.get(site).copied();
             let cost = match self.cfg.privacy.round_cost(&self.cfg.local, records) {
@@ -537,6 +554,7 @@ impl StudyEngine {
             };
             let mut events = self.spent.get(site).cloned().unwrap_or_default();
             events.push(cost);
+            events.extend(evaluation);
             match self.epsilon_of(&events) {
                 Ok(e) if e <= budget => {
                     affordable.insert(site.clone(), (cost, e));
@@ -632,6 +650,7 @@ impl StudyEngine {
             .map(|(s, c)| SpendEntry {
                 site: s.clone(),
                 event: *c,
+                evaluation,
                 epsilon_after: affordable[s].1,
             })
             .collect();
@@ -642,6 +661,7 @@ impl StudyEngine {
             round,
             selected,
             charged,
+            evaluation,
         };
     }
 
@@ -650,6 +670,7 @@ impl StudyEngine {
             round,
             selected,
             charged,
+            evaluation,
         } = &mut self.phase
         else {
             return;
@@ -657,10 +678,16 @@ impl StudyEngine {
         if *round != committed {
             return;
         }
-        let (round, selected, charged) =
-            (*round, std::mem::take(selected), std::mem::take(charged));
+        let (round, selected, charged, evaluation) = (
+            *round,
+            std::mem::take(selected),
+            std::mem::take(charged),
+            *evaluation,
+        );
         for (site, ev) in &charged {
-            self.spent.entry(site.clone()).or_default().push(*ev);
+            let events = self.spent.entry(site.clone()).or_default();
+            events.push(*ev);
+            events.extend(evaluation);
         }
         // The model goes out in the study's wire encoding; updates may come back in it.
         let header = TensorHeader::for_spec(&self.spec, self.cfg.encoding);
@@ -680,6 +707,7 @@ impl StudyEngine {
                 placement: p.placement,
                 local: self.cfg.local.clone(),
                 delta: p.delta.get(),
+                evaluation,
             };
             out.push(Action::SendTask {
                 site: site.clone(),
@@ -703,6 +731,8 @@ impl StudyEngine {
             uploads: BTreeMap::new(),
             closing: false,
             corrupt: false,
+            evaluation,
+            evaluations: BTreeMap::new(),
         };
     }
 
@@ -978,6 +1008,103 @@ impl StudyEngine {
         });
     }
 
+    /// A site's noised evaluation vector: kept for the round's summary when the round
+    /// carries an evaluation, the site was sent it and has not sent one yet, and the vector
+    /// has the study's shape with finite values an honest site could send.
+    fn on_evaluation(&mut self, site: String, round: u64, values: Vec<f64>, out: &mut Vec<Action>) {
+        let plan = self.cfg.evaluation;
+        let layout = evaluation::Layout::of(&self.cfg.data);
+        let records = self.records.get(&site).copied().unwrap_or(0);
+        let problem = match (&self.phase, plan) {
+            (_, None) => Some("the study has no evaluation".to_string()),
+            (
+                Phase::Collecting {
+                    round: current,
+                    selected,
+                    evaluation,
+                    evaluations,
+                    closing,
+                    ..
+                },
+                Some(plan),
+            ) => {
+                let bound = layout.value_bound(records, plan.loss_clip, plan.noise_sd(&layout));
+                if *current != round || evaluation.is_none() || *closing {
+                    Some(format!("round {round} takes no evaluation now"))
+                } else if !selected.contains(&site) {
+                    Some("the site was not sent this round".into())
+                } else if evaluations.contains_key(&site) {
+                    Some("the site already sent this round's evaluation".into())
+                } else if values.len() != layout.len() {
+                    Some(format!(
+                        "{} values where the study's evaluation has {}",
+                        values.len(),
+                        layout.len()
+                    ))
+                } else if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    Some(format!("value {i} is not finite"))
+                } else if let Some(i) = values.iter().position(|v| v.abs() > bound) {
+                    Some(format!(
+                        "value {i} is beyond {bound:.0}, more than {records} records and the noise explain"
+                    ))
+                } else {
+                    None
+                }
+            }
+            _ => Some(format!("round {round} takes no evaluation now")),
+        };
+        match problem {
+            Some(reason) => out.push(Action::EvaluationRejected {
+                site,
+                round,
+                reason,
+            }),
+            None => {
+                if let Phase::Collecting { evaluations, .. } = &mut self.phase {
+                    evaluations.insert(site, values);
+                }
+            }
+        }
+    }
+
+    /// The round's evaluation, from the sum of the vectors that arrived.
+    fn summarize_evaluations(
+        &self,
+        round: u64,
+        evaluations: &BTreeMap<String, Vec<f64>>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(plan) = self.cfg.evaluation else {
+            return;
+        };
+        if evaluations.is_empty() {
+            return;
+        }
+        let layout = evaluation::Layout::of(&self.cfg.data);
+        let mut sum = vec![0.0; layout.len()];
+        for v in evaluations.values() {
+            for (s, x) in sum.iter_mut().zip(v) {
+                *s += x;
+            }
+        }
+        let Some(summary) = evaluation::EvalSummary::from_sum(
+            layout,
+            &sum,
+            evaluations.len(),
+            plan.noise_sd(&layout),
+            self.cfg.data.label_range,
+        ) else {
+            return;
+        };
+        out.push(Action::Evaluated {
+            round,
+            model_round: round - 1,
+            sites: evaluations.keys().cloned().collect(),
+            sum,
+            summary,
+        });
+    }
+
     fn on_unfold(&mut self, id: u64, offset: usize, values: &[f32]) {
         if let Phase::Collecting {
             sum,
@@ -1041,11 +1168,14 @@ impl StudyEngine {
             received,
             sum,
             corrupt,
+            evaluations,
             ..
         } = std::mem::replace(&mut self.phase, Phase::Idle)
         else {
             return;
         };
+        // Paid for and released whatever becomes of the round's model.
+        self.summarize_evaluations(round, &evaluations, out);
         if corrupt {
             self.spare_sum = sum;
             out.push(Action::RoundAborted {

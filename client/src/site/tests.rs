@@ -61,6 +61,7 @@ fn announcement(unit: PrivacyUnit, features: &[&str]) -> StudyAnnouncement {
         clip_norm: 1.0,
         noise_multiplier: 2.0,
         local,
+        evaluation: None,
     }
 }
 
@@ -85,6 +86,10 @@ fn task_for(study: &PreparedStudy, round: u64) -> Task {
         placement: ann.placement,
         local: ann.local.clone(),
         delta: ann.delta,
+        evaluation: ann
+            .evaluation
+            .filter(|e| e.is_due(round))
+            .map(|e| e.event()),
     }
 }
 
@@ -114,7 +119,9 @@ fn site(unit: &str, extra: &str) -> Site {
 impl Site {
     fn prepare(&self, ann: &StudyAnnouncement) -> Result<PreparedStudy, Refusal> {
         let pinned = self.ledger.pinned_terms(&ann.study).unwrap();
-        prepare_study(&self.cfg, &self.loaded, pinned.as_ref(), ann)
+        // A fixed split seed (the daemon keeps one per study in its ledger).
+        let seed = ann.evaluation.map(|_| 99);
+        prepare_study(&self.cfg, &self.loaded, pinned.as_ref(), ann, seed)
     }
 
     fn run(&mut self, study: &PreparedStudy, task: &Task) -> Result<Released, Refusal> {
@@ -382,6 +389,7 @@ fn a_column_with_identifier_values_makes_the_study_unavailable_from_start_unless
             &loaded,
             None,
             &announcement(PrivacyUnit::Record, features),
+            None,
         )
         .unwrap_err();
         assert_eq!(r.reason, DeclineReason::Unavailable);
@@ -397,7 +405,7 @@ fn a_column_with_identifier_values_makes_the_study_unavailable_from_start_unless
     assert!(check.passed());
     assert_eq!(check.allowed_by_config, ["lab_value"]);
     assert_eq!(check.allowed_matches[0].kind, IdentifierKind::ZipCode);
-    let prepared = prepare_study(&allowed, &loaded, None, &ann).unwrap();
+    let prepared = prepare_study(&allowed, &loaded, None, &ann, None).unwrap();
     assert_eq!(prepared.data.n, 40);
 }
 
@@ -460,7 +468,7 @@ fn ready(cfg: &SiteConfig, ann: &StudyAnnouncement) -> PreparedStudy {
     if let Err(e) = &loaded["s"].result {
         panic!("{e}");
     }
-    prepare_study(cfg, &loaded, None, ann).unwrap()
+    prepare_study(cfg, &loaded, None, ann, None).unwrap()
 }
 
 #[test]
@@ -498,7 +506,7 @@ fn categorical_columns_map_to_the_studys_categories_with_an_other_slot() {
     );
     let loaded = load_site_data(&cfg2);
     assert_eq!(
-        prepare_study(&cfg2, &loaded, None, &ann)
+        prepare_study(&cfg2, &loaded, None, &ann, None)
             .unwrap_err()
             .reason,
         DeclineReason::TermsDiffer
@@ -689,7 +697,7 @@ fn image_folders_are_read_lazily_and_unreadable_files_are_skipped_at_start() {
         fedpriv_common::arch::Layer::Flatten,
         fedpriv_common::arch::Layer::Dense { units: 1 },
     ]);
-    let study = prepare_study(&cfg, &loaded, None, &ann).unwrap();
+    let study = prepare_study(&cfg, &loaded, None, &ann, None).unwrap();
     assert!(study.data.x.is_empty(), "rows are not held in memory");
     let mut rows = Vec::new();
     study.data.rows_into(&[0, 2], &mut rows);

@@ -53,6 +53,13 @@ pub enum Notification {
         round: u64,
         reason: String,
     },
+    /// A round's DP evaluation of the model after `model_round`.
+    Evaluated {
+        study: String,
+        round: u64,
+        model_round: u64,
+        summary: fedpriv_common::evaluation::EvalSummary,
+    },
     StudyEnded {
         study: String,
         reason: String,

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedpriv_common::admin::AdminResponse;
 use fedpriv_common::audit::details::{
-    BudgetSpent, RoundFinished, RoundOutcome, RoundStarted, StudyStopped, UpdateRejected,
+    BudgetSpent, ModelEvaluated, RoundFinished, RoundOutcome, RoundStarted, StudyStopped,
+    UpdateRejected,
 };
 use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::protocol::{CoordinatorMessage, PROTOCOL_VERSION};
@@ -40,7 +41,7 @@ use crate::checkpoint;
 use crate::error::ServerError;
 use crate::metrics::{self, Metrics};
 use crate::round::{self, Action, Input, StudyEngine};
-use crate::store::{StoreError, StudyStatus};
+use crate::store::{Charge, EvaluationRow, StoreError, StudyStatus};
 
 mod writes;
 
@@ -378,11 +379,16 @@ impl<S: StateStore> Ctx<S> {
         let metrics = self.metrics.clone();
         match action {
             Action::RecordSpend { round, entries } => {
-                let rows: Vec<(String, _, f64)> = entries
+                let rows: Vec<Charge> = entries
                     .iter()
-                    .map(|e| (e.site.clone(), e.event, e.epsilon_after))
+                    .map(|e| Charge {
+                        site: e.site.clone(),
+                        event: e.event,
+                        evaluation: e.evaluation,
+                        epsilon_after: e.epsilon_after,
+                    })
                     .collect();
-                self.store.record_spend(study, round, &rows, now.unix)?;
+                self.store.record_charges(study, round, &rows, now.unix)?;
                 // Both durable before `SpendCommitted` lets the round's tasks leave.
                 let delta = eng.config().privacy.delta.get();
                 for e in &entries {
@@ -395,6 +401,7 @@ impl<S: StateStore> Ctx<S> {
                         steps: e.event.steps,
                         epsilon: e.epsilon_after,
                         delta,
+                        evaluation: e.evaluation,
                     })?;
                 }
                 self.record(&RoundStarted {
@@ -494,6 +501,64 @@ impl<S: StateStore> Ctx<S> {
                 reason,
             } => {
                 tracing::info!(%study, round, %site, reason = reason.as_str(), "site declined the round")
+            }
+            Action::EvaluationRejected {
+                site,
+                round,
+                reason,
+            } => {
+                tracing::warn!(%study, round, %site, %reason, "evaluation refused");
+                metrics.inc(metrics::UPDATES_REJECTED, &[("study", study)]);
+                self.record(&UpdateRejected {
+                    study: study.to_string(),
+                    round,
+                    site,
+                    reason: format!("evaluation: {reason}"),
+                })?;
+            }
+            Action::Evaluated {
+                round,
+                model_round,
+                sites,
+                sum,
+                summary,
+            } => {
+                let (metric, value) = summary.headline();
+                let row = EvaluationRow {
+                    round,
+                    model_round,
+                    sites,
+                    sum,
+                    summary: summary.clone(),
+                    recorded_at: now.unix,
+                };
+                self.store.record_evaluation(study, round, &row)?;
+                self.record(&ModelEvaluated {
+                    study: study.to_string(),
+                    round,
+                    model_version: model_round,
+                    sites: row.sites.len() as u64,
+                    metric: metric.to_string(),
+                    value,
+                    noise_sd: summary.noise_sd,
+                })?;
+                tracing::info!(
+                    %study,
+                    round,
+                    model_version = model_round,
+                    sites = row.sites.len(),
+                    metric,
+                    value = format!("{value:.4}"),
+                    mean_loss = format!("{:.4}", summary.mean_loss),
+                    noise_sd = format!("{:.2}", summary.noise_sd),
+                    "DP evaluation"
+                );
+                self.effects.push(Effect::Notify(Notification::Evaluated {
+                    study: study.to_string(),
+                    round,
+                    model_round,
+                    summary,
+                }));
             }
             Action::SiteExcluded { site, reason } => {
                 tracing::warn!(%study, %site, %reason, "site left out of the study")

@@ -34,7 +34,7 @@ use super::{Event, Now};
 use crate::audit::{AuditHandle, AuditThread};
 use crate::metrics::Metrics;
 use crate::round::Input;
-use crate::store::{RoundRow, Store, StoreError, StudyRow, StudyStatus};
+use crate::store::{Charge, EvaluationRow, RoundRow, Store, StoreError, StudyRow, StudyStatus};
 
 /// How a write of the faulty store fails.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -130,15 +130,25 @@ impl StateStore for FaultyStore {
             s.set_study_status(id, status, reason)
         })
     }
-    fn record_spend(
+    fn record_charges(
         &mut self,
         study: &str,
         round: u64,
-        entries: &[(String, SgmEvent, f64)],
+        entries: &[Charge],
         now: i64,
     ) -> Result<(), StoreError> {
         self.write("record_spend", |s| {
-            s.record_spend(study, round, entries, now)
+            s.record_charges(study, round, entries, now)
+        })
+    }
+    fn record_evaluation(
+        &mut self,
+        study: &str,
+        round: u64,
+        e: &EvaluationRow,
+    ) -> Result<(), StoreError> {
+        self.write("record_evaluation", |s| {
+            StateStore::record_evaluation(s, study, round, e)
         })
     }
     fn complete_round(

@@ -314,6 +314,22 @@ async fn read_site_message(
                 },
             )
         }
+        SiteMessage::Evaluation {
+            study,
+            round,
+            values,
+        } => {
+            transport::recv_end(recv).await.map_err(|e| e.to_string())?;
+            enrolled_in(&study)?;
+            ev(
+                study,
+                Input::Evaluation {
+                    site: site.to_string(),
+                    round,
+                    values,
+                },
+            )
+        }
         SiteMessage::Update {
             study,
             round,

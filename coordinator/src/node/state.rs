@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use fedpriv_common::dp::SgmEvent;
 
-use crate::store::{RoundRow, Store, StoreError, StudyRow, StudyStatus};
+use crate::store::{Charge, EvaluationRow, RoundRow, Store, StoreError, StudyRow, StudyStatus};
 
 /// The owner's view of the state database. Every write is durable when it returns `Ok`.
 pub trait StateStore {
@@ -27,12 +27,18 @@ pub trait StateStore {
         status: StudyStatus,
         reason: Option<&str>,
     ) -> Result<(), StoreError>;
-    fn record_spend(
+    fn record_charges(
         &mut self,
         study: &str,
         round: u64,
-        entries: &[(String, SgmEvent, f64)],
+        entries: &[Charge],
         now: i64,
+    ) -> Result<(), StoreError>;
+    fn record_evaluation(
+        &mut self,
+        study: &str,
+        round: u64,
+        evaluation: &EvaluationRow,
     ) -> Result<(), StoreError>;
     fn complete_round(
         &mut self,
@@ -93,14 +99,31 @@ impl StateStore for Store {
     ) -> Result<(), StoreError> {
         Store::set_study_status(self, id, status, reason)
     }
-    fn record_spend(
+    fn record_charges(
         &mut self,
         study: &str,
         round: u64,
-        entries: &[(String, SgmEvent, f64)],
+        entries: &[Charge],
         now: i64,
     ) -> Result<(), StoreError> {
-        Store::record_spend(self, study, round, entries, now)
+        Store::record_charges(self, study, round, entries, now)
+    }
+    fn record_evaluation(
+        &mut self,
+        study: &str,
+        round: u64,
+        e: &EvaluationRow,
+    ) -> Result<(), StoreError> {
+        Store::record_evaluation(
+            self,
+            study,
+            round,
+            e.model_round,
+            &e.sites,
+            &e.sum,
+            &e.summary,
+            e.recorded_at,
+        )
     }
     fn complete_round(
         &mut self,

@@ -52,6 +52,12 @@ pub enum Input {
         round: u64,
         reason: DeclineReason,
     },
+    /// A site's noised evaluation vector for `round` (see [`fedpriv_common::evaluation`]).
+    Evaluation {
+        site: String,
+        round: u64,
+        values: Vec<f64>,
+    },
     /// Time passed.
     Tick,
 }
@@ -108,6 +114,21 @@ pub enum Action {
         model: Arc<Vec<f32>>,
         contributors: Vec<String>,
         epsilon: f64,
+    },
+    /// A site's evaluation vector was refused (not kept for the round's summary).
+    EvaluationRejected {
+        site: String,
+        round: u64,
+        reason: String,
+    },
+    /// The round's evaluation: the sum of the sites' noised vectors measuring the model
+    /// after `model_round`, and what it says. Store and log it.
+    Evaluated {
+        round: u64,
+        model_round: u64,
+        sites: Vec<String>,
+        sum: Vec<f64>,
+        summary: fedpriv_common::evaluation::EvalSummary,
     },
     /// The round ended without a model (too few updates); its spend stands.
     RoundAborted { round: u64, reason: String },

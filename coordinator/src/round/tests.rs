@@ -63,6 +63,11 @@ struct World {
     spools: MemSpools,
     next_upload: u64,
     committed: BTreeMap<(String, u64), SgmEvent>,
+    /// Evaluation charges recorded, and the vectors the sites sent.
+    committed_eval: BTreeMap<(String, u64), SgmEvent>,
+    eval_sent: BTreeMap<(String, u64), Vec<f64>>,
+    evaluated: Vec<(u64, Vec<String>, Vec<f64>)>,
+    eval_rejected: Vec<(String, u64)>,
     tasks_sent: BTreeMap<u64, Vec<String>>,
     checkpoints: Vec<(u64, Vec<String>)>,
     accepted: Vec<(String, u64)>,
@@ -83,6 +88,10 @@ impl World {
             spools: MemSpools::default(),
             next_upload: 1,
             committed: BTreeMap::new(),
+            committed_eval: BTreeMap::new(),
+            eval_sent: BTreeMap::new(),
+            evaluated: Vec::new(),
+            eval_rejected: Vec::new(),
             tasks_sent: BTreeMap::new(),
             checkpoints: Vec::new(),
             accepted: Vec::new(),
@@ -154,6 +163,9 @@ impl World {
                 for e in &entries {
                     // Never record a spend that takes a site over the budget.
                     assert!(e.epsilon_after <= budget, "spend above budget: {e:?}");
+                    if let Some(ev) = e.evaluation {
+                        self.committed_eval.insert((e.site.clone(), round), ev);
+                    }
                     let prev = self.committed.insert((e.site.clone(), round), e.event);
                     assert!(
                         prev.is_none(),
@@ -173,9 +185,61 @@ impl World {
                     "task sent to {site} for round {round} before its spend was recorded"
                 );
                 assert_eq!(self.committed[&(site.clone(), round)], task.cost);
+                // So is its evaluation's.
+                assert_eq!(
+                    self.committed_eval.get(&(site.clone(), round)).copied(),
+                    task.evaluation
+                );
                 self.tasks_sent.entry(round).or_default().push(site.clone());
                 let b = behaviour(&site, round);
                 let reply = self.now + self.rng.random_range(100..3000);
+                if task.evaluation.is_some() {
+                    // A noised vector of the study's layout, sent before the update.
+                    let len = evaluation::Layout::of(&eng.config().data).len();
+                    let mut v: Vec<f64> = (0..len)
+                        .map(|_| self.rng.random_range(-5.0..30.0))
+                        .collect();
+                    let when = match b {
+                        Behaviour::Late => self.now + timeout + 400,
+                        _ => reply - 1,
+                    };
+                    if b == Behaviour::NaN {
+                        v[0] = f64::NAN;
+                    }
+                    if !matches!(b, Behaviour::Dropout | Behaviour::CapReached) {
+                        self.at(
+                            when,
+                            Input::Evaluation {
+                                site: site.clone(),
+                                round,
+                                values: v.clone(),
+                            },
+                        );
+                        if b == Behaviour::Duplicate {
+                            self.at(
+                                when,
+                                Input::Evaluation {
+                                    site: site.clone(),
+                                    round,
+                                    values: v.iter().map(|x| x + 1000.0).collect(),
+                                },
+                            );
+                        }
+                        if b == Behaviour::WrongRound {
+                            self.at(
+                                when,
+                                Input::Evaluation {
+                                    site: site.clone(),
+                                    round: round + 1,
+                                    values: v.clone(),
+                                },
+                            );
+                        }
+                        if b != Behaviour::NaN && b != Behaviour::Late {
+                            self.eval_sent.insert((site.clone(), round), v);
+                        }
+                    }
+                }
                 let honest = self.update();
                 match b {
                     Behaviour::Honest => self.stream(reply, &site, round, honest, None),
@@ -239,6 +303,39 @@ impl World {
             // Answered from the spools by `drive` before it got here.
             Action::Unfold { .. } => {}
             Action::SiteDeclined { .. } | Action::SiteExcluded { .. } => {}
+            Action::EvaluationRejected { site, round, .. } => {
+                self.eval_rejected.push((site, round));
+            }
+            Action::Evaluated {
+                round,
+                model_round,
+                sites,
+                sum,
+                summary,
+            } => {
+                assert_eq!(model_round + 1, round);
+                assert!(
+                    !self.evaluated.iter().any(|(r, ..)| *r == round),
+                    "evaluated twice"
+                );
+                // Only charged sites' vectors, each once, summed exactly.
+                let mut want = vec![0.0; sum.len()];
+                for s in &sites {
+                    assert!(
+                        self.committed_eval.contains_key(&(s.clone(), round)),
+                        "{s}'s evaluation of round {round} was summed without a charge"
+                    );
+                    let v = &self.eval_sent[&(s.clone(), round)];
+                    for (w, x) in want.iter_mut().zip(v) {
+                        *w += x;
+                    }
+                }
+                for (a, b) in sum.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-9, "{sum:?} != {want:?}");
+                }
+                assert_eq!(summary.sites, sites.len());
+                self.evaluated.push((round, sites, sum));
+            }
             Action::Checkpoint {
                 round,
                 contributors,
@@ -269,7 +366,7 @@ impl World {
         let budget = eng.config().privacy.epsilon.get();
         // The ledger never shows a site above the budget.
         let mut per_site: BTreeMap<&str, Vec<SgmEvent>> = BTreeMap::new();
-        for ((s, _), e) in &self.committed {
+        for ((s, _), e) in self.committed.iter().chain(&self.committed_eval) {
             per_site.entry(s).or_default().push(*e);
         }
         for (s, ev) in per_site {
@@ -823,5 +920,86 @@ fn a_site_that_cannot_be_priced_is_named_not_blamed_on_the_budget() {
             && reason.contains("s1:")
             && reason.contains("fewer than the expected batch"),
         "{reason}"
+    );
+}
+
+/// The simulations' record-unit study with DP evaluation every 2 rounds.
+fn eval_config(change: impl FnOnce(StudyBuilder) -> StudyBuilder) -> Arc<StudyConfig> {
+    let base = StudyBuilder::new("sim")
+        .rounds(9)
+        .min_sites(2)
+        .round_timeout_secs(10)
+        .record_unit(5, 10.0)
+        .noise(1.0, 50.0)
+        .evaluation(2, 3.0, 4.0)
+        .enrolled(["s1", "s2", "s3", "s4"]);
+    Arc::new(change(base).config().unwrap())
+}
+
+#[test]
+fn evaluations_are_charged_before_they_are_asked_for_and_summed_once() {
+    for bad in [
+        Behaviour::Honest,
+        Behaviour::Duplicate,
+        Behaviour::WrongRound,
+        Behaviour::NaN,
+        Behaviour::Late,
+        Behaviour::Dropout,
+    ] {
+        let mut eng = engine(eval_config(|b| b));
+        let mut w = World::new(11);
+        let behaviour =
+            move |site: &str, _round: u64| if site == "s3" { bad } else { Behaviour::Honest };
+        w.run(&mut eng, &behaviour, &["s1", "s2", "s3", "s4"]);
+        assert!(
+            w.ended.clone().unwrap().contains("all 9 planned rounds"),
+            "{bad:?}"
+        );
+        // Rounds 3, 5, 7 and 9 carry an evaluation (of the models after 2, 4, 6, 8); every
+        // site that was sent one of them paid for it, and no other round charged one.
+        let eval_rounds: BTreeSet<u64> = w.committed_eval.keys().map(|(_, r)| *r).collect();
+        assert_eq!(eval_rounds, BTreeSet::from([3, 5, 7, 9]), "{bad:?}");
+        let rounds: Vec<u64> = w.evaluated.iter().map(|(r, ..)| *r).collect();
+        assert_eq!(rounds, vec![3, 5, 7, 9], "{bad:?}");
+        for (_, sites, _) in &w.evaluated {
+            assert_eq!(
+                sites.contains(&"s3".to_string()),
+                matches!(
+                    bad,
+                    Behaviour::Honest | Behaviour::Duplicate | Behaviour::WrongRound
+                ),
+                "{bad:?}: {sites:?}"
+            );
+        }
+        let s3_refused = w.eval_rejected.iter().any(|(s, _)| s == "s3");
+        assert_eq!(
+            s3_refused,
+            matches!(
+                bad,
+                Behaviour::Duplicate | Behaviour::WrongRound | Behaviour::NaN | Behaviour::Late
+            ),
+            "{bad:?}: {:?}",
+            w.eval_rejected
+        );
+    }
+}
+
+#[test]
+fn a_study_without_evaluation_refuses_vectors() {
+    let mut eng = engine(config(|b| b.rounds(2).epsilon(50.0)));
+    let mut noise = NoiseSource::insecure_from_seed(1);
+    let out = eng.handle(
+        Input::Evaluation {
+            site: "s1".into(),
+            round: 1,
+            values: vec![1.0; 6],
+        },
+        0,
+        &mut noise,
+    );
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::EvaluationRejected { site, .. } if site == "s1")),
+        "{out:?}"
     );
 }

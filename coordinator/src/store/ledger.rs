@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use fedpriv_common::dp::SgmEvent;
 use rusqlite::{params, OptionalExtension};
 
-use super::{constraint, sgm_event, LedgerRow, RoundStatus, Store, StoreError, StudyStatus};
+use super::{
+    constraint, sgm_event, Charge, LedgerRow, RoundStatus, Store, StoreError, StudyStatus,
+};
 
 impl Store {
     /// Records what `round` of `study` costs each site, as `(site, event, epsilon_after)`,
@@ -22,14 +24,39 @@ impl Store {
         entries: &[(String, SgmEvent, f64)],
         now: i64,
     ) -> Result<(), StoreError> {
+        let charges: Vec<Charge> = entries
+            .iter()
+            .map(|(site, event, eps)| Charge {
+                site: site.clone(),
+                event: *event,
+                evaluation: None,
+                epsilon_after: *eps,
+            })
+            .collect();
+        self.record_charges(study, round, &charges, now)
+    }
+
+    /// [`Self::record_spend`] with each site's evaluation charge, when the round carries
+    /// one: both events in the same transaction.
+    pub fn record_charges(
+        &mut self,
+        study: &str,
+        round: u64,
+        entries: &[Charge],
+        now: i64,
+    ) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Err(StoreError::Invalid(format!(
                 "round {round} of study {study:?}: a spend needs at least one site"
             )));
         }
-        if let Some((site, _, eps)) = entries
+        if let Some(Charge {
+            site,
+            epsilon_after: eps,
+            ..
+        }) = entries
             .iter()
-            .find(|(_, _, e)| !(e.is_finite() && *e >= 0.0))
+            .find(|c| !(c.epsilon_after.is_finite() && c.epsilon_after >= 0.0))
         {
             return Err(StoreError::Invalid(format!(
                 "epsilon_after {eps} for site {site:?} is not a finite, non-negative number"
@@ -70,7 +97,17 @@ impl Store {
                 "INSERT INTO ledger (study, site, round, q, sigma, steps, epsilon_after, recorded_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
-            for (site, ev, eps) in entries {
+            let mut eval = tx.prepare_cached(
+                "INSERT INTO evaluation_spends (study, site, round, q, sigma, steps, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for Charge {
+                site,
+                event: ev,
+                evaluation,
+                epsilon_after: eps,
+            } in entries
+            {
                 ins.execute(params![
                     study,
                     site,
@@ -89,6 +126,17 @@ impl Store {
                         )
                     })
                 })?;
+                if let Some(e) = evaluation {
+                    eval.execute(params![
+                        study,
+                        site,
+                        round,
+                        e.q.get(),
+                        e.sigma.get(),
+                        e.steps,
+                        now
+                    ])?;
+                }
             }
         }
         tx.commit()?;
@@ -98,7 +146,9 @@ impl Store {
     /// Every spend of `site` in `study`, in round order.
     pub fn site_events(&self, study: &str, site: &str) -> Result<Vec<SgmEvent>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT q, sigma, steps FROM ledger WHERE study = ?1 AND site = ?2 ORDER BY round",
+            "SELECT q, sigma, steps FROM ledger WHERE study = ?1 AND site = ?2
+             UNION ALL
+             SELECT q, sigma, steps FROM evaluation_spends WHERE study = ?1 AND site = ?2",
         )?;
         let rows = stmt.query_map([study, site], |r| sgm_event(r, 0))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -109,6 +159,25 @@ impl Store {
         let mut stmt = self.conn.prepare_cached(
             "SELECT site, round, q, sigma, steps, epsilon_after, recorded_at FROM ledger
              WHERE study = ?1 ORDER BY round, site",
+        )?;
+        let rows = stmt.query_map([study], |r| {
+            Ok(LedgerRow {
+                site: r.get(0)?,
+                round: r.get(1)?,
+                event: sgm_event(r, 2)?,
+                epsilon_after: r.get(5)?,
+                recorded_at: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The study's evaluation charges, by round then site (apart from [`Self::ledger`]).
+    pub fn evaluation_ledger(&self, study: &str) -> Result<Vec<LedgerRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT e.site, e.round, e.q, e.sigma, e.steps, l.epsilon_after, e.recorded_at
+             FROM evaluation_spends e JOIN ledger l USING (study, site, round)
+             WHERE e.study = ?1 ORDER BY e.round, e.site",
         )?;
         let rows = stmt.query_map([study], |r| {
             Ok(LedgerRow {
@@ -134,7 +203,10 @@ impl Store {
             .map(|s| (s, Vec::new()))
             .collect();
         let mut stmt = self.conn.prepare_cached(
-            "SELECT site, q, sigma, steps FROM ledger WHERE study = ?1 ORDER BY round",
+            "SELECT site, q, sigma, steps, round FROM ledger WHERE study = ?1
+             UNION ALL
+             SELECT site, q, sigma, steps, round FROM evaluation_spends WHERE study = ?1
+             ORDER BY 5",
         )?;
         let rows = stmt.query_map([study], |r| Ok((r.get::<_, String>(0)?, sgm_event(r, 1)?)))?;
         for row in rows {

@@ -142,6 +142,29 @@ pub struct LedgerRow {
     pub recorded_at: i64,
 }
 
+/// What one site pays for one round: the training event, the evaluation's when the round
+/// carries one, and its epsilon after both (display only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charge {
+    pub site: String,
+    pub event: SgmEvent,
+    pub evaluation: Option<SgmEvent>,
+    pub epsilon_after: f64,
+}
+
+/// A round's DP evaluation as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvaluationRow {
+    pub round: u64,
+    /// The model measured: the one after this round.
+    pub model_round: u64,
+    pub sites: Vec<String>,
+    /// The sum of the sites' noised vectors.
+    pub sum: Vec<f64>,
+    pub summary: fedpriv_common::evaluation::EvalSummary,
+    pub recorded_at: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RoundRow {
     pub round: u64,
@@ -171,6 +194,7 @@ pub struct Pruned {
 }
 
 mod audits;
+mod evaluations;
 mod ledger;
 mod models;
 mod schema;

@@ -117,6 +117,42 @@ CREATE TRIGGER privacy_audits_no_delete BEFORE DELETE ON privacy_audits
 -- The study's run id, sent with its announcements; NULL until the study's next start.
 ALTER TABLE studies ADD COLUMN instance TEXT;
 ",
+    "
+-- What a round's evaluation cost each site, beside the round's training spend (same
+-- append-only rules; the accountant composes both).
+CREATE TABLE evaluation_spends (
+    study TEXT NOT NULL,
+    site TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    q REAL NOT NULL CHECK (q > 0 AND q <= 1),
+    sigma REAL NOT NULL CHECK (sigma > 0),
+    steps INTEGER NOT NULL CHECK (steps >= 0),
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (study, site, round),
+    FOREIGN KEY (study, site, round) REFERENCES ledger(study, site, round)
+) STRICT;
+CREATE TRIGGER evaluation_spends_no_update BEFORE UPDATE ON evaluation_spends
+    BEGIN SELECT RAISE(ABORT, 'ledger entries are never changed'); END;
+CREATE TRIGGER evaluation_spends_no_delete BEFORE DELETE ON evaluation_spends
+    BEGIN SELECT RAISE(ABORT, 'ledger entries are never deleted'); END;
+-- A round's DP evaluation: the sum of the sites' noised vectors and what it says (JSON),
+-- measuring the model after `model_round`.
+CREATE TABLE evaluations (
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    model_round INTEGER NOT NULL,
+    sites TEXT NOT NULL,
+    sum TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (study, round),
+    FOREIGN KEY (study, round) REFERENCES rounds(study, round)
+) STRICT;
+CREATE TRIGGER evaluations_no_update BEFORE UPDATE ON evaluations
+    BEGIN SELECT RAISE(ABORT, 'evaluations are never changed'); END;
+CREATE TRIGGER evaluations_no_delete BEFORE DELETE ON evaluations
+    BEGIN SELECT RAISE(ABORT, 'evaluations are never deleted'); END;
+",
 ];
 
 /// `READ_ONLY_STANDINS[i]`: empty TEMP tables standing in for what `MIGRATIONS[i]` adds,
@@ -135,6 +171,16 @@ pub(super) const READ_ONLY_STANDINS: &[&str] = &[
         epsilon_lower_bound REAL NOT NULL, delta REAL NOT NULL, confidence REAL NOT NULL,
         canaries INTEGER NOT NULL, guesses INTEGER NOT NULL, correct_guesses INTEGER NOT NULL,
         passed INTEGER NOT NULL, report_json TEXT NOT NULL
+    ) STRICT;",
+    "CREATE TEMP TABLE evaluation_spends (
+        study TEXT NOT NULL, site TEXT NOT NULL, round INTEGER NOT NULL, q REAL NOT NULL,
+        sigma REAL NOT NULL, steps INTEGER NOT NULL, recorded_at INTEGER NOT NULL,
+        PRIMARY KEY (study, site, round)
+    ) STRICT;
+    CREATE TEMP TABLE evaluations (
+        study TEXT NOT NULL, round INTEGER NOT NULL, model_round INTEGER NOT NULL,
+        sites TEXT NOT NULL, sum TEXT NOT NULL, summary TEXT NOT NULL,
+        recorded_at INTEGER NOT NULL, PRIMARY KEY (study, round)
     ) STRICT;",
 ];
 
