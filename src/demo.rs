@@ -310,6 +310,9 @@ pub struct DemoOptions {
     pub min_sites: usize,
     /// How the model and the updates travel (the study's `encoding`).
     pub encoding: fedpriv_common::wire::Dtype,
+    /// DP evaluation (record unit): every k rounds, noise multiplier, loss clip; each site
+    /// holds out 20% of its records for it.
+    pub evaluation: Option<(u64, f64, f64)>,
 }
 
 impl Default for DemoOptions {
@@ -341,6 +344,7 @@ impl Default for DemoOptions {
             noise: NoisePlan::Fixed(2.5),
             min_sites: 2,
             encoding: fedpriv_common::wire::Dtype::F32,
+            evaluation: None,
         }
     }
 }
@@ -645,7 +649,7 @@ pub fn study_toml(opts: &DemoOptions, split: &Split, sigma: Option<f64>) -> Stri
     format!(
         "[study]\nid = \"{}\"\nmodel = {{ kind = \"{model}\" }}\nrounds = {}\nmin_sites = {}\nround_timeout_secs = 60\nencoding = \"{}\"\n\n\
          [data]\ntask = \"{task}\"\nlabel = \"{}\"\nfeatures = [{}]\nranges = {{ {} }}\n{label_range}\n\
-         [training]\n{training}\n\n[privacy]\n{privacy}\n{noise}\nepsilon = {:?}\ndelta = {:?}\naccountant = \"pld\"\n\n[sites]\nenrolled = [{}]\n",
+         [training]\n{training}\n\n[privacy]\n{privacy}\n{noise}\nepsilon = {:?}\ndelta = {:?}\naccountant = \"pld\"\n\n[sites]\nenrolled = [{}]\n{}",
         opts.data.study_id(),
         opts.rounds,
         opts.min_sites,
@@ -660,7 +664,12 @@ pub fn study_toml(opts: &DemoOptions, split: &Split, sigma: Option<f64>) -> Stri
         ranges.join(", "),
         opts.epsilon,
         opts.delta,
-        enrolled.join(", ")
+        enrolled.join(", "),
+        opts.evaluation
+            .map(|(every, z, l)| format!(
+                "\n[evaluation]\nevery = {every}\nnoise_multiplier = {z:?}\nloss_clip = {l:?}\n"
+            ))
+            .unwrap_or_default()
     )
 }
 

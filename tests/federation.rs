@@ -260,3 +260,121 @@ async fn a_restarted_coordinator_resumes_and_sites_reconnect() {
         assert_eq!(rounds_paid, dedup, "{site}");
     }
 }
+
+/// DP evaluation end to end: every third round each site evaluates the model it was sent on
+/// its own held-out records and releases one noised vector; both ledgers carry the
+/// evaluation's charge beside the round's training, the coordinator stores what the sum says
+/// with its noise scale, and `ledger show` lists the evaluation apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_evaluate_on_held_out_records_and_both_ledgers_carry_it() {
+    use fedpriv_common::evaluation::{EvaluationPlan, Layout};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = DemoOptions {
+        rounds: 7,
+        epsilon: 8.0,
+        non_iid: false,
+        evaluation: Some((3, 2.0, 1.0)),
+        ..DemoOptions::default()
+    };
+    let report = demo::run(dir.path(), &opts, |_| {})
+        .await
+        .expect("demo runs");
+    assert!(
+        report.end_reason.contains("all 7 planned rounds"),
+        "{}",
+        report.end_reason
+    );
+    let store = Store::open(report.state_dir.join("coordinator.db")).expect("store");
+    let row = store.study(&report.study_id).expect("read").expect("study");
+    let cfg = StudyConfig::from_toml(&row.config_toml).expect("config");
+    let plan: EvaluationPlan = cfg.evaluation.expect("the study has an evaluation plan");
+    let delta = Delta::new(opts.delta).expect("delta");
+
+    // Rounds 4 and 7 evaluate the models after rounds 3 and 6, from all three sites.
+    let evals = store.evaluations(&report.study_id).expect("evaluations");
+    let rounds: Vec<(u64, u64)> = evals.iter().map(|e| (e.round, e.model_round)).collect();
+    assert_eq!(rounds, vec![(4, 3), (7, 6)]);
+    let layout = Layout::of(&cfg.data);
+    let site_sd = plan.noise_sd(&layout);
+    for e in &evals {
+        assert_eq!(e.sites.len(), 3, "{e:?}");
+        assert_eq!(e.sum.len(), layout.len());
+        assert!((e.summary.noise_sd - site_sd * 3f64.sqrt()).abs() < 1e-9);
+        // About a fifth of the sites' training records are held out; the example count is
+        // the sum of four noised confusion cells (6 standard deviations of slack).
+        let train_rows: usize = report
+            .site_state_dirs
+            .iter()
+            .map(|d| {
+                let csv =
+                    std::fs::read_to_string(d.parent().expect("site dir").join("patients.csv"))
+                        .expect("site data");
+                csv.lines().count() - 1
+            })
+            .sum();
+        let expected = 0.2 * train_rows as f64;
+        let slack = 6.0 * (2.0 * e.summary.noise_sd + (expected * 0.8).sqrt());
+        assert!(
+            (e.summary.examples - expected).abs() < slack,
+            "{} held-out examples, expected about {expected}",
+            e.summary.examples
+        );
+    }
+    // The model after six rounds classifies well above chance, as far as the noise tells.
+    let last = evals.last().expect("an evaluation");
+    let acc = last.summary.accuracy.expect("accuracy");
+    assert!(acc > 0.5, "noised accuracy {acc}");
+
+    // Both ledgers: the evaluation charges sit beside rounds 4 and 7's training, the site's
+    // own ledger holds the same events, and the epsilon composes them all.
+    let eval_rows = store.evaluation_ledger(&report.study_id).expect("rows");
+    assert_eq!(eval_rows.len(), 6);
+    for r in &eval_rows {
+        assert!([4, 7].contains(&r.round));
+        assert_eq!(r.event, plan.event());
+    }
+    let spent = store.spent_by_site(&report.study_id).expect("ledger");
+    for (site, dir) in SITES.iter().zip(&report.site_state_dirs) {
+        let own = SiteLedger::open(dir.join("site-ledger.db")).expect("site ledger");
+        let key = |e: &fedpriv_common::dp::SgmEvent| {
+            (e.q.get().to_bits(), e.sigma.get().to_bits(), e.steps)
+        };
+        let mut theirs: Vec<_> = own
+            .events(&report.study_id)
+            .expect("events")
+            .iter()
+            .map(key)
+            .collect();
+        let mut ours: Vec<_> = spent[*site].iter().map(key).collect();
+        theirs.sort();
+        ours.sort();
+        assert_eq!(theirs, ours, "{site}");
+        assert_eq!(
+            own.evaluation_rounds(&report.study_id).expect("rounds"),
+            vec![4, 7]
+        );
+        let training_only: Vec<_> = store
+            .ledger(&report.study_id)
+            .expect("rows")
+            .into_iter()
+            .filter(|r| r.site == *site)
+            .map(|r| r.event)
+            .collect();
+        let with = accountant::epsilon(cfg.privacy.accountant, &spent[*site], delta).expect("eps");
+        let without =
+            accountant::epsilon(cfg.privacy.accountant, &training_only, delta).expect("eps");
+        assert!(
+            with > without,
+            "{site}: the evaluations cost nothing? {with} vs {without}"
+        );
+        assert!(with <= opts.epsilon + 1e-9);
+    }
+
+    // `ledger show` lists the evaluation charges and results apart from training.
+    let v = fedpriv_coordinator::admin::ledger_json(&store, &report.study_id).expect("ledger");
+    let text = fedpriv_coordinator::admin::ledger_text(&v);
+    eprintln!("{text}");
+    assert!(text.contains("evaluation charges"), "{text}");
+    assert!(text.contains("DP evaluations"), "{text}");
+    assert_eq!(v["evaluations"].as_array().map(Vec::len), Some(2), "{v}");
+}

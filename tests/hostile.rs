@@ -156,7 +156,6 @@ enum Answer {
     Unable(String, DeclineReason),
     Update(String, u64, Vec<f32>),
     Decline(String, u64, DeclineReason),
-    Evaluation(String, u64, Vec<f64>),
 }
 
 impl Peer {
@@ -187,13 +186,9 @@ impl Peer {
                 recv_end(&mut recv).await.unwrap();
                 Answer::Decline(study, round, reason)
             }
-            SiteMessage::Evaluation {
-                study,
-                round,
-                values,
-            } => {
-                recv_end(&mut recv).await.unwrap();
-                Answer::Evaluation(study, round, values)
+            // No study here asks for evaluation: a vector would be a release nobody paid for.
+            SiteMessage::Evaluation { study, round, .. } => {
+                panic!("{study} round {round}: an evaluation nobody asked for")
             }
             SiteMessage::Update {
                 study,

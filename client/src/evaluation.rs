@@ -138,6 +138,63 @@ mod tests {
         assert!((1760..=2240).contains(&held), "{held}");
     }
 
+    /// The released vector's noise, under a statistical test: every value is the exact sum
+    /// plus N(0, (sigma * sensitivity)^2), independently (sample means and variances within
+    /// 5 standard errors over 4000 draws; the values' sample correlation near 0).
+    #[test]
+    fn the_evaluation_noise_has_the_calibrated_scale_on_every_value() {
+        use fedpriv_common::config::Task as DataTask;
+        use fedpriv_common::dp::NoiseMultiplier;
+        let data = DataSpec {
+            task: DataTask::Multiclass,
+            label: "y".into(),
+            classes: 3,
+            class_labels: Vec::new(),
+            features: vec!["a".into()],
+            ranges: vec![[0.0, 1.0]],
+            label_range: None,
+            fills: vec![None],
+            categorical: Vec::new(),
+            image: None,
+        };
+        let plan = EvaluationPlan {
+            every: 1,
+            noise_multiplier: NoiseMultiplier::new(1.5).unwrap(),
+            loss_clip: 3.0,
+        };
+        let layout = Layout::of(&data);
+        assert_eq!(layout.len(), 11);
+        let sd = 1.5 * 11f64.sqrt();
+        assert!((plan.noise_sd(&layout) - sd).abs() < 1e-12);
+        let exact: Vec<f64> = (0..11).map(f64::from).collect();
+        let mut noise = NoiseSource::from_os().unwrap();
+        let n = 4000;
+        let draws: Vec<Vec<f64>> = (0..n)
+            .map(|_| noised(Some(exact.clone()), &data, &plan, &mut noise))
+            .collect();
+        for j in 0..11 {
+            let col: Vec<f64> = draws.iter().map(|d| d[j] - exact[j]).collect();
+            let mean = col.iter().sum::<f64>() / n as f64;
+            let var = col.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            assert!(
+                mean.abs() < 5.0 * sd / (n as f64).sqrt(),
+                "value {j}: mean {mean}"
+            );
+            // The sample variance's standard error is sd^2 sqrt(2 / (n - 1)).
+            let se = sd * sd * (2.0 / (n - 1) as f64).sqrt();
+            assert!(
+                (var - sd * sd).abs() < 5.0 * se,
+                "value {j}: variance {var}"
+            );
+        }
+        let (a, b): (Vec<f64>, Vec<f64>) = draws.iter().map(|d| (d[0], d[1] - 1.0)).unzip();
+        let corr = a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>() / (n as f64 * sd * sd);
+        assert!(corr.abs() < 5.0 / (n as f64).sqrt(), "correlation {corr}");
+        // A failed evaluation releases noise around zeros, of the same scale.
+        let stand_in = noised(None, &data, &plan, &mut noise);
+        assert_eq!(stand_in.len(), 11);
+    }
+
     #[test]
     fn padding_covers_the_expected_share() {
         assert!(padded_rows(1000, 0.2, 0) >= 200 + 6 * 12);

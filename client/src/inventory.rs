@@ -146,7 +146,8 @@ pub fn build(cfg: &SiteConfig) -> Result<SiteInventory, String> {
         let epsilon_spent = match pinned_delta.or_else(|| log.delta.get(&study).copied()) {
             Some(d) if !spends.is_empty() => {
                 let delta = Delta::new(d).map_err(|e| format!("study {study}: delta {d}: {e}"))?;
-                let events: Vec<_> = spends.iter().map(|s| s.event).collect();
+                // Training and evaluation charges alike.
+                let events = ledger.events(&study).map_err(|e| e.to_string())?;
                 let epsilon = accountant::epsilon(cfg.accountant, &events, delta)
                     .map_err(|e| format!("study {study}: {e}"))?;
                 Some(EpsilonSpent { epsilon, delta: d })

@@ -42,6 +42,8 @@ pub struct StudySpend {
     /// The study's epsilon at that delta; `None` when its delta is unknown.
     pub epsilon: Option<f64>,
     pub rounds_paid: usize,
+    /// Of those rounds, how many carried a DP evaluation (charged beside the training).
+    pub evaluations_paid: usize,
     pub rounds_declined: usize,
 }
 
@@ -107,7 +109,8 @@ pub fn build(cfg: &SiteConfig) -> Result<LedgerView, String> {
             epsilon_cap: cfg.studies.get(&study).map(|s| s.epsilon_cap.get()),
             delta,
             epsilon,
-            rounds_paid: events.len(),
+            rounds_paid: ledger.spends(&study).map_err(e)?.len(),
+            evaluations_paid: ledger.evaluation_rounds(&study).map_err(e)?.len(),
             rounds_declined: ledger.refusals(&study).map_err(e)?.len(),
             study,
         });
@@ -156,10 +159,11 @@ impl std::fmt::Display for LedgerView {
             };
             writeln!(
                 f,
-                "study {} (source {}, {cap}): {eps}; {} round(s) paid, {} declined",
+                "study {} (source {}, {cap}): {eps}; {} round(s) paid ({} with an evaluation), {} declined",
                 s.study,
                 s.source.as_deref().unwrap_or("-"),
                 s.rounds_paid,
+                s.evaluations_paid,
                 s.rounds_declined
             )?;
         }

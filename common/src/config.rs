@@ -910,6 +910,16 @@ impl StudyConfig {
                     .is_some_and(|r| r.require_privacy_audit),
             },
         };
+        if cfg.evaluation.is_some() {
+            // The vector travels in one control frame (f64 values, postcard framing).
+            let len = crate::evaluation::Layout::of(&cfg.data).len();
+            if len * 9 + 1024 > crate::wire::MAX_CONTROL_FRAME {
+                return Err(field(
+                    "evaluation",
+                    format!("{} classes make an evaluation vector of {len} values, more than one message carries; evaluate with `model evaluate` instead", cfg.data.n_outputs()),
+                ));
+            }
+        }
         cfg.check_model_size()?;
         Ok(cfg)
     }
@@ -1173,6 +1183,57 @@ enrolled = ["st-marys", "general", "north"]
         assert_eq!(c.privacy.accountant, AccountantKind::Pld);
         let cost = c.privacy.round_cost(&c.local, None).expect("cost");
         assert!((cost.sigma.get() - 0.5).abs() < 1e-12 && cost.steps == 1);
+    }
+
+    #[test]
+    fn evaluation_terms_are_required_and_only_for_the_record_unit() {
+        use crate::test_util::StudyBuilder;
+        let record = StudyBuilder::new("e")
+            .record_unit(5, 10.0)
+            .enrolled(["a", "b"])
+            .evaluation(3, 2.0, 4.0);
+        let cfg = record.config().expect("a record study with evaluation");
+        let plan = cfg.evaluation.expect("the plan");
+        assert_eq!(
+            (plan.every, plan.noise_multiplier.get(), plan.loss_clip),
+            (3, 2.0, 4.0)
+        );
+        let toml = record.toml();
+        for (from, to, want) in [
+            ("every = 3", "every = 0", "evaluation.every"),
+            (
+                "noise_multiplier = 2.0\nloss",
+                "noise_multiplier = 0.0\nloss",
+                "evaluation.noise_multiplier",
+            ),
+            (
+                "loss_clip = 4.0",
+                "loss_clip = -1.0",
+                "evaluation.loss_clip",
+            ),
+        ] {
+            assert!(toml.contains(from), "{from}");
+            match StudyConfig::from_toml(&toml.replace(from, to)) {
+                Err(ConfigError::Field { field, .. }) => assert_eq!(field, want),
+                other => panic!("{to}: {other:?}"),
+            }
+        }
+        // No silent default for a privacy term; no unknown key.
+        assert!(matches!(
+            StudyConfig::from_toml(&toml.replace("loss_clip = 4.0\n", "")),
+            Err(ConfigError::Parse(_))
+        ));
+        assert!(matches!(
+            StudyConfig::from_toml(&toml.replace("every = 3", "every = 3\nsplit = 0.1")),
+            Err(ConfigError::Parse(_))
+        ));
+        let site = StudyBuilder::new("e")
+            .enrolled(["a", "b"])
+            .evaluation(3, 2.0, 4.0);
+        match site.config() {
+            Err(ConfigError::Field { field, .. }) => assert_eq!(field, "evaluation"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub struct EvaluationPlan {
 impl EvaluationPlan {
     /// Whether `round`'s task carries an evaluation of the model it sends.
     pub fn is_due(&self, round: u64) -> bool {
-        self.every > 0 && round > 1 && (round - 1) % self.every == 0
+        self.every > 0 && round > 1 && (round - 1).is_multiple_of(self.every)
     }
 
     /// What one evaluation costs a site, as the accountant sees it: one Gaussian mechanism

@@ -1043,12 +1043,12 @@ impl StudyEngine {
                     ))
                 } else if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                     Some(format!("value {i} is not finite"))
-                } else if let Some(i) = values.iter().position(|v| v.abs() > bound) {
-                    Some(format!(
-                        "value {i} is beyond {bound:.0}, more than {records} records and the noise explain"
-                    ))
                 } else {
-                    None
+                    values.iter().position(|v| v.abs() > bound).map(|i| {
+                        format!(
+                            "value {i} is beyond {bound:.0}, more than {records} records and the noise explain"
+                        )
+                    })
                 }
             }
             _ => Some(format!("round {round} takes no evaluation now")),

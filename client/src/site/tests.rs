@@ -2,6 +2,7 @@
 use super::*;
 use crate::identifiers::IdentifierKind;
 use fedpriv_common::config::DataSpec;
+use fedpriv_common::dp::accountant::AccountantKind;
 use fedpriv_common::dp::SgmEvent;
 use fedpriv_common::model::Architecture;
 use fedpriv_common::wire::{Dtype, TensorHeader};
@@ -712,4 +713,94 @@ fn image_folders_are_read_lazily_and_unreadable_files_are_skipped_at_start() {
     let released = s.run(&study, &task_for(&study, 1)).unwrap();
     assert!(released.fallback.is_none());
     assert_eq!(released.update.len(), study.spec.num_values());
+}
+
+fn with_evaluation(mut ann: StudyAnnouncement, every: u64, sigma: f64) -> StudyAnnouncement {
+    ann.evaluation = Some(fedpriv_common::evaluation::EvaluationPlan {
+        every,
+        noise_multiplier: fedpriv_common::dp::NoiseMultiplier::new(sigma).unwrap(),
+        loss_clip: 2.0,
+    });
+    ann
+}
+
+#[test]
+fn an_evaluation_is_paid_beside_its_round_and_only_on_the_plans_rounds() {
+    let eval_pins = "evaluation = { holdout = 0.25, min_noise_multiplier = 3.0 }\n";
+    let mut s = site("record", eval_pins);
+    let ann = with_evaluation(announcement(PrivacyUnit::Record, &["age"]), 2, 4.0);
+    let study = s.prepare(&ann).unwrap();
+    // A quarter of the 200 records is held out and never trains.
+    let held = study.holdout.as_ref().unwrap().n;
+    assert!((20..=80).contains(&held), "{held} held out");
+    assert_eq!(study.data.n + held, 200);
+
+    // Round 1 carries no evaluation; a task that says it does is refused unpaid.
+    let mut task = task_for(&study, 1);
+    assert!(task.evaluation.is_none());
+    task.evaluation = Some(ann.evaluation.unwrap().event());
+    assert_eq!(
+        s.run(&study, &task).unwrap_err().reason,
+        DeclineReason::InvalidTask
+    );
+    let released = s.run(&study, &task_for(&study, 1)).unwrap();
+    assert!(released.evaluation.is_none());
+
+    // Round 3 does: leaving it out, or pricing it with less noise, is refused unpaid.
+    let mut task = task_for(&study, 3);
+    let due = task.evaluation.unwrap();
+    task.evaluation = None;
+    assert_eq!(
+        s.run(&study, &task).unwrap_err().reason,
+        DeclineReason::InvalidTask
+    );
+    task.evaluation = Some(SgmEvent::new(1.0, 3.5, 1).unwrap());
+    assert_eq!(
+        s.run(&study, &task).unwrap_err().reason,
+        DeclineReason::InvalidTask
+    );
+    assert_eq!(s.ledger.events("s").unwrap().len(), 1);
+    let released = s.run(&study, &task_for(&study, 3)).unwrap();
+    let v = released.evaluation.unwrap();
+    assert_eq!(v.len(), 2 + 2 * 2);
+    assert!(v.iter().all(|x| x.is_finite()));
+    // Both ledgers: the training event and the evaluation's, for the study and the source.
+    let events = s.ledger.events("s").unwrap();
+    assert_eq!(events.len(), 3);
+    assert!(events.contains(&due));
+    assert_eq!(s.ledger.source_events("wards").unwrap().len(), 3);
+    assert_eq!(s.ledger.evaluation_rounds("s").unwrap(), vec![3]);
+    // The study's epsilon composes all three.
+    let d = Delta::new(1e-6).unwrap();
+    let with = s.ledger.epsilon("s", d, AccountantKind::Rdp).unwrap();
+    let without =
+        fedpriv_common::dp::accountant::epsilon(AccountantKind::Rdp, &events[..2], d).unwrap();
+    assert!(with > without);
+}
+
+#[test]
+fn a_study_asking_for_evaluation_the_site_has_not_pinned_or_with_less_noise_is_refused() {
+    let ann = with_evaluation(announcement(PrivacyUnit::Record, &["age"]), 2, 4.0);
+    let s = site("record", "");
+    assert_eq!(
+        s.prepare(&ann).unwrap_err().reason,
+        DeclineReason::TermsDiffer
+    );
+    let s = site(
+        "record",
+        "evaluation = { holdout = 0.2, min_noise_multiplier = 5.0 }\n",
+    );
+    let r = s.prepare(&ann).unwrap_err();
+    assert_eq!(r.reason, DeclineReason::TermsDiffer);
+    assert!(r.detail.contains("evaluation noise"), "{}", r.detail);
+    // A study without evaluation trains on every record even where the site pinned one.
+    let s = site(
+        "record",
+        "evaluation = { holdout = 0.2, min_noise_multiplier = 1.0 }\n",
+    );
+    let plain = s
+        .prepare(&announcement(PrivacyUnit::Record, &["age"]))
+        .unwrap();
+    assert!(plain.holdout.is_none());
+    assert_eq!(plain.data.n, 200);
 }

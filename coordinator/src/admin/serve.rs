@@ -547,10 +547,14 @@ pub fn ledger_json(store: &Store, study: &str) -> Result<Value, String> {
     let cfg = StudyConfig::from_toml(&row.config_toml).map_err(|e| e.to_string())?;
     let ledger = store.ledger(study).map_err(|e| e.to_string())?;
     let (per_site, study_eps) = per_site_epsilon(store, study, &cfg)?;
+    // Evaluation charges apart from training, and what the evaluations said (noised).
+    let evaluation_entries = store.evaluation_ledger(study).map_err(|e| e.to_string())?;
+    let evaluations = store.evaluations(study).map_err(|e| e.to_string())?;
     Ok(json!({
         "study": study, "status": row.status, "end_reason": row.end_reason,
         "budget": {"epsilon": cfg.privacy.epsilon.get(), "delta": cfg.privacy.delta.get(), "accountant": cfg.privacy.accountant.as_str()},
         "epsilon_spent": study_eps, "per_site_epsilon": per_site, "entries": ledger,
+        "evaluation_entries": evaluation_entries, "evaluations": evaluations,
     }))
 }
 
@@ -594,6 +598,68 @@ pub fn ledger_text(v: &Value) -> String {
                 .unwrap_or(0),
             g("/epsilon_after"),
         ));
+    }
+    let evaluation_entries: Vec<&Value> = v
+        .get("evaluation_entries")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    if !evaluation_entries.is_empty() {
+        out.push_str(
+            "evaluation charges (beside the same round's training; epsilon after both):\n",
+        );
+        out.push_str(&format!(
+            "{:<6} {:<20} {:>8} {:>8} {:>6} {:>10}\n",
+            "round", "site", "q", "sigma", "steps", "epsilon"
+        ));
+        for e in evaluation_entries {
+            let g = |p: &str| e.pointer(p).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            out.push_str(&format!(
+                "{:<6} {:<20} {:>8.4} {:>8.4} {:>6} {:>10.4}\n",
+                e.get("round").and_then(Value::as_u64).unwrap_or(0),
+                e.get("site").and_then(Value::as_str).unwrap_or(""),
+                g("/event/q"),
+                g("/event/sigma"),
+                e.pointer("/event/steps")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                g("/epsilon_after"),
+            ));
+        }
+    }
+    let evaluations: Vec<&Value> = v
+        .get("evaluations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    if !evaluations.is_empty() {
+        out.push_str("DP evaluations (noised; sd: the noise's standard deviation):\n");
+        out.push_str(&format!(
+            "{:<6} {:<7} {:>5} {:>10} {:>9} {:>9} {:>10} {:>8}\n",
+            "round", "model", "sites", "examples", "accuracy", "sd", "mean_loss", "rmse"
+        ));
+        for e in evaluations {
+            let g = |p: &str| e.pointer(p).and_then(Value::as_f64);
+            let num = |x: Option<f64>, w: usize| match x {
+                Some(x) => format!("{x:>w$.4}"),
+                None => format!("{:>w$}", "-"),
+            };
+            out.push_str(&format!(
+                "{:<6} {:<7} {:>5} {:>10.0} {} {} {} {}\n",
+                e.get("round").and_then(Value::as_u64).unwrap_or(0),
+                e.get("model_round").and_then(Value::as_u64).unwrap_or(0),
+                e.pointer("/summary/sites")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                g("/summary/examples").unwrap_or(f64::NAN),
+                num(g("/summary/accuracy"), 9),
+                num(g("/summary/accuracy_sd"), 9),
+                num(g("/summary/mean_loss"), 10),
+                num(g("/summary/rmse"), 8),
+            ));
+        }
     }
     out
 }
