@@ -480,6 +480,10 @@ mod tests {
         assert_eq!(r.study_epsilon.len(), 2);
         assert!((r.epsilon_spent - pts[1].epsilon).abs() < 1e-12);
 
+        let html = crate::report::render(&r).unwrap();
+        assert!(html.contains("north-site") && html.contains("south-site"));
+        assert!(html.contains("data-plot=\"sites\""));
+
         let (_d, store) = store_with("central");
         let r = from_store(&store, "s", &[rejected("north-site")], String::new(), 0).unwrap();
         assert_eq!(r.visibility, Visibility::StudyOnly);
@@ -492,6 +496,9 @@ mod tests {
         assert_eq!(r.study_epsilon.len(), 2);
         let json = serde_json::to_string(&r).unwrap();
         assert!(!json.contains("north-site"), "{json}");
+        let html = crate::report::render(&r).unwrap();
+        assert!(!html.contains("north-site") && !html.contains("south-site"));
+        assert!(!html.contains("data-plot=\"sites\""));
     }
 
     #[test]

@@ -42,6 +42,21 @@ pub(super) struct Series {
     pub colour: (u8, u8, u8),
     pub points: Vec<(f64, f64)>,
     pub band: Option<Vec<(f64, f64, f64)>>,
+    /// Line width and marker radius in pixels: series drawn first are wider, so lines that
+    /// coincide (sites charged alike) still show each colour.
+    pub width: u32,
+}
+
+impl Series {
+    /// Series `i` of `n` in the palette's colour `i`, wider the earlier it is drawn.
+    pub fn nth(i: usize, n: usize, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            colour: colour(i),
+            points,
+            band: None,
+            width: 2 + 2 * u32::try_from(n.saturating_sub(i + 1).min(6)).unwrap_or(6),
+        }
+    }
 }
 
 /// A plot of several series against the round.
@@ -53,6 +68,8 @@ pub(super) struct Plot {
     pub limit: Option<f64>,
     /// Start the y axis at 0 (counts, epsilons) rather than at the data's least value.
     pub from_zero: bool,
+    /// The values are counts: label whole numbers only.
+    pub counts: bool,
 }
 
 impl Plot {
@@ -132,7 +149,11 @@ pub(super) fn svg(plot: &Plot) -> Result<String, String> {
                     String::new()
                 }
             })
-            .y_label_formatter(&|y| format!("{y:.3}"))
+            .y_label_formatter(&|y| match plot.counts {
+                true if (y - y.round()).abs() < 1e-9 => format!("{y:.0}"),
+                true => String::new(),
+                false => format!("{y:.3}"),
+            })
             .light_line_style(RGBColor(236, 236, 236))
             .draw()
             .map_err(err)?;
@@ -150,14 +171,14 @@ pub(super) fn svg(plot: &Plot) -> Result<String, String> {
             chart
                 .draw_series(LineSeries::new(
                     s.points.iter().copied(),
-                    c.stroke_width(2),
+                    c.stroke_width(s.width),
                 ))
                 .map_err(err)?;
             chart
                 .draw_series(
                     s.points
                         .iter()
-                        .map(|&p| Circle::new(p, 3, c.filled())),
+                        .map(|&p| Circle::new(p, s.width + 1, c.filled())),
                 )
                 .map_err(err)?;
         }
@@ -189,9 +210,11 @@ mod tests {
                 colour: colour(0),
                 points: vec![(0.0, 0.5), (1.0, 0.7), (2.0, 0.8)],
                 band: Some(vec![(0.0, 0.4, 0.6), (1.0, 0.6, 0.8), (2.0, 0.7, 0.9)]),
+                width: 2,
             }],
             limit: None,
             from_zero: false,
+            counts: false,
         };
         let s = svg(&plot).unwrap();
         assert!(s.starts_with("<svg"), "{}", &s[..80.min(s.len())]);
@@ -205,13 +228,10 @@ mod tests {
     fn one_point_or_none_still_draws() {
         let mut plot = Plot {
             y_desc: "epsilon",
-            series: vec![Series {
-                colour: colour(1),
-                points: vec![(3.0, 0.0)],
-                band: None,
-            }],
+            series: vec![Series::nth(1, 2, vec![(3.0, 0.0)])],
             limit: Some(1.0),
             from_zero: true,
+            counts: true,
         };
         assert_eq!(svg(&plot).unwrap().matches("<circle").count(), 1);
         plot.series.clear();

@@ -227,18 +227,14 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
                 "<p class=\"note\">Each site's epsilon after each round it was charged for, \
                  against the budget (red). The study's epsilon is the worst site's.</p>\n"
             );
+            let n = ps.sites.len();
             let series: Vec<Series> = ps
                 .sites
                 .iter()
                 .enumerate()
-                .map(|(i, s)| Series {
-                    colour: plot::colour(i),
-                    points: s
-                        .points
-                        .iter()
-                        .map(|p| (p.round as f64, p.epsilon))
-                        .collect(),
-                    band: None,
+                .map(|(i, s)| {
+                    let points = s.points.iter().map(|p| (p.round as f64, p.epsilon));
+                    Series::nth(i, n, points.collect())
                 })
                 .collect();
             let mut legend: Vec<_> = ps
@@ -253,6 +249,7 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
                 series,
                 limit: Some(t.epsilon_budget),
                 from_zero: true,
+                counts: false,
             };
             figure(&mut o, "epsilon", &p, &legend, "")?;
         }
@@ -266,17 +263,17 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
             );
             let p = Plot {
                 y_desc: "epsilon",
-                series: vec![Series {
-                    colour: plot::colour(0),
-                    points: d
-                        .study_epsilon
+                series: vec![Series::nth(
+                    0,
+                    1,
+                    d.study_epsilon
                         .iter()
                         .map(|p| (p.round as f64, p.epsilon))
                         .collect(),
-                    band: None,
-                }],
+                )],
                 limit: Some(t.epsilon_budget),
                 from_zero: true,
+                counts: false,
             };
             let legend = [
                 (plot::colour(0), "study (worst site)".to_string()),
@@ -320,19 +317,15 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
         let p = Plot {
             y_desc: "sites",
             series: vec![
-                Series {
-                    colour: plot::colour(0),
-                    points: charged,
-                    band: None,
-                },
+                Series::nth(0, 2, charged),
                 Series {
                     colour: plot::colour(2),
-                    points: contributed,
-                    band: None,
+                    ..Series::nth(1, 2, contributed)
                 },
             ],
             limit: None,
             from_zero: true,
+            counts: true,
         };
         let legend = [
             (plot::colour(0), "charged".to_string()),
@@ -388,6 +381,7 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
                 series: vec![Series {
                     colour: c,
                     points: pts.iter().map(|e| (e.round as f64, e.value)).collect(),
+                    width: 2,
                     band: Some(
                         pts.iter()
                             .map(|e| {
@@ -402,6 +396,7 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
                 }],
                 limit: None,
                 from_zero: false,
+                counts: false,
             };
             let _ = writeln!(o, "<h3>{}</h3>", esc(metric));
             let legend = [(c, format!("{metric} (band: ±2 sd of the noise)"))];
@@ -525,7 +520,7 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
 
     let _ = write!(
         o,
-        "<h2>Audit log</h2>\n<p>{}</p>\n</body>\n</html>\n",
+        "<h2>Audit log</h2>\n<p style=\"white-space: pre-line\">{}</p>\n</body>\n</html>\n",
         esc(&d.audit_log)
     );
     Ok(o)
