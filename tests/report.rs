@@ -189,7 +189,10 @@ async fn a_real_federation_s_report_renders_in_chromium_with_its_points_and_no_m
     for site in demo::SITES {
         assert!(html.contains(site), "{site} in the per-site figures");
     }
-    assert!(html.contains(&format!("local/{}", "&quot;&gt;&lt;img")), "the exporter");
+    assert!(
+        html.contains(&format!("local/{}", "&quot;&gt;&lt;img")),
+        "the exporter"
+    );
 
     // Headless Chromium draws it.
     let png = screenshot(&out, dir.path());
@@ -214,10 +217,7 @@ async fn a_real_federation_s_report_renders_in_chromium_with_its_points_and_no_m
         if p.0.iter().any(|&v| v < 245) {
             ink += 1;
         }
-        for (n, c) in plotted
-            .iter_mut()
-            .zip([[214, 39, 40], [44, 160, 44]])
-        {
+        for (n, c) in plotted.iter_mut().zip([[214, 39, 40], [44, 160, 44]]) {
             if near(p.0, c) {
                 *n += 1;
             }
@@ -225,14 +225,24 @@ async fn a_real_federation_s_report_renders_in_chromium_with_its_points_and_no_m
     }
     let total = (img.width() * img.height()) as usize;
     if std::env::var_os("FEDPRIV_REPORT_KEEP").is_some() {
-        eprintln!("{} colours, {ink} of {total} inked, plotted {plotted:?}", colours.len());
+        eprintln!(
+            "{} colours, {ink} of {total} inked, plotted {plotted:?}",
+            colours.len()
+        );
     }
-    assert!(colours.len() > 50, "{} colours: a blank page?", colours.len());
+    assert!(
+        colours.len() > 50,
+        "{} colours: a blank page?",
+        colours.len()
+    );
     assert!(
         ink * 100 > total * 3,
         "{ink} of {total} pixels not white: a blank page?"
     );
     for (n, what) in plotted.iter().zip(["budget red", "green"]) {
-        assert!(*n > 600, "{n} pixels of the plots' {what}: were the SVGs drawn?");
+        assert!(
+            *n > 600,
+            "{n} pixels of the plots' {what}: were the SVGs drawn?"
+        );
     }
 }

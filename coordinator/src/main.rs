@@ -904,9 +904,11 @@ fn main() -> ExitCode {
             keep_last,
             dry_run,
         } => prune(&state, keep_models_days, keep_last, dry_run).map(|o| println!("{o}")),
-        Command::Report { study, state, out } => fedpriv_coordinator::report::run(&study, &state, &out)
-            .map(|o| println!("{o}"))
-            .map_err(|e| e.to_string()),
+        Command::Report { study, state, out } => {
+            fedpriv_coordinator::report::run(&study, &state, &out)
+                .map(|o| println!("{o}"))
+                .map_err(|e| e.to_string())
+        }
         Command::Inventory {
             state,
             study,

@@ -368,9 +368,9 @@ fn from_audit(
                     continue;
                 };
                 let ours = a.subject == study || a.detail.starts_with(&prefix);
-                let theirs = other_studies.iter().any(|o| {
-                    a.subject == *o || a.detail.starts_with(&format!("study {o} "))
-                });
+                let theirs = other_studies
+                    .iter()
+                    .any(|o| a.subject == *o || a.detail.starts_with(&format!("study {o} ")));
                 if ours {
                     if hidden && a.subject != study {
                         // About one site in one round.

@@ -47,7 +47,10 @@ pub enum Visibility {
 
 impl Visibility {
     /// The rule. An exhaustive match: a new placement must decide here.
-    pub fn of(unit: fedpriv_common::config::PrivacyUnit, placement: fedpriv_common::config::Placement) -> Self {
+    pub fn of(
+        unit: fedpriv_common::config::PrivacyUnit,
+        placement: fedpriv_common::config::Placement,
+    ) -> Self {
         use fedpriv_common::config::{Placement, PrivacyUnit};
         match (unit, placement) {
             (PrivacyUnit::Record, _) => Self::PerSite,

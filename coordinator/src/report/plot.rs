@@ -88,15 +88,17 @@ fn err(e: impl std::fmt::Display) -> String {
 
 /// Draws `plot` as an SVG document (an `<svg>` element).
 pub(super) fn svg(plot: &Plot) -> Result<String, String> {
-    let xs = || plot.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+    let xs = || {
+        plot.series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+    };
     let ys = || {
         plot.series.iter().flat_map(|s| {
-            s.points.iter().map(|p| p.1).chain(
-                s.band
-                    .iter()
-                    .flatten()
-                    .flat_map(|&(_, lo, hi)| [lo, hi]),
-            )
+            s.points
+                .iter()
+                .map(|p| p.1)
+                .chain(s.band.iter().flatten().flat_map(|&(_, lo, hi)| [lo, hi]))
         })
     };
     let finite = |v: &f64| v.is_finite();

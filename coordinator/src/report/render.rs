@@ -222,10 +222,9 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
     o.push_str("<h2>Epsilon per round</h2>\n");
     match &d.per_site {
         Some(ps) => {
-            let _ = write!(
-                o,
+            o.push_str(
                 "<p class=\"note\">Each site's epsilon after each round it was charged for, \
-                 against the budget (red). The study's epsilon is the worst site's.</p>\n"
+                 against the budget (red). The study's epsilon is the worst site's.</p>\n",
             );
             let n = ps.sites.len();
             let series: Vec<Series> = ps
@@ -254,11 +253,11 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
             figure(&mut o, "epsilon", &p, &legend, "")?;
         }
         None => {
-            let _ = write!(
+            let _ = writeln!(
                 o,
                 "<p class=\"note\">The study's epsilon (the worst site's) after each round, against \
                  the budget (red). Under {} placement who took part in a round is not shown: no \
-                 per-site figures and no participants per round.</p>\n",
+                 per-site figures and no participants per round.</p>",
                 esc(&t.placement)
             );
             let p = Plot {
@@ -334,12 +333,7 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
         figure(&mut o, "sites", &p, &legend, "")?;
         o.push_str("<table><tr><th>round</th><th>charged</th><th>contributed</th></tr>\n");
         for r in &ps.participants {
-            let names = |v: &[String]| {
-                v.iter()
-                    .map(|s| esc(s))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let names = |v: &[String]| v.iter().map(|s| esc(s)).collect::<Vec<_>>().join(", ");
             let _ = writeln!(
                 o,
                 "<tr><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
@@ -361,9 +355,7 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
     // Evaluation.
     o.push_str("<h2>Evaluation</h2>\n");
     if d.evaluations.is_empty() {
-        o.push_str(
-            "<p class=\"note\">No federated evaluation on record for this study.</p>\n",
-        );
+        o.push_str("<p class=\"note\">No federated evaluation on record for this study.</p>\n");
     } else {
         o.push_str(
             "<p class=\"note\">Noised per-round metrics from the sites, with a band of \
