@@ -224,6 +224,11 @@ pub fn from_store(
             }
             .to_string(),
             clip_norm: p.clip_norm.get(),
+            clipped: match p.unit {
+                fedpriv_common::config::PrivacyUnit::Record => "each record's gradient",
+                fedpriv_common::config::PrivacyUnit::Site => "each site's model update",
+            }
+            .to_string(),
             noise_multiplier: p.noise_multiplier.get(),
             epsilon_budget: p.epsilon.get(),
             delta: p.delta.get(),

@@ -109,6 +109,8 @@ pub struct Terms {
     /// `local` or `central` (site unit); `local` for the record unit.
     pub placement: String,
     pub clip_norm: f64,
+    /// What the clip norm bounds: `each record's gradient` or `each site's model update`.
+    pub clipped: String,
     pub noise_multiplier: f64,
     pub epsilon_budget: f64,
     pub delta: f64,

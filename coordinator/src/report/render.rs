@@ -192,7 +192,7 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
         "<h2>Privacy terms</h2>\n<dl class=\"terms\">\n\
          <dt>Unit of privacy</dt><dd>{}</dd>\n\
          <dt>Noise placement</dt><dd>{}</dd>\n\
-         <dt>Clip norm</dt><dd>{} (each {} is clipped to this L2 norm)</dd>\n\
+         <dt>Clip norm</dt><dd>{} ({} is clipped to this L2 norm)</dd>\n\
          <dt>Noise multiplier</dt><dd>{} (Gaussian noise of standard deviation {} &times; the clip norm)</dd>\n\
          <dt>Budget</dt><dd>epsilon {} per site at delta {}</dd>\n\
          <dt>Accountant</dt><dd>{} (every epsilon here is its figure for the recorded spends, composed, never added up)</dd>\n\
@@ -202,11 +202,7 @@ pub fn render(d: &ReportData) -> Result<String, ReportError> {
         esc(&t.unit),
         esc(&t.placement),
         t.clip_norm,
-        if t.unit.starts_with("record") {
-            "record's gradient"
-        } else {
-            "site's model update"
-        },
+        esc(&t.clipped),
         t.noise_multiplier,
         t.noise_multiplier,
         t.epsilon_budget,
@@ -556,6 +552,7 @@ mod tests {
                 unit: "record (each patient record; DP-SGD at each site)".into(),
                 placement: "local".into(),
                 clip_norm: 1.0,
+                clipped: "each record's gradient".into(),
                 noise_multiplier: 1.1,
                 epsilon_budget: 3.0,
                 delta: 1e-5,
