@@ -592,16 +592,7 @@ impl Assessment {
         );
 
         let _ = writeln!(t, "## Summary\n");
-        let unit = match (p.unit, p.placement) {
-            (PrivacyUnit::Record, _) => "record (each patient record; DP-SGD at each site)",
-            (PrivacyUnit::Site, Placement::Local) => {
-                "site (each hospital's whole contribution; each site noises its own update)"
-            }
-            (PrivacyUnit::Site, Placement::Central) => {
-                "site (each hospital's whole contribution; the coordinator adds the noise)"
-            }
-        };
-        let _ = writeln!(t, "- Unit of privacy: {unit}");
+        let _ = writeln!(t, "- Unit of privacy: {}", unit_text(c));
         let _ = writeln!(
             t,
             "- Budget: epsilon {} at delta {} per site ({} accountant)",
@@ -615,21 +606,7 @@ impl Assessment {
             p.noise_multiplier.get(),
             p.clip_norm.get()
         );
-        let local = match &c.local {
-            LocalPlan::DpSgd {
-                steps,
-                expected_batch,
-                ..
-            } => format!(
-                "{steps} DP-SGD steps per round, Poisson batches of expected size {expected_batch}"
-            ),
-            LocalPlan::Sgd {
-                epochs, batch_size, ..
-            } => format!(
-                "{epochs} epoch(s) of SGD per round, batch {batch_size}, then the update is clipped"
-            ),
-        };
-        let _ = writeln!(t, "- Training at each site: {local}");
+        let _ = writeln!(t, "- Training at each site: {}", local_plan_text(c));
         let _ = writeln!(
             t,
             "- Planned rounds: {}; a round needs at least {} of the {} enrolled sites ({})",
@@ -874,7 +851,41 @@ retention policy: each export is recorded in the audit log (`model_exported`, wi
 destination) before the file is written.
 ";
 
-fn protection_text(c: &StudyConfig) -> String {
+/// The unit of privacy and where the noise is added, in plain words (one line; also the
+/// study report's).
+pub fn unit_text(c: &StudyConfig) -> &'static str {
+    match (c.privacy.unit, c.privacy.placement) {
+        (PrivacyUnit::Record, _) => "record (each patient record; DP-SGD at each site)",
+        (PrivacyUnit::Site, Placement::Local) => {
+            "site (each hospital's whole contribution; each site noises its own update)"
+        }
+        (PrivacyUnit::Site, Placement::Central) => {
+            "site (each hospital's whole contribution; the coordinator adds the noise)"
+        }
+    }
+}
+
+/// How each site trains in a round, in plain words.
+pub fn local_plan_text(c: &StudyConfig) -> String {
+    match &c.local {
+        LocalPlan::DpSgd {
+            steps,
+            expected_batch,
+            ..
+        } => format!(
+            "{steps} DP-SGD steps per round, Poisson batches of expected size {expected_batch}"
+        ),
+        LocalPlan::Sgd {
+            epochs, batch_size, ..
+        } => format!(
+            "{epochs} epoch(s) of SGD per round, batch {batch_size}, then the update is clipped"
+        ),
+    }
+}
+
+/// What the study's terms protect and against whom, in plain words (one paragraph, with
+/// Markdown's `**bold**` and `` `code` `` marks; only numbers from the config go into it).
+pub fn protection_text(c: &StudyConfig) -> String {
     let p = &c.privacy;
     let eps = p.epsilon.get();
     let delta = p.delta.get();

@@ -19,6 +19,7 @@ pub mod node;
 pub mod pki_cli;
 pub mod progress;
 pub mod release;
+pub mod report;
 pub mod retention;
 pub mod round;
 pub mod server;

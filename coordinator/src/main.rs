@@ -161,6 +161,19 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// One self-contained HTML page about a study (inline SVG plots, no script, nothing
+    /// fetched): epsilon per round against the budget, budget left, sites per round, model
+    /// versions with digests and exports, refusals and alerts, the privacy terms in words.
+    /// Under central placement it shows no per-site figures and no participants per round.
+    /// Read-only: works while the coordinator runs.
+    Report {
+        #[arg(long)]
+        study: String,
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        #[arg(long, value_name = "FILE.html")]
+        out: PathBuf,
+    },
     /// Data inventory and lineage: per site, the studies that used its data, the rounds
     /// charged to it and those its updates went into (with times), and the model versions
     /// (round, sha256, file or "pruned") made from them; per study, its sites. Read-only:
@@ -906,6 +919,11 @@ fn main() -> ExitCode {
             keep_last,
             dry_run,
         } => prune(&state, keep_models_days, keep_last, dry_run).map(|o| println!("{o}")),
+        Command::Report { study, state, out } => {
+            fedpriv_coordinator::report::run(&study, &state, &out)
+                .map(|o| println!("{o}"))
+                .map_err(|e| e.to_string())
+        }
         Command::Inventory {
             state,
             study,

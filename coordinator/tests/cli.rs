@@ -68,6 +68,63 @@ fn read_only_commands_never_create_a_ledger() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no state database"));
     assert!(!dir.path().join("coordinator.db").exists());
+    let out = bin()
+        .args(["report", "--study", "x", "--state"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path().join("r.html"))
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no state database"));
+    assert!(!dir.path().join("coordinator.db").exists());
+    assert!(!dir.path().join("r.html").exists());
+}
+
+/// `report` writes the page from a state directory; a central-placement study's page names
+/// no site (the per-site figures and participants stay hidden).
+#[test]
+fn report_writes_a_page_that_names_no_site_under_central_placement() {
+    use fedpriv_common::dp::SgmEvent;
+    use fedpriv_common::test_util::StudyBuilder;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = StudyBuilder::new("central-study")
+        .placement("central")
+        .enrolled(["hospital-ab", "hospital-cd"])
+        .noise(1.0, 20.0);
+    let cfg = b.config().expect("config");
+    {
+        let mut store = fedpriv_coordinator::store::Store::open(dir.path().join("coordinator.db"))
+            .expect("store");
+        store
+            .create_study("central-study", &b.toml(), &cfg.enrolled, 1_700_000_000)
+            .expect("create");
+        let ev = SgmEvent::new(1.0, 2.0, 1).expect("event");
+        let entries: Vec<_> = cfg.enrolled.iter().map(|s| (s.clone(), ev, 0.5)).collect();
+        store
+            .record_spend("central-study", 0, &entries, 1_700_000_001)
+            .expect("spend");
+    }
+    let page = dir.path().join("report.html");
+    let out = bin()
+        .args(["report", "--study", "central-study", "--state"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&page)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let html = std::fs::read_to_string(&page).expect("the page");
+    assert!(html.contains("central-study"));
+    assert!(html.contains("data-plot=\"epsilon\""));
+    assert!(
+        !html.contains("hospital-"),
+        "a site named under central placement"
+    );
 }
 
 #[test]
@@ -90,6 +147,7 @@ fn help_lists_the_commands() {
         "audit",
         "prune",
         "inventory",
+        "report",
     ] {
         assert!(
             listed.contains(&cmd),

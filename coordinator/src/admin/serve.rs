@@ -512,8 +512,9 @@ pub fn list_studies(store: &Store) -> Result<Value, String> {
     Ok(Value::Array(out))
 }
 
-/// Per site, the epsilon its recorded spends add up to; and the study's (the worst site's).
-fn per_site_epsilon(
+/// Per site, the epsilon its recorded spends compose to (the accountant, never a sum); and
+/// the study's (the worst site's). Also the study report's figures.
+pub(crate) fn per_site_epsilon(
     store: &Store,
     study: &str,
     cfg: &StudyConfig,
