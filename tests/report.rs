@@ -108,8 +108,10 @@ async fn a_real_federation_s_report_renders_in_chromium_with_its_points_and_no_m
     let dir = tempfile::tempdir().expect("tempdir");
     let opts = DemoOptions {
         rounds: 4,
-        epsilon: 3.0,
+        epsilon: 5.0,
         non_iid: false,
+        // Round 3 evaluates the model after round 2 at the sites (noised).
+        evaluation: Some((2, 2.0, 1.0)),
         ..DemoOptions::default()
     };
     let run = demo::run(dir.path(), &opts, |_| {})
@@ -168,19 +170,21 @@ async fn a_real_federation_s_report_renders_in_chromium_with_its_points_and_no_m
     assert!(!urls.contains("http://") && !urls.contains("https://"));
 
     // Every point on the ledger is on the plots.
-    let ledger = Store::open_read_only(state.join("coordinator.db"))
-        .expect("store")
-        .ledger(study)
-        .expect("ledger");
+    let store = Store::open_read_only(state.join("coordinator.db")).expect("store");
+    let ledger = store.ledger(study).expect("ledger");
     assert!(!ledger.is_empty());
     let mut rounds: Vec<u64> = ledger.iter().map(|r| r.round).collect();
     rounds.dedup();
+    let evaluations = store.evaluations(study).expect("evaluations").len();
+    assert_eq!(evaluations, 1);
     let found = plots(&html);
     assert_eq!(
         found,
         vec![
             ("epsilon".to_string(), ledger.len()),
             ("sites".to_string(), 2 * rounds.len()),
+            ("evaluation".to_string(), evaluations),
+            ("evaluation".to_string(), evaluations),
         ],
         "{} ledger rows over {} rounds",
         ledger.len(),

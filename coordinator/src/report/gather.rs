@@ -19,8 +19,8 @@ use fedpriv_common::dp::accountant;
 use fedpriv_common::dp::SgmEvent;
 
 use super::{
-    AuditItem, EpsilonPoint, ExportInfo, ModelInfo, PerSite, ReportData, ReportError, RoundInfo,
-    RoundParticipants, SiteSeries, Terms, Visibility,
+    AuditItem, EpsilonPoint, EvalPoint, ExportInfo, ModelInfo, PerSite, ReportData, ReportError,
+    RoundInfo, RoundParticipants, SiteSeries, Terms, Visibility,
 };
 use crate::store::{Store, StoreError};
 
@@ -94,20 +94,26 @@ pub fn from_store(
         crate::admin::serve::per_site_epsilon(store, study, &cfg).map_err(state)?;
 
     // Each site's epsilon after each round it paid for: the accountant over its spends up
-    // to that round.
+    // to that round, a round's evaluation charge included.
     let ledger = store.ledger(study).map_err(state)?;
+    let evaluation_charges = store.evaluation_ledger(study).map_err(state)?;
     let mut by_site: BTreeMap<&str, Vec<(u64, SgmEvent)>> = BTreeMap::new();
-    for r in &ledger {
+    for r in ledger.iter().chain(&evaluation_charges) {
         by_site
             .entry(r.site.as_str())
             .or_default()
             .push((r.round, r.event));
     }
     let mut curves: BTreeMap<String, Vec<EpsilonPoint>> = BTreeMap::new();
-    for (site, spends) in &by_site {
+    for (site, spends) in &mut by_site {
+        spends.sort_by_key(|(round, _)| *round);
         let events: Vec<SgmEvent> = spends.iter().map(|(_, e)| *e).collect();
-        let mut points = Vec::with_capacity(spends.len());
+        let mut points: Vec<EpsilonPoint> = Vec::with_capacity(spends.len());
         for (i, (round, _)) in spends.iter().enumerate() {
+            // One point per round, after every charge of that round.
+            if spends.get(i + 1).is_some_and(|(next, _)| next == round) {
+                continue;
+            }
             let epsilon = accountant::epsilon(p.accountant, &events[..=i], p.delta)
                 .map_err(|e| state(format!("site {site} round {round}: {e}")))?;
             points.push(EpsilonPoint {
@@ -251,12 +257,42 @@ pub fn from_store(
         alerts: audit.alerts,
         withheld_records: audit.withheld,
         service_wide_records: audit.service_wide,
-        // Filled once the coordinator records the noised federated evaluation (a table of
-        // per-round metrics with their noise standard deviation); until then there is
-        // nothing on record to show, and the page says so.
-        evaluations: Vec::new(),
+        evaluations: evaluation_points(store, study, &cfg)?,
         audit_log,
     })
+}
+
+/// The study's DP evaluations as plot points, at the model each one measured: accuracy or
+/// RMSE and the mean loss, each with the noise's standard deviation on it (first order).
+fn evaluation_points(
+    store: &Store,
+    study: &str,
+    cfg: &StudyConfig,
+) -> Result<Vec<EvalPoint>, ReportError> {
+    let mut out = Vec::new();
+    for e in store.evaluations(study).map_err(state)? {
+        let s = &e.summary;
+        let point = |metric: &str, value: f64, noise_sd: f64| EvalPoint {
+            round: e.model_round,
+            metric: metric.to_string(),
+            value,
+            noise_sd,
+        };
+        if let (Some(a), Some(sd)) = (s.accuracy, s.accuracy_sd) {
+            out.push(point("accuracy", a, sd));
+        }
+        if let Some(rmse) = s.rmse {
+            let width = cfg
+                .data
+                .label_range
+                .map_or(1.0, |r| f64::from(r[1]) - f64::from(r[0]));
+            // d sqrt(m) = dm / (2 sqrt(m)), in label units.
+            let sd = width * s.mean_loss_sd / (2.0 * s.mean_loss.max(1e-12).sqrt());
+            out.push(point("rmse", rmse, sd));
+        }
+        out.push(point("mean loss", s.mean_loss, s.mean_loss_sd));
+    }
+    Ok(out)
 }
 
 /// The study's epsilon after each round that charged anyone: the worst site's value at its
