@@ -487,55 +487,49 @@ fn run_studies(
         let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
         let consumer = tokio::spawn(async move {
             let mut failed = Vec::new();
-            let mut keep = |n: server::Notification| match n {
-                server::Notification::StudyEnded {
-                    study,
-                    reason,
-                    cause,
-                } => {
-                    if progress {
-                        eprintln!("{study}: ended: {reason}");
+            // On a terminal: one block per study, redrawn in place as events arrive.
+            let mut board = fedpriv_coordinator::progress::Board::new();
+            let mut keep = |n: server::Notification| {
+                match n {
+                    server::Notification::StudyEnded {
+                        study,
+                        reason,
+                        cause,
+                    } => {
+                        board.ended(&study, &reason);
+                        if cause.is_some_and(|c| c.is_failure()) {
+                            failed.push((study, reason));
+                        }
                     }
-                    if cause.is_some_and(|c| c.is_failure()) {
-                        failed.push((study, reason));
-                    }
+                    server::Notification::RoundCompleted {
+                        study,
+                        round,
+                        contributors,
+                        epsilon,
+                        budget,
+                        ..
+                    } => board.round(
+                        &study,
+                        round,
+                        planned.get(&study).copied(),
+                        contributors.len(),
+                        epsilon,
+                        budget,
+                    ),
+                    server::Notification::Evaluated {
+                        study,
+                        model_round,
+                        summary,
+                        ..
+                    } => board.evaluation(&study, model_round, &summary),
+                    server::Notification::RoundAborted { .. } => return,
                 }
-                server::Notification::RoundCompleted {
-                    study,
-                    round,
-                    contributors,
-                    epsilon,
-                    budget,
-                    ..
-                } if progress => {
-                    eprintln!(
-                        "{}",
-                        fedpriv_coordinator::progress::line(
-                            &study,
-                            round,
-                            planned.get(&study).copied(),
-                            contributors.len(),
-                            epsilon,
-                            budget,
-                        )
-                    );
+                if progress {
+                    use std::io::Write;
+                    let mut err = std::io::stderr().lock();
+                    let _ = err.write_all(board.redraw().as_bytes());
+                    let _ = err.flush();
                 }
-                server::Notification::Evaluated {
-                    study,
-                    model_round,
-                    summary,
-                    ..
-                } if progress => {
-                    eprintln!(
-                        "{}",
-                        fedpriv_coordinator::progress::evaluation_line(
-                            &study,
-                            model_round,
-                            &summary
-                        )
-                    );
-                }
-                _ => {}
             };
             loop {
                 tokio::select! {
