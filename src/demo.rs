@@ -277,6 +277,9 @@ pub enum NoisePlan {
     /// record unit, at the sampling rate of the smallest site (the largest q = B / n_site);
     /// for the site unit, through the study's `target_epsilon`.
     Calibrated,
+    /// The study gives `target_epsilon` and the coordinator chooses sigma from the sites'
+    /// declared sizes (the smallest decides) before any round.
+    ByCoordinator,
 }
 
 /// What to run.
@@ -542,7 +545,7 @@ pub fn split(opts: &DemoOptions) -> DemoResult<Split> {
 pub fn noise_multiplier(opts: &DemoOptions, shards: &[Dataset]) -> DemoResult<Option<f64>> {
     match (opts.noise, opts.unit.as_str()) {
         (NoisePlan::Fixed(sigma), _) => Ok(Some(sigma)),
-        (NoisePlan::Calibrated, "site") => Ok(None),
+        (NoisePlan::Calibrated, "site") | (NoisePlan::ByCoordinator, _) => Ok(None),
         (NoisePlan::Calibrated, _) => {
             let smallest = shards.iter().map(|d| d.n).min().unwrap_or(0);
             if smallest == 0 {
@@ -972,12 +975,19 @@ pub async fn run(
     coord.stop().await?;
     let final_accuracy = rounds.last().map(|r| r.accuracy).unwrap_or(f64::NAN);
     let final_rmse = rounds.last().and_then(|r| r.rmse);
+    // The sigma the study ran with, as stored (the coordinator may have calibrated it).
+    let noise_multiplier =
+        fedpriv_coordinator::store::Store::open_read_only(fed.state_dir.join("coordinator.db"))
+            .ok()
+            .and_then(|st| st.study(fed.study_id()).ok().flatten())
+            .and_then(|row| StudyConfig::from_toml(&row.config_toml).ok())
+            .map_or(fed.noise_multiplier, |c| c.privacy.noise_multiplier.get());
     Ok(DemoReport {
         rounds,
         end_reason,
         final_accuracy,
         final_rmse,
-        noise_multiplier: fed.noise_multiplier,
+        noise_multiplier,
         state_dir: fed.state_dir.clone(),
         site_state_dirs: fed.site_state_dirs(),
         study_id: fed.study_id().to_string(),

@@ -378,3 +378,61 @@ async fn sites_evaluate_on_held_out_records_and_both_ledgers_carry_it() {
     assert!(text.contains("DP evaluations"), "{text}");
     assert_eq!(v["evaluations"].as_array().map(Vec::len), Some(2), "{v}");
 }
+
+/// `target_epsilon` for a record study, end to end: the coordinator waits for every site's
+/// declared size, chooses sigma at the smallest site's sampling rate so the planned rounds
+/// fit the target, stores and audits the choice, announces the terms again, and only then
+/// charges anyone; every charge is at that sigma and the smallest site ends at the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_calibrates_a_record_study_from_the_sites_declared_sizes() {
+    use fedpriv::demo::NoisePlan;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = DemoOptions {
+        rounds: 3,
+        epsilon: 3.0,
+        non_iid: true,
+        noise: NoisePlan::ByCoordinator,
+        ..DemoOptions::default()
+    };
+    let report = demo::run(dir.path(), &opts, |_| {})
+        .await
+        .expect("demo runs");
+    assert!(
+        report.end_reason.contains("all 3 planned rounds"),
+        "{}",
+        report.end_reason
+    );
+    let store = Store::open(report.state_dir.join("coordinator.db")).expect("store");
+    let row = store.study(&report.study_id).expect("read").expect("study");
+    assert!(
+        row.config_toml.contains("noise_multiplier"),
+        "{}",
+        row.config_toml
+    );
+    assert!(
+        !row.config_toml.contains("target_epsilon"),
+        "{}",
+        row.config_toml
+    );
+    let cfg = StudyConfig::from_toml(&row.config_toml).expect("config");
+    let sigma = cfg.privacy.noise_multiplier;
+    assert_eq!(sigma.get(), report.noise_multiplier);
+    let spent = store.spent_by_site(&report.study_id).expect("ledger");
+    let delta = Delta::new(opts.delta).expect("delta");
+    let mut worst = 0.0f64;
+    for events in spent.values() {
+        assert_eq!(events.len(), 3);
+        assert!(events.iter().all(|e| e.sigma == sigma), "{events:?}");
+        worst = worst.max(accountant::epsilon(cfg.privacy.accountant, events, delta).expect("eps"));
+    }
+    // The smallest site spends the target, to the calibration's tolerance, and no more.
+    assert!(worst <= 3.0 + 1e-9 && worst > 2.8, "{worst}");
+    // The choice and its reason are on the audit record.
+    let log = std::fs::read_to_string(report.state_dir.join("audit.log")).expect("audit log");
+    let calibrated = log
+        .lines()
+        .filter(|l| l.contains("study_changed") && l.contains("privacy.noise_multiplier"))
+        .count();
+    assert_eq!(calibrated, 1, "{log}");
+    assert!(log.contains("the smallest"));
+}

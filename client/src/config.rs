@@ -624,7 +624,14 @@ pub fn pinned_terms_toml(
         let _ = writeln!(t, "fills = {{ {} }}", fills.join(", "));
     }
     let _ = writeln!(t, "clip_norm = {:?}", p.clip_norm.get());
-    let _ = writeln!(t, "min_noise_multiplier = {:?}", p.noise_multiplier.get());
+    // A study whose sigma the coordinator will calibrate from the sites' sizes: the least
+    // it can choose is what meets the target at this site's own rate (the smallest site's
+    // rate, which decides, is at least this one's).
+    let least = p
+        .calibrate_to
+        .and_then(|target| study.calibrated_sigma(target, declared_records).ok())
+        .map_or(p.noise_multiplier.get(), |s| s.get());
+    let _ = writeln!(t, "min_noise_multiplier = {least:?}");
     if let LocalPlan::DpSgd {
         steps,
         expected_batch,

@@ -377,19 +377,35 @@ pub fn apply_changes(
         t.insert(name.to_string(), new);
     }
     // Pin calibrated noise: re-parsing with other rounds must not re-calibrate it.
-    if let Some(toml::Value::Table(p)) = table.get_mut("privacy") {
-        if p.remove("target_epsilon").is_some() {
-            p.insert(
-                "noise_multiplier".into(),
-                toml::Value::Float(old.privacy.noise_multiplier.get()),
-            );
-        }
-    }
+    pin_noise(&mut table, old.privacy.noise_multiplier.get());
     let text = toml::to_string(&table)
         .map_err(|e| ChangeError::Invalid(format!("cannot write the changed study: {e}")))?;
     let new = StudyConfig::from_toml(&text).map_err(|e| ChangeError::Invalid(e.to_string()))?;
     check_change(&old, &new)?;
     Ok((text, new))
+}
+
+/// Replaces a study's `target_epsilon` by the `noise_multiplier` it was calibrated to.
+fn pin_noise(table: &mut toml::Table, sigma: f64) {
+    if let Some(toml::Value::Table(p)) = table.get_mut("privacy") {
+        if p.remove("target_epsilon").is_some() {
+            p.insert("noise_multiplier".into(), toml::Value::Float(sigma));
+        }
+    }
+}
+
+/// A record study's TOML once the coordinator has chosen its sigma from the sites' declared
+/// sizes: `target_epsilon` replaced by `noise_multiplier = sigma`, and the result validated
+/// (it must parse to the same study with that sigma and nothing left to calibrate).
+pub fn calibrated_study(stored: &str, sigma: f64) -> Result<(String, StudyConfig), String> {
+    let mut table: toml::Table = toml::from_str(stored).map_err(|e| e.to_string())?;
+    pin_noise(&mut table, sigma);
+    let text = toml::to_string(&table).map_err(|e| e.to_string())?;
+    let cfg = StudyConfig::from_toml(&text).map_err(|e| e.to_string())?;
+    if cfg.privacy.calibrate_to.is_some() || cfg.privacy.noise_multiplier.get() != sigma {
+        return Err("the stored study has no target_epsilon to calibrate".into());
+    }
+    Ok((text, cfg))
 }
 
 /// Checks that `new` differs from `old` only in what may change at runtime, in the allowed

@@ -374,6 +374,12 @@ pub struct PrivacyPlan {
     pub epsilon: Epsilon,
     pub delta: Delta,
     pub accountant: AccountantKind,
+    /// Record unit with `target_epsilon`: the coordinator has yet to choose sigma from the
+    /// sites' declared record counts (the smallest site decides). Until it does,
+    /// `noise_multiplier` holds the sigma that fits the target even at q = 1 (more noise than
+    /// any site will need), and no round starts.
+    #[serde(default)]
+    pub calibrate_to: Option<Epsilon>,
 }
 
 /// The data contract every site must meet.
@@ -800,6 +806,7 @@ impl StudyConfig {
             }
         };
 
+        let mut calibrate_to = None;
         let noise_multiplier = match (p.noise_multiplier, p.target_epsilon) {
             (Some(n), None) => {
                 NoiseMultiplier::new(n).map_err(|e| field("privacy.noise_multiplier", e))?
@@ -813,27 +820,32 @@ impl StudyConfig {
                         "cannot exceed the study budget privacy.epsilon",
                     ));
                 }
-                if p.unit == PrivacyUnit::Record {
-                    return Err(field(
-                        "privacy.target_epsilon",
-                        "the record unit's sampling rate depends on each site's size; give noise_multiplier (plan it with `fedpriv-coordinator budget noise`)",
-                    ));
-                }
-                let scale = if placement == Placement::Local {
-                    2.0
+                if let LocalPlan::DpSgd { steps, .. } = &local {
+                    // Calibrated by the coordinator once the sites have declared their
+                    // sizes; until then the sigma that fits at q = 1, every site's bound.
+                    let total = steps.saturating_mul(s.rounds);
+                    let q1 = SampleRate::new(1.0).map_err(|e| field("privacy", e))?;
+                    let upper = accountant::calibrate_noise(accountant, q1, total, target, delta)
+                        .map_err(|e| field("privacy.target_epsilon", e))?;
+                    calibrate_to = Some(target);
+                    upper
                 } else {
-                    1.0
-                };
-                let effective = accountant::calibrate_noise(
-                    accountant,
-                    site_sample_rate,
-                    s.rounds,
-                    target,
-                    delta,
-                )
-                .map_err(|e| field("privacy.target_epsilon", e))?;
-                NoiseMultiplier::new(effective.get() * scale)
-                    .map_err(|e| field("privacy.target_epsilon", e))?
+                    let scale = if placement == Placement::Local {
+                        2.0
+                    } else {
+                        1.0
+                    };
+                    let effective = accountant::calibrate_noise(
+                        accountant,
+                        site_sample_rate,
+                        s.rounds,
+                        target,
+                        delta,
+                    )
+                    .map_err(|e| field("privacy.target_epsilon", e))?;
+                    NoiseMultiplier::new(effective.get() * scale)
+                        .map_err(|e| field("privacy.target_epsilon", e))?
+                }
             }
             _ => {
                 return Err(field(
@@ -901,6 +913,7 @@ impl StudyConfig {
                 epsilon,
                 delta,
                 accountant,
+                calibrate_to,
             },
             enrolled: enrolled.into_iter().collect(),
             release: ReleasePolicy {
@@ -1058,6 +1071,42 @@ pub fn expand_features(features: &[String]) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+impl StudyConfig {
+    /// A record study with `target_epsilon`: the sigma with which every planned round
+    /// (`rounds` x `local_steps` DP-SGD steps) fits the target at q = expected batch /
+    /// `records`. The coordinator calls it with the smallest declared site (whose q is the
+    /// largest); a site with its own count gets the least sigma it can be asked for.
+    pub fn calibrated_sigma(
+        &self,
+        target: Epsilon,
+        records: u64,
+    ) -> Result<NoiseMultiplier, String> {
+        let LocalPlan::DpSgd {
+            steps,
+            expected_batch,
+            ..
+        } = &self.local
+        else {
+            return Err("only the record unit's noise is calibrated from the sites' sizes".into());
+        };
+        if (records as f64) < *expected_batch {
+            return Err(format!(
+                "{records} records are fewer than the expected batch {expected_batch}"
+            ));
+        }
+        let q = SampleRate::new(expected_batch / records as f64).map_err(|e| e.to_string())?;
+        let p = &self.privacy;
+        accountant::calibrate_noise(
+            p.accountant,
+            q,
+            steps.saturating_mul(self.rounds),
+            target,
+            p.delta,
+        )
+        .map_err(|e| e.to_string())
+    }
 }
 
 impl PrivacyPlan {

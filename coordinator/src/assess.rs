@@ -212,6 +212,27 @@ fn epsilon_after(cfg: &StudyConfig, event: SgmEvent, rounds: u64) -> Result<f64,
 
 /// Assesses `cfg` for sites declaring `records`.
 pub fn assess(cfg: &StudyConfig, records: &[SiteRecords]) -> Result<Assessment, AssessError> {
+    // A record study with `target_epsilon`: assessed at the sigma the coordinator would
+    // choose from these declared sizes (the smallest site that can take part decides).
+    let calibrated;
+    let cfg = match cfg.privacy.calibrate_to {
+        Some(target) => {
+            let smallest = records
+                .iter()
+                .map(|s| s.records)
+                .filter(|n| cfg.privacy.delta.get() * (*n as f64) < 1.0)
+                .filter_map(|n| cfg.calibrated_sigma(target, n).ok().map(|s| (n, s)))
+                .min_by_key(|(n, _)| *n);
+            let mut c = cfg.clone();
+            if let Some((_, sigma)) = smallest {
+                c.privacy.noise_multiplier = sigma;
+                c.privacy.calibrate_to = None;
+            }
+            calibrated = c;
+            &calibrated
+        }
+        None => cfg,
+    };
     let p = &cfg.privacy;
     let mut sites = Vec::new();
     for (i, s) in records.iter().enumerate() {

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedpriv_common::admin::AdminResponse;
 use fedpriv_common::audit::details::{
-    BudgetSpent, ModelEvaluated, RoundFinished, RoundOutcome, RoundStarted, StudyStopped,
-    UpdateRejected,
+    BudgetSpent, ModelEvaluated, RoundFinished, RoundOutcome, RoundStarted, StudyChanged,
+    StudyStopped, UpdateRejected,
 };
 use fedpriv_common::dp::noise::NoiseSource;
 use fedpriv_common::protocol::{CoordinatorMessage, PROTOCOL_VERSION};
@@ -501,6 +501,50 @@ impl<S: StateStore> Ctx<S> {
                 reason,
             } => {
                 tracing::info!(%study, round, %site, reason = reason.as_str(), "site declined the round")
+            }
+            Action::Calibrated {
+                config,
+                worst_site,
+                records,
+                q,
+                steps,
+                target,
+            } => {
+                let sigma = config.privacy.noise_multiplier.get();
+                let stored = self
+                    .store
+                    .study(study)?
+                    .ok_or_else(|| StoreError::NotFound(format!("study {study:?}")))?
+                    .config_toml;
+                let (text, checked) = fedpriv_common::admin::calibrated_study(&stored, sigma)
+                    .map_err(|e| StoreError::Invalid(format!("calibrating {study}: {e}")))?;
+                if checked != *config {
+                    return Err(StoreError::Invalid(format!(
+                        "calibrating {study}: the stored study does not match the running one"
+                    ))
+                    .into());
+                }
+                // On record before the new terms go out: the chosen sigma and why.
+                self.record(&StudyChanged {
+                    study: study.to_string(),
+                    by: COORDINATOR.to_string(),
+                    changes: vec![
+                        ("privacy.noise_multiplier".into(), sigma.to_string()),
+                        (
+                            "why".into(),
+                            format!("target epsilon {target} over {steps} DP-SGD steps at q = {q} (site {worst_site}, {records} declared records, the smallest)"),
+                        ),
+                    ],
+                    sha256: fedpriv_common::digest::sha256_hex(text.as_bytes()),
+                })?;
+                self.store.set_study_config(study, &text)?;
+                tracing::info!(%study, sigma, target, q, %worst_site, records, steps, "noise calibrated from the sites' declared sizes; terms announced again");
+                let ann = meta.reannounce(&config).clone();
+                let enrolled = config.enrolled.clone();
+                self.broadcast(
+                    &enrolled,
+                    &CoordinatorMessage::StudyAnnounced(Box::new(ann)),
+                );
             }
             Action::EvaluationRejected {
                 site,

@@ -69,6 +69,15 @@ impl StudyMeta {
         }
     }
 
+    /// The study's terms as announced from now on (its sigma was calibrated).
+    pub(crate) fn reannounce(
+        &mut self,
+        cfg: &fedpriv_common::config::StudyConfig,
+    ) -> &StudyAnnouncement {
+        self.announcement = StudyAnnouncement::for_study(cfg, &self.announcement.instance);
+        &self.announcement
+    }
+
     /// Every task of a round leaves in one batch; holding its body longer would keep the
     /// old model alive when the round closes and force a copy of it.
     pub(crate) fn drop_task_body(&mut self) {

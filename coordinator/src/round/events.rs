@@ -130,6 +130,19 @@ pub enum Action {
         sum: Vec<f64>,
         summary: fedpriv_common::evaluation::EvalSummary,
     },
+    /// A record study's sigma was chosen from the sites' declared sizes (`target_epsilon`):
+    /// store `config` as the study's, record why, and announce its terms again. No site was
+    /// charged before this, and none is taken as ready until it accepts the new terms.
+    Calibrated {
+        config: Arc<StudyConfig>,
+        /// The smallest site, whose sampling rate `q` set the noise, and its declared count.
+        worst_site: String,
+        records: u64,
+        q: f64,
+        /// DP-SGD steps over all planned rounds.
+        steps: u64,
+        target: f64,
+    },
     /// The round ended without a model (too few updates); its spend stands.
     RoundAborted { round: u64, reason: String },
     /// The study is over; tell the sites.

@@ -303,6 +303,8 @@ impl World {
             // Answered from the spools by `drive` before it got here.
             Action::Unfold { .. } => {}
             Action::SiteDeclined { .. } | Action::SiteExcluded { .. } => {}
+            // The noise is chosen before anyone is charged.
+            Action::Calibrated { .. } => assert!(self.committed.is_empty()),
             Action::EvaluationRejected { site, round, .. } => {
                 self.eval_rejected.push((site, round));
             }
@@ -1002,4 +1004,90 @@ fn a_study_without_evaluation_refuses_vectors() {
             .any(|a| matches!(a, Action::EvaluationRejected { site, .. } if site == "s1")),
         "{out:?}"
     );
+}
+
+/// A record study with `target_epsilon`: the engine charges nobody until every enrolled
+/// site has declared its size, then chooses sigma at the smallest site's rate, announces it
+/// (the action), takes no site as ready until it accepts the new terms, and then every
+/// charge uses the calibrated sigma, the planned rounds fitting the target.
+#[test]
+fn a_target_epsilon_is_calibrated_from_the_smallest_declared_site_before_any_charge() {
+    let toml = StudyBuilder::new("cal")
+        .rounds(4)
+        .min_sites(2)
+        .round_timeout_secs(10)
+        .record_unit(5, 10.0)
+        .noise(1.0, 6.0)
+        .enrolled(["s1", "s2", "s3"])
+        .toml()
+        .replace("noise_multiplier = 1.0", "target_epsilon = 3.0");
+    let cfg = Arc::new(StudyConfig::from_toml(&toml).unwrap());
+    let upper = cfg.privacy.noise_multiplier.get();
+    assert!(cfg.privacy.calibrate_to.is_some());
+    let mut eng = engine(cfg);
+    let mut noise = NoiseSource::insecure_from_seed(1);
+    let mut all = Vec::new();
+    for (i, (site, n)) in [("s1", 400u64), ("s2", 100), ("s3", 250)]
+        .into_iter()
+        .enumerate()
+    {
+        let out = eng.handle(
+            Input::SiteReady {
+                site: site.into(),
+                records: n,
+            },
+            i as u64,
+            &mut noise,
+        );
+        // Nobody is charged, and nothing is chosen before the last site declares.
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::RecordSpend { .. })),
+            "{out:?}"
+        );
+        if i < 2 {
+            assert!(out.is_empty(), "{out:?}");
+        }
+        all.extend(out);
+    }
+    let Some(Action::Calibrated {
+        config,
+        worst_site,
+        records,
+        q,
+        steps,
+        ..
+    }) = all.pop()
+    else {
+        panic!("no calibration: {all:?}");
+    };
+    assert_eq!((worst_site.as_str(), records, steps), ("s2", 100, 20));
+    assert!((q - 0.1).abs() < 1e-12);
+    let sigma = config.privacy.noise_multiplier;
+    assert!(
+        sigma.get() < upper,
+        "{sigma} is not below the q = 1 bound {upper}"
+    );
+    assert!(config.privacy.calibrate_to.is_none());
+    // Exactly the target over the planned steps at the smallest site's q (to the search's
+    // tolerance), and more than it with a little less noise.
+    let p = &config.privacy;
+    let ev = |s: f64| SgmEvent::new(0.1, s, 20).unwrap();
+    let at = accountant::epsilon(p.accountant, &[ev(sigma.get())], p.delta).unwrap();
+    assert!(at <= 3.0 && at > 2.9, "{at}");
+    let less = accountant::epsilon(p.accountant, &[ev(sigma.get() * 0.97)], p.delta).unwrap();
+    assert!(less > 3.0, "{less}");
+
+    // Sites must say yes to the new terms: a tick alone starts nothing.
+    let out = eng.handle(Input::Tick, 5000, &mut noise);
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::RecordSpend { .. })),
+        "{out:?}"
+    );
+    let mut w = World::new(5);
+    w.run(&mut eng, &|_, _| Behaviour::Honest, &["s1", "s2", "s3"]);
+    assert!(w.ended.clone().unwrap().contains("all 4 planned rounds"));
+    assert!(!w.committed.is_empty());
+    for ((site, _), e) in &w.committed {
+        assert_eq!(e.sigma, sigma, "{site} charged at another sigma");
+    }
 }
