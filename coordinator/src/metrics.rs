@@ -5,6 +5,16 @@
 //! picks up a service's figures without opening a port), replaced atomically every few
 //! seconds and at shutdown. They hold counts and names only: never a value of an update.
 //!
+//! Beside the counters, per study: the epsilon spent (the worst site's, at the study's
+//! delta, as `ledger show` reports it), the budget and what is left of it, each site's
+//! epsilon, and a histogram of round durations. The epsilons come from the ledger's
+//! mechanism parameters through the study's accountant (composed, never added up): once
+//! per study at start, then per round from the figure the round engine computed when the
+//! spend was recorded (nothing is recomputed per scrape). A study with central placement
+//! shows no per-site figure: its guarantee is one for the study, and which sites paid for
+//! which rounds stays out of monitoring (`ledger show`, access-controlled and audited,
+//! still lists them).
+//!
 //! An alert is a warning in the log, a counter (`fedpriv_alerts_total{kind=...}`) and an
 //! audit record: repeated refusals from one address or identity, a site whose updates do
 //! not fit its clip norm and noise, a study close to its budget.
@@ -14,6 +24,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use fedpriv_common::audit::details::Alert;
+use fedpriv_common::config::{Placement, PrivacyUnit, StudyConfig};
+use fedpriv_common::exposition::escape_label;
 
 use crate::audit::{AuditHandle, COORDINATOR};
 
@@ -28,6 +40,25 @@ pub const ROUNDS_COMPLETED: &str = "fedpriv_rounds_completed_total";
 pub const ROUNDS_ABORTED: &str = "fedpriv_rounds_aborted_total";
 pub const ALERTS: &str = "fedpriv_alerts_total";
 pub const AUDIT_SUPPRESSED: &str = "fedpriv_audit_records_suppressed_total";
+
+/// Gauge and histogram names.
+pub const STUDY_EPSILON_SPENT: &str = "fedpriv_study_epsilon_spent";
+pub const STUDY_EPSILON_BUDGET: &str = "fedpriv_study_epsilon_budget";
+pub const STUDY_EPSILON_LEFT: &str = "fedpriv_study_epsilon_left";
+pub const STUDY_SITE_EPSILON_SPENT: &str = "fedpriv_study_site_epsilon_spent";
+pub const ROUND_DURATION: &str = "fedpriv_round_duration_seconds";
+
+/// Upper bounds (seconds) of the round-duration buckets: a round takes from about a second
+/// (small models on fast sites) to its timeout (minutes), and `+Inf` beyond.
+pub const ROUND_DURATION_BUCKETS: [f64; 12] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// How a round ended, the label of its duration.
+pub mod outcome {
+    pub const COMPLETED: &str = "completed";
+    pub const ABORTED: &str = "aborted";
+}
 
 fn help(name: &str) -> &'static str {
     match name {
@@ -57,10 +88,52 @@ pub mod alert {
 
 type Key = (&'static str, Vec<(&'static str, String)>);
 
-/// Shared counters. Cheap to clone.
+/// Whether a study's metrics leave out per-site figures: central placement (the guarantee
+/// is the study's; see the module documentation).
+pub fn hides_sites(cfg: &StudyConfig) -> bool {
+    cfg.privacy.unit == PrivacyUnit::Site && cfg.privacy.placement == Placement::Central
+}
+
+/// One study's privacy figures.
+#[derive(Debug, Clone, Default)]
+struct StudyPrivacy {
+    budget: f64,
+    hide_sites: bool,
+    /// Each site's epsilon at the study's delta (0 before its first spend).
+    sites: BTreeMap<String, f64>,
+}
+
+impl StudyPrivacy {
+    /// The study's epsilon: the worst site's (sites hold disjoint data).
+    fn spent(&self) -> f64 {
+        self.sites.values().copied().fold(0.0, f64::max)
+    }
+}
+
+/// Round durations of one study and outcome: per bucket (not cumulative), sum, count.
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    buckets: [u64; ROUND_DURATION_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        if let Some(i) = ROUND_DURATION_BUCKETS.iter().position(|b| v <= *b) {
+            self.buckets[i] += 1;
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+/// Shared counters, gauges and histograms. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Metrics {
     counters: Arc<Mutex<BTreeMap<Key, u64>>>,
+    privacy: Arc<Mutex<BTreeMap<String, StudyPrivacy>>>,
+    rounds: Arc<Mutex<BTreeMap<(String, &'static str), Histogram>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,8 +178,135 @@ impl Metrics {
             .map_or(0, |(_, v)| *v)
     }
 
-    /// The counters in the Prometheus text exposition format.
+    /// A study's budget and whether its per-site figures are hidden (at start, and when an
+    /// operator creates or changes it), with `sites` (each enrolled site's epsilon so far)
+    /// when known; sites already known keep their figures.
+    pub fn set_study(&self, cfg: &StudyConfig, sites: BTreeMap<String, f64>) {
+        if let Ok(mut p) = self.privacy.lock() {
+            let st = p.entry(cfg.id.clone()).or_default();
+            st.budget = cfg.privacy.epsilon.get();
+            st.hide_sites = hides_sites(cfg);
+            for site in &cfg.enrolled {
+                st.sites.entry(site.clone()).or_insert(0.0);
+            }
+            st.sites.extend(sites);
+        }
+    }
+
+    /// A site's epsilon in a study after a recorded spend (the accountant's figure over
+    /// every spend of the site, as the ledger stores it).
+    pub fn set_site_epsilon(&self, study: &str, site: &str, epsilon: f64) {
+        if let Ok(mut p) = self.privacy.lock() {
+            p.entry(study.to_string())
+                .or_default()
+                .sites
+                .insert(site.to_string(), epsilon);
+        }
+    }
+
+    /// The study's epsilon spent (the worst site's), if the study is known.
+    pub fn study_epsilon(&self, study: &str) -> Option<f64> {
+        let p = self.privacy.lock().ok()?;
+        p.get(study).map(StudyPrivacy::spent)
+    }
+
+    /// One round's duration, from its spend being recorded to its model or its abort.
+    pub fn observe_round(&self, study: &str, outcome: &'static str, seconds: f64) {
+        if let Ok(mut r) = self.rounds.lock() {
+            r.entry((study.to_string(), outcome))
+                .or_default()
+                .observe(seconds);
+        }
+    }
+
+    /// Everything in the Prometheus text exposition format: counters, then the privacy
+    /// gauges, then the round-duration histogram.
     pub fn render(&self) -> String {
+        let mut out = self.render_counters();
+        self.render_privacy(&mut out);
+        self.render_rounds(&mut out);
+        out
+    }
+
+    fn render_privacy(&self, out: &mut String) {
+        let Ok(p) = self.privacy.lock() else {
+            return;
+        };
+        if p.is_empty() {
+            return;
+        }
+        let study = |id: &str| format!("study=\"{}\"", escape_label(id));
+        let mut family = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for (labels, v) in samples {
+                out.push_str(&format!("{name}{{{labels}}} {v}\n"));
+            }
+        };
+        family(
+            STUDY_EPSILON_SPENT,
+            "epsilon a study has spent at its delta (the worst site's, by the study's accountant)",
+            p.iter().map(|(id, s)| (study(id), s.spent())).collect(),
+        );
+        family(
+            STUDY_EPSILON_BUDGET,
+            "a study's epsilon budget",
+            p.iter().map(|(id, s)| (study(id), s.budget)).collect(),
+        );
+        family(
+            STUDY_EPSILON_LEFT,
+            "a study's epsilon budget less the epsilon spent (not a count of rounds: epsilons compose, they do not add)",
+            p.iter()
+                .map(|(id, s)| (study(id), (s.budget - s.spent()).max(0.0)))
+                .collect(),
+        );
+        family(
+            STUDY_SITE_EPSILON_SPENT,
+            "epsilon a site has spent in a study at its delta (not shown for central placement)",
+            p.iter()
+                .filter(|(_, s)| !s.hide_sites)
+                .flat_map(|(id, s)| {
+                    s.sites.iter().map(move |(site, v)| {
+                        (
+                            format!("{},site=\"{}\"", study(id), escape_label(site)),
+                            *v,
+                        )
+                    })
+                })
+                .collect(),
+        );
+    }
+
+    fn render_rounds(&self, out: &mut String) {
+        let Ok(r) = self.rounds.lock() else {
+            return;
+        };
+        if r.is_empty() {
+            return;
+        }
+        let name = ROUND_DURATION;
+        out.push_str(&format!(
+            "# HELP {name} seconds from a round's spend being recorded to its model (completed) or its abort\n# TYPE {name} histogram\n"
+        ));
+        for ((study, outcome), h) in r.iter() {
+            let labels = format!("study=\"{}\",outcome=\"{outcome}\"", escape_label(study));
+            let mut cumulative = 0;
+            for (bound, n) in ROUND_DURATION_BUCKETS.iter().zip(h.buckets) {
+                cumulative += n;
+                out.push_str(&format!(
+                    "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}\n"
+                ));
+            }
+            out.push_str(&format!(
+                "{name}_bucket{{{labels},le=\"+Inf\"}} {}\n",
+                h.count
+            ));
+            out.push_str(&format!("{name}_sum{{{labels}}} {}\n", h.sum));
+            out.push_str(&format!("{name}_count{{{labels}}} {}\n", h.count));
+        }
+    }
+
+    /// The counters in the Prometheus text exposition format.
+    fn render_counters(&self) -> String {
         let Ok(c) = self.counters.lock() else {
             return String::new();
         };
@@ -124,9 +324,7 @@ impl Metrics {
             if !labels.is_empty() {
                 let l: Vec<String> = labels
                     .iter()
-                    .map(|(k, v)| {
-                        format!("{k}=\"{}\"", fedpriv_common::exposition::escape_label(v))
-                    })
+                    .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
                     .collect();
                 out.push_str(&format!("{{{}}}", l.join(",")));
             }
@@ -398,6 +596,74 @@ mod tests {
         assert!(text.contains("fedpriv_update_bytes_total{study=\"s\\\"1\"} 40\n"));
         assert_eq!(m.get(ALERTS, &[("kind", "norm_anomaly")]), 2);
         assert_eq!(m.get(ALERTS, &[("kind", "other")]), 0);
+    }
+
+    fn study(id: &str, placement: &str, epsilon: f64) -> StudyConfig {
+        fedpriv_common::test_util::StudyBuilder::new(id)
+            .placement(placement)
+            .epsilon(epsilon)
+            .enrolled(["a", "b"])
+            .config()
+            .unwrap()
+    }
+
+    #[test]
+    fn privacy_gauges_show_the_worst_site_the_budget_left_and_per_site_unless_central() {
+        let m = Metrics::new();
+        m.set_study(&study("local", "local", 3.0), BTreeMap::new());
+        m.set_site_epsilon("local", "a", 0.5);
+        m.set_site_epsilon("local", "b", 1.25);
+        m.set_study(
+            &study("cen", "central", 2.0),
+            [("a".to_string(), 0.75)].into_iter().collect(),
+        );
+        let text = m.render();
+        assert!(text.contains("# TYPE fedpriv_study_epsilon_spent gauge\n"));
+        assert!(text.contains("fedpriv_study_epsilon_spent{study=\"local\"} 1.25\n"));
+        assert!(text.contains("fedpriv_study_epsilon_budget{study=\"local\"} 3\n"));
+        assert!(text.contains("fedpriv_study_epsilon_left{study=\"local\"} 1.75\n"));
+        assert!(text.contains("fedpriv_study_site_epsilon_spent{study=\"local\",site=\"a\"} 0.5\n"));
+        // Central: the study's figures, no site's.
+        assert!(text.contains("fedpriv_study_epsilon_spent{study=\"cen\"} 0.75\n"));
+        assert!(text.contains("fedpriv_study_epsilon_left{study=\"cen\"} 1.25\n"));
+        assert!(!text.contains("site_epsilon_spent{study=\"cen"), "{text}");
+        assert_eq!(m.study_epsilon("local"), Some(1.25));
+        // A lowered budget: what is left never goes below 0.
+        m.set_study(&study("local", "local", 1.0), BTreeMap::new());
+        assert!(m
+            .render()
+            .contains("fedpriv_study_epsilon_left{study=\"local\"} 0\n"));
+        assert_eq!(m.study_epsilon("local"), Some(1.25), "sites kept");
+    }
+
+    #[test]
+    fn round_durations_render_as_a_cumulative_histogram() {
+        let m = Metrics::new();
+        assert!(!m.render().contains(ROUND_DURATION), "nothing before a round");
+        for s in [0.2, 3.0, 3.0, 7200.0] {
+            m.observe_round("s", outcome::COMPLETED, s);
+        }
+        m.observe_round("s", outcome::ABORTED, 120.0);
+        let text = m.render();
+        assert_eq!(
+            text.matches("# TYPE fedpriv_round_duration_seconds histogram\n")
+                .count(),
+            1
+        );
+        let l = "study=\"s\",outcome=\"completed\"";
+        for (le, n) in [("0.5", 1), ("2.5", 1), ("5", 3), ("3600", 3), ("+Inf", 4)] {
+            let line = format!("fedpriv_round_duration_seconds_bucket{{{l},le=\"{le}\"}} {n}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains(&format!("fedpriv_round_duration_seconds_sum{{{l}}} 7206.2\n")));
+        assert!(text.contains(&format!("fedpriv_round_duration_seconds_count{{{l}}} 4\n")));
+        let a = "study=\"s\",outcome=\"aborted\"";
+        assert!(text.contains(&format!(
+            "fedpriv_round_duration_seconds_bucket{{{a},le=\"60\"}} 0\n"
+        )));
+        assert!(text.contains(&format!(
+            "fedpriv_round_duration_seconds_bucket{{{a},le=\"120\"}} 1\n"
+        )));
     }
 
     #[test]

@@ -112,6 +112,9 @@ struct Ctx<S> {
     sites: HashMap<String, (u64, SiteTx)>,
     /// Studies whose near-budget alert has fired.
     budget_alerted: HashSet<String>,
+    /// When each round in progress had its spend recorded (owner clock, ms): the start of
+    /// its duration in the metrics. A round resumed after a restart has none.
+    round_opened: HashMap<(String, u64), u64>,
     exit_when_done: bool,
     /// A failure that ends the run: the ledger or the audit log cannot be written.
     fatal: Option<ServerError>,
@@ -142,6 +145,7 @@ impl<S: StateStore> Owner<S> {
                 metrics,
                 sites: HashMap::new(),
                 budget_alerted: HashSet::new(),
+                round_opened: HashMap::new(),
                 exit_when_done,
                 fatal: None,
                 effects: Vec::new(),
@@ -164,6 +168,7 @@ impl<S: StateStore> Owner<S> {
     /// The first step: publishes the directory and lets every study decide what it can
     /// without an event (a resumed study whose rounds are all done ends now).
     pub fn start(&mut self, now: Now) -> Vec<Effect> {
+        self.ctx.load_privacy_metrics();
         self.ctx
             .effects
             .push(Effect::Publish(self.studies.directory()));
@@ -215,6 +220,12 @@ impl<S: StateStore> Owner<S> {
                 );
                 // A new or changed study may have something to decide at once.
                 if let Some(study) = touched {
+                    // Its budget in the metrics (created, or lowered by a change).
+                    if let Some(rt) = self.studies.get(&study) {
+                        self.ctx
+                            .metrics
+                            .set_study(rt.engine().config(), Default::default());
+                    }
                     self.feed(&study, Input::Tick, now);
                 }
             }
@@ -319,6 +330,47 @@ impl<S: StateStore> Owner<S> {
 }
 
 impl<S: StateStore> Ctx<S> {
+    /// Every study's privacy figures from the ledger, once at start: each site's epsilon by
+    /// the study's accountant over the site's recorded spends. A study whose figures cannot
+    /// be computed is left out of the metrics (and said so in the log); it still runs.
+    fn load_privacy_metrics(&self) {
+        let rows = match self.store.studies() {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the studies for the metrics");
+                return;
+            }
+        };
+        for row in rows {
+            let figures = fedpriv_common::config::StudyConfig::from_toml(&row.config_toml)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| {
+                    let sites = self.store.spent_by_site(&row.id).map_err(|e| e.to_string())?;
+                    let mut out = std::collections::BTreeMap::new();
+                    for (site, events) in sites {
+                        let eps = if events.is_empty() {
+                            0.0
+                        } else {
+                            fedpriv_common::dp::accountant::epsilon(
+                                cfg.privacy.accountant,
+                                &events,
+                                cfg.privacy.delta,
+                            )
+                            .map_err(|e| e.to_string())?
+                        };
+                        out.insert(site, eps);
+                    }
+                    Ok((cfg, out))
+                });
+            match figures {
+                Ok((cfg, sites)) => self.metrics.set_study(&cfg, sites),
+                Err(e) => {
+                    tracing::warn!(study = %row.id, error = %e, "no privacy metrics for this study")
+                }
+            }
+        }
+    }
+
     /// Queues `msg` for each of `study`'s enrolled sites that is connected.
     fn broadcast(&mut self, enrolled: &[String], msg: &CoordinatorMessage) {
         for site in enrolled {
@@ -341,6 +393,7 @@ impl<S: StateStore> Ctx<S> {
             .store
             .set_study_status(study, StudyStatus::Stopped, Some(&reason));
         engine.mark_ended(&reason);
+        self.round_opened.retain(|(s, _), _| s != study);
         let ended = CoordinatorMessage::StudyEnded {
             study: study.to_string(),
             reason,
@@ -356,6 +409,14 @@ impl<S: StateStore> Ctx<S> {
                     .get_or_insert(ServerError::Internal(e.to_string()));
             }
             ActError::Store(_) => {}
+        }
+    }
+
+    /// A round's duration into the metrics, if this process saw its spend recorded.
+    fn round_closed(&mut self, study: &str, round: u64, outcome: &'static str, now: Now) {
+        if let Some(opened) = self.round_opened.remove(&(study.to_string(), round)) {
+            let seconds = now.ms.saturating_sub(opened) as f64 / 1000.0;
+            self.metrics.observe_round(study, outcome, seconds);
         }
     }
 
@@ -389,6 +450,13 @@ impl<S: StateStore> Ctx<S> {
                     })
                     .collect();
                 self.store.record_charges(study, round, &rows, now.unix)?;
+                // A further call for the same round (a late site) keeps the first time.
+                self.round_opened
+                    .entry((study.to_string(), round))
+                    .or_insert(now.ms);
+                for e in &entries {
+                    metrics.set_site_epsilon(study, &e.site, e.epsilon_after);
+                }
                 // Both durable before `SpendCommitted` lets the round's tasks leave.
                 let delta = eng.config().privacy.delta.get();
                 for e in &entries {
@@ -677,6 +745,7 @@ impl<S: StateStore> Ctx<S> {
                     checkpoint::remove_older_optimizer_states(&self.state_dir, study, round);
                 }
                 metrics.inc(metrics::ROUNDS_COMPLETED, &[("study", study)]);
+                self.round_closed(study, round, metrics::outcome::COMPLETED, now);
                 let budget = eng.config().privacy.epsilon.get();
                 tracing::info!(%study, round, sites = contributors.len(), epsilon = format!("{epsilon:.4}"), budget, "round completed");
                 self.effects
@@ -698,6 +767,7 @@ impl<S: StateStore> Ctx<S> {
                     },
                 })?;
                 metrics.inc(metrics::ROUNDS_ABORTED, &[("study", study)]);
+                self.round_closed(study, round, metrics::outcome::ABORTED, now);
                 self.store.abort_round(study, round, &reason, now.unix)?;
                 tracing::warn!(%study, round, %reason, "round aborted");
                 self.effects
@@ -715,6 +785,7 @@ impl<S: StateStore> Ctx<S> {
                 })?;
                 self.store
                     .set_study_status(study, StudyStatus::Completed, Some(&reason))?;
+                self.round_opened.retain(|(s, _), _| s != study);
                 tracing::info!(%study, %reason, "study ended");
                 let ended = CoordinatorMessage::StudyEnded {
                     study: study.to_string(),
