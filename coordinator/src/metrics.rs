@@ -49,9 +49,10 @@ pub const STUDY_SITE_EPSILON_SPENT: &str = "fedpriv_study_site_epsilon_spent";
 pub const ROUND_DURATION: &str = "fedpriv_round_duration_seconds";
 
 /// Upper bounds (seconds) of the round-duration buckets: a round takes from about a second
-/// (small models on fast sites) to its timeout (minutes), and `+Inf` beyond.
-pub const ROUND_DURATION_BUCKETS: [f64; 12] = [
-    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+/// (small models on fast sites; a tenth of one on loopback) to its timeout (minutes), and
+/// `+Inf` beyond.
+pub const ROUND_DURATION_BUCKETS: [f64; 14] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
 
 /// How a round ended, the label of its duration.

@@ -133,7 +133,7 @@ impl<S: StateStore> Owner<S> {
         noise: NoiseSource,
         exit_when_done: bool,
     ) -> Self {
-        Self {
+        let owner = Self {
             studies,
             spools: Spools::default(),
             noise,
@@ -150,7 +150,10 @@ impl<S: StateStore> Owner<S> {
                 fatal: None,
                 effects: Vec::new(),
             },
-        }
+        };
+        // Before the endpoint is up: the first scrape sees the ledger's figures.
+        owner.ctx.load_privacy_metrics();
+        owner
     }
 
     pub fn studies(&self) -> &Studies {
@@ -168,7 +171,6 @@ impl<S: StateStore> Owner<S> {
     /// The first step: publishes the directory and lets every study decide what it can
     /// without an event (a resumed study whose rounds are all done ends now).
     pub fn start(&mut self, now: Now) -> Vec<Effect> {
-        self.ctx.load_privacy_metrics();
         self.ctx
             .effects
             .push(Effect::Publish(self.studies.directory()));
