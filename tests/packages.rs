@@ -383,6 +383,11 @@ fn debian_packages_hold_the_daemons_units_users_and_conffiles() {
              (.ci/run does this)"
         ),
     }
+    let ci = std::fs::read_to_string(repo().join(".ci/run")).expect(".ci/run");
+    assert!(
+        ci.contains(&format!("CARGO_DEB_VERSION={CARGO_DEB}\n")),
+        ".ci/run installs another cargo-deb than this test names"
+    );
     let profile_dir = profile_dir();
     let scratch = tempfile::tempdir().expect("tempdir");
     for exp in [&COORDINATOR, &CLIENT] {
