@@ -155,9 +155,13 @@ fn check_privacy(m: &BTreeMap<String, f64>, state: &Path, text: &str) {
         };
         assert!(close(get("fedpriv_study_epsilon_spent"), worst), "{study}");
         assert_eq!(get("fedpriv_study_epsilon_budget"), 6.0);
-        assert!(close(get("fedpriv_study_epsilon_left"), 6.0 - worst), "{study}");
+        assert!(
+            close(get("fedpriv_study_epsilon_left"), 6.0 - worst),
+            "{study}"
+        );
         for (site, e) in &eps {
-            let key = format!("fedpriv_study_site_epsilon_spent{{study=\"{study}\",site=\"{site}\"}}");
+            let key =
+                format!("fedpriv_study_site_epsilon_spent{{study=\"{study}\",site=\"{site}\"}}");
             match m.get(&key) {
                 Some(v) if per_site => assert!(close(*v, *e), "{key}: {v} vs ledger {e}"),
                 None if per_site => panic!("no {key} in\n{text}"),

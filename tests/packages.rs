@@ -36,7 +36,10 @@ const COORDINATOR: Expected = Expected {
     package: "fedpriv-coordinator",
     user: "fedpriv-coordinator",
     state_dir: "/var/lib/fedpriv-coordinator",
-    conffiles: &["/etc/default/fedpriv-coordinator", "/etc/fedpriv/limits.toml"],
+    conffiles: &[
+        "/etc/default/fedpriv-coordinator",
+        "/etc/fedpriv/limits.toml",
+    ],
     unit_config: "--limits /etc/fedpriv/limits.toml",
 };
 
@@ -168,7 +171,11 @@ fn run_postinst(postinst: &Path, scratch: &Path, user_exists: bool) -> Vec<Strin
         "deb-systemd-helper",
         "deb-systemd-invoke",
     ] {
-        let exit = if cmd == "getent" && !user_exists { 2 } else { 0 };
+        let exit = if cmd == "getent" && !user_exists {
+            2
+        } else {
+            0
+        };
         let path = stubs.join(cmd);
         std::fs::write(
             &path,
@@ -269,7 +276,10 @@ fn check_package(exp: &Expected, deb: &Path, scratch: &Path) {
 
     // Conffiles: exactly the files under /etc, and the unit's config among them.
     let control_dir = scratch.join("control");
-    run(Command::new("dpkg-deb").arg("-e").arg(deb).arg(&control_dir));
+    run(Command::new("dpkg-deb")
+        .arg("-e")
+        .arg(deb)
+        .arg(&control_dir));
     let conffiles: BTreeSet<String> = std::fs::read_to_string(control_dir.join("conffiles"))
         .expect("conffiles")
         .lines()
@@ -308,7 +318,10 @@ fn check_package(exp: &Expected, deb: &Path, scratch: &Path) {
     for flag in ["--system", "--group", "--shell /usr/sbin/nologin"] {
         assert!(adduser.contains(flag), "{pkg}: {adduser} lacks {flag}");
     }
-    assert!(adduser.ends_with(&format!(" {}", exp.user)), "{pkg}: {adduser}");
+    assert!(
+        adduser.ends_with(&format!(" {}", exp.user)),
+        "{pkg}: {adduser}"
+    );
     let dir_steps = [
         format!("chown {0}:{0} {1}", exp.user, exp.state_dir),
         format!("chmod 0700 {}", exp.state_dir),
@@ -406,15 +419,18 @@ fn packaged_config_templates_parse_and_match_the_units() {
     assert_eq!(site.state_dir, PathBuf::from(CLIENT.state_dir));
     let example = SiteConfig::load(&repo().join("examples/configs/site.toml")).expect("example");
     assert_eq!(site.name, example.name);
-    assert_eq!(site.studies, example.studies, "the pinned terms are the example's");
+    assert_eq!(
+        site.studies, example.studies,
+        "the pinned terms are the example's"
+    );
     // TLS files resolve into pki/ beside the config: /etc/fedpriv/pki once installed.
     let pki = repo().join("deploy/etc/fedpriv/pki");
     for file in [&site.ca, &site.cert, &site.key] {
         assert!(file.starts_with(&pki), "{}", file.display());
     }
 
-    let limits = std::fs::read_to_string(repo().join("examples/configs/limits.toml"))
-        .expect("limits.toml");
+    let limits =
+        std::fs::read_to_string(repo().join("examples/configs/limits.toml")).expect("limits.toml");
     Limits::from_toml(&limits).expect("limits.toml parses");
     for study in ["study-record.toml", "study-audit.toml"] {
         let text =

@@ -267,10 +267,7 @@ impl Metrics {
                 .filter(|(_, s)| !s.hide_sites)
                 .flat_map(|(id, s)| {
                     s.sites.iter().map(move |(site, v)| {
-                        (
-                            format!("{},site=\"{}\"", study(id), escape_label(site)),
-                            *v,
-                        )
+                        (format!("{},site=\"{}\"", study(id), escape_label(site)), *v)
                     })
                 })
                 .collect(),
@@ -640,7 +637,10 @@ mod tests {
     #[test]
     fn round_durations_render_as_a_cumulative_histogram() {
         let m = Metrics::new();
-        assert!(!m.render().contains(ROUND_DURATION), "nothing before a round");
+        assert!(
+            !m.render().contains(ROUND_DURATION),
+            "nothing before a round"
+        );
         for s in [0.2, 3.0, 3.0, 7200.0] {
             m.observe_round("s", outcome::COMPLETED, s);
         }
@@ -656,7 +656,9 @@ mod tests {
             let line = format!("fedpriv_round_duration_seconds_bucket{{{l},le=\"{le}\"}} {n}\n");
             assert!(text.contains(&line), "{line} in {text}");
         }
-        assert!(text.contains(&format!("fedpriv_round_duration_seconds_sum{{{l}}} 7206.2\n")));
+        assert!(text.contains(&format!(
+            "fedpriv_round_duration_seconds_sum{{{l}}} 7206.2\n"
+        )));
         assert!(text.contains(&format!("fedpriv_round_duration_seconds_count{{{l}}} 4\n")));
         let a = "study=\"s\",outcome=\"aborted\"";
         assert!(text.contains(&format!(

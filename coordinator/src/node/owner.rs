@@ -347,7 +347,10 @@ impl<S: StateStore> Ctx<S> {
             let figures = fedpriv_common::config::StudyConfig::from_toml(&row.config_toml)
                 .map_err(|e| e.to_string())
                 .and_then(|cfg| {
-                    let sites = self.store.spent_by_site(&row.id).map_err(|e| e.to_string())?;
+                    let sites = self
+                        .store
+                        .spent_by_site(&row.id)
+                        .map_err(|e| e.to_string())?;
                     let mut out = std::collections::BTreeMap::new();
                     for (site, events) in sites {
                         let eps = if events.is_empty() {
