@@ -246,6 +246,13 @@ fn check_package(exp: &Expected, deb: &Path, scratch: &Path) {
         );
     }
 
+    // The packaged (stripped) binary runs.
+    let version = run(Command::new(root.join(&bin[1..])).arg("--version"));
+    assert!(
+        String::from_utf8_lossy(&version.stdout).starts_with(&format!("{pkg} ")),
+        "{pkg} --version"
+    );
+
     // The unit: where systemd looks, the repository's file as it is, running the packaged
     // binary as the package's user with its state directory 0700.
     let unit_path = format!("/usr/lib/systemd/system/{pkg}.service");
