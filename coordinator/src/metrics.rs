@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use fedpriv_common::audit::details::Alert;
-use fedpriv_common::config::{Placement, PrivacyUnit, StudyConfig};
+use fedpriv_common::config::StudyConfig;
 use fedpriv_common::exposition::escape_label;
 
 use crate::audit::{AuditHandle, COORDINATOR};
@@ -89,10 +89,13 @@ pub mod alert {
 
 type Key = (&'static str, Vec<(&'static str, String)>);
 
-/// Whether a study's metrics leave out per-site figures: central placement (the guarantee
-/// is the study's; see the module documentation).
+/// Whether a study's metrics leave out per-site figures: the study report's rule
+/// ([`crate::report::Visibility`]), so that monitoring never shows what the report hides
+/// (central placement, and any future placement that keeps participants from the
+/// coordinator's readers).
 pub fn hides_sites(cfg: &StudyConfig) -> bool {
-    cfg.privacy.unit == PrivacyUnit::Site && cfg.privacy.placement == Placement::Central
+    crate::report::Visibility::of(cfg.privacy.unit, cfg.privacy.placement)
+        == crate::report::Visibility::StudyOnly
 }
 
 /// One study's privacy figures.
