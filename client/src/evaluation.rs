@@ -191,8 +191,19 @@ mod tests {
         let corr = a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>() / (n as f64 * sd * sd);
         assert!(corr.abs() < 5.0 / (n as f64).sqrt(), "correlation {corr}");
         // A failed evaluation releases noise around zeros, of the same scale.
-        let stand_in = noised(None, &data, &plan, &mut noise);
-        assert_eq!(stand_in.len(), 11);
+        let stand_ins: Vec<Vec<f64>> = (0..n)
+            .map(|_| noised(None, &data, &plan, &mut noise))
+            .collect();
+        assert!(stand_ins.iter().all(|v| v.len() == 11));
+        let all: Vec<f64> = stand_ins.into_iter().flatten().collect();
+        let m = all.len() as f64;
+        let mean = all.iter().sum::<f64>() / m;
+        let var = all.iter().map(|x| x * x).sum::<f64>() / m;
+        assert!(mean.abs() < 5.0 * sd / m.sqrt(), "stand-in mean {mean}");
+        assert!(
+            (var - sd * sd).abs() < 5.0 * sd * sd * (2.0 / m).sqrt(),
+            "stand-in variance {var}"
+        );
     }
 
     #[test]

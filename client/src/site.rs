@@ -246,20 +246,14 @@ pub struct PreparedStudy {
     pub source: DataSource,
 }
 
-/// The canonical text of an announcement's terms, as the ledger pins them. A study
-/// without evaluation has no `evaluation` key, so the terms pinned before evaluation
-/// existed still match.
+/// The canonical text of an announcement's terms, as the ledger pins them: its JSON in field
+/// order. A study without evaluation has no `evaluation` key (the last field), so terms
+/// pinned before evaluation existed still match.
 pub fn terms_text(ann: &StudyAnnouncement) -> String {
-    match serde_json::to_value(ann) {
-        Ok(mut v) => {
-            if let Some(o) = v.as_object_mut() {
-                if o.get("evaluation").is_some_and(serde_json::Value::is_null) {
-                    o.remove("evaluation");
-                }
-            }
-            v.to_string()
-        }
-        Err(_) => String::new(),
+    let text = serde_json::to_string(ann).unwrap_or_default();
+    match text.strip_suffix(",\"evaluation\":null}") {
+        Some(head) => format!("{head}}}"),
+        None => text,
     }
 }
 

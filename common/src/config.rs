@@ -880,6 +880,12 @@ impl StudyConfig {
             }
         };
 
+        if evaluation.is_some() && calibrate_to.is_some() {
+            return Err(field(
+                "privacy.target_epsilon",
+                "calibrates the training noise over the planned rounds only, and [evaluation] spends budget too: give noise_multiplier (plan both with `fedpriv-coordinator budget`)",
+            ));
+        }
         let cfg = Self {
             evaluation,
             id: s.id,
@@ -1276,6 +1282,16 @@ enrolled = ["st-marys", "general", "north"]
             StudyConfig::from_toml(&toml.replace("every = 3", "every = 3\nsplit = 0.1")),
             Err(ConfigError::Parse(_))
         ));
+        // Calibration would leave the evaluations' spend out of the target: refused.
+        let target = record.toml().replace(
+            "noise_multiplier = 2.0\nepsilon",
+            "target_epsilon = 2.0\nepsilon",
+        );
+        assert!(target.contains("target_epsilon"));
+        match StudyConfig::from_toml(&target) {
+            Err(ConfigError::Field { field, .. }) => assert_eq!(field, "privacy.target_epsilon"),
+            other => panic!("{other:?}"),
+        }
         let site = StudyBuilder::new("e")
             .enrolled(["a", "b"])
             .evaluation(3, 2.0, 4.0);

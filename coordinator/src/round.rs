@@ -194,6 +194,9 @@ pub struct StudyEngine {
     end_cause: Option<EndCause>,
     /// When enough sites for a round first were ready, while others may still connect.
     gathering_since: Option<u64>,
+    /// The smallest declared size the noise was calibrated for (this process's life): a
+    /// smaller site would spend more than the target, and is left out.
+    calibrated_floor: Option<u64>,
 }
 
 /// How long a round waits for the remaining enrolled sites once `min_sites` are ready.
@@ -256,6 +259,7 @@ impl StudyEngine {
             end_reason: None,
             end_cause: None,
             gathering_since: None,
+            calibrated_floor: None,
         }
     }
 
@@ -403,7 +407,16 @@ impl StudyEngine {
         match input {
             Input::SiteReady { site, records } => {
                 let record_unit = self.cfg.privacy.unit == PrivacyUnit::Record;
+                let below_floor = self.calibrated_floor.filter(|floor| records < *floor);
                 if !self.cfg.enrolled.contains(&site) {
+                } else if let Some(floor) = below_floor {
+                    self.retired.insert(site.clone());
+                    out.push(Action::SiteExcluded {
+                        site,
+                        reason: format!(
+                            "{records} declared records, fewer than the {floor} the noise was calibrated for: its sampling rate would spend more than the study's target epsilon"
+                        ),
+                    });
                 } else if record_unit && self.cfg.privacy.delta.get() * records as f64 >= 1.0 {
                     // Record-level delta must be below 1/n_site, or one record could be
                     // given away outright with probability delta.
@@ -735,6 +748,7 @@ impl StudyEngine {
         self.cfg = Arc::new(cfg);
         // Ready meant ready for the terms before calibration; each site must accept these.
         self.ready.clear();
+        self.calibrated_floor = Some(worst);
         out.push(Action::Calibrated {
             config: Arc::clone(&self.cfg),
             worst_site,

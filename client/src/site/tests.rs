@@ -804,3 +804,20 @@ fn a_study_asking_for_evaluation_the_site_has_not_pinned_or_with_less_noise_is_r
     assert!(plain.holdout.is_none());
     assert_eq!(plain.data.n, 200);
 }
+
+/// Terms pinned before evaluation existed (JSON in field order, no `evaluation` key) are
+/// the text a study without evaluation still gets; a study with one carries it.
+#[test]
+fn terms_without_evaluation_keep_their_pinned_text() {
+    let ann = announcement(PrivacyUnit::Record, &["age"]);
+    let text = terms_text(&ann);
+    assert!(text.starts_with("{\"study\":\"s\",\"model\":"), "{text}");
+    assert!(!text.contains("evaluation"), "{text}");
+    let full = serde_json::to_string(&ann).unwrap();
+    assert_eq!(
+        full,
+        format!("{},\"evaluation\":null}}", &text[..text.len() - 1])
+    );
+    let with = with_evaluation(ann, 2, 4.0);
+    assert!(terms_text(&with).contains("\"evaluation\":{\"every\":2"));
+}

@@ -281,10 +281,26 @@ pub fn study_runtime(
         Some(row) => {
             let stored = StudyConfig::from_toml(&row.config_toml)
                 .map_err(|e| ServerError::Config(format!("stored study {}: {e}", cfg.id)))?;
+            // The file still says `target_epsilon`; the store holds the sigma the coordinator
+            // chose from the sites' sizes. The same study if the file, with that sigma
+            // written in, is the stored one (or a runtime change of it).
+            let as_calibrated = (cfg.privacy.calibrate_to.is_some()
+                && stored.privacy.calibrate_to.is_none())
+            .then(|| {
+                fedpriv_common::admin::calibrated_study(
+                    toml_text,
+                    stored.privacy.noise_multiplier.get(),
+                )
+                .ok()
+                .map(|(_, c)| c)
+            })
+            .flatten();
+            let file = as_calibrated.as_ref().unwrap_or(cfg);
             if &stored == cfg {
                 cfg
-            } else if fedpriv_common::admin::is_runtime_change_of(cfg, &stored) {
-                tracing::info!(study = %cfg.id, "an operator changed this study at runtime; using its stored configuration");
+            } else if &stored == file || fedpriv_common::admin::is_runtime_change_of(file, &stored)
+            {
+                tracing::info!(study = %cfg.id, "this study's stored configuration (calibrated or changed at runtime) stands over the file's");
                 stored_cfg = stored;
                 &stored_cfg
             } else {

@@ -1077,6 +1077,20 @@ fn a_target_epsilon_is_calibrated_from_the_smallest_declared_site_before_any_cha
     let less = accountant::epsilon(p.accountant, &[ev(sigma.get() * 0.97)], p.delta).unwrap();
     assert!(less > 3.0, "{less}");
 
+    // A site that now declares fewer records than the calibration assumed is left out.
+    let out = eng.handle(
+        Input::SiteReady {
+            site: "s3".into(),
+            records: 60,
+        },
+        4000,
+        &mut noise,
+    );
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::SiteExcluded { site, .. } if site == "s3")),
+        "{out:?}"
+    );
     // Sites must say yes to the new terms: a tick alone starts nothing.
     let out = eng.handle(Input::Tick, 5000, &mut noise);
     assert!(
@@ -1084,8 +1098,9 @@ fn a_target_epsilon_is_calibrated_from_the_smallest_declared_site_before_any_cha
         "{out:?}"
     );
     let mut w = World::new(5);
-    w.run(&mut eng, &|_, _| Behaviour::Honest, &["s1", "s2", "s3"]);
+    w.run(&mut eng, &|_, _| Behaviour::Honest, &["s1", "s2"]);
     assert!(w.ended.clone().unwrap().contains("all 4 planned rounds"));
+    assert!(!w.committed.keys().any(|(s, _)| s == "s3"));
     assert!(!w.committed.is_empty());
     for ((site, _), e) in &w.committed {
         assert_eq!(e.sigma, sigma, "{site} charged at another sigma");
