@@ -48,6 +48,8 @@ pub struct PaidRound {
     pub q: f64,
     pub sigma: f64,
     pub steps: u64,
+    /// The round's DP evaluation, when it carried one: charged beside the training.
+    pub evaluation: Option<fedpriv_common::dp::SgmEvent>,
 }
 
 /// A task this site declined (its data was not trained on for that round).
@@ -132,6 +134,9 @@ pub fn build(cfg: &SiteConfig) -> Result<SiteInventory, String> {
     let mut studies = Vec::new();
     for study in ids {
         let spends = ledger.spends(&study).map_err(|e| e.to_string())?;
+        let evaluations = ledger
+            .evaluation_spends(&study)
+            .map_err(|e| e.to_string())?;
         // The study's delta: from the terms it was paid under, else from the audit log.
         let pinned_delta = ledger
             .pinned_terms(&study)
@@ -160,6 +165,10 @@ pub fn build(cfg: &SiteConfig) -> Result<SiteInventory, String> {
             paid_rounds: spends
                 .iter()
                 .map(|s| PaidRound {
+                    evaluation: evaluations
+                        .iter()
+                        .find(|(r, _)| *r == s.round)
+                        .map(|(_, e)| *e),
                     round: s.round,
                     at: s.recorded_at,
                     coordinator: s.coordinator.clone(),

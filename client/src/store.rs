@@ -456,6 +456,15 @@ impl SiteLedger {
         Ok(seed as u64)
     }
 
+    /// The evaluation charges of `study` this site paid, by round.
+    pub fn evaluation_spends(&self, study: &str) -> Result<Vec<(u64, SgmEvent)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT round, q, sigma, steps FROM evaluation_spends WHERE study = ?1 ORDER BY round",
+        )?;
+        let rows = stmt.query_map([study], |r| Ok((r.get(0)?, sgm_event(r, 1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The rounds of `study` whose evaluation this site paid for.
     pub fn evaluation_rounds(&self, study: &str) -> Result<Vec<u64>, StoreError> {
         let mut stmt = self.conn.prepare_cached(

@@ -309,6 +309,13 @@ pub fn apply_changes(
     if changes.is_empty() {
         return Err(ChangeError::Invalid("no change given".into()));
     }
+    if old.privacy.calibrate_to.is_some() {
+        // Its sigma is still the stand-in that fits at q = 1; pinning it now would end the
+        // calibration the sites' sizes are awaited for.
+        return Err(ChangeError::Refused(
+            "the study's noise is not calibrated yet (the coordinator waits for the enrolled sites' declared sizes); change it once its first round has started".into(),
+        ));
+    }
     for (key, value) in changes {
         let what = classify(key)?;
         let int = || {
@@ -447,6 +454,27 @@ pub fn is_runtime_change_of(given: &StudyConfig, stored: &StudyConfig) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_study_awaiting_calibration_cannot_be_changed_yet() {
+        let toml = crate::test_util::StudyBuilder::new("cal")
+            .record_unit(5, 10.0)
+            .enrolled(["a", "b"])
+            .toml()
+            .replace("noise_multiplier = 2.0", "target_epsilon = 2.0");
+        let progress = StudyProgress {
+            rounds_started: 0,
+            epsilon_spent: 0.0,
+        };
+        let changes = [("rounds".to_string(), "5".to_string())];
+        match apply_changes(&toml, &changes, progress) {
+            Err(ChangeError::Refused(r)) => assert!(r.contains("not calibrated yet"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        // Once calibrated (sigma written in), the same change goes through.
+        let (calibrated, _) = calibrated_study(&toml, 3.0).unwrap();
+        assert!(apply_changes(&calibrated, &changes, progress).is_ok());
+    }
     use crate::wire::{decode_frame, encode_frame, MAX_CONTROL_FRAME};
 
     const STUDY: &str = r#"

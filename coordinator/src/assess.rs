@@ -196,13 +196,27 @@ pub struct Assessment {
     pub accuracy: Accuracy,
 }
 
-/// Epsilon after `rounds` rounds of `event`, as the ledgers compose it; an unbounded epsilon
-/// is infinite.
+/// Epsilon after `rounds` rounds of `event` and the evaluations those rounds carry, as the
+/// ledgers compose them; an unbounded epsilon is infinite.
 fn epsilon_after(cfg: &StudyConfig, event: SgmEvent, rounds: u64) -> Result<f64, AssessError> {
     if rounds == 0 {
         return Ok(0.0);
     }
-    let events = vec![event; usize::try_from(rounds).unwrap_or(usize::MAX)];
+    // Repeats of one mechanism compose as one event of as many steps.
+    let mut events = vec![SgmEvent {
+        steps: event.steps.saturating_mul(rounds),
+        ..event
+    }];
+    if let Some(plan) = &cfg.evaluation {
+        // Rounds 1 + every, 1 + 2 every, ... up to `rounds` (see `EvaluationPlan::is_due`).
+        let evaluations = (rounds - 1) / plan.every.max(1);
+        if evaluations > 0 {
+            events.push(SgmEvent {
+                steps: evaluations,
+                ..plan.event()
+            });
+        }
+    }
     match accountant::epsilon(cfg.privacy.accountant, &events, cfg.privacy.delta) {
         Ok(e) => Ok(e),
         Err(AccountError::Unbounded) => Ok(f64::INFINITY),
@@ -272,8 +286,20 @@ pub fn assess(cfg: &StudyConfig, records: &[SiteRecords]) -> Result<Assessment, 
             accountant::max_steps(p.accountant, &[], event.q, event.sigma, p.epsilon, p.delta)
                 .map_err(AssessError::Accountant)?;
         // A round is `event.steps` steps of one (q, sigma): r rounds fit exactly when
-        // r * steps do.
-        let rounds_affordable = steps / event.steps.max(1);
+        // r * steps do; evaluations can only lower that (the largest r that still fits).
+        let mut rounds_affordable = steps / event.steps.max(1);
+        if cfg.evaluation.is_some() {
+            let (mut lo, mut hi) = (0u64, rounds_affordable);
+            while lo < hi {
+                let mid = lo + (hi - lo).div_ceil(2);
+                if epsilon_after(cfg, event, mid)? <= p.epsilon.get() {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            rounds_affordable = lo;
+        }
         sites.push(SiteAssessment {
             label,
             records: n,

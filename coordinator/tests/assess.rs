@@ -360,3 +360,56 @@ fn the_command_writes_the_assessment_or_refuses_in_one_line() {
         "{err}"
     );
 }
+
+/// A study with DP evaluation is assessed with its evaluations' spend: the planned epsilon
+/// is the accountant's over the training and the evaluations those rounds carry, and the
+/// budget buys fewer rounds than without them.
+#[test]
+fn evaluations_are_part_of_the_assessed_spend() {
+    use fedpriv_common::dp::SgmEvent;
+    let plain = study(|s| s);
+    let with = study(|s| {
+        format!("{s}\n[evaluation]\nevery = 2\nnoise_multiplier = 3.0\nloss_clip = 1.0\n")
+    });
+    let a = assess(&plain, &counts(&[200])).expect("assessed");
+    let b = assess(&with, &counts(&[200])).expect("assessed");
+    let (SiteOutcome::Priced(pa), SiteOutcome::Priced(pb)) =
+        (&a.sites[0].outcome, &b.sites[0].outcome)
+    else {
+        panic!("{a:?} {b:?}")
+    };
+    assert!(
+        pb.rounds_affordable < pa.rounds_affordable,
+        "{} vs {}",
+        pb.rounds_affordable,
+        pa.rounds_affordable
+    );
+    let p = &with.privacy;
+    let plan = with.evaluation.expect("plan");
+    let mut events = Vec::new();
+    for r in 1..=with.rounds {
+        events.push(pb.round);
+        if plan.is_due(r) {
+            events.push(plan.event());
+        }
+    }
+    let want = accountant::epsilon(p.accountant, &events, p.delta).expect("eps");
+    assert!(
+        (pb.epsilon_planned - want).abs() <= 1e-9 * want.max(1.0),
+        "{} vs {want}",
+        pb.epsilon_planned
+    );
+    // The rounds it says the budget buys fit, and one more would not.
+    let fits = |r: u64| {
+        let mut ev: Vec<SgmEvent> = Vec::new();
+        for i in 1..=r {
+            ev.push(pb.round);
+            if plan.is_due(i) {
+                ev.push(plan.event());
+            }
+        }
+        accountant::epsilon(p.accountant, &ev, p.delta).expect("eps") <= p.epsilon.get()
+    };
+    assert!(fits(pb.rounds_affordable));
+    assert!(!fits(pb.rounds_affordable + 1));
+}

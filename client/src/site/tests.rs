@@ -770,6 +770,7 @@ fn an_evaluation_is_paid_beside_its_round_and_only_on_the_plans_rounds() {
     assert!(events.contains(&due));
     assert_eq!(s.ledger.source_events("wards").unwrap().len(), 3);
     assert_eq!(s.ledger.evaluation_rounds("s").unwrap(), vec![3]);
+    assert_eq!(s.ledger.evaluation_spends("s").unwrap(), vec![(3, due)]);
     // The study's epsilon composes all three.
     let d = Delta::new(1e-6).unwrap();
     let with = s.ledger.epsilon("s", d, AccountantKind::Rdp).unwrap();
