@@ -543,6 +543,13 @@ pub fn split(opts: &DemoOptions) -> DemoResult<Split> {
 /// smallest site's) stay within the budget, checked with the study's own accountant on the
 /// events the ledger will hold. `None` for the site unit, whose config calibrates itself.
 pub fn noise_multiplier(opts: &DemoOptions, shards: &[Dataset]) -> DemoResult<Option<f64>> {
+    if opts.evaluation.is_some() && !matches!(opts.noise, NoisePlan::Fixed(_)) {
+        // A calibration covers the training's steps only; evaluations spend budget too.
+        return Err(
+            "DP evaluation needs a fixed noise multiplier (calibration covers training only)"
+                .into(),
+        );
+    }
     match (opts.noise, opts.unit.as_str()) {
         (NoisePlan::Fixed(sigma), _) => Ok(Some(sigma)),
         (NoisePlan::Calibrated, "site") | (NoisePlan::ByCoordinator, _) => Ok(None),

@@ -435,12 +435,42 @@ impl Sim {
                         paid,
                         "task for {site} in round {round} of {study} left before its spend was committed"
                     );
+                    // So is its evaluation's, when it carries one.
+                    if let Some(ev) = task.evaluation {
+                        let paid = store
+                            .evaluation_ledger(&study)
+                            .unwrap()
+                            .iter()
+                            .any(|r| r.site == site && r.round == round && r.event == ev);
+                        assert!(
+                            paid,
+                            "an evaluation for {site} in round {round} of {study} left before its charge was committed"
+                        );
+                    }
                     let d = task.header.num_values as usize;
                     self.tasks.push((study.clone(), site.clone(), round));
                     let t = self.now + self.rng.random_range(50..2000);
                     let values: Vec<f32> = (0..d)
                         .map(|_| self.rng.random_range(-0.3f32..0.3))
                         .collect();
+                    let answers = matches!(reply(&site, round), Reply::Honest | Reply::CutOff);
+                    if task.evaluation.is_some() && answers {
+                        // A binary study's vector: [correct, 2 x 2 confusion, loss], noised.
+                        let vector: Vec<f64> =
+                            (0..6).map(|_| self.rng.random_range(0.0..40.0)).collect();
+                        let input = Input::Evaluation {
+                            site: site.clone(),
+                            round,
+                            values: vector,
+                        };
+                        self.at(
+                            t - 1,
+                            Event::Study {
+                                study: study.clone(),
+                                input,
+                            },
+                        );
+                    }
                     match reply(&site, round) {
                         Reply::Honest => self.stream(t, &study, &site, round, values, false),
                         Reply::CutOff => self.stream(t, &study, &site, round, values, true),
@@ -461,7 +491,18 @@ impl Sim {
                 CoordinatorMessage::StudyEnded { study, reason } => {
                     self.ended.insert(study.clone(), reason.clone());
                 }
-                CoordinatorMessage::StudyAnnounced(_) | CoordinatorMessage::Refused { .. } => {}
+                // Terms announced again (a calibrated sigma): the site accepts them anew.
+                CoordinatorMessage::StudyAnnounced(ann) => {
+                    let ready = Event::Study {
+                        study: ann.study.clone(),
+                        input: Input::SiteReady {
+                            site: site.clone(),
+                            records: 500,
+                        },
+                    };
+                    self.at(self.now + 5, ready);
+                }
+                CoordinatorMessage::Refused { .. } => {}
             }
         }
     }
@@ -589,6 +630,75 @@ fn injected_store_failures_never_let_a_task_out_unpaid() {
         audit_verifies(sim.dir.path());
     }
     assert!(failed_runs >= 5, "only {failed_runs} runs had a failure");
+}
+
+/// Record-unit studies over the real store with failures injected: one with DP evaluation
+/// (every charge of an evaluation committed before its task leaves, checked at every task),
+/// one whose sigma the coordinator calibrates from the sites' sizes (terms announced again,
+/// accepted anew, stored).
+#[test]
+fn evaluation_and_calibration_over_the_real_store_keep_every_invariant() {
+    let record = |id: &str| {
+        StudyBuilder::new(id)
+            .features(3)
+            .rounds(6)
+            .min_sites(2)
+            .round_timeout_secs(10)
+            .record_unit(3, 20.0)
+            .noise(1.5, 40.0)
+            .enrolled(SITES)
+    };
+    let mut clean = 0;
+    for seed in 0..10u64 {
+        let evaluated = record("ev").evaluation(2, 3.0, 1.0).toml();
+        let calibrated = record("cal")
+            .toml()
+            .replace("noise_multiplier = 1.5", "target_epsilon = 6.0");
+        let fault_rate = if seed < 3 { 0.0 } else { 0.05 };
+        for (id, toml) in [("ev", evaluated), ("cal", calibrated)] {
+            let mut sim = Sim::new(300 + seed, &[toml], fault_rate);
+            let reply = move |site: &str, round: u64| match (site.as_bytes()[1] as u64
+                + round
+                + seed)
+                % 7
+            {
+                0 => Reply::CutOff,
+                1 => Reply::Silent,
+                _ => Reply::Honest,
+            };
+            // The checks (every task's charges committed first) run after every step.
+            sim.run(&reply);
+            assert!(sim.owner().is_done(), "{id} seed {seed}");
+            if !sim.owner().store().faults.is_empty() {
+                continue;
+            }
+            clean += 1;
+            let store = sim.stop();
+            if id == "ev" {
+                // Rounds 3 and 5 carried evaluations that arrived and were stored.
+                let rounds: Vec<u64> = store
+                    .evaluations(id)
+                    .unwrap()
+                    .iter()
+                    .map(|e| e.round)
+                    .collect();
+                assert_eq!(rounds, vec![3, 5], "seed {seed}");
+            } else {
+                // The sigma is stored in place of the target, every charge at it.
+                let row = store.study(id).unwrap().unwrap();
+                let cfg = StudyConfig::from_toml(&row.config_toml).unwrap();
+                assert!(cfg.privacy.calibrate_to.is_none(), "seed {seed}");
+                assert!(!store.ledger(id).unwrap().is_empty(), "seed {seed}");
+                for events in store.spent_by_site(id).unwrap().values() {
+                    assert!(events
+                        .iter()
+                        .all(|e| e.sigma == cfg.privacy.noise_multiplier));
+                }
+            }
+            audit_verifies(sim.dir.path());
+        }
+    }
+    assert!(clean >= 6, "only {clean} clean runs");
 }
 
 #[test]
