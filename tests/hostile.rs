@@ -156,6 +156,7 @@ enum Answer {
     Unable(String, DeclineReason),
     Update(String, u64, Vec<f32>),
     Decline(String, u64, DeclineReason),
+    Evaluation(String, u64, Vec<f64>),
 }
 
 impl Peer {
@@ -186,9 +187,13 @@ impl Peer {
                 recv_end(&mut recv).await.unwrap();
                 Answer::Decline(study, round, reason)
             }
-            // No study here asks for evaluation: a vector would be a release nobody paid for.
-            SiteMessage::Evaluation { study, round, .. } => {
-                panic!("{study} round {round}: an evaluation nobody asked for")
+            SiteMessage::Evaluation {
+                study,
+                round,
+                values,
+            } => {
+                recv_end(&mut recv).await.unwrap();
+                Answer::Evaluation(study, round, values)
             }
             SiteMessage::Update {
                 study,
@@ -286,13 +291,18 @@ fn write_site(dir: &Path, addr: std::net::SocketAddr, ca: &pki::CaBundle) -> Sit
         "[site]\nname = \"st-marys\"\nstate_dir = \"state\"\naccountant = \"rdp\"\n\n\
          [coordinator]\naddress = \"{addr}\"\nserver_name = \"localhost\"\n\n\
          [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\n\
-         [sources.wards]\npath = \"patients.csv\"\nrecords = {DECLARED}\ndelta = 1e-5\nepsilon_cap = 25.0\n\n{}{}{}",
+         [sources.wards]\npath = \"patients.csv\"\nrecords = {DECLARED}\ndelta = 1e-5\nepsilon_cap = 25.0\n\n{}{}{}{}",
         pins(
             "rec",
             "record",
             "min_noise_multiplier = 1.0\nmax_sample_rate = 0.03\nmax_steps_per_round = 2"
         ),
         pins("loc", "site", "min_noise_multiplier = 2.0"),
+        pins(
+            "ev",
+            "record",
+            "min_noise_multiplier = 1.0\nmax_sample_rate = 0.03\nmax_steps_per_round = 2\nevaluation = { holdout = 0.2, min_noise_multiplier = 4.0 }"
+        ),
         pins(
             "cen",
             "site",
@@ -303,8 +313,17 @@ fn write_site(dir: &Path, addr: std::net::SocketAddr, ca: &pki::CaBundle) -> Sit
     SiteConfig::load(&dir.join("site.toml")).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
+/// A real site daemon dialled in to the hostile coordinator of this test.
+struct Started {
+    dir: tempfile::TempDir,
+    endpoint: quinn::Endpoint,
+    cfg: SiteConfig,
+    _stop: watch::Sender<bool>,
+    daemon: tokio::task::JoinHandle<Result<(), fedpriv_client::daemon::DaemonError>>,
+    peer: Peer,
+}
+
+async fn start() -> Started {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki::generate_ca("hostile test CA", 1).unwrap();
     let server = pki::issue_server_cert(&ca, &["localhost".into()], &[], 1).unwrap();
@@ -324,7 +343,7 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
     let addr = endpoint.local_addr().unwrap();
     let cfg = write_site(dir.path(), addr, &ca);
 
-    let (_stop, stop_rx) = watch::channel(false);
+    let (stop, stop_rx) = watch::channel(false);
     let daemon = tokio::spawn(fedpriv_client::daemon::run(cfg.clone(), stop_rx));
     let incoming = tokio::time::timeout(WAIT, endpoint.accept())
         .await
@@ -342,6 +361,26 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
     }
     recv_end(&mut hello).await.unwrap();
 
+    Started {
+        dir,
+        endpoint,
+        cfg,
+        _stop: stop,
+        daemon,
+        peer,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
+    let Started {
+        dir: _dir,
+        endpoint,
+        cfg,
+        _stop,
+        daemon,
+        peer,
+    } = start().await;
     let rec = announcement("rec", PrivacyUnit::Record, Placement::Local);
     let loc = announcement("loc", PrivacyUnit::Site, Placement::Local);
     let cen = announcement("cen", PrivacyUnit::Site, Placement::Central);
@@ -657,4 +696,119 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
     for r in &refusals {
         assert!(r["detail"].as_str().is_some_and(|d| !d.is_empty()), "{r}");
     }
+}
+
+/// DP evaluation against a hostile coordinator, with a real site daemon: an evaluation asked
+/// for off the announced plan, left out where it is due, priced with less noise, or under
+/// terms with less evaluation noise than the site pinned, is refused before anything is
+/// paid or sent; an honest evaluation round sends the noised vector, then the update, both
+/// paid in the site's ledger (study and source) before they leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_coordinator_gets_no_evaluation_off_the_plan() {
+    let Started {
+        dir: _dir,
+        endpoint,
+        cfg,
+        _stop,
+        daemon,
+        peer,
+    } = start().await;
+    let mut ev = announcement("ev", PrivacyUnit::Record, Placement::Local);
+    ev.evaluation = Some(fedpriv_common::evaluation::EvaluationPlan {
+        every: 1,
+        noise_multiplier: fedpriv_common::dp::NoiseMultiplier::new(5.0).unwrap(),
+        loss_clip: 1.0,
+    });
+    let zeros = vec![0f32; spec().num_values()];
+    peer.send(
+        &CoordinatorMessage::Welcome {
+            version: PROTOCOL_VERSION,
+            studies: Vec::new(),
+        },
+        None,
+    )
+    .await;
+    // Less evaluation noise than the site pinned (4): refused at the announcement.
+    let mut weak = ev.clone();
+    weak.evaluation = weak.evaluation.map(|mut e| {
+        e.noise_multiplier = fedpriv_common::dp::NoiseMultiplier::new(3.0).unwrap();
+        e
+    });
+    match peer.announce(&weak).await {
+        Answer::Unable(_, DeclineReason::TermsDiffer) => {}
+        other => panic!("weak evaluation noise: {other:?}"),
+    }
+    match peer.announce(&ev).await {
+        Answer::Ready(s, _) => assert_eq!(s, "ev"),
+        other => panic!("{other:?}"),
+    }
+    let plan = ev.evaluation.unwrap();
+    // Round 1 carries no evaluation: one asked for there is refused unpaid.
+    let mut t = task(&ev, 1);
+    t.evaluation = Some(plan.event());
+    match peer.task(&t, &zeros).await {
+        Answer::Decline(_, 1, DeclineReason::InvalidTask) => {}
+        other => panic!("off-plan evaluation: {other:?}"),
+    }
+    // Round 2 does: leaving it out, or pricing it with less noise, is refused unpaid.
+    let mut t = task(&ev, 2);
+    t.evaluation = None;
+    match peer.task(&t, &zeros).await {
+        Answer::Decline(_, 2, DeclineReason::InvalidTask) => {}
+        other => panic!("evaluation left out: {other:?}"),
+    }
+    let mut t = task(&ev, 2);
+    t.evaluation = Some(SgmEvent::new(1.0, 2.0, 1).unwrap());
+    match peer.task(&t, &zeros).await {
+        Answer::Decline(_, 2, DeclineReason::InvalidTask) => {}
+        other => panic!("under-priced evaluation: {other:?}"),
+    }
+    // The honest round: the vector first, then the update.
+    let t = task(&ev, 2);
+    assert_eq!(t.evaluation, Some(plan.event()));
+    peer.send(&CoordinatorMessage::Task(t.clone()), Some(&zeros))
+        .await;
+    match peer.answer().await {
+        Answer::Evaluation(s, 2, v) => {
+            assert_eq!(s, "ev");
+            assert_eq!(v.len(), 6);
+            assert!(v.iter().all(|x| x.is_finite()));
+        }
+        other => panic!("the evaluation: {other:?}"),
+    }
+    match peer.answer().await {
+        Answer::Update(_, 2, u) => assert_noised(&ev, &u),
+        other => panic!("the update: {other:?}"),
+    }
+    // A replay of the round gets neither again.
+    match peer.task(&task(&ev, 2), &zeros).await {
+        Answer::Decline(_, 2, DeclineReason::AlreadyPaid) => {}
+        other => panic!("replay: {other:?}"),
+    }
+    for study in cfg.studies.keys() {
+        peer.send(
+            &CoordinatorMessage::StudyEnded {
+                study: study.clone(),
+                reason: "done".into(),
+            },
+            None,
+        )
+        .await;
+    }
+    tokio::time::timeout(WAIT, daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    endpoint.close(0u32.into(), b"done");
+    let ledger =
+        fedpriv_client::store::SiteLedger::open_read_only(cfg.state_dir.join("site-ledger.db"))
+            .unwrap();
+    assert_eq!(ledger.spends("ev").unwrap().len(), 1);
+    assert_eq!(
+        ledger.evaluation_spends("ev").unwrap(),
+        vec![(2, plan.event())]
+    );
+    // Training and evaluation, both at the source.
+    assert_eq!(ledger.source_events("wards").unwrap().len(), 2);
 }
