@@ -649,7 +649,7 @@ impl<S: StateStore> Ctx<S> {
                     summary: summary.clone(),
                     recorded_at: now.unix,
                 };
-                self.store.record_evaluation(study, round, &row)?;
+                self.store.record_evaluation(study, &row)?;
                 self.record(&ModelEvaluated {
                     study: study.to_string(),
                     round,

@@ -141,14 +141,9 @@ impl StateStore for FaultyStore {
             s.record_charges(study, round, entries, now)
         })
     }
-    fn record_evaluation(
-        &mut self,
-        study: &str,
-        round: u64,
-        e: &EvaluationRow,
-    ) -> Result<(), StoreError> {
+    fn record_evaluation(&mut self, study: &str, e: &EvaluationRow) -> Result<(), StoreError> {
         self.write("record_evaluation", |s| {
-            StateStore::record_evaluation(s, study, round, e)
+            StateStore::record_evaluation(s, study, e)
         })
     }
     fn complete_round(

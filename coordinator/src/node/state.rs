@@ -37,7 +37,6 @@ pub trait StateStore {
     fn record_evaluation(
         &mut self,
         study: &str,
-        round: u64,
         evaluation: &EvaluationRow,
     ) -> Result<(), StoreError>;
     fn complete_round(
@@ -108,22 +107,8 @@ impl StateStore for Store {
     ) -> Result<(), StoreError> {
         Store::record_charges(self, study, round, entries, now)
     }
-    fn record_evaluation(
-        &mut self,
-        study: &str,
-        round: u64,
-        e: &EvaluationRow,
-    ) -> Result<(), StoreError> {
-        Store::record_evaluation(
-            self,
-            study,
-            round,
-            e.model_round,
-            &e.sites,
-            &e.sum,
-            &e.summary,
-            e.recorded_at,
-        )
+    fn record_evaluation(&mut self, study: &str, e: &EvaluationRow) -> Result<(), StoreError> {
+        Store::record_evaluation(self, study, e)
     }
     fn complete_round(
         &mut self,

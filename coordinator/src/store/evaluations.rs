@@ -1,6 +1,5 @@
 //! Rounds' DP evaluations: the summed noised vectors and what they say, append-only.
 
-use fedpriv_common::evaluation::EvalSummary;
 use rusqlite::params;
 
 use super::{EvaluationRow, Store, StoreError};
@@ -20,18 +19,9 @@ fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, StoreError> {
 }
 
 impl Store {
-    /// Stores `round`'s evaluation (the round must have been reserved); never overwritten.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_evaluation(
-        &mut self,
-        study: &str,
-        round: u64,
-        model_round: u64,
-        sites: &[String],
-        sum: &[f64],
-        summary: &EvalSummary,
-        now: i64,
-    ) -> Result<(), StoreError> {
+    /// Stores a round's evaluation (the round must have been reserved); never overwritten.
+    pub fn record_evaluation(&mut self, study: &str, e: &EvaluationRow) -> Result<(), StoreError> {
+        let round = e.round;
         let tx = self.write()?;
         tx.execute(
             "INSERT INTO evaluations (study, round, model_round, sites, sum, summary, recorded_at)
@@ -39,11 +29,11 @@ impl Store {
             params![
                 study,
                 round,
-                model_round,
-                to_json(sites)?,
-                to_json(sum)?,
-                to_json(summary)?,
-                now
+                e.model_round,
+                to_json(&e.sites)?,
+                to_json(&e.sum)?,
+                to_json(&e.summary)?,
+                e.recorded_at
             ],
         )
         .map_err(|e| {
