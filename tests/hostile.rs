@@ -371,6 +371,33 @@ async fn start() -> Started {
     }
 }
 
+/// Ends every study the site serves; the daemon then stops on its own (no signal). Returns
+/// its ledger, read-only.
+async fn end_every_study(
+    peer: &Peer,
+    cfg: &SiteConfig,
+    daemon: tokio::task::JoinHandle<Result<(), fedpriv_client::daemon::DaemonError>>,
+    endpoint: quinn::Endpoint,
+) -> fedpriv_client::store::SiteLedger {
+    for study in cfg.studies.keys() {
+        peer.send(
+            &CoordinatorMessage::StudyEnded {
+                study: study.clone(),
+                reason: "done".into(),
+            },
+            None,
+        )
+        .await;
+    }
+    tokio::time::timeout(WAIT, daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    endpoint.close(0u32.into(), b"done");
+    fedpriv_client::store::SiteLedger::open_read_only(cfg.state_dir.join("site-ledger.db")).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
     let Started {
@@ -590,27 +617,8 @@ async fn a_hostile_coordinator_cannot_bend_the_sites_guarantee() {
 
     // Every study it serves has ended: the daemon stops on its own (no signal), instead of
     // dialling a coordinator that has nothing more for it.
-    for study in cfg.studies.keys() {
-        peer.send(
-            &CoordinatorMessage::StudyEnded {
-                study: study.clone(),
-                reason: "done".into(),
-            },
-            None,
-        )
-        .await;
-    }
-    tokio::time::timeout(WAIT, daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    endpoint.close(0u32.into(), b"done");
-
+    let ledger = end_every_study(&peer, &cfg, daemon, endpoint).await;
     // The ledger against an independent recomputation: every update paid for exactly.
-    let ledger =
-        fedpriv_client::store::SiteLedger::open_read_only(cfg.state_dir.join("site-ledger.db"))
-            .unwrap();
     let mut source_events = Vec::new();
     for (ann, round, _) in &paid {
         let (study_event, source_event) = independent_price(ann);
@@ -785,25 +793,7 @@ async fn a_hostile_coordinator_gets_no_evaluation_off_the_plan() {
         Answer::Decline(_, 2, DeclineReason::AlreadyPaid) => {}
         other => panic!("replay: {other:?}"),
     }
-    for study in cfg.studies.keys() {
-        peer.send(
-            &CoordinatorMessage::StudyEnded {
-                study: study.clone(),
-                reason: "done".into(),
-            },
-            None,
-        )
-        .await;
-    }
-    tokio::time::timeout(WAIT, daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    endpoint.close(0u32.into(), b"done");
-    let ledger =
-        fedpriv_client::store::SiteLedger::open_read_only(cfg.state_dir.join("site-ledger.db"))
-            .unwrap();
+    let ledger = end_every_study(&peer, &cfg, daemon, endpoint).await;
     assert_eq!(ledger.spends("ev").unwrap().len(), 1);
     assert_eq!(
         ledger.evaluation_spends("ev").unwrap(),

@@ -531,6 +531,15 @@ fn unix_now() -> i64 {
 /// Checks an announced study against the site's pinned terms (audited) and tells the
 /// coordinator whether the site takes part. An accepted announcement replaces the prepared
 /// study; a refused one leaves it as it was. An error ends the session.
+/// A site ledger that cannot be read or written: the site's own failure, declined before
+/// anything is paid or sent.
+fn ledger_refusal(e: crate::store::StoreError) -> site::Refusal {
+    site::Refusal {
+        reason: DeclineReason::Internal,
+        detail: format!("site ledger: {e}"),
+    }
+}
+
 async fn take_up(
     conn: &quinn::Connection,
     state: &Arc<Mutex<SiteState>>,
@@ -543,17 +552,11 @@ async fn take_up(
             let pinned = guard
                 .ledger
                 .pinned_terms(&ann.study)
-                .map_err(|e| site::Refusal {
-                    reason: DeclineReason::Internal,
-                    detail: format!("site ledger: {e}"),
-                })?;
+                .map_err(ledger_refusal)?;
             let run = guard
                 .ledger
                 .pinned_instance(&ann.study)
-                .map_err(|e| site::Refusal {
-                    reason: DeclineReason::Internal,
-                    detail: format!("site ledger: {e}"),
-                })?;
+                .map_err(ledger_refusal)?;
             // Paid under another run of this study id: refuse this run as a whole.
             if run.as_deref().is_some_and(|r| r != ann.instance) {
                 return Err(site::Refusal {
@@ -570,10 +573,7 @@ async fn take_up(
                     let seed = g
                         .ledger
                         .holdout_seed(&ann.study, fresh, site::unix_now())
-                        .map_err(|e| site::Refusal {
-                            reason: DeclineReason::Internal,
-                            detail: format!("site ledger: {e}"),
-                        })?;
+                        .map_err(ledger_refusal)?;
                     Some(seed)
                 }
                 None => None,

@@ -39,7 +39,9 @@ use fedpriv_common::wire::TensorHeader;
 
 use crate::strategy::{self, ServerOptimizer};
 
+mod calibration;
 mod drive;
+mod evaluations;
 mod reject;
 
 pub use drive::{drive, UnfoldSource};
@@ -681,84 +683,6 @@ impl StudyEngine {
         };
     }
 
-    /// A record study with `target_epsilon`: once every enrolled site still in the study has
-    /// declared its record count (or enough have, and the others had the gathering time to
-    /// connect), chooses sigma so that all planned rounds fit the target at the largest
-    /// sampling rate among them (the smallest site decides), before anyone is charged. The
-    /// sites then hear the terms again and must agree anew: until they say so, none is ready.
-    fn calibrate(
-        &mut self,
-        target: fedpriv_common::dp::Epsilon,
-        now_ms: u64,
-        out: &mut Vec<Action>,
-    ) {
-        let LocalPlan::DpSgd {
-            steps,
-            expected_batch,
-            ..
-        } = self.cfg.local
-        else {
-            return;
-        };
-        let active: Vec<&String> = self
-            .cfg
-            .enrolled
-            .iter()
-            .filter(|s| !self.retired.contains(*s))
-            .collect();
-        // A site smaller than the expected batch cannot be priced at all; it does not set q.
-        let declared: Vec<(&String, u64)> = active
-            .iter()
-            .filter_map(|s| self.records.get(*s).map(|n| (*s, *n)))
-            .filter(|(_, n)| *n as f64 >= expected_batch)
-            .collect();
-        let everyone = active.iter().all(|s| self.records.contains_key(*s));
-        if !everyone {
-            if declared.len() < self.cfg.min_sites {
-                self.gathering_since = None;
-                return;
-            }
-            let since = *self.gathering_since.get_or_insert(now_ms);
-            let wait = GATHER_MS.min(self.cfg.round_timeout_secs.saturating_mul(1000));
-            if now_ms < since.saturating_add(wait) {
-                return;
-            }
-        }
-        self.gathering_since = None;
-        let smallest = declared
-            .iter()
-            .min_by_key(|(_, n)| *n)
-            .map(|(s, n)| ((*s).clone(), *n));
-        let Some((worst_site, worst)) = smallest else {
-            let reason = "too few sites can take part: no enrolled site declared at least the expected batch of records, so no noise can be calibrated".to_string();
-            return self.finish(reason, EndCause::TooFewSites, out);
-        };
-        let q = expected_batch / worst as f64;
-        let total = steps.saturating_mul(self.cfg.rounds);
-        let sigma = match self.cfg.calibrated_sigma(target, worst) {
-            Ok(s) => s,
-            Err(e) => {
-                let reason = format!("the noise could not be calibrated to epsilon {target}: {e}");
-                return self.finish(reason, EndCause::TooFewSites, out);
-            }
-        };
-        let mut cfg = (*self.cfg).clone();
-        cfg.privacy.noise_multiplier = sigma;
-        cfg.privacy.calibrate_to = None;
-        self.cfg = Arc::new(cfg);
-        // Ready meant ready for the terms before calibration; each site must accept these.
-        self.ready.clear();
-        self.calibrated_floor = Some(worst);
-        out.push(Action::Calibrated {
-            config: Arc::clone(&self.cfg),
-            worst_site,
-            records: worst,
-            q,
-            steps: total,
-            target: target.get(),
-        });
-    }
-
     fn on_spend_committed(&mut self, committed: u64, now_ms: u64, out: &mut Vec<Action>) {
         let Phase::AwaitingSpend {
             round,
@@ -1099,103 +1023,6 @@ impl StudyEngine {
             site,
             round: *round,
             norm: (!central).then_some(norm),
-        });
-    }
-
-    /// A site's noised evaluation vector: kept for the round's summary when the round
-    /// carries an evaluation, the site was sent it and has not sent one yet, and the vector
-    /// has the study's shape with finite values an honest site could send.
-    fn on_evaluation(&mut self, site: String, round: u64, values: Vec<f64>, out: &mut Vec<Action>) {
-        let plan = self.cfg.evaluation;
-        let layout = evaluation::Layout::of(&self.cfg.data);
-        let records = self.records.get(&site).copied().unwrap_or(0);
-        let problem = match (&self.phase, plan) {
-            (_, None) => Some("the study has no evaluation".to_string()),
-            (
-                Phase::Collecting {
-                    round: current,
-                    selected,
-                    evaluation,
-                    evaluations,
-                    closing,
-                    ..
-                },
-                Some(plan),
-            ) => {
-                let bound = layout.value_bound(records, plan.loss_clip, plan.noise_sd(&layout));
-                if *current != round || evaluation.is_none() || *closing {
-                    Some(format!("round {round} takes no evaluation now"))
-                } else if !selected.contains(&site) {
-                    Some("the site was not sent this round".into())
-                } else if evaluations.contains_key(&site) {
-                    Some("the site already sent this round's evaluation".into())
-                } else if values.len() != layout.len() {
-                    Some(format!(
-                        "{} values where the study's evaluation has {}",
-                        values.len(),
-                        layout.len()
-                    ))
-                } else if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                    Some(format!("value {i} is not finite"))
-                } else {
-                    values.iter().position(|v| v.abs() > bound).map(|i| {
-                        format!(
-                            "value {i} is beyond {bound:.0}, more than {records} records and the noise explain"
-                        )
-                    })
-                }
-            }
-            _ => Some(format!("round {round} takes no evaluation now")),
-        };
-        match problem {
-            Some(reason) => out.push(Action::EvaluationRejected {
-                site,
-                round,
-                reason,
-            }),
-            None => {
-                if let Phase::Collecting { evaluations, .. } = &mut self.phase {
-                    evaluations.insert(site, values);
-                }
-            }
-        }
-    }
-
-    /// The round's evaluation, from the sum of the vectors that arrived.
-    fn summarize_evaluations(
-        &self,
-        round: u64,
-        evaluations: &BTreeMap<String, Vec<f64>>,
-        out: &mut Vec<Action>,
-    ) {
-        let Some(plan) = self.cfg.evaluation else {
-            return;
-        };
-        if evaluations.is_empty() {
-            return;
-        }
-        let layout = evaluation::Layout::of(&self.cfg.data);
-        let mut sum = vec![0.0; layout.len()];
-        for v in evaluations.values() {
-            for (s, x) in sum.iter_mut().zip(v) {
-                *s += x;
-            }
-        }
-        let Some(summary) = evaluation::EvalSummary::from_sum(
-            layout,
-            &sum,
-            evaluations.len(),
-            plan.noise_sd(&layout),
-            self.cfg.data.label_range,
-        ) else {
-            return;
-        };
-        out.push(Action::Evaluated {
-            round,
-            model_round: round - 1,
-            sites: evaluations.keys().cloned().collect(),
-            sum,
-            summary,
         });
     }
 

@@ -577,64 +577,15 @@ pub fn ledger_text(v: &Value) -> String {
         f("/budget/delta"),
         s("/budget/accountant"),
     );
-    out.push_str(&format!(
-        "{:<6} {:<20} {:>8} {:>8} {:>6} {:>10}\n",
-        "round", "site", "q", "sigma", "steps", "epsilon"
-    ));
-    for e in v
-        .get("entries")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let g = |p: &str| e.pointer(p).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        out.push_str(&format!(
-            "{:<6} {:<20} {:>8.4} {:>8.4} {:>6} {:>10.4}\n",
-            e.get("round").and_then(Value::as_u64).unwrap_or(0),
-            e.get("site").and_then(Value::as_str).unwrap_or(""),
-            g("/event/q"),
-            g("/event/sigma"),
-            e.pointer("/event/steps")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-            g("/epsilon_after"),
-        ));
-    }
-    let evaluation_entries: Vec<&Value> = v
-        .get("evaluation_entries")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .collect();
+    charge_table(&mut out, &json_list(v, "entries"));
+    let evaluation_entries = json_list(v, "evaluation_entries");
     if !evaluation_entries.is_empty() {
         out.push_str(
             "evaluation charges (beside the same round's training; epsilon after both):\n",
         );
-        out.push_str(&format!(
-            "{:<6} {:<20} {:>8} {:>8} {:>6} {:>10}\n",
-            "round", "site", "q", "sigma", "steps", "epsilon"
-        ));
-        for e in evaluation_entries {
-            let g = |p: &str| e.pointer(p).and_then(Value::as_f64).unwrap_or(f64::NAN);
-            out.push_str(&format!(
-                "{:<6} {:<20} {:>8.4} {:>8.4} {:>6} {:>10.4}\n",
-                e.get("round").and_then(Value::as_u64).unwrap_or(0),
-                e.get("site").and_then(Value::as_str).unwrap_or(""),
-                g("/event/q"),
-                g("/event/sigma"),
-                e.pointer("/event/steps")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0),
-                g("/epsilon_after"),
-            ));
-        }
+        charge_table(&mut out, &evaluation_entries);
     }
-    let evaluations: Vec<&Value> = v
-        .get("evaluations")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .collect();
+    let evaluations = json_list(v, "evaluations");
     if !evaluations.is_empty() {
         out.push_str("DP evaluations (noised; sd: the noise's standard deviation):\n");
         out.push_str(&format!(
@@ -663,6 +614,38 @@ pub fn ledger_text(v: &Value) -> String {
         }
     }
     out
+}
+
+/// The array at `key` of a JSON object (empty when missing).
+fn json_list<'a>(v: &'a Value, key: &str) -> Vec<&'a Value> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Ledger rows (training or evaluation charges) as a table: round, site, the mechanism and
+/// the site's epsilon after the round.
+fn charge_table(out: &mut String, rows: &[&Value]) {
+    out.push_str(&format!(
+        "{:<6} {:<20} {:>8} {:>8} {:>6} {:>10}\n",
+        "round", "site", "q", "sigma", "steps", "epsilon"
+    ));
+    for e in rows {
+        let g = |p: &str| e.pointer(p).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        out.push_str(&format!(
+            "{:<6} {:<20} {:>8.4} {:>8.4} {:>6} {:>10.4}\n",
+            e.get("round").and_then(Value::as_u64).unwrap_or(0),
+            e.get("site").and_then(Value::as_str).unwrap_or(""),
+            g("/event/q"),
+            g("/event/sigma"),
+            e.pointer("/event/steps")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            g("/epsilon_after"),
+        ));
+    }
 }
 
 /// Audit records `from_seq..` (line k of the log holds seq k), at most `max` of them and

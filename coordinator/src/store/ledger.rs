@@ -160,15 +160,7 @@ impl Store {
             "SELECT site, round, q, sigma, steps, epsilon_after, recorded_at FROM ledger
              WHERE study = ?1 ORDER BY round, site",
         )?;
-        let rows = stmt.query_map([study], |r| {
-            Ok(LedgerRow {
-                site: r.get(0)?,
-                round: r.get(1)?,
-                event: sgm_event(r, 2)?,
-                epsilon_after: r.get(5)?,
-                recorded_at: r.get(6)?,
-            })
-        })?;
+        let rows = stmt.query_map([study], ledger_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -179,15 +171,7 @@ impl Store {
              FROM evaluation_spends e JOIN ledger l USING (study, site, round)
              WHERE e.study = ?1 ORDER BY e.round, e.site",
         )?;
-        let rows = stmt.query_map([study], |r| {
-            Ok(LedgerRow {
-                site: r.get(0)?,
-                round: r.get(1)?,
-                event: sgm_event(r, 2)?,
-                epsilon_after: r.get(5)?,
-                recorded_at: r.get(6)?,
-            })
-        })?;
+        let rows = stmt.query_map([study], ledger_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -215,4 +199,15 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// A ledger row from `site, round, q, sigma, steps, epsilon_after, recorded_at`.
+fn ledger_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LedgerRow> {
+    Ok(LedgerRow {
+        site: r.get(0)?,
+        round: r.get(1)?,
+        event: sgm_event(r, 2)?,
+        epsilon_after: r.get(5)?,
+        recorded_at: r.get(6)?,
+    })
 }
