@@ -303,11 +303,14 @@ fn privacy_audit(
     };
     let r = fedpriv_client::privacy_audit::run(&cfg, opts).map_err(|e| e.to_string())?;
     if let Some((log, store)) = record.as_mut() {
-        let report_json = serde_json::to_string(&r).map_err(|e| e.to_string())?;
-        let by = audit::local_user();
-        let record = details::PrivacyAudited {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_secs();
+        let row = fedpriv_coordinator::store::PrivacyAuditRow {
             study: cfg.id.clone(),
             terms_sha256: cfg.mechanism_digest(),
+            audited_at: i64::try_from(now).map_err(|e| e.to_string())?,
             epsilon_claimed: r.epsilon_claimed,
             epsilon_lower_bound: r.epsilon_lower_bound,
             delta: r.delta,
@@ -316,28 +319,17 @@ fn privacy_audit(
             guesses: r.guesses,
             correct_guesses: r.correct_guesses,
             passed: !r.failed(),
+            report_json: serde_json::to_string(&r).map_err(|e| e.to_string())?,
         };
-        log.append_now(&by, details::PrivacyAudited::EVENT, record.to_value())
-            .map_err(|e| e.to_string())?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|e| e.to_string())?
-            .as_secs();
+        let by = audit::local_user();
+        log.append_now(
+            &by,
+            details::PrivacyAudited::EVENT,
+            row.audit_record().to_value(),
+        )
+        .map_err(|e| e.to_string())?;
         store
-            .record_privacy_audit(&fedpriv_coordinator::store::PrivacyAuditRow {
-                study: cfg.id.clone(),
-                terms_sha256: cfg.mechanism_digest(),
-                audited_at: i64::try_from(now).map_err(|e| e.to_string())?,
-                epsilon_claimed: r.epsilon_claimed,
-                epsilon_lower_bound: r.epsilon_lower_bound,
-                delta: r.delta,
-                confidence: r.confidence,
-                canaries: r.canaries as u64,
-                guesses: r.guesses,
-                correct_guesses: r.correct_guesses,
-                passed: !r.failed(),
-                report_json,
-            })
+            .record_privacy_audit(&row)
             .map_err(|e| e.to_string())?;
     }
     if json {

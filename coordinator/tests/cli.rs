@@ -437,6 +437,50 @@ fn privacy_audit_reports_its_bound_next_to_the_claim() {
     assert!((v["q"].as_f64().expect("q") - 0.08).abs() < 1e-12);
     assert_eq!(v["steps"], 200);
 
+    // With --state, the same audit is on record twice, with the same figures: a row in the
+    // state database (what the release gate reads) and a record in the audit log.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bin()
+        .args([
+            "privacy-audit",
+            "--study",
+            study,
+            "--records",
+            "200",
+            "--canaries",
+            "200",
+            "--seed",
+            "5",
+            "--json",
+            "--state",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let store =
+        fedpriv_coordinator::store::Store::open_read_only(dir.path().join("coordinator.db"))
+            .expect("state database");
+    let rows = store.privacy_audits("breast-cancer").expect("audits");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        Some(rows[0].epsilon_lower_bound),
+        v["epsilon_lower_bound"].as_f64()
+    );
+    let log = std::fs::read_to_string(dir.path().join("audit.log")).expect("audit log");
+    let record = log
+        .lines()
+        .map(|l| fedpriv_common::audit::decode_line(l).expect("a record"))
+        .find(|r| r.event == fedpriv_common::audit::AuditEvent::PrivacyAudited)
+        .expect("a privacy_audited record");
+    use fedpriv_common::audit::details::Details;
+    assert_eq!(record.details, rows[0].audit_record().to_value());
+
     // A record-unit audit without a record count is the operator's mistake: exit 2, a reason.
     let out = bin()
         .args(["privacy-audit", "--study", study])

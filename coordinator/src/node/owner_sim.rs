@@ -404,14 +404,7 @@ impl Sim {
             match msg.message() {
                 CoordinatorMessage::Welcome { studies, .. } => {
                     for ann in studies.clone() {
-                        let ready = Event::Study {
-                            study: ann.study.clone(),
-                            input: Input::SiteReady {
-                                site: site.clone(),
-                                records: 500,
-                            },
-                        };
-                        self.at(self.now + 5, ready);
+                        self.ready(&ann.study, &site);
                     }
                 }
                 CoordinatorMessage::Task(task) => {
@@ -487,19 +480,22 @@ impl Sim {
                     self.ended.insert(study.clone(), reason.clone());
                 }
                 // Terms announced again (a calibrated sigma): the site accepts them anew.
-                CoordinatorMessage::StudyAnnounced(ann) => {
-                    let ready = Event::Study {
-                        study: ann.study.clone(),
-                        input: Input::SiteReady {
-                            site: site.clone(),
-                            records: 500,
-                        },
-                    };
-                    self.at(self.now + 5, ready);
-                }
+                CoordinatorMessage::StudyAnnounced(ann) => self.ready(&ann.study, &site),
                 CoordinatorMessage::Refused { .. } => {}
             }
         }
+    }
+
+    /// `site` answers an announcement of `study`: ready, with its declared 500 records.
+    fn ready(&mut self, study: &str, site: &str) {
+        let ready = Event::Study {
+            study: study.to_string(),
+            input: Input::SiteReady {
+                site: site.to_string(),
+                records: 500,
+            },
+        };
+        self.at(self.now + 5, ready);
     }
 
     /// The invariants that hold after every step.

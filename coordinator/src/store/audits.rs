@@ -24,6 +24,24 @@ pub struct PrivacyAuditRow {
     pub report_json: String,
 }
 
+impl PrivacyAuditRow {
+    /// The audit log's record of this audit (the same figures, without the report).
+    pub fn audit_record(&self) -> fedpriv_common::audit::details::PrivacyAudited {
+        fedpriv_common::audit::details::PrivacyAudited {
+            study: self.study.clone(),
+            terms_sha256: self.terms_sha256.clone(),
+            epsilon_claimed: self.epsilon_claimed,
+            epsilon_lower_bound: self.epsilon_lower_bound,
+            delta: self.delta,
+            confidence: self.confidence,
+            canaries: self.canaries,
+            guesses: self.guesses,
+            correct_guesses: self.correct_guesses,
+            passed: self.passed,
+        }
+    }
+}
+
 impl Store {
     /// Records an audit (append-only).
     pub fn record_privacy_audit(&mut self, a: &PrivacyAuditRow) -> Result<(), StoreError> {
