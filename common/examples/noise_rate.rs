@@ -6,7 +6,8 @@
 //! the figure is what one otherwise idle core would deliver, give or take what the
 //! neighbours do to the caches. One JSON line per generator.
 //!
-//! Run: `cargo run --release -p fedpriv-common --example noise_rate [-- SECONDS]`
+//! Run: `cargo run --release -p fedpriv-common --example noise_rate [-- SECONDS [GENERATOR]]`
+//! (GENERATOR `aes256-ctr` or `chacha20`; both when not given).
 
 use fedpriv_common::dp::noise::{Generator, NoiseSource};
 
@@ -37,7 +38,11 @@ fn main() {
     const D: usize = 10_000_000;
     let mut out = vec![0f32; D];
     let mut words = vec![0u64; D];
-    for g in [Generator::Aes256Ctr, Generator::ChaCha20] {
+    let only = std::env::args().nth(2);
+    for g in [Generator::Aes256Ctr, Generator::ChaCha20]
+        .into_iter()
+        .filter(|g| only.as_deref().is_none_or(|o| o == g.as_str()))
+    {
         let mut src = NoiseSource::from_os()
             .expect("the OS random generator")
             .with_generator(g);

@@ -4,10 +4,10 @@
 //! fresh 256-bit key from it and splits the vector into fixed chunks, each with its own
 //! keystream under that key, so the chunks can be filled on several cores and the output
 //! does not depend on how many. The keystream ([`Generator`]) is AES-256 in counter mode
-//! (the chunk index as the upper half of the counter block, the block number as the lower)
-//! where the CPU has AES instructions, detected at run time (the `aes` crate then uses VAES
-//! or AES-NI, whichever it finds), and ChaCha20 (the chunk index as its stream number)
-//! elsewhere. Both are stream ciphers used as the CSPRNGs they are: with a uniformly random
+//! (the chunk index as the upper half of the counter block, the block number as the lower;
+//! the counter blocks are written out here and encrypted in place by the `aes` crate's
+//! block cipher, which picks AES-NI or VAES at run time) where the CPU has AES
+//! instructions, and ChaCha20 (the chunk index as its stream number) elsewhere. Both are stream ciphers used as the CSPRNGs they are: with a uniformly random
 //! key, their output is indistinguishable from uniform bits without the key, and a key is
 //! used for one call only. AES-256-CTR is NIST's CTR_DRBG construction without its
 //! reseeding bookkeeping (the key is fresh per call, and a chunk's stream, 2 MiB, is far
@@ -28,11 +28,12 @@
 //!
 //! Each draw is `rand_distr`'s 256-layer ziggurat ([`StandardNormal`] in rand_distr 0.5),
 //! re-implemented here over generator output taken in blocks: bit for bit the same values
-//! from the same ChaCha20 stream (the tests check it against rand_distr itself), for about
-//! three quarters of the time per value; two thirds of what remains is the keystream. The
-//! four draws of a value are tried together: in about 94% of values all four land inside
-//! their layer's rectangle and the value costs four table look-ups; otherwise the draws
-//! from the first that did not are finished one by one, in order, as rand_distr does.
+//! from the same stream (the tests check it against rand_distr itself). A word's fast
+//! result (its draw if it lies inside its layer's rectangle) depends on that word alone, so
+//! it is worked out for a whole block of words in one branch-free pass, vectorised where
+//! the CPU has AVX2 (chosen at run time); the sampler then walks the block: in about 94% of
+//! values all four draws are inside and the value is their sum; otherwise the draws from
+//! the first that is not are finished one by one, in order, as rand_distr does.
 //!
 //! [`StandardNormal`]: https://docs.rs/rand_distr/0.5/rand_distr/struct.StandardNormal.html
 //!
@@ -46,17 +47,14 @@
 //! A deterministic generator exists only behind the `insecure-test-seed` cargo feature (and
 //! in this crate's own tests); production builds cannot construct one.
 
+use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use aes::Aes256;
-use ctr::cipher::{KeyIvInit, StreamCipher};
 use rand::{Rng, RngCore, SeedableRng};
 
 /// The master generator, and the noise keystream where the CPU has no AES instructions.
 /// ChaCha20 (20 rounds) on purpose: ChaCha12 (rand's `StdRng`) would be about a quarter
 /// cheaper (docs/performance.md), at a smaller security margin.
 type NoiseRng = rand_chacha::ChaCha20Rng;
-
-/// AES-256 in counter mode, the counter block big-endian.
-type AesCtr = ctr::Ctr128BE<Aes256>;
 
 /// Which keystream fills the noise's chunks. Both are cryptographically secure; they give
 /// different (each fixed) outputs for the same key.
@@ -103,18 +101,16 @@ fn aes_instructions() -> bool {
 
 /// One chunk's keystream.
 enum Keystream {
-    Aes(Box<AesCtr>),
+    /// The cipher, the chunk index (the counter block's upper half) and the next block's
+    /// number (its lower half).
+    Aes(Box<Aes256>, u64, u64),
     ChaCha(Box<NoiseRng>),
 }
 
 impl Keystream {
     fn new(generator: Generator, key: [u8; 32], chunk: usize) -> Self {
         match generator {
-            Generator::Aes256Ctr => {
-                let mut iv = [0u8; 16];
-                iv[..8].copy_from_slice(&(chunk as u64).to_be_bytes());
-                Self::Aes(Box::new(AesCtr::new(&key.into(), &iv.into())))
-            }
+            Generator::Aes256Ctr => Self::Aes(Box::new(Aes256::new(&key.into())), chunk as u64, 0),
             Generator::ChaCha20 => {
                 let mut rng = NoiseRng::from_seed(key);
                 rng.set_stream(chunk as u64);
@@ -127,9 +123,34 @@ impl Keystream {
     #[inline]
     fn fill(&mut self, buf: &mut [u64]) {
         match self {
-            Self::Aes(c) => {
-                // A chunk reads at most 2 MiB from a counter that has 2^64 blocks to go.
-                c.write_keystream(bytemuck::cast_slice_mut(buf));
+            Self::Aes(cipher, chunk, next) => {
+                // Counter mode written out: the counter blocks (big-endian, as the `ctr`
+                // crate's Ctr128BE lays them out) encrypted in place, which lets the cipher
+                // take the whole buffer in its widest parallel batches. A chunk reads at
+                // most 2 MiB, far from the 2^64 blocks its counter has.
+                let upper = u64::from_le_bytes(chunk.to_be_bytes());
+                let (whole, odd) = buf.split_at_mut(buf.len() & !1);
+                let first = *next;
+                for (n, pair) in (first..).zip(whole.chunks_exact_mut(2)) {
+                    pair[0] = upper;
+                    pair[1] = u64::from_le_bytes(n.to_be_bytes());
+                }
+                *next = first + (whole.len() / 2) as u64;
+                let (blocks, _) =
+                    aes::Block::slice_as_chunks_mut(bytemuck::cast_slice_mut::<u64, u8>(whole));
+                cipher.encrypt_blocks(blocks);
+                // An odd last word (never in the sampler, whose blocks are even) takes the
+                // first half of one more block; the other half is not used.
+                if let [last] = odd {
+                    let mut block = [upper, u64::from_le_bytes(next.to_be_bytes())];
+                    *next += 1;
+                    let (one, _) =
+                        aes::Block::slice_as_chunks_mut(bytemuck::cast_slice_mut::<u64, u8>(
+                            &mut block,
+                        ));
+                    cipher.encrypt_blocks(one);
+                    *last = block[0];
+                }
                 if cfg!(target_endian = "big") {
                     buf.iter_mut().for_each(|w| *w = u64::from_le(*w));
                 }
@@ -145,9 +166,9 @@ mod tables;
 /// Values per independently seeded stream; fixed so output is independent of thread count.
 pub const CHUNK: usize = 1 << 16;
 
-/// Generator words taken at once (4 KiB): one call into the vectorised ChaCha20 core per
-/// 512 words instead of one per word.
-const WORDS: usize = 512;
+/// Generator words taken at once (8 KiB): the keystream and the fast pass work on whole
+/// blocks, and fewer values straddle a block's end (which takes the slow path).
+const WORDS: usize = 1024;
 
 /// The operating system could not provide entropy. Ours (the environment's), not the peer's.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -168,9 +189,15 @@ impl std::fmt::Debug for NoiseSource {
 }
 
 /// One chunk's keystream, read a block of words at a time, in stream order.
+///
+/// With each block comes every word's fast ziggurat result, computed for the whole block in
+/// one branch-free pass (a word's draw depends on that word alone, so it can be worked out
+/// before the sampler knows whether it will read the word as a draw or as a wedge's or the
+/// tail's uniform): the draw where it lies inside its layer's rectangle, NaN where not.
 struct Words {
     stream: Keystream,
     buf: [u64; WORDS],
+    fast: [f64; WORDS],
     pos: usize,
 }
 
@@ -179,6 +206,7 @@ impl Words {
         Self {
             stream,
             buf: [0; WORDS],
+            fast: [0.0; WORDS],
             pos: WORDS,
         }
     }
@@ -196,13 +224,17 @@ impl Words {
     #[inline(never)]
     fn refill(&mut self) {
         self.stream.fill(&mut self.buf[..]);
+        // Compiled once per instruction set and chosen at run time (pulp): with AVX2 the
+        // pass runs four words at a time.
+        let (fast, buf) = (&mut self.fast, &self.buf);
+        pulp::Arch::new().dispatch(|| fast_pass(fast, buf));
         self.pos = 0;
     }
 
-    /// The next four words, if the block holds them.
+    /// The fast results of the next four words, if the block holds them.
     #[inline]
-    fn peek4(&self) -> Option<&[u64; 4]> {
-        self.buf.get(self.pos..self.pos + 4)?.try_into().ok()
+    fn peek4(&self) -> Option<&[f64; 4]> {
+        self.fast.get(self.pos..self.pos + 4)?.try_into().ok()
     }
 }
 
@@ -227,13 +259,29 @@ fn unit53(bits: u64) -> f64 {
     (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-/// A draw and the layer's fast test: whether it lies inside its layer's rectangle (then
-/// it is the ziggurat's output as it stands).
+/// A draw where it lies inside its layer's rectangle (then it is the ziggurat's output as it
+/// stands), NaN where it does not.
 #[inline(always)]
-fn ziggurat_fast(bits: u64) -> (f64, bool) {
+fn ziggurat_fast_or_nan(bits: u64) -> f64 {
     let i = (bits & 0xff) as usize;
     let x = symmetric_unit(bits) * tables::ZIG_NORM_X[i];
-    (x, x.abs() < tables::ZIG_NORM_X[i + 1])
+    if x.abs() < tables::ZIG_NORM_X[i + 1] {
+        x
+    } else {
+        f64::NAN
+    }
+}
+
+/// Every word's [`ziggurat_fast_or_nan`], four lanes at a time for the vectoriser.
+/// Element-wise arithmetic only (no fused operations), so every instruction set gives the
+/// same bits.
+#[inline(always)]
+fn fast_pass(fast: &mut [f64], buf: &[u64]) {
+    for (f, bits) in fast.chunks_exact_mut(4).zip(buf.chunks_exact(4)) {
+        for k in 0..4 {
+            f[k] = ziggurat_fast_or_nan(bits[k]);
+        }
+    }
 }
 
 /// One standard normal draw, the whole ziggurat: rand_distr's `StandardNormal` step for
@@ -271,31 +319,32 @@ fn ziggurat(w: &mut Words) -> f64 {
 /// then halved.
 #[inline(always)]
 fn secure_standard_normal(w: &mut Words) -> f64 {
-    let Some(bits) = w.peek4() else {
-        return finish_one_by_one(w, [(0.0, false); 4]);
-    };
-    let draws = bits.map(ziggurat_fast);
-    // One branch for the four tests (not four), taken the same way 94% of the time.
-    if draws[0].1 & draws[1].1 & draws[2].1 & draws[3].1 {
-        w.pos += 4;
-        return (draws[0].0 + draws[1].0 + draws[2].0 + draws[3].0) * 0.5;
+    if let Some(f) = w.peek4() {
+        // NaN marks a draw outside its rectangle, and NaN survives the sum: one branch for
+        // the four tests, taken the same way 94% of the time.
+        let sum = f[0] + f[1] + f[2] + f[3];
+        if !sum.is_nan() {
+            w.pos += 4;
+            return sum * 0.5;
+        }
     }
-    finish_one_by_one(w, draws)
+    finish_one_by_one(w)
 }
 
-/// Keeps the draws before the first one that left its rectangle (or all of them, at the end
-/// of a block) and takes the rest one by one through the whole ziggurat, consuming words in
-/// the order rand_distr would.
+/// Takes the four draws one by one, in the order rand_distr would consume the words: a word
+/// whose draw lies inside its rectangle as it was worked out for the block, any other
+/// through the whole ziggurat (which may read further words, and the next block).
 #[inline(never)]
-fn finish_one_by_one(w: &mut Words, fast: [(f64, bool); 4]) -> f64 {
-    let kept = fast.iter().take_while(|d| d.1).count();
-    w.pos += kept;
+fn finish_one_by_one(w: &mut Words) -> f64 {
     let mut x = [0.0f64; 4];
-    for (slot, draw) in x.iter_mut().zip(&fast[..kept]) {
-        *slot = draw.0;
-    }
-    for slot in &mut x[kept..] {
-        *slot = ziggurat(w);
+    for slot in &mut x {
+        *slot = match w.fast.get(w.pos) {
+            Some(&f) if !f.is_nan() => {
+                w.pos += 1;
+                f
+            }
+            _ => ziggurat(w),
+        };
     }
     (x[0] + x[1] + x[2] + x[3]) * 0.5
 }
@@ -419,7 +468,9 @@ impl NoiseSource {
     pub fn raw_keystream(&mut self, buf: &mut [u64]) {
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
-        Keystream::new(self.generator, key, 0).fill(buf);
+        // In the sampler's block size, as the sampler reads it.
+        let mut stream = Keystream::new(self.generator, key, 0);
+        buf.chunks_mut(WORDS).for_each(|c| stream.fill(c));
     }
 }
 
@@ -450,6 +501,17 @@ mod tests {
                 (f - i as f64 / n).abs().max(((i + 1) as f64 / n - f).abs())
             })
             .fold(0.0, f64::max)
+    }
+
+    fn hex64(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len() / 2)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    fn hex32(s: &str) -> [u8; 32] {
+        hex64(s).try_into().expect("32 bytes")
     }
 
     const BOTH: [Generator; 2] = [Generator::Aes256Ctr, Generator::ChaCha20];
@@ -515,17 +577,26 @@ mod tests {
     }
 
     /// A chunk's keystream read word by word through rand's generator interface, for
-    /// rand_distr's own sampler.
-    struct WordByWord(Keystream);
+    /// rand_distr's own sampler (taken from the stream one 128-bit block at a time).
+    struct WordByWord(Keystream, [u64; 2], usize);
+
+    impl WordByWord {
+        fn new(stream: Keystream) -> Self {
+            Self(stream, [0; 2], 2)
+        }
+    }
 
     impl RngCore for WordByWord {
         fn next_u32(&mut self) -> u32 {
             self.next_u64() as u32
         }
         fn next_u64(&mut self) -> u64 {
-            let mut w = [0u64; 1];
-            self.0.fill(&mut w);
-            w[0]
+            if self.2 == 2 {
+                self.0.fill(&mut self.1);
+                self.2 = 0;
+            }
+            self.2 += 1;
+            self.1[self.2 - 1]
         }
         fn fill_bytes(&mut self, dst: &mut [u8]) {
             for c in dst.chunks_mut(8) {
@@ -538,7 +609,7 @@ mod tests {
     /// the chunk's stream word by word.
     fn reference_chunk(g: Generator, key: [u8; 32], index: usize, chunk: &mut [f32], std: f64) {
         use rand_distr::StandardNormal;
-        let mut rng = WordByWord(Keystream::new(g, key, index));
+        let mut rng = WordByWord::new(Keystream::new(g, key, index));
         for v in chunk.iter_mut() {
             let a: f64 = rng.sample(StandardNormal);
             let b: f64 = rng.sample(StandardNormal);
@@ -563,32 +634,31 @@ mod tests {
 
     #[test]
     fn the_aes_keystream_is_aes256_ctr() {
-        // NIST SP 800-38A, F.5.5 (CTR-AES256.Encrypt), block 1: the crate's CTR with this
-        // counter block is AES-256-CTR.
-        let key: [u8; 32] = [
-            0x60, 0x3d, 0xeb, 0x10, 0x15, 0xca, 0x71, 0xbe, 0x2b, 0x73, 0xae, 0xf0, 0x85, 0x7d,
-            0x77, 0x81, 0x1f, 0x35, 0x2c, 0x07, 0x3b, 0x61, 0x08, 0xd7, 0x2d, 0x98, 0x10, 0xa3,
-            0x09, 0x14, 0xdf, 0xf4,
-        ];
-        let iv: [u8; 16] = [
-            0xf0, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa, 0xfb, 0xfc, 0xfd,
-            0xfe, 0xff,
-        ];
-        let mut block: [u8; 16] = [
-            0x6b, 0xc1, 0xbe, 0xe2, 0x2e, 0x40, 0x9f, 0x96, 0xe9, 0x3d, 0x7e, 0x11, 0x73, 0x93,
-            0x17, 0x2a,
-        ];
-        AesCtr::new(&key.into(), &iv.into()).apply_keystream(&mut block);
-        assert_eq!(
-            block,
-            [
-                0x60, 0x1e, 0xc3, 0x13, 0x77, 0x57, 0x89, 0xa5, 0xb7, 0xa7, 0xf5, 0x04, 0xbb, 0xf3,
-                0xd2, 0x28
-            ]
+        // NIST SP 800-38A, F.5.5 (CTR-AES256.Encrypt), all four blocks: with the initial
+        // counter block's halves as chunk index and first block number, the keystream is
+        // AES-256-CTR's (block 2's counter carries from its last byte into the next).
+        let key: [u8; 32] =
+            hex32("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
+        let plain = hex64(
+            "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51\
+             30c81c46a35ce411e5fbc1191a0a52eff69f2445df4f9b17ad2b417be66c3710",
         );
+        let cipher = hex64(
+            "601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5\
+             2b0930daa23de94ce87017ba2d84988ddfc9c58db67aada613c2dd08457941a6",
+        );
+        let mut stream = Keystream::Aes(
+            Box::new(Aes256::new(&key.into())),
+            0xf0f1_f2f3_f4f5_f6f7,
+            0xf8f9_fafb_fcfd_feff,
+        );
+        let mut words = [0u64; 8];
+        stream.fill(&mut words);
+        let keystream: &[u8] = bytemuck::cast_slice(&words);
+        let got: Vec<u8> = keystream.iter().zip(&plain).map(|(k, p)| k ^ p).collect();
+        assert_eq!(got, cipher);
         // A chunk's stream is E_K(chunk || n) for n = 0, 1, ...: checked block by block
         // against the bare block cipher.
-        use aes::cipher::{BlockCipherEncrypt, KeyInit};
         let cipher = Aes256::new(&key.into());
         let mut words = [0u64; 64];
         Keystream::new(Generator::Aes256Ctr, key, 5).fill(&mut words);
@@ -606,6 +676,32 @@ mod tests {
                 "block {n}"
             );
         }
+    }
+
+    #[test]
+    fn the_fast_pass_is_the_same_on_every_instruction_set() {
+        let mut words = vec![0u64; 4 * WORDS];
+        Keystream::new(Generator::ChaCha20, [3; 32], 1).fill(&mut words);
+        let (mut best, mut scalar) = (vec![0.0; words.len()], vec![0.0; words.len()]);
+        pulp::Arch::new().dispatch(|| fast_pass(&mut best, &words));
+        pulp::Simd::vectorize(pulp::Scalar::new(), || fast_pass(&mut scalar, &words));
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&best), bits(&scalar));
+        // Both kinds of word occur: inside (a draw) and outside (NaN) its rectangle.
+        let outside = scalar.iter().filter(|x| x.is_nan()).count();
+        assert!(outside > 10 && outside < words.len() / 20, "{outside}");
+    }
+
+    #[test]
+    fn an_odd_read_takes_half_a_block_and_moves_on() {
+        let mut whole = [0u64; 6];
+        Keystream::new(Generator::Aes256Ctr, [8; 32], 2).fill(&mut whole);
+        let mut stream = Keystream::new(Generator::Aes256Ctr, [8; 32], 2);
+        let (mut three, mut two) = ([0u64; 3], [0u64; 2]);
+        stream.fill(&mut three);
+        stream.fill(&mut two);
+        assert_eq!(three, whole[..3]);
+        assert_eq!(two, whole[4..]);
     }
 
     #[test]
@@ -639,7 +735,7 @@ mod tests {
         // Single draws, every path: 2M draws take the wedge ~24,000 times and the tail
         // beyond R ~500 times.
         for g in BOTH {
-            let mut rng = WordByWord(Keystream::new(g, [41; 32], 3));
+            let mut rng = WordByWord::new(Keystream::new(g, [41; 32], 3));
             let mut words = Words::new(Keystream::new(g, [41; 32], 3));
             let mut tail = 0;
             for n in 0..2_000_000 {
