@@ -4,17 +4,21 @@
 //! fresh 256-bit key from it and splits the vector into fixed chunks, each with its own
 //! keystream under that key, so the chunks can be filled on several cores and the output
 //! does not depend on how many. The keystream ([`Generator`]) is AES-256 in counter mode
-//! (the chunk index as the upper half of the counter block, the block number as the lower;
-//! the counter blocks are written out here and encrypted in place by the `aes` crate's
-//! block cipher, which picks AES-NI or VAES at run time) where the CPU has AES
-//! instructions, and ChaCha20 (the chunk index as its stream number) elsewhere. Both are stream ciphers used as the CSPRNGs they are: with a uniformly random
-//! key, their output is indistinguishable from uniform bits without the key, and a key is
-//! used for one call only. AES-256-CTR is NIST's CTR_DRBG construction without its
-//! reseeding bookkeeping (the key is fresh per call, and a chunk's stream, 2 MiB, is far
-//! below the 2^64 blocks a key may encrypt). With AES instructions it is about three times
-//! faster than ChaCha20's vectorised software (docs/performance.md); without them, the
-//! `aes` crate's constant-time software AES would be slower than ChaCha20, hence the
-//! fallback. The output for a key is fixed per generator by known-answer tests.
+//! where the CPU has AES instructions, and ChaCha20 (the chunk index as its stream number)
+//! elsewhere. The AES stream of a chunk is a sequence of messages of [`WORDS`] words, each
+//! the ciphertext of AES-256-GCM (ring's, which uses VAES or AES-NI as the CPU offers)
+//! over zeros under the nonce (chunk index, message number): that ciphertext is exactly
+//! the counter-mode keystream E_K(nonce || 2), E_K(nonce || 3), ...; the tag is discarded.
+//! ring's VAES code was measured faster here than counter blocks through RustCrypto's
+//! `aes` crate, whose run-time detection does not take VAES on CPUs without AVX-512
+//! (docs/performance.md). Both are stream ciphers used as the CSPRNGs they are: with a
+//! uniformly random key, their output is indistinguishable from uniform bits without the
+//! key, and a key is used for one call only, its nonces never repeated (a chunk reads a few
+//! hundred messages, 2 MiB). AES-256-CTR under a fresh key per call is NIST's CTR_DRBG
+//! construction without its reseeding bookkeeping. With AES instructions it is about three
+//! times faster than ChaCha20's vectorised software; without them, software AES would be
+//! slower than ChaCha20, hence the fallback. The output for a key is fixed per generator by
+//! known-answer tests.
 //!
 //! Floating-point attack (Mironov 2012): a Gaussian sample computed in floating point takes
 //! only some values, and which ones can reveal the unnoised input from the low bits of the
@@ -47,9 +51,8 @@
 //! A deterministic generator exists only behind the `insecure-test-seed` cargo feature (and
 //! in this crate's own tests); production builds cannot construct one.
 
-use aes::cipher::{BlockCipherEncrypt, KeyInit};
-use aes::Aes256;
 use rand::{Rng, RngCore, SeedableRng};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 /// The master generator, and the noise keystream where the CPU has no AES instructions.
 /// ChaCha20 (20 rounds) on purpose: ChaCha12 (rand's `StdRng`) would be about a quarter
@@ -60,7 +63,7 @@ type NoiseRng = rand_chacha::ChaCha20Rng;
 /// different (each fixed) outputs for the same key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Generator {
-    /// AES-256-CTR: the chunk index in the upper 64 bits of the counter block.
+    /// AES-256-CTR: the counter block is chunk index, message number, block number.
     Aes256Ctr,
     /// ChaCha20: the chunk index as its stream number.
     ChaCha20,
@@ -101,16 +104,19 @@ fn aes_instructions() -> bool {
 
 /// One chunk's keystream.
 enum Keystream {
-    /// The cipher, the chunk index (the counter block's upper half) and the next block's
-    /// number (its lower half).
-    Aes(Box<Aes256>, u64, u64),
+    /// The cipher, the chunk index and the number of the chunk's next message.
+    Aes(Box<LessSafeKey>, u64, u32),
     ChaCha(Box<NoiseRng>),
 }
 
 impl Keystream {
     fn new(generator: Generator, key: [u8; 32], chunk: usize) -> Self {
         match generator {
-            Generator::Aes256Ctr => Self::Aes(Box::new(Aes256::new(&key.into())), chunk as u64, 0),
+            Generator::Aes256Ctr => {
+                // A 32-byte key is what AES-256 takes: this cannot fail.
+                let key = UnboundKey::new(&AES_256_GCM, &key).expect("a 256-bit key");
+                Self::Aes(Box::new(LessSafeKey::new(key)), chunk as u64, 0)
+            }
             Generator::ChaCha20 => {
                 let mut rng = NoiseRng::from_seed(key);
                 rng.set_stream(chunk as u64);
@@ -119,38 +125,32 @@ impl Keystream {
         }
     }
 
-    /// The next words of the stream: little-endian u64s of the keystream bytes.
+    /// The next words of the stream: little-endian u64s of the keystream bytes. For AES
+    /// each call is one message of its own (the sampler's calls are all [`WORDS`] long).
     #[inline]
     fn fill(&mut self, buf: &mut [u64]) {
         match self {
-            Self::Aes(cipher, chunk, next) => {
-                // Counter mode written out: the counter blocks (big-endian, as the `ctr`
-                // crate's Ctr128BE lays them out) encrypted in place, which lets the cipher
-                // take the whole buffer in its widest parallel batches. A chunk reads at
-                // most 2 MiB, far from the 2^64 blocks its counter has.
-                let upper = u64::from_le_bytes(chunk.to_be_bytes());
-                let (whole, odd) = buf.split_at_mut(buf.len() & !1);
-                let first = *next;
-                for (n, pair) in (first..).zip(whole.chunks_exact_mut(2)) {
-                    pair[0] = upper;
-                    pair[1] = u64::from_le_bytes(n.to_be_bytes());
-                }
-                *next = first + (whole.len() / 2) as u64;
-                let (blocks, _) =
-                    aes::Block::slice_as_chunks_mut(bytemuck::cast_slice_mut::<u64, u8>(whole));
-                cipher.encrypt_blocks(blocks);
-                // An odd last word (never in the sampler, whose blocks are even) takes the
-                // first half of one more block; the other half is not used.
-                if let [last] = odd {
-                    let mut block = [upper, u64::from_le_bytes(next.to_be_bytes())];
-                    *next += 1;
-                    let (one, _) =
-                        aes::Block::slice_as_chunks_mut(bytemuck::cast_slice_mut::<u64, u8>(
-                            &mut block,
-                        ));
-                    cipher.encrypt_blocks(one);
-                    *last = block[0];
-                }
+            Self::Aes(key, chunk, message) => {
+                // AES-256-GCM over zeros: its ciphertext is the AES-256-CTR keystream
+                // E_K(nonce || 2), E_K(nonce || 3), ... (the tag is not used). The nonce,
+                // chunk index and message number, is never repeated under a key.
+                let mut nonce = [0u8; 12];
+                nonce[..8].copy_from_slice(&chunk.to_be_bytes());
+                nonce[8..].copy_from_slice(&message.to_be_bytes());
+                *message = message
+                    .checked_add(1)
+                    .expect("a chunk reads far fewer than 2^32 messages");
+                let bytes = bytemuck::cast_slice_mut::<u64, u8>(buf);
+                bytes.fill(0);
+                // Fails only for a message beyond GCM's 64 GiB; a failure must never leave
+                // the zeros in place, so it stops here.
+                let _tag = key
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::empty(),
+                        bytes,
+                    )
+                    .expect("a message far below AES-GCM's limit");
                 if cfg!(target_endian = "big") {
                     buf.iter_mut().for_each(|w| *w = u64::from_le(*w));
                 }
@@ -577,12 +577,13 @@ mod tests {
     }
 
     /// A chunk's keystream read word by word through rand's generator interface, for
-    /// rand_distr's own sampler (taken from the stream one 128-bit block at a time).
-    struct WordByWord(Keystream, [u64; 2], usize);
+    /// rand_distr's own sampler (taken from the stream in the sampler's [`WORDS`]-long
+    /// messages, which is how the AES stream is defined).
+    struct WordByWord(Keystream, Box<[u64; WORDS]>, usize);
 
     impl WordByWord {
         fn new(stream: Keystream) -> Self {
-            Self(stream, [0; 2], 2)
+            Self(stream, Box::new([0; WORDS]), WORDS)
         }
     }
 
@@ -591,8 +592,8 @@ mod tests {
             self.next_u64() as u32
         }
         fn next_u64(&mut self) -> u64 {
-            if self.2 == 2 {
-                self.0.fill(&mut self.1);
+            if self.2 == WORDS {
+                self.0.fill(&mut self.1[..]);
                 self.2 = 0;
             }
             self.2 += 1;
@@ -634,47 +635,37 @@ mod tests {
 
     #[test]
     fn the_aes_keystream_is_aes256_ctr() {
-        // NIST SP 800-38A, F.5.5 (CTR-AES256.Encrypt), all four blocks: with the initial
-        // counter block's halves as chunk index and first block number, the keystream is
-        // AES-256-CTR's (block 2's counter carries from its last byte into the next).
-        let key: [u8; 32] =
-            hex32("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
-        let plain = hex64(
-            "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51\
-             30c81c46a35ce411e5fbc1191a0a52eff69f2445df4f9b17ad2b417be66c3710",
+        // The GCM specification's test case 14 (AES-256, zero key, zero 96-bit IV, one zero
+        // block): its ciphertext is the first keystream block, E_K(IV || 2).
+        let mut words = [0u64; 2];
+        Keystream::new(Generator::Aes256Ctr, [0; 32], 0).fill(&mut words);
+        assert_eq!(
+            bytemuck::cast_slice::<u64, u8>(&words),
+            &hex64("cea7403d4d606b6e074ec5d3baf39d18")[..]
         );
-        let cipher = hex64(
-            "601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5\
-             2b0930daa23de94ce87017ba2d84988ddfc9c58db67aada613c2dd08457941a6",
-        );
-        let mut stream = Keystream::Aes(
-            Box::new(Aes256::new(&key.into())),
-            0xf0f1_f2f3_f4f5_f6f7,
-            0xf8f9_fafb_fcfd_feff,
-        );
-        let mut words = [0u64; 8];
-        stream.fill(&mut words);
-        let keystream: &[u8] = bytemuck::cast_slice(&words);
-        let got: Vec<u8> = keystream.iter().zip(&plain).map(|(k, p)| k ^ p).collect();
-        assert_eq!(got, cipher);
-        // A chunk's stream is E_K(chunk || n) for n = 0, 1, ...: checked block by block
-        // against the bare block cipher.
-        let cipher = Aes256::new(&key.into());
-        let mut words = [0u64; 64];
-        Keystream::new(Generator::Aes256Ctr, key, 5).fill(&mut words);
-        for n in 0..32u64 {
-            let mut counter = [0u8; 16];
-            counter[..8].copy_from_slice(&5u64.to_be_bytes());
-            counter[8..].copy_from_slice(&n.to_be_bytes());
-            let mut b = counter.into();
-            cipher.encrypt_block(&mut b);
-            let want: [u8; 16] = b.into();
-            let got = [words[2 * n as usize], words[2 * n as usize + 1]];
-            assert_eq!(
-                bytemuck::cast_slice::<u64, u8>(&got),
-                &want[..],
-                "block {n}"
-            );
+        // Every block of a message is E_K(chunk || message || n) for n = 2, 3, ...: checked
+        // against the bare block cipher (RustCrypto's, an independent implementation).
+        use aes::cipher::{BlockCipherEncrypt, KeyInit};
+        let key = hex32("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
+        let cipher = aes::Aes256::new(&key.into());
+        let mut stream = Keystream::new(Generator::Aes256Ctr, key, 5);
+        let mut words = vec![0u64; WORDS];
+        for message in 0..3u32 {
+            stream.fill(&mut words);
+            for (n, got) in words.chunks_exact(2).enumerate() {
+                let mut counter = [0u8; 16];
+                counter[..8].copy_from_slice(&5u64.to_be_bytes());
+                counter[8..12].copy_from_slice(&message.to_be_bytes());
+                counter[12..].copy_from_slice(&(n as u32 + 2).to_be_bytes());
+                let mut b = counter.into();
+                cipher.encrypt_block(&mut b);
+                let want: [u8; 16] = b.into();
+                assert_eq!(
+                    bytemuck::cast_slice::<u64, u8>(got),
+                    &want[..],
+                    "message {message} block {n}"
+                );
+            }
         }
     }
 
@@ -693,15 +684,16 @@ mod tests {
     }
 
     #[test]
-    fn an_odd_read_takes_half_a_block_and_moves_on() {
-        let mut whole = [0u64; 6];
-        Keystream::new(Generator::Aes256Ctr, [8; 32], 2).fill(&mut whole);
+    fn an_aes_message_may_end_mid_block_and_the_next_one_is_fresh() {
+        let (mut four, mut three) = ([0u64; 4], [0u64; 3]);
+        Keystream::new(Generator::Aes256Ctr, [8; 32], 2).fill(&mut four);
         let mut stream = Keystream::new(Generator::Aes256Ctr, [8; 32], 2);
-        let (mut three, mut two) = ([0u64; 3], [0u64; 2]);
         stream.fill(&mut three);
-        stream.fill(&mut two);
-        assert_eq!(three, whole[..3]);
-        assert_eq!(two, whole[4..]);
+        assert_eq!(three, four[..3]);
+        // The next call is the next message (a new nonce), not the rest of this one.
+        let mut next = [0u64; 4];
+        stream.fill(&mut next);
+        assert!(next.iter().all(|w| !four.contains(w)));
     }
 
     #[test]
@@ -721,9 +713,12 @@ mod tests {
         }
     }
 
+    // The counter blocks are chunk || message || n from n = 2 (GCM's first keystream
+    // block), the ones the earlier Ctr128BE stream had at block 2 onwards: these are its
+    // values from the second on (the first message, before the stream's block-size matters).
     const AES_KAT: [u32; 8] = [
-        3210853319, 1063874185, 1066475339, 3221200616, 3198323542, 3196022155, 3215512096,
-        3193212148,
+        1063874185, 1066475339, 3221200616, 3198323542, 3196022155, 3215512096, 3193212148,
+        3216757126,
     ];
     const CHACHA_KAT: [u32; 8] = [
         1074549551, 3207184111, 1048885984, 1074819859, 3219074635, 3196509947, 3208515823,
