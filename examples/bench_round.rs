@@ -16,7 +16,9 @@
 //! Round time: from the coordinator's "budget spent and recorded" log line of a round (the
 //! round's start, before any task leaves) to its "round completed" line (after the new
 //! model is durably checkpointed), as seen by this process reading the coordinator's
-//! stderr. Peak RSS: the coordinator's `VmHWM` from `/proc/<pid>/status`, read after the
+//! stderr. Round interval: from one round's start to the next's; the checkpoint is written
+//! while the next round runs, so this is the pace at which rounds follow each other, and
+//! what compares with the bare-quinn rounds (run back to back). Peak RSS: the coordinator's `VmHWM` from `/proc/<pid>/status`, read after the
 //! last round. Bytes: payload bytes of model and update bodies (QUIC and TLS framing
 //! not counted).
 
@@ -360,6 +362,9 @@ fn stats(v: &[f64]) -> Stats {
 
 struct CoordinatorRun {
     round_secs: Vec<f64>,
+    /// From one round's start to the next's: how fast rounds follow each other (a round's
+    /// checkpoint is written while the next one runs).
+    interval_secs: Vec<f64>,
     peak_rss_kib: u64,
     cpu_secs: f64,
     site_cpu_secs: f64,
@@ -433,6 +438,8 @@ fn bench_main(args: &Args) -> Result<(), BoxError> {
         "baseline_server_cpu_s_per_round": baseline.as_ref().map(|b| per_round(b.server_cpu_secs)),
         "baseline_clients_cpu_s_per_round": baseline.as_ref().map(|b| per_round(b.client_cpu_secs)),
         "ratio_to_baseline": base.as_ref().map(|b| ((fedpriv.median / b.median) * 100.0).round() / 100.0),
+        "round_interval_s": (!run.interval_secs.is_empty()).then(|| stats(&run.interval_secs)),
+        "interval_ratio_to_baseline": base.as_ref().filter(|_| !run.interval_secs.is_empty()).map(|b| ((stats(&run.interval_secs).median / b.median) * 100.0).round() / 100.0),
         "load_average_1m": load_average(),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     });
@@ -556,7 +563,8 @@ fn run_coordinator(
         }
         if line.contains("budget spent and recorded") {
             if let Some(r) = field_u64(&line, "round") {
-                starts.insert(r, at);
+                // A late site's charge logs the line again: the round began at the first.
+                starts.entry(r).or_insert(at);
             }
         } else if line.contains("round completed") {
             if let Some(t0) = field_u64(&line, "round").and_then(|r| starts.get(&r)) {
@@ -574,8 +582,14 @@ fn run_coordinator(
     let peak = vm_hwm_kib(pid).ok_or("cannot read the coordinator's VmHWM")?;
     let cpu = cpu_secs(pid).unwrap_or(f64::NAN);
     drop(procs);
+    let starts: Vec<Instant> = starts.into_values().collect();
+    let interval_secs = starts
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).as_secs_f64())
+        .collect();
     Ok(CoordinatorRun {
         round_secs,
+        interval_secs,
         peak_rss_kib: peak,
         cpu_secs: cpu,
         site_cpu_secs: site_cpu.iter().sum(),

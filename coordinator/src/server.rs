@@ -30,6 +30,7 @@ use crate::admin::{self, AdminCtx};
 use crate::audit::{AuditFailed, AuditHandle, COORDINATOR};
 use crate::limits::{Limits, UploadAllowance};
 use crate::metrics::{self, Metrics};
+use crate::node::checkpointer::Checkpointer;
 use crate::node::refusals::Refusals;
 use crate::node::site_conn::{self, Opening, SiteCtx};
 use crate::node::studies::{self, study_created};
@@ -315,6 +316,9 @@ async fn serve(
     let outlets = owner::Outlets {
         directory: directory_tx,
         notify,
+        checkpoints: Checkpointer::start(owner_tx.clone()).map_err(|e| {
+            ServerError::Internal(format!("cannot start the checkpoint writer: {e}"))
+        })?,
     };
     let owner_refusals = refusals.clone();
     let owner_thread = std::thread::Builder::new()

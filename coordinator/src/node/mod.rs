@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use crate::round::Input;
 
 pub mod acceptor;
+pub mod checkpointer;
 pub mod owner;
 pub mod refusals;
 pub mod site_conn;
@@ -124,6 +125,8 @@ pub enum Event {
     },
     /// An operator's write.
     Admin(AdminCommand),
+    /// A model version the checkpoint writer has written (or failed to).
+    CheckpointWritten(Box<checkpointer::CheckpointDone>),
     /// A study's deadline passed (see [`crate::round::StudyEngine::next_deadline`]).
     Tick,
     /// Stop at the next safe point (between steps).

@@ -31,6 +31,7 @@ use fedpriv_common::protocol::{CoordinatorMessage, PROTOCOL_VERSION};
 use fedpriv_common::seal::SealKey;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::checkpointer::{CheckpointDone, CheckpointJob, Checkpointer};
 use super::refusals::Refusals;
 use super::spool::Spools;
 use super::state::StateStore;
@@ -72,6 +73,9 @@ pub enum Effect {
     },
     /// The connection tasks' new view of the studies.
     Publish(Directory),
+    /// Write a new model version (off the owner's thread); the owner records it when the
+    /// answer comes back as [`Event::CheckpointWritten`].
+    WriteCheckpoint(Box<CheckpointJob>),
 }
 
 /// Why an action could not be carried out: the ledger, a checkpoint or the audit log
@@ -115,6 +119,11 @@ struct Ctx<S> {
     /// When each round in progress had its spend recorded (owner clock, ms): the start of
     /// its duration in the metrics. A round resumed after a restart has none.
     round_opened: HashMap<(String, u64), u64>,
+    /// Model versions handed to the checkpoint writer and not yet answered.
+    checkpoints_pending: HashSet<(String, u64)>,
+    /// Studies whose end waits for their last model versions to be on record (so that the
+    /// trail and the sites see the last round finished before the study ends).
+    ends_deferred: HashMap<String, String>,
     exit_when_done: bool,
     /// A failure that ends the run: the ledger or the audit log cannot be written.
     fatal: Option<ServerError>,
@@ -146,6 +155,8 @@ impl<S: StateStore> Owner<S> {
                 sites: HashMap::new(),
                 budget_alerted: HashSet::new(),
                 round_opened: HashMap::new(),
+                checkpoints_pending: HashSet::new(),
+                ends_deferred: HashMap::new(),
                 exit_when_done,
                 fatal: None,
                 effects: Vec::new(),
@@ -188,7 +199,16 @@ impl<S: StateStore> Owner<S> {
     /// Whether the run is over: a fatal failure, or (with `exit_when_done`) every study
     /// has ended.
     pub fn is_done(&self) -> bool {
-        self.ctx.fatal.is_some() || (self.ctx.exit_when_done && self.studies.all_finished())
+        self.ctx.fatal.is_some()
+            || (self.ctx.exit_when_done
+                && self.studies.all_finished()
+                && self.ctx.checkpoints_pending.is_empty())
+    }
+
+    /// Whether a model version is still being written (a run that stops waits for it, unless
+    /// a fatal failure ended it).
+    pub fn checkpoints_pending(&self) -> bool {
+        self.ctx.fatal.is_none() && !self.ctx.checkpoints_pending.is_empty()
     }
 
     /// The store, once the owner has stopped.
@@ -303,10 +323,35 @@ impl<S: StateStore> Owner<S> {
                     self.spools.remove(id);
                 }
             }
+            Event::CheckpointWritten(done) => self.checkpoint_written(*done, now),
             // The glue stops on it; a step has nothing to do.
             Event::Shutdown => {}
         }
         std::mem::take(&mut self.ctx.effects)
+    }
+
+    /// Records a model version the writer has made durable (the round is finished on the
+    /// audit log, then the version and its lineage in the store), or stops the study whose
+    /// checkpoint could not be written.
+    fn checkpoint_written(&mut self, done: CheckpointDone, now: Now) {
+        let Self { studies, ctx, .. } = self;
+        ctx.checkpoints_pending
+            .remove(&(done.study.clone(), done.round));
+        let Some(rt) = studies.get_mut(&done.study) else {
+            return;
+        };
+        let engine = &mut rt.engine;
+        let study = done.study.clone();
+        let mut result = ctx.record_model_version(engine, done, now);
+        let written = !ctx.checkpoints_pending.iter().any(|(s, _)| *s == study);
+        if result.is_ok() && written {
+            if let Some(reason) = ctx.ends_deferred.remove(&study) {
+                result = ctx.end_study(&study, engine, reason);
+            }
+        }
+        if let Err(e) = result {
+            ctx.fail_closed(&study, engine, e);
+        }
     }
 
     /// Feeds one study an input and carries out everything that follows.
@@ -398,6 +443,7 @@ impl<S: StateStore> Ctx<S> {
             .store
             .set_study_status(study, StudyStatus::Stopped, Some(&reason));
         engine.mark_ended(&reason);
+        self.ends_deferred.remove(study);
         self.round_opened.retain(|(s, _), _| s != study);
         let ended = CoordinatorMessage::StudyEnded {
             study: study.to_string(),
@@ -430,6 +476,88 @@ impl<S: StateStore> Ctx<S> {
         details: &D,
     ) -> Result<u64, AuditFailed> {
         self.audit.record_blocking(COORDINATOR, details)
+    }
+
+    /// A study's end: on the audit log, in the store, told to its sites and observers.
+    fn end_study(
+        &mut self,
+        study: &str,
+        eng: &StudyEngine,
+        reason: String,
+    ) -> Result<(), ActError> {
+        self.record(&StudyStopped {
+            study: study.to_string(),
+            by: COORDINATOR.to_string(),
+            reason: reason.clone(),
+        })?;
+        self.store
+            .set_study_status(study, StudyStatus::Completed, Some(&reason))?;
+        self.round_opened.retain(|(s, _), _| s != study);
+        tracing::info!(%study, %reason, "study ended");
+        let ended = CoordinatorMessage::StudyEnded {
+            study: study.to_string(),
+            reason: reason.clone(),
+        };
+        let enrolled = eng.config().enrolled.clone();
+        self.broadcast(&enrolled, &ended);
+        self.effects.push(Effect::Notify(Notification::StudyEnded {
+            study: study.to_string(),
+            reason,
+            cause: eng.end_cause(),
+        }));
+        Ok(())
+    }
+
+    /// The second half of a checkpoint, once its file is durable: the round is finished on
+    /// the audit log, then the model version is recorded in the store.
+    fn record_model_version(
+        &mut self,
+        eng: &StudyEngine,
+        done: CheckpointDone,
+        now: Now,
+    ) -> Result<(), ActError> {
+        let CheckpointDone {
+            study,
+            round,
+            model,
+            contributors,
+            epsilon,
+            optimizer,
+            result,
+        } = done;
+        let (rel, digest) = result.map_err(|(path, source)| StoreError::Io { path, source })?;
+        // The model version exists once the store commits it: record it first.
+        self.record(&RoundFinished {
+            study: study.clone(),
+            round,
+            outcome: RoundOutcome::Completed {
+                model_version: round,
+                file: rel.clone(),
+                sha256: digest.clone(),
+                contributors: contributors.clone(),
+                epsilon,
+            },
+        })?;
+        self.store
+            .complete_round(&study, round, &rel, &digest, &contributors, now.unix)?;
+        if optimizer {
+            checkpoint::remove_older_optimizer_states(&self.state_dir, &study, round);
+        }
+        self.metrics
+            .inc(metrics::ROUNDS_COMPLETED, &[("study", study.as_str())]);
+        self.round_closed(&study, round, metrics::outcome::COMPLETED, now);
+        let budget = eng.config().privacy.epsilon.get();
+        tracing::info!(%study, round, sites = contributors.len(), epsilon = format!("{epsilon:.4}"), budget, "round completed");
+        self.effects
+            .push(Effect::Notify(Notification::RoundCompleted {
+                study,
+                round,
+                model,
+                contributors,
+                epsilon,
+                budget,
+            }));
+        Ok(())
     }
 
     /// Carries out one action. Returns an input to feed back (the spend's commit, a site
@@ -692,76 +820,24 @@ impl<S: StateStore> Ctx<S> {
                     ))
                     .into());
                 }
-                let path = checkpoint::model_path(&self.state_dir, study, round);
-                // Sealed and streamed from the model's own memory: no copy of the model.
                 // The model describes itself: its study, data contract, layers and guarantee.
                 let card =
                     fedpriv_common::model_card::ModelCard::for_round(eng.config(), round, epsilon)
                         .metadata();
-                let digest = checkpoint::write_checkpoint(
-                    &self.at_rest_key,
-                    meta.spec(),
-                    &model,
-                    &card,
-                    study,
-                    round,
-                    &path,
-                )
-                .map_err(|source| StoreError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                // FedAdam's moments go beside it, so that a restart resumes the optimiser
-                // rather than silently resetting it.
-                if let Some(state) = eng.optimizer_state() {
-                    let opt = checkpoint::optimizer_path(&self.state_dir, study, round);
-                    checkpoint::write_optimizer_state(
-                        &self.at_rest_key,
-                        &state,
-                        study,
-                        round,
-                        &opt,
-                    )
-                    .map_err(|source| StoreError::Io {
-                        path: opt.clone(),
-                        source,
-                    })?;
-                }
-                let rel = path
-                    .strip_prefix(&self.state_dir)
-                    .unwrap_or(&path)
-                    .to_string_lossy()
-                    .into_owned();
-                // The model version exists once the store commits it: record it first.
-                self.record(&RoundFinished {
-                    study: study.to_string(),
-                    round,
-                    outcome: RoundOutcome::Completed {
-                        model_version: round,
-                        file: rel.clone(),
-                        sha256: digest.clone(),
-                        contributors: contributors.clone(),
-                        epsilon,
-                    },
-                })?;
-                self.store
-                    .complete_round(study, round, &rel, &digest, &contributors, now.unix)?;
-                if eng.optimizer_state().is_some() {
-                    checkpoint::remove_older_optimizer_states(&self.state_dir, study, round);
-                }
-                metrics.inc(metrics::ROUNDS_COMPLETED, &[("study", study)]);
-                self.round_closed(study, round, metrics::outcome::COMPLETED, now);
-                let budget = eng.config().privacy.epsilon.get();
-                tracing::info!(%study, round, sites = contributors.len(), epsilon = format!("{epsilon:.4}"), budget, "round completed");
+                self.checkpoints_pending.insert((study.to_string(), round));
                 self.effects
-                    .push(Effect::Notify(Notification::RoundCompleted {
+                    .push(Effect::WriteCheckpoint(Box::new(CheckpointJob {
                         study: study.to_string(),
                         round,
                         model,
                         contributors,
                         epsilon,
-                        budget,
-                    }));
+                        spec: meta.spec().clone(),
+                        card,
+                        optimizer: eng.optimizer_state(),
+                        key: Arc::clone(&self.at_rest_key),
+                        state_dir: self.state_dir.clone(),
+                    })));
             }
             Action::RoundAborted { round, reason } => {
                 self.record(&RoundFinished {
@@ -783,26 +859,11 @@ impl<S: StateStore> Ctx<S> {
                     }));
             }
             Action::StudyEnded { reason } => {
-                self.record(&StudyStopped {
-                    study: study.to_string(),
-                    by: COORDINATOR.to_string(),
-                    reason: reason.clone(),
-                })?;
-                self.store
-                    .set_study_status(study, StudyStatus::Completed, Some(&reason))?;
-                self.round_opened.retain(|(s, _), _| s != study);
-                tracing::info!(%study, %reason, "study ended");
-                let ended = CoordinatorMessage::StudyEnded {
-                    study: study.to_string(),
-                    reason: reason.clone(),
-                };
-                let enrolled = eng.config().enrolled.clone();
-                self.broadcast(&enrolled, &ended);
-                self.effects.push(Effect::Notify(Notification::StudyEnded {
-                    study: study.to_string(),
-                    reason,
-                    cause: eng.end_cause(),
-                }));
+                if self.checkpoints_pending.iter().any(|(s, _)| s == study) {
+                    self.ends_deferred.insert(study.to_string(), reason);
+                } else {
+                    self.end_study(study, eng, reason)?;
+                }
             }
         }
         Ok(None)
@@ -814,6 +875,7 @@ impl<S: StateStore> Ctx<S> {
 pub struct Outlets {
     pub directory: watch::Sender<Directory>,
     pub notify: Option<mpsc::UnboundedSender<Notification>>,
+    pub checkpoints: Checkpointer,
 }
 
 impl Outlets {
@@ -838,6 +900,7 @@ impl Outlets {
                 Effect::Publish(dir) => {
                     self.directory.send_replace(dir);
                 }
+                Effect::WriteCheckpoint(job) => self.checkpoints.submit(*job),
             }
         }
     }
@@ -903,6 +966,17 @@ pub fn run<S: StateStore>(
             }
         }
         outlets.carry_out(owner.step(event, clock.now()));
+    }
+    // A safe point: the model versions being written are finished and recorded first.
+    // Nothing else is taken on now.
+    while owner.checkpoints_pending() {
+        match inbox.recv() {
+            Ok(done @ Event::CheckpointWritten(_)) => {
+                outlets.carry_out(owner.step(done, clock.now()))
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
     }
     owner.into_result()
 }
