@@ -561,11 +561,16 @@ impl Sim {
 
     /// Runs until the owner is done or nothing more happens.
     fn run(&mut self, reply: &dyn Fn(&str, u64) -> Reply) {
+        self.run_until(reply, &|_| false);
+    }
+
+    /// [`Self::run`], stopping early (between steps) once `stop` holds.
+    fn run_until(&mut self, reply: &dyn Fn(&str, u64) -> Reply, stop: &dyn Fn(&Sim) -> bool) {
         let mut steps = 0;
         while let Some(Reverse((t, seq))) = self.queue.pop() {
             steps += 1;
             assert!(steps < 200_000, "simulation does not terminate");
-            if self.owner().is_done() {
+            if self.owner().is_done() || stop(self) {
                 break;
             }
             self.now = t;
@@ -740,6 +745,55 @@ fn evaluation_and_calibration_over_the_real_store_keep_every_invariant() {
         }
     }
     assert!(clean >= 6, "only {clean} clean runs");
+}
+
+#[test]
+fn a_stop_while_a_checkpoint_is_written_resumes_from_the_last_version_on_file() {
+    let toml = study_toml("crash", 8, "fedavg");
+    let mut sim = Sim::new(3, std::slice::from_ref(&toml), 0.0);
+    // Stop (as a crash would: nothing more is carried out) once a round's tasks have left
+    // while the previous model was still being written, after some version is on file.
+    let overlapping = |sim: &Sim| {
+        !sim.released.is_empty()
+            && sim
+                .writing
+                .iter()
+                .any(|(_, w)| sim.tasks.iter().any(|(_, _, r)| r > w))
+    };
+    sim.run_until(&|_, _| Reply::Honest, &overlapping);
+    assert!(overlapping(&sim));
+    let unwritten: Vec<u64> = sim.writing.iter().map(|(_, r)| *r).collect();
+    assert!(!unwritten.is_empty());
+    let mut store = sim.stop();
+    let spent_before = store.spent_by_site("crash").unwrap();
+    let cfg = StudyConfig::from_toml(&toml).unwrap();
+    let loaded = studies::load_studies(
+        &mut store,
+        sim.dir.path(),
+        &[(cfg, toml.clone())],
+        &sim.key,
+        1_800_000_000,
+    )
+    .unwrap();
+    // The rounds whose models were not on record are aborted; their spends stand.
+    let rounds = store.rounds("crash").unwrap();
+    for r in &unwritten {
+        let row = rounds.iter().find(|row| row.round == *r).unwrap();
+        assert_eq!(row.status, crate::store::RoundStatus::Aborted, "round {r}");
+    }
+    assert_eq!(store.spent_by_site("crash").unwrap(), spent_before);
+    // The study resumes from the last version on file: the model released for it.
+    let (last, ..) = store
+        .last_completed_round("crash")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(unwritten.iter().all(|r| *r > last));
+    let engine = loaded.get("crash").unwrap().engine();
+    assert_eq!(
+        engine.global().as_slice(),
+        &sim.released[&("crash".to_string(), last)][..]
+    );
+    assert_eq!(engine.current_round(), None);
 }
 
 #[test]
