@@ -176,26 +176,52 @@ pub fn is_sealed(bytes: &[u8]) -> bool {
 
 /// Encrypts `plaintext` for the purpose named by `aad`.
 pub fn seal(key: &SealKey, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, SealError> {
+    let mut out = Vec::with_capacity(sealed_len(plaintext.len()));
+    seal_append(key, plaintext, aad, &mut out)?;
+    Ok(out)
+}
+
+/// The length of [`seal`]'s output for a plaintext of `len` bytes.
+pub const fn sealed_len(len: usize) -> usize {
+    HEADER_LEN + len + TAG_LEN
+}
+
+/// [`seal`], appending the sealed form to `out` (after whatever the caller put there, a
+/// record's length prefix, say) instead of returning a new buffer: the plaintext is copied
+/// once, into `out`, and encrypted there. On an error `out` is left as it was.
+pub fn seal_append(
+    key: &SealKey,
+    plaintext: &[u8],
+    aad: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), SealError> {
     let mut nonce = [0u8; NONCE_LEN];
     SystemRandom::new()
         .fill(&mut nonce)
         .map_err(|_| SealError::Random)?;
-    let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
+    let start = out.len();
+    out.reserve(sealed_len(plaintext.len()));
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&key.id);
     out.extend_from_slice(&nonce);
-    let full_aad = [&out[..HEADER_LEN], aad].concat();
+    let full_aad = [&out[start..start + HEADER_LEN], aad].concat();
     out.extend_from_slice(plaintext);
-    let tag = key
-        .key
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&full_aad),
-            &mut out[HEADER_LEN..],
-        )
-        .map_err(|_| SealError::Internal("AES-256-GCM refused to seal"))?;
-    out.extend_from_slice(tag.as_ref());
-    Ok(out)
+    let sealed = key.key.seal_in_place_separate_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(&full_aad),
+        &mut out[start + HEADER_LEN..],
+    );
+    match sealed {
+        Ok(tag) => {
+            out.extend_from_slice(tag.as_ref());
+            Ok(())
+        }
+        Err(_) => {
+            // Never leave plaintext behind in the caller's buffer.
+            out.truncate(start);
+            Err(SealError::Internal("AES-256-GCM refused to seal"))
+        }
+    }
 }
 
 /// Decrypts a sealed file for the purpose named by `aad`. Returns the plaintext only if
@@ -629,6 +655,16 @@ mod tests {
             open(&k, &seal(&k, b"", AAD).expect("seal"), AAD).expect("open"),
             b""
         );
+    }
+
+    #[test]
+    fn seal_append_keeps_what_was_there_and_opens_alike() {
+        let k = key(7);
+        let mut record = b"len:".to_vec();
+        seal_append(&k, b"some values", AAD, &mut record).expect("seal");
+        assert_eq!(&record[..4], b"len:");
+        assert_eq!(record.len(), 4 + sealed_len(11));
+        assert_eq!(open(&k, &record[4..], AAD).expect("open"), b"some values");
     }
 
     #[test]

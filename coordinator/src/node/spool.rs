@@ -156,11 +156,12 @@ pub(crate) fn write_spool(spool: &SpoolFile, bytes: &[u8], offset: usize) -> std
             "spool records must be written in order, without gaps",
         ));
     }
-    let sealed = fedpriv_common::seal::seal(&spool.key, bytes, &spool_aad(index, at))
+    // The length prefix, then the sealed values sealed in place behind it (one copy).
+    let sealed_len = fedpriv_common::seal::sealed_len(bytes.len());
+    let mut record = Vec::with_capacity(4 + sealed_len);
+    record.extend_from_slice(&(sealed_len as u32).to_le_bytes());
+    fedpriv_common::seal::seal_append(&spool.key, bytes, &spool_aad(index, at), &mut record)
         .map_err(std::io::Error::other)?;
-    let mut record = Vec::with_capacity(4 + sealed.len());
-    record.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
-    record.extend_from_slice(&sealed);
     spool.file.write_all_at(&record, pos)?;
     *next = (
         pos + record.len() as u64,
