@@ -683,6 +683,35 @@ fn killed_coordinator_and_site_lose_no_spend_and_the_study_finishes() {
         assert_audit_verifies(&client_bin, &ledger_file.with_file_name("audit.log"), when);
     }
     assert_audit_verifies(&coordinator_bin, &fx.state_dir.join("audit.log"), when);
+    // Every round has its end on the trail, those a kill interrupted (aborted at the next
+    // start, a model version aggregated in them never written) included.
+    let store = Store::open(fx.state_dir.join("coordinator.db")).expect("store");
+    let log = std::fs::read_to_string(fx.state_dir.join("audit.log")).expect("audit log");
+    let finished: BTreeMap<u64, String> = log
+        .lines()
+        .map(|l| fedpriv_common::audit::decode_line(l).expect("a record"))
+        .filter(|r| r.event.as_str() == "round_finished")
+        .map(|r| {
+            let round = r.details["round"].as_u64().expect("round");
+            (
+                round,
+                r.details["outcome"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for row in store.rounds(&fx.study).expect("rounds") {
+        let want = match row.status {
+            RoundStatus::Completed => "completed",
+            RoundStatus::Aborted => "aborted",
+            RoundStatus::Reserved => continue,
+        };
+        assert_eq!(
+            finished.get(&row.round).map(String::as_str),
+            Some(want),
+            "round {} is {want} in the store but not so on the audit log",
+            row.round
+        );
+    }
     let (paid, kept) = mid_round_kill.expect("a site was killed on its own");
     eprintln!(
         "study ended ({reason}) after {kills} coordinator kills and a site kill after its \

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedpriv_common::audit::details::{
-    ConfigLoaded, ConnectionAccepted, ServiceStarted, ServiceStopped,
+    ConfigLoaded, ConnectionAccepted, RoundFinished, RoundOutcome, ServiceStarted, ServiceStopped,
 };
 use fedpriv_common::audit_file::AuditLog;
 use fedpriv_common::config::StudyConfig;
@@ -270,6 +270,25 @@ async fn serve(
                 .record(&by, &study_created(cfg, &by, toml_text))
                 .await
                 .map_err(audit_err)?;
+        }
+    }
+    // Rounds the last run left reserved (it stopped during them, or before their model
+    // version was written) are aborted as the studies load: on the trail first.
+    for row in store.studies()? {
+        for round in store.rounds(&row.id)? {
+            if round.status == crate::store::RoundStatus::Reserved {
+                let finished = RoundFinished {
+                    study: row.id.clone(),
+                    round: round.round,
+                    outcome: RoundOutcome::Aborted {
+                        reason: studies::INTERRUPTED.to_string(),
+                    },
+                };
+                audit
+                    .record(COORDINATOR, &finished)
+                    .await
+                    .map_err(audit_err)?;
+            }
         }
     }
     let studies = studies::load_studies(

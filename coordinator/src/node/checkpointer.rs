@@ -9,8 +9,10 @@
 //! then does the owner audit the round as finished and record the model version in the
 //! store. A model version therefore exists in the store only once its file is durable.
 //! If the process stops with a checkpoint unwritten, its round is still reserved, and a
-//! restart aborts it like any interrupted round: its spend stands and the study resumes
-//! from the last version on file (never a newer model than the ledger can account for).
+//! restart aborts it like any interrupted round (on the audit log too): its spend stands
+//! and the study resumes from the last version on file. The next round's tasks may already
+//! have carried that model to the sites: a model paid for in the ledger, but with no
+//! digest on the trail.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,6 +83,21 @@ impl CheckpointJob {
         }
     }
 
+    /// The answer for a job that could not be written, without touching the disk (the
+    /// model is shared, not copied).
+    fn failed(&self, why: &str) -> CheckpointDone {
+        let path = checkpoint::model_path(&self.state_dir, &self.study, self.round);
+        CheckpointDone {
+            study: self.study.clone(),
+            round: self.round,
+            model: Arc::clone(&self.model),
+            contributors: self.contributors.clone(),
+            epsilon: self.epsilon,
+            optimizer: self.optimizer.is_some(),
+            result: Err((path, std::io::Error::other(why.to_string()))),
+        }
+    }
+
     fn write_files(&self) -> Result<(String, String), (PathBuf, std::io::Error)> {
         let path = checkpoint::model_path(&self.state_dir, &self.study, self.round);
         // Sealed and streamed from the model's own memory: no copy of the model.
@@ -116,19 +133,26 @@ fn relative(state_dir: &Path, path: &Path) -> String {
 /// inbox. Dropping it lets the thread finish the jobs it has and stop.
 #[derive(Debug)]
 pub struct Checkpointer {
-    jobs: std::sync::mpsc::Sender<CheckpointJob>,
+    jobs: std::sync::mpsc::SyncSender<CheckpointJob>,
     inbox: OwnerTx,
 }
 
 impl Checkpointer {
     pub fn start(inbox: OwnerTx) -> std::io::Result<Self> {
-        let (jobs, queue) = std::sync::mpsc::channel::<CheckpointJob>();
+        // One job queued behind the one being written: beyond that, handing over the next
+        // waits (each job holds a model version, and FedAdam's moments, in memory).
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<CheckpointJob>(1);
         let answers = inbox.clone();
         std::thread::Builder::new()
             .name("checkpoints".into())
             .spawn(move || {
                 for job in queue {
-                    let done = job.write();
+                    let failed = job.failed("the checkpoint writer failed");
+                    // Every job is answered, even one whose write panicked: the owner waits
+                    // for the answer before it ends a study or the run.
+                    let done =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.write()))
+                            .unwrap_or(failed);
                     if answers
                         .send(Event::CheckpointWritten(Box::new(done)))
                         .is_err()
@@ -141,21 +165,12 @@ impl Checkpointer {
         Ok(Self { jobs, inbox })
     }
 
-    /// Queues a job. Should the writer have stopped, the owner hears of the job as failed
-    /// (and stops the study), so that it never waits for an answer that cannot come.
+    /// Hands a job to the writer (waiting while two are ahead of it). Should the writer have
+    /// stopped, the owner hears of the job as failed (and stops the study), so that it
+    /// never waits for an answer that cannot come.
     pub fn submit(&self, job: CheckpointJob) {
         if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
-            let path = checkpoint::model_path(&job.state_dir, &job.study, job.round);
-            let error = std::io::Error::other("the checkpoint writer has stopped");
-            let done = CheckpointDone {
-                optimizer: job.optimizer.is_some(),
-                result: Err((path, error)),
-                study: job.study,
-                round: job.round,
-                model: job.model,
-                contributors: job.contributors,
-                epsilon: job.epsilon,
-            };
+            let done = job.failed("the checkpoint writer has stopped");
             let _ = self.inbox.send(Event::CheckpointWritten(Box::new(done)));
         }
     }

@@ -2,10 +2,12 @@
 //! the connected sites' outboxes and the upload spools, and changes them only in
 //! [`Owner::step`], a synchronous `step(event, now) -> effects`.
 //!
-//! Inside a step the owner makes its durable writes (the ledger, the audit log,
-//! checkpoints), in the order the round engine's actions ask for them; what must leave the
-//! process (messages to sites, admin replies, notifications, a new directory for the
-//! connection tasks) comes back as [`Effect`]s, which [`run`] carries out after the step.
+//! Inside a step the owner makes its durable writes (the ledger, the audit log), in the
+//! order the round engine's actions ask for them; a new model version is written by the
+//! checkpoint writer ([`super::checkpointer`]) and recorded in the step that receives its
+//! answer; what must leave the process (messages to sites, admin replies, notifications,
+//! a new directory for the connection tasks, a model version to write) comes back as
+//! [`Effect`]s, which [`run`] carries out after the step.
 //! So an effect that sends a round's task is only ever produced after that round's spend
 //! was committed by the store, and a failed write stops the study before anything it would
 //! have paid for can leave (fail closed). The simulation in `owner_sim.rs` drives this very
@@ -931,7 +933,8 @@ impl Clock {
 }
 
 /// The owner's loop (the glue around [`Owner::step`]): runs until `Shutdown`, until every
-/// sender of `inbox` is gone, or until the owner is done; returns how the run ended. Every
+/// sender of `inbox` is gone, or until the owner is done, then waits for the model versions
+/// still being written; returns how the run ended. Every
 /// few seconds it also writes the metrics file and the refusal summaries that are due.
 pub fn run<S: StateStore>(
     mut owner: Owner<S>,
@@ -967,15 +970,16 @@ pub fn run<S: StateStore>(
         }
         outlets.carry_out(owner.step(event, clock.now()));
     }
-    // A safe point: the model versions being written are finished and recorded first.
-    // Nothing else is taken on now.
+    // A safe point: the model versions being written are finished and recorded first
+    // (every job is answered, a failed one too). Nothing else is taken on now; a second
+    // shutdown stops the wait, leaving those rounds to be aborted at the next start.
     while owner.checkpoints_pending() {
         match inbox.recv() {
             Ok(done @ Event::CheckpointWritten(_)) => {
                 outlets.carry_out(owner.step(done, clock.now()))
             }
+            Ok(Event::Shutdown) | Err(_) => break,
             Ok(_) => {}
-            Err(_) => break,
         }
     }
     owner.into_result()

@@ -238,6 +238,8 @@ struct Sim {
     writing: BTreeSet<(String, u64)>,
     /// Tasks that left while an earlier round's model was still being written.
     overlapped: usize,
+    /// When the writer's last answer is due (answers come in order).
+    answered: u64,
 }
 
 impl Sim {
@@ -263,6 +265,7 @@ impl Sim {
             outboxes: Vec::new(),
             writing: BTreeSet::new(),
             overlapped: 0,
+            answered: 0,
         };
         sim.start(seed, studies, fault_rate);
         sim
@@ -406,7 +409,9 @@ impl Sim {
                     let error = std::io::Error::other("injected: checkpoint write failed");
                     done.result = Err((path, error));
                 }
-                let t = self.now + self.rng.random_range(1..400);
+                // In the order they were handed over, as the one writer thread answers.
+                let t = (self.now + self.rng.random_range(1..400)).max(self.answered + 1);
+                self.answered = t;
                 self.at(t, Event::CheckpointWritten(Box::new(done)));
                 continue;
             }
@@ -418,6 +423,12 @@ impl Sim {
                     ..
                 }) = effect
                 {
+                    // Versions are recorded in round order.
+                    let last = self.released.keys().filter(|(s, _)| *s == study).last();
+                    assert!(
+                        last.is_none_or(|(_, r)| *r < round),
+                        "{study} {round} after {last:?}"
+                    );
                     self.released.insert((study, round), model.to_vec());
                 }
                 continue;

@@ -231,6 +231,10 @@ pub fn study_spec(cfg: &StudyConfig) -> Result<ModelSpec, ServerError> {
 /// Builds each study's engine, creating new studies and resuming known ones from their
 /// last completed round. Active studies in the store that `studies` does not list (created
 /// by an operator at runtime) resume from their stored config.
+/// Why a round the previous run left reserved is aborted when the study loads.
+pub const INTERRUPTED: &str = "the coordinator stopped during the round (a model version \
+                                   aggregated in it, if any, was not written)";
+
 pub fn load_studies(
     store: &mut impl StateStore,
     state_dir: &Path,
@@ -334,12 +338,7 @@ pub fn study_runtime(
     let next_round = rounds.iter().map(|r| r.round).max().unwrap_or(0) + 1;
     for r in &rounds {
         if r.status == RoundStatus::Reserved {
-            store.abort_round(
-                &cfg.id,
-                r.round,
-                "the coordinator stopped during the round",
-                now,
-            )?;
+            store.abort_round(&cfg.id, r.round, INTERRUPTED, now)?;
         }
     }
     let spent = store.spent_by_site(&cfg.id)?;
