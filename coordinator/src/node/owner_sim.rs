@@ -424,7 +424,7 @@ impl Sim {
                 }) = effect
                 {
                     // Versions are recorded in round order.
-                    let last = self.released.keys().filter(|(s, _)| *s == study).last();
+                    let last = self.released.keys().rfind(|(s, _)| *s == study);
                     assert!(
                         last.is_none_or(|(_, r)| *r < round),
                         "{study} {round} after {last:?}"
