@@ -118,6 +118,19 @@ impl StreamError {
     pub fn is_peer_fault(&self) -> bool {
         matches!(self, StreamError::Wire(e) if e.is_peer_fault())
     }
+
+    /// True when the peer had closed the connection in an orderly way (it shut down): a
+    /// normal outcome, not a failure.
+    pub fn is_orderly_close(&self) -> bool {
+        let closed = match self {
+            StreamError::Connection(c) => c,
+            StreamError::Write(quinn::WriteError::ConnectionLost(c)) => c,
+            StreamError::Read(quinn::ReadError::ConnectionLost(c)) => c,
+            _ => return false,
+        };
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(a)
+            if a.error_code.into_inner() == u64::from(CloseCode::Normal.code()))
+    }
 }
 
 fn describe_code(code: u64) -> String {
@@ -445,4 +458,26 @@ pub fn peer_leaf_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
     chain.first().map(|c| c.as_ref().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(code: CloseCode) -> quinn::ConnectionError {
+        quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(code.code()),
+            reason: bytes::Bytes::from_static(b"site shutting down"),
+        })
+    }
+
+    #[test]
+    fn only_a_peer_s_normal_close_is_orderly() {
+        assert!(StreamError::Connection(closed(CloseCode::Normal)).is_orderly_close());
+        let lost = quinn::WriteError::ConnectionLost(closed(CloseCode::Normal));
+        assert!(StreamError::Write(lost).is_orderly_close());
+        assert!(!StreamError::Connection(closed(CloseCode::ProtocolViolation)).is_orderly_close());
+        assert!(!StreamError::Connection(quinn::ConnectionError::TimedOut).is_orderly_close());
+        assert!(!StreamError::Closed.is_orderly_close());
+    }
 }

@@ -185,6 +185,12 @@ pub async fn serve(peer: AuthenticatedPeer, version: u32, claimed_site: &str, mu
                     e @ (transport::quic_io::StreamError::Stopped(_)
                     | transport::quic_io::StreamError::Write(quinn::WriteError::Stopped(_))),
                 ) => tracing::warn!(error = %e, "site refused a message"),
+                // The site shut down (a study's end, say): what was still queued for it
+                // is not needed; a normal outcome.
+                Err(e) if e.is_orderly_close() => {
+                    tracing::debug!(error = %e, "site closed its connection; message not sent");
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "send to site failed");
                     break;
