@@ -240,6 +240,8 @@ struct Sim {
     overlapped: usize,
     /// When the writer's last answer is due (answers come in order).
     answered: u64,
+    /// Checkpoint jobs handed over and not yet written, with when the writer gets to them.
+    jobs: std::collections::VecDeque<(u64, super::checkpointer::CheckpointJob)>,
 }
 
 impl Sim {
@@ -266,6 +268,7 @@ impl Sim {
             writing: BTreeSet::new(),
             overlapped: 0,
             answered: 0,
+            jobs: std::collections::VecDeque::new(),
         };
         sim.start(seed, studies, fault_rate);
         sim
@@ -334,6 +337,8 @@ impl Sim {
         self.queue.clear();
         self.events.clear();
         self.ticks.clear();
+        // Jobs the writer had not got to are lost, as in a crash.
+        self.jobs.clear();
         store
     }
 
@@ -399,20 +404,13 @@ impl Sim {
     fn carry_out(&mut self, effects: Vec<Effect>, reply: &dyn Fn(&str, u64) -> Reply) {
         for effect in effects {
             if let Effect::WriteCheckpoint(job) = effect {
-                // The writer's answer comes later, while the next round may be under way.
+                // The writer writes it later, while the next round may be under way, and
+                // answers in the order the jobs were handed over (see `run`).
                 self.writing.insert((job.study.clone(), job.round));
-                let mut done = job.write();
-                // With faults injected, some checkpoints fail too (a full disk).
-                let rate = self.owner().store().rate;
-                if rate > 0.0 && self.rng.random_bool(rate / 2.0) {
-                    let path = self.dir.path().join("models");
-                    let error = std::io::Error::other("injected: checkpoint write failed");
-                    done.result = Err((path, error));
-                }
-                // In the order they were handed over, as the one writer thread answers.
                 let t = (self.now + self.rng.random_range(1..400)).max(self.answered + 1);
                 self.answered = t;
-                self.at(t, Event::CheckpointWritten(Box::new(done)));
+                self.jobs.push_back((t, *job));
+                self.at(t, Event::Tick);
                 continue;
             }
             let Effect::Send { site, msg, .. } = effect else {
@@ -583,6 +581,23 @@ impl Sim {
             assert!(steps < 200_000, "simulation does not terminate");
             if self.owner().is_done() || stop(self) {
                 break;
+            }
+            // The writer's turn: a job due by now is written (its file appears only now)
+            // and answered before this event is taken.
+            if self.jobs.front().is_some_and(|(due, _)| *due <= t) {
+                let (due, job) = self.jobs.pop_front().unwrap();
+                self.queue.push(Reverse((t, seq)));
+                self.now = due;
+                let mut done = job.write();
+                // With faults injected, some checkpoints fail too (a full disk).
+                let rate = self.owner().store().rate;
+                if rate > 0.0 && self.rng.random_bool(rate / 2.0) {
+                    let path = self.dir.path().join("models");
+                    let error = std::io::Error::other("injected: checkpoint write failed");
+                    done.result = Err((path, error));
+                }
+                self.at(due, Event::CheckpointWritten(Box::new(done)));
+                continue;
             }
             self.now = t;
             let ev = self.events.remove(&seq).unwrap();
