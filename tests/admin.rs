@@ -26,6 +26,9 @@ use tokio::sync::watch;
 
 use fedpriv_common::test_util::StudyBuilder as Study;
 
+#[path = "support/pki_files.rs"]
+mod pki_files;
+
 const WAIT: Duration = Duration::from_secs(10);
 
 /// The admin tests' study: a logistic regression on two features with central noise and the
@@ -58,31 +61,17 @@ impl Fixture {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_owned();
-        pki_cli::run(&PkiCommand::Init {
-            out: root.join("ca"),
-            names: vec!["localhost".into()],
-            ips: vec!["127.0.0.1".parse().unwrap()],
-            days: 30,
-            ca_days: 60,
-            ca_name: "admin test CA".into(),
-        })
-        .unwrap();
-        for (role, name) in [
-            (Role::Operator, "alice"),
-            (Role::Auditor, "carol"),
-            (Role::Site, "site-a"),
-            (Role::Site, "site-b"),
-            (Role::Site, "site-c"),
-        ] {
-            pki_cli::run(&PkiCommand::Issue {
-                ca_dir: root.join("ca"),
-                role,
-                name: name.into(),
-                out: root.join("issued"),
-                days: 5,
-            })
-            .unwrap();
-        }
+        pki_files::make(
+            &root,
+            "admin test CA",
+            &[
+                (Role::Operator, "alice"),
+                (Role::Auditor, "carol"),
+                (Role::Site, "site-a"),
+                (Role::Site, "site-b"),
+                (Role::Site, "site-c"),
+            ],
+        );
         let (stop, _) = watch::channel(false);
         let mut fx = Self {
             _dir: dir,

@@ -19,11 +19,14 @@ use fedpriv_common::seal::SealKey;
 use fedpriv_common::test_util::StudyBuilder as Study;
 use fedpriv_coordinator::limits::Limits;
 use fedpriv_coordinator::metrics::Metrics;
-use fedpriv_coordinator::pki_cli::{self, PkiCommand};
+use fedpriv_coordinator::pki_cli;
 use fedpriv_coordinator::server::{self, Notification, Options};
 use fedpriv_coordinator::store::{RoundStatus, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
+
+#[path = "support/pki_files.rs"]
+mod pki_files;
 
 const SITES: [&str; 2] = ["site-a", "site-b"];
 const ROUNDS: u64 = 3;
@@ -180,25 +183,8 @@ fn check_privacy(m: &BTreeMap<String, f64>, state: &Path, text: &str) {
 async fn a_scraper_reads_epsilon_budget_and_round_durations_after_real_rounds() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    pki_cli::run(&PkiCommand::Init {
-        out: root.join("ca"),
-        names: vec!["localhost".into()],
-        ips: vec!["127.0.0.1".parse().unwrap()],
-        days: 30,
-        ca_days: 60,
-        ca_name: "metrics test CA".into(),
-    })
-    .unwrap();
-    for name in SITES {
-        pki_cli::run(&PkiCommand::Issue {
-            ca_dir: root.join("ca"),
-            role: Role::Site,
-            name: name.into(),
-            out: root.join("issued"),
-            days: 5,
-        })
-        .unwrap();
-    }
+    let sites: Vec<(Role, &str)> = SITES.iter().map(|s| (Role::Site, *s)).collect();
+    pki_files::make(root, "metrics test CA", &sites);
     let tomls = studies();
     let mut coord = start(root, &tomls).await;
 

@@ -8,6 +8,17 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fedpriv-coordinator"))
 }
 
+/// Runs a command that prints one JSON object; it must succeed (its stderr otherwise).
+fn json_of(cmd: &mut Command) -> serde_json::Value {
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
 #[test]
 fn budget_prints_one_json_object() {
     let out = bin()
@@ -322,19 +333,13 @@ fn model_evaluate_and_predict_use_the_cards_preprocessing() {
         "a,b,region,kind\n9,1,north,red\n1,9,north,white\n1,1,south,rose\n9,,north,red\n2,2,north,purple\n",
     )
     .expect("write");
-    let out = bin()
-        .args(["model", "evaluate", "--json", "--model"])
-        .arg(&model)
-        .arg("--data")
-        .arg(dir.path().join("test.csv"))
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = json_of(
+        bin()
+            .args(["model", "evaluate", "--json", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(dir.path().join("test.csv")),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["records"], 4);
     assert_eq!(v["skipped"], 1);
     assert_eq!(v["accuracy"], 1.0);
@@ -400,27 +405,18 @@ fn privacy_audit_reports_its_bound_next_to_the_claim() {
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/configs/study-record.toml"
     );
-    let out = bin()
-        .args([
-            "privacy-audit",
-            "--study",
-            study,
-            "--records",
-            "200",
-            "--canaries",
-            "200",
-            "--seed",
-            "5",
-            "--json",
-        ])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let v = json_of(bin().args([
+        "privacy-audit",
+        "--study",
+        study,
+        "--records",
+        "200",
+        "--canaries",
+        "200",
+        "--seed",
+        "5",
+        "--json",
+    ]));
     for field in [
         "epsilon_claimed",
         "epsilon_lower_bound",
@@ -440,29 +436,23 @@ fn privacy_audit_reports_its_bound_next_to_the_claim() {
     // With --state, the same audit is on record twice, with the same figures: a row in the
     // state database (what the release gate reads) and a record in the audit log.
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = bin()
-        .args([
-            "privacy-audit",
-            "--study",
-            study,
-            "--records",
-            "200",
-            "--canaries",
-            "200",
-            "--seed",
-            "5",
-            "--json",
-            "--state",
-        ])
-        .arg(dir.path())
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = json_of(
+        bin()
+            .args([
+                "privacy-audit",
+                "--study",
+                study,
+                "--records",
+                "200",
+                "--canaries",
+                "200",
+                "--seed",
+                "5",
+                "--json",
+                "--state",
+            ])
+            .arg(dir.path()),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     let store =
         fedpriv_coordinator::store::Store::open_read_only(dir.path().join("coordinator.db"))
             .expect("state database");
