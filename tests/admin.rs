@@ -105,14 +105,7 @@ impl Fixture {
         exit_when_done: bool,
         limits: Limits,
     ) {
-        let ca = self.root.join("ca");
-        let tls = pki::server_config(
-            &read(&ca.join(pki_cli::CA_CERT)),
-            &read(&ca.join(pki_cli::SERVER_CERT)),
-            &read(&ca.join(pki_cli::SERVER_KEY)),
-            &[],
-        )
-        .unwrap();
+        let tls = pki_files::server_tls(&self.root);
         let studies = studies
             .into_iter()
             .map(|t| {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use fedpriv_common::config::StudyConfig;
 use fedpriv_common::dp::accountant;
-use fedpriv_common::pki::{self, Role};
+use fedpriv_common::pki::Role;
 use fedpriv_common::seal::SealKey;
 use fedpriv_common::test_util::StudyBuilder as Study;
 use fedpriv_coordinator::limits::Limits;
@@ -57,15 +57,7 @@ struct Coordinator {
 }
 
 async fn start(root: &Path, studies: &[String]) -> Coordinator {
-    let ca = root.join("ca");
-    let read = |p: &Path| std::fs::read(p).unwrap();
-    let tls = pki::server_config(
-        &read(&ca.join(pki_cli::CA_CERT)),
-        &read(&ca.join(pki_cli::SERVER_CERT)),
-        &read(&ca.join(pki_cli::SERVER_KEY)),
-        &[],
-    )
-    .unwrap();
+    let tls = pki_files::server_tls(root);
     let opts = Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: root.join("state"),

@@ -399,16 +399,10 @@ fn model_evaluate_and_predict_use_the_cards_preprocessing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bare.safetensors"));
 }
 
-#[test]
-fn privacy_audit_reports_its_bound_next_to_the_claim() {
-    let study = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/configs/study-record.toml"
-    );
-    let v = json_of(bin().args([
-        "privacy-audit",
-        "--study",
-        study,
+/// `privacy-audit --json` of `study` at 200 records and 200 canaries, seed 5.
+fn privacy_audit(study: &str) -> Command {
+    let mut cmd = bin();
+    cmd.args(["privacy-audit", "--study", study]).args([
         "--records",
         "200",
         "--canaries",
@@ -416,7 +410,17 @@ fn privacy_audit_reports_its_bound_next_to_the_claim() {
         "--seed",
         "5",
         "--json",
-    ]));
+    ]);
+    cmd
+}
+
+#[test]
+fn privacy_audit_reports_its_bound_next_to_the_claim() {
+    let study = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/configs/study-record.toml"
+    );
+    let v = json_of(&mut privacy_audit(study));
     for field in [
         "epsilon_claimed",
         "epsilon_lower_bound",
@@ -436,23 +440,7 @@ fn privacy_audit_reports_its_bound_next_to_the_claim() {
     // With --state, the same audit is on record twice, with the same figures: a row in the
     // state database (what the release gate reads) and a record in the audit log.
     let dir = tempfile::tempdir().expect("tempdir");
-    let v = json_of(
-        bin()
-            .args([
-                "privacy-audit",
-                "--study",
-                study,
-                "--records",
-                "200",
-                "--canaries",
-                "200",
-                "--seed",
-                "5",
-                "--json",
-                "--state",
-            ])
-            .arg(dir.path()),
-    );
+    let v = json_of(privacy_audit(study).arg("--state").arg(dir.path()));
     let store =
         fedpriv_coordinator::store::Store::open_read_only(dir.path().join("coordinator.db"))
             .expect("state database");

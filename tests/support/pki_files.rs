@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use fedpriv_common::pki::Role;
+use fedpriv_common::pki::{self, Role};
 use fedpriv_coordinator::pki_cli::{self, PkiCommand};
 
 /// Creates `root/ca` under a CA named `ca_name` and issues `identities` into `root/issued`.
@@ -28,4 +28,17 @@ pub fn make(root: &Path, ca_name: &str, identities: &[(Role, &str)]) {
         })
         .expect("pki issue");
     }
+}
+
+/// The coordinator's mTLS server config from the files [`make`] wrote under `root/ca`.
+pub fn server_tls(root: &Path) -> rustls::ServerConfig {
+    let ca = root.join("ca");
+    let read = |name: &str| std::fs::read(ca.join(name)).expect("a PKI file");
+    pki::server_config(
+        &read(pki_cli::CA_CERT),
+        &read(pki_cli::SERVER_CERT),
+        &read(pki_cli::SERVER_KEY),
+        &[],
+    )
+    .expect("server tls")
 }
