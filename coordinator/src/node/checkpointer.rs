@@ -24,15 +24,21 @@ use fedpriv_common::seal::SealKey;
 use super::{Event, OwnerTx};
 use crate::checkpoint;
 
-/// A new model version to be written: everything the write needs, taken when the round
-/// ended (the engine may have moved on by the time it is written).
-pub struct CheckpointJob {
+/// A model version: what the store and the audit log record of it once it is written.
+#[derive(Debug, Clone)]
+pub struct ModelVersion {
     pub study: String,
     pub round: u64,
     pub model: Arc<Vec<f32>>,
     pub contributors: Vec<String>,
     /// The study's spend after this round.
     pub epsilon: f64,
+}
+
+/// A new model version to be written: everything the write needs, taken when the round
+/// ended (the engine may have moved on by the time it is written).
+pub struct CheckpointJob {
+    pub version: ModelVersion,
     pub(crate) spec: ModelSpec,
     /// The model card (the file's metadata).
     pub(crate) card: BTreeMap<String, String>,
@@ -45,9 +51,9 @@ pub struct CheckpointJob {
 impl std::fmt::Debug for CheckpointJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CheckpointJob")
-            .field("study", &self.study)
-            .field("round", &self.round)
-            .field("values", &self.model.len())
+            .field("study", &self.version.study)
+            .field("round", &self.version.round)
+            .field("values", &self.version.model.len())
             .finish_non_exhaustive()
     }
 }
@@ -55,11 +61,7 @@ impl std::fmt::Debug for CheckpointJob {
 /// A written (or failed) checkpoint, for the owner to record.
 #[derive(Debug)]
 pub struct CheckpointDone {
-    pub study: String,
-    pub round: u64,
-    pub model: Arc<Vec<f32>>,
-    pub contributors: Vec<String>,
-    pub epsilon: f64,
+    pub version: ModelVersion,
     /// Whether an optimiser state was written beside the model.
     pub optimizer: bool,
     /// The model file relative to the state directory and the SHA-256 of its sealed bytes,
@@ -74,11 +76,7 @@ impl CheckpointJob {
         let result = self.write_files();
         CheckpointDone {
             optimizer: self.optimizer.is_some(),
-            study: self.study,
-            round: self.round,
-            model: self.model,
-            contributors: self.contributors,
-            epsilon: self.epsilon,
+            version: self.version,
             result,
         }
     }
@@ -86,36 +84,33 @@ impl CheckpointJob {
     /// The answer for a job that could not be written, without touching the disk (the
     /// model is shared, not copied).
     fn failed(&self, why: &str) -> CheckpointDone {
-        let path = checkpoint::model_path(&self.state_dir, &self.study, self.round);
+        let v = &self.version;
+        let path = checkpoint::model_path(&self.state_dir, &v.study, v.round);
         CheckpointDone {
-            study: self.study.clone(),
-            round: self.round,
-            model: Arc::clone(&self.model),
-            contributors: self.contributors.clone(),
-            epsilon: self.epsilon,
+            version: v.clone(),
             optimizer: self.optimizer.is_some(),
             result: Err((path, std::io::Error::other(why.to_string()))),
         }
     }
 
     fn write_files(&self) -> Result<(String, String), (PathBuf, std::io::Error)> {
-        let path = checkpoint::model_path(&self.state_dir, &self.study, self.round);
+        let ModelVersion {
+            study,
+            round,
+            model,
+            ..
+        } = &self.version;
+        let path = checkpoint::model_path(&self.state_dir, study, *round);
         // Sealed and streamed from the model's own memory: no copy of the model.
         let digest = checkpoint::write_checkpoint(
-            &self.key,
-            &self.spec,
-            &self.model,
-            &self.card,
-            &self.study,
-            self.round,
-            &path,
+            &self.key, &self.spec, model, &self.card, study, *round, &path,
         )
         .map_err(|e| (path.clone(), e))?;
         // FedAdam's moments go beside it, so that a restart resumes the optimiser rather
         // than silently resetting it.
         if let Some(state) = &self.optimizer {
-            let opt = checkpoint::optimizer_path(&self.state_dir, &self.study, self.round);
-            checkpoint::write_optimizer_state(&self.key, state, &self.study, self.round, &opt)
+            let opt = checkpoint::optimizer_path(&self.state_dir, study, *round);
+            checkpoint::write_optimizer_state(&self.key, state, study, *round, &opt)
                 .map_err(|e| (opt.clone(), e))?;
         }
         Ok((relative(&self.state_dir, &path), digest))

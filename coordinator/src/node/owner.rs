@@ -33,7 +33,7 @@ use fedpriv_common::protocol::{CoordinatorMessage, PROTOCOL_VERSION};
 use fedpriv_common::seal::SealKey;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::checkpointer::{CheckpointDone, CheckpointJob, Checkpointer};
+use super::checkpointer::{CheckpointDone, CheckpointJob, Checkpointer, ModelVersion};
 use super::refusals::Refusals;
 use super::spool::Spools;
 use super::state::StateStore;
@@ -337,13 +337,13 @@ impl<S: StateStore> Owner<S> {
     /// checkpoint could not be written.
     fn checkpoint_written(&mut self, done: CheckpointDone, now: Now) {
         let Self { studies, ctx, .. } = self;
+        let study = done.version.study.clone();
         ctx.checkpoints_pending
-            .remove(&(done.study.clone(), done.round));
-        let Some(rt) = studies.get_mut(&done.study) else {
+            .remove(&(study.clone(), done.version.round));
+        let Some(rt) = studies.get_mut(&study) else {
             return;
         };
         let engine = &mut rt.engine;
-        let study = done.study.clone();
         let mut result = ctx.record_model_version(engine, done, now);
         let written = !ctx.checkpoints_pending.iter().any(|(s, _)| *s == study);
         if result.is_ok() && written {
@@ -519,11 +519,14 @@ impl<S: StateStore> Ctx<S> {
         now: Now,
     ) -> Result<(), ActError> {
         let CheckpointDone {
-            study,
-            round,
-            model,
-            contributors,
-            epsilon,
+            version:
+                ModelVersion {
+                    study,
+                    round,
+                    model,
+                    contributors,
+                    epsilon,
+                },
             optimizer,
             result,
         } = done;
@@ -829,11 +832,13 @@ impl<S: StateStore> Ctx<S> {
                 self.checkpoints_pending.insert((study.to_string(), round));
                 self.effects
                     .push(Effect::WriteCheckpoint(Box::new(CheckpointJob {
-                        study: study.to_string(),
-                        round,
-                        model,
-                        contributors,
-                        epsilon,
+                        version: ModelVersion {
+                            study: study.to_string(),
+                            round,
+                            model,
+                            contributors,
+                            epsilon,
+                        },
                         spec: meta.spec().clone(),
                         card,
                         optimizer: eng.optimizer_state(),

@@ -406,7 +406,8 @@ impl Sim {
             if let Effect::WriteCheckpoint(job) = effect {
                 // The writer writes it later, while the next round may be under way, and
                 // answers in the order the jobs were handed over (see `run`).
-                self.writing.insert((job.study.clone(), job.round));
+                self.writing
+                    .insert((job.version.study.clone(), job.version.round));
                 let t = (self.now + self.rng.random_range(1..400)).max(self.answered + 1);
                 self.answered = t;
                 self.jobs.push_back((t, *job));
@@ -605,7 +606,8 @@ impl Sim {
                 self.ticks.remove(&t);
             }
             if let Event::CheckpointWritten(done) = &ev {
-                self.writing.remove(&(done.study.clone(), done.round));
+                self.writing
+                    .remove(&(done.version.study.clone(), done.version.round));
                 if done.result.is_err() {
                     let store = self.owner.as_mut().unwrap().store_mut();
                     store.faults.push(("checkpoint", Fault::Disk));
