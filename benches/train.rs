@@ -3,7 +3,9 @@
 //!
 //! Run: `RAYON_NUM_THREADS=1 cargo bench --bench train` (the bench sets the variable itself
 //! when it is unset: candle's CPU matmul reads it on every call and runs single-threaded
-//! at 1). `FEDPRIV_BENCH_SECONDS` sets the time per measurement (default 0.5).
+//! at 1). `FEDPRIV_BENCH_SECONDS` sets the time per measurement (default 0.5);
+//! `FEDPRIV_BENCH_MODEL` keeps only the models whose label contains it (`cnn`, `mlp`), for
+//! a profile of one model.
 //!
 //! Measured, per model (logistic regression 30 -> 1, an MLP 30 -> 64 -> 1, and the digits
 //! study's small CNN on 1x8x8 images: conv 8x3x3 (padding 1), relu, max pool 2, dense 10,
@@ -131,6 +133,7 @@ fn main() {
         Learner::flat(&arch, D, fedpriv_common::config::Task::Binary, 1).expect("learner")
     };
     let cnn = cnn_learner();
+    let only = std::env::var("FEDPRIV_BENCH_MODEL").unwrap_or_default();
     let mut results = Vec::new();
     for (label, learner, data) in [
         (
@@ -141,6 +144,9 @@ fn main() {
         ("mlp 30->64->1", flat(Architecture::mlp(64)), &data),
         ("cnn 1x8x8 conv8 pool dense10", cnn, &images),
     ] {
+        if !label.contains(only.as_str()) {
+            continue;
+        }
         let model = learner.init(1).expect("model");
         let cfg = LocalTraining {
             epochs: 1,

@@ -2,7 +2,7 @@
 //! convolutional, pooling, normalisation, dropout layers), plain minibatch SGD (the local
 //! step of site-level DP-FedAvg, whose caller clips and noises the delta), and DP-SGD for
 //! record-level privacy (per-example clipped gradient sums without a backward pass per
-//! example: see [`net`]).
+//! example: see [`backprop`]).
 //!
 //! Loss per example, by task:
 //! - binary: binary cross-entropy on the one logit, labels 0/1;
@@ -13,6 +13,7 @@
 //! What this does not do: read data (see `crate::data`), draw noise or sample batches (the
 //! caller's secure generator does, see [`DpSgdRound`]), or decide what a round may release.
 
+mod backprop;
 mod net;
 
 use candle_core::{Device, Tensor, Var};
@@ -342,7 +343,7 @@ fn autograd_step(
     seed: u64,
 ) -> candle_core::Result<f32> {
     let p: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let (z, _) = net::forward(&learner.compiled, &p, x, &net::Mode::Train { seed })?;
+    let z = net::forward(&learner.compiled, &p, x, &net::Mode::Train { seed })?;
     let loss = per_example_loss(&z, t, learner.head)?.mean_all()?;
     let grads = loss.backward()?;
     for v in vars {
@@ -502,7 +503,7 @@ fn gather(data: &Dataset, batch: &[usize]) -> Result<(Vec<f32>, Vec<f32>), Train
 // DP-SGD
 
 /// The sum over a batch of each example's gradient clipped to L2 norm `clip`, flat in spec
-/// order, plus diagnostics. See [`net`] for how, without a backward pass per example.
+/// order, plus diagnostics. See [`backprop`] for how, without a backward pass per example.
 ///
 /// Never fails because of what an example holds (a coordinator chooses the model, and could
 /// craft one that overflows for some records only): norms are computed in f64, and an
@@ -555,15 +556,16 @@ fn clipped_sum(
     if batch_n == 0 {
         return Ok((vec![0.0; model.values.len()], PerExampleStats::default()));
     }
-    let dev = Device::Cpu;
-    let p = param_tensors(model, &dev)?;
-    let x = Tensor::from_slice(x_batch, (batch_n, d), &dev)?;
-    let t = Targets::new(y_batch, learner.head, &dev)?;
-    let (sum, norms, clipped) = net::clipped_sum(
+    let p: Vec<&[f32]> = model
+        .spec
+        .layout()
+        .map(|(_, _, off, len)| &model.values[off..off + len])
+        .collect();
+    let (sum, norms, clipped) = backprop::clipped_sum(
         &learner.compiled,
         &p,
-        &x,
-        &t,
+        x_batch,
+        y_batch,
         learner.head,
         active,
         clip,
@@ -847,7 +849,7 @@ pub fn outputs(
         let mut xb = Vec::with_capacity(rows * data.d);
         data.range_into(start, rows, &mut xb);
         let x = Tensor::from_vec(xb, (rows, data.d), &dev)?;
-        let (z, _) = net::forward(&learner.compiled, &p, &x, &net::Mode::Eval)?;
+        let z = net::forward(&learner.compiled, &p, &x, &net::Mode::Eval)?;
         out.extend(z.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)

@@ -1,40 +1,10 @@
-//! The model's forward pass with candle, for every layer kind of `common::arch`, and the
-//! per-example gradients of each parameterised layer without a backward pass per example.
-//!
-//! Per-example gradients: the batch is run forward once with a *probe* (a zero variable)
-//! added to the output of every parameterised layer, and the sum of the examples' losses is
-//! differentiated once. Examples do not interact in any layer offered (batch normalisation is
-//! refused when a study is created), so the gradient at a probe's row i is the gradient of
-//! example i's own loss with respect to that layer's output. From it and the layer's input
-//! (kept from the forward pass), each layer's per-example parameter gradients follow in
-//! closed form:
-//! - dense `z = a W^T + b`: `g_i a_i^T` and `g_i` (only their norms are formed; the clipped
-//!   sum is one matmul);
-//! - convolutions: `G_i U_i`, with `U_i` the example's unfolded input (im2col) and `G_i` its
-//!   output gradient per position, and the bias as the sum over positions (formed for the
-//!   whole batch with one batched matmul);
-//! - layer and group norm: the scale's gradient is the sum over positions of `g_i * xhat_i`
-//!   (the normalised input), the shift's the sum of `g_i`.
-//!
-//! Squared norms are summed over layers in f64. Each example's gradient is scaled to at most
-//! the clip norm; one whose norm is not finite contributes nothing.
+//! The model's forward pass with candle, for every layer kind of `common::arch`, as
+//! autograd runs it (non-private training, evaluation), and the host-side pieces both it and
+//! the DP-SGD backward pass (`backprop`) use: dropout masks, category slots, the unfolding
+//! of convolution inputs, max pooling's window maxima and row normalisation.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use fedpriv_common::arch::{Activation, Compiled, Layer, Step};
-
-use super::{Head, TrainError, CLIP_MARGIN};
-
-/// Values a layer needs from the forward pass for its per-example gradients.
-pub(super) struct Tap {
-    /// Index of the layer.
-    pub step: usize,
-    /// The layer's input, `[n, ...input shape]`.
-    pub input: Tensor,
-    /// The normalised input (layer and group norm).
-    pub xhat: Option<Tensor>,
-    /// The zero variable added to the layer's output.
-    pub probe: Var,
-}
 
 /// How a forward pass runs.
 pub(super) enum Mode {
@@ -42,15 +12,13 @@ pub(super) enum Mode {
     Eval,
     /// Training: dropout masks drawn from this seed.
     Train { seed: u64 },
-    /// Training with probes on every parameterised layer, for per-example gradients.
-    Probe { seed: u64 },
 }
 
 impl Mode {
     fn seed(&self) -> Option<u64> {
         match self {
             Self::Eval => None,
-            Self::Train { seed } | Self::Probe { seed } => Some(*seed),
+            Self::Train { seed } => Some(*seed),
         }
     }
 }
@@ -71,18 +39,26 @@ fn normalise(x: &Tensor) -> candle_core::Result<Tensor> {
     xc.broadcast_div(&var.affine(1.0, NORM_EPS)?.sqrt()?)
 }
 
-/// A dropout mask (0 or 1 / (1 - rate)) from a SplitMix64 stream. Dropout's randomness is
-/// part of training, not of the privacy mechanism: it needs no cryptographic strength.
-fn dropout_mask(
-    shape: &[usize],
-    rate: f32,
-    seed: u64,
-    dev: &Device,
-) -> candle_core::Result<Tensor> {
+/// Normalises one row in place to zero mean and unit variance (population variance plus
+/// the epsilon); returns 1 / std.
+pub(super) fn normalise_row(row: &mut [f32]) -> f32 {
+    let m = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / m;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / m;
+    let inv = 1.0 / (var + NORM_EPS as f32).sqrt();
+    for v in row.iter_mut() {
+        *v = (*v - mean) * inv;
+    }
+    inv
+}
+
+/// A dropout mask of `len` values (0 or 1 / (1 - rate)) from a SplitMix64 stream. Dropout's
+/// randomness is part of training, not of the privacy mechanism: it needs no cryptographic
+/// strength.
+pub(super) fn dropout_values(len: usize, rate: f32, seed: u64) -> Vec<f32> {
     let mut rng = crate::data::SplitMix64::new(seed);
-    let n: usize = shape.iter().product();
     let keep = 1.0 / (1.0 - f64::from(rate));
-    let values: Vec<f32> = (0..n)
+    (0..len)
         .map(|_| {
             if rng.next_f64() < f64::from(rate) {
                 0.0
@@ -90,18 +66,164 @@ fn dropout_mask(
                 keep as f32
             }
         })
-        .collect();
-    Tensor::from_vec(values, shape, dev)
+        .collect()
 }
 
-/// Runs `x` (`[n, input]`, flat) through the model; returns the outputs `[n, outputs]` and,
-/// in [`Mode::Probe`], the taps of every parameterised layer.
+/// The seed of step `step`'s dropout mask in a pass seeded with `seed`.
+pub(super) fn dropout_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64) << 32
+}
+
+/// For max pooling over `planes` planes of `h x w` in windows `(kh, kw)` that tile them
+/// exactly: per output value, in order, the index into `x` of its window's first maximum (a
+/// NaN is passed over unless it comes first), appended to `from`.
+pub(super) fn max_pool_argmax_into(
+    x: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+    (kh, kw): (usize, usize),
+    from: &mut Vec<usize>,
+) {
+    let (oh, ow) = (h / kh, w / kw);
+    for plane in 0..planes {
+        let base = plane * h * w;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut best = base + oy * kh * w + ox * kw;
+                let mut top = x[best];
+                for y in oy * kh..(oy + 1) * kh {
+                    let row = base + y * w + ox * kw;
+                    for (j, &v) in x[row..row + kw].iter().enumerate() {
+                        if v > top {
+                            top = v;
+                            best = row + j;
+                        }
+                    }
+                }
+                from.push(best);
+            }
+        }
+    }
+}
+
+/// [`max_pool_argmax_into`] into a new array.
+fn max_pool_argmax(
+    x: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+    window: (usize, usize),
+) -> Vec<usize> {
+    let mut from = Vec::with_capacity(x.len() / (window.0 * window.1).max(1));
+    max_pool_argmax_into(x, planes, h, w, window, &mut from);
+    from
+}
+
+/// The contiguous f32 values of a tensor's storage, or an error naming the op.
+fn f32_values<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => Err(candle_core::Error::Msg(format!(
+            "{op} takes a contiguous f32 tensor"
+        ))),
+    }
+}
+
+/// Max pooling `[n, c, h, w]` with window = stride `(kh, kw)` tiling the input exactly, whose
+/// gradient goes to each window's first maximum (as PyTorch's does). candle 0.9's own
+/// backward multiplies the gradient by the share of the window that holds the maximum
+/// (1/4 for a unique maximum in a 2x2 window), which trained every max-pooled network with
+/// a shrunken gradient below the pool.
+struct MaxPool {
+    window: (usize, usize),
+}
+
+impl MaxPool {
+    fn dims(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        layout.shape().dims4()
+    }
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "fedpriv-max-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_values(self.name(), storage, layout)?;
+        let (n, c, h, w) = self.dims(layout)?;
+        let from = max_pool_argmax(x, n * c, h, w, self.window);
+        let out = from.iter().map(|&j| x[j]).collect();
+        let shape = Shape::from((n, c, h / self.window.0, w / self.window.1));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad,
+            &MaxPoolGrad {
+                window: self.window,
+            },
+        )?))
+    }
+}
+
+/// The gradient of [`MaxPool`]: `(input, output gradient)` to the input's gradient.
+struct MaxPoolGrad {
+    window: (usize, usize),
+}
+
+impl CustomOp2 for MaxPoolGrad {
+    fn name(&self) -> &'static str {
+        "fedpriv-max-pool-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_values(self.name(), s1, l1)?;
+        let g = f32_values(self.name(), s2, l2)?;
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let from = max_pool_argmax(x, n * c, h, w, self.window);
+        if from.len() != g.len() {
+            return Err(candle_core::Error::Msg(
+                "max pool gradient of the wrong shape".into(),
+            ));
+        }
+        let mut out = vec![0f32; x.len()];
+        for (&j, &v) in from.iter().zip(g) {
+            out[j] = v;
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Runs `x` (`[n, input]`, flat) through the model; returns the outputs `[n, outputs]`.
 pub(super) fn forward(
     compiled: &Compiled,
     params: &[Tensor],
     x: &Tensor,
     mode: &Mode,
-) -> candle_core::Result<(Tensor, Vec<Tap>)> {
+) -> candle_core::Result<Tensor> {
     let n = x.dim(0)?;
     let dev = x.device().clone();
     let with_batch = |shape: &[usize]| -> Vec<usize> {
@@ -110,13 +232,9 @@ pub(super) fn forward(
         s
     };
     let mut h = x.reshape(with_batch(&compiled.input))?;
-    let mut taps = Vec::new();
-    let probing = matches!(mode, Mode::Probe { .. });
     for (i, step) in compiled.steps.iter().enumerate() {
         let p = params_of(compiled, params, i);
-        let input = h.clone();
-        let mut xhat = None;
-        let mut out = match &step.layer {
+        h = match &step.layer {
             Layer::Dense { .. } => h.matmul(&p[0].t()?)?.broadcast_add(&p[1])?,
             Layer::Conv1d {
                 channels,
@@ -146,7 +264,7 @@ pub(super) fn forward(
                 let max = matches!(step.layer, Layer::MaxPool { .. });
                 let pool = |t: &Tensor, k: (usize, usize)| {
                     if max {
-                        t.max_pool2d_with_stride(k, k)
+                        t.contiguous()?.apply_op1(MaxPool { window: k })
                     } else {
                         t.avg_pool2d_with_stride(k, k)
                     }
@@ -198,8 +316,8 @@ pub(super) fn forward(
             },
             Layer::Dropout { rate } => match mode.seed() {
                 Some(seed) if *rate > 0.0 => {
-                    let mask = dropout_mask(h.dims(), *rate, seed ^ (i as u64) << 32, &dev)?;
-                    h.mul(&mask)?
+                    let mask = dropout_values(h.elem_count(), *rate, dropout_seed(seed, i));
+                    h.mul(&Tensor::from_vec(mask, h.dims(), &dev)?)?
                 }
                 _ => h,
             },
@@ -207,9 +325,7 @@ pub(super) fn forward(
                 let m = *step.input.last().unwrap_or(&1);
                 let rows = step.input.iter().product::<usize>() / m * n;
                 let xh = normalise(&h.reshape((rows, m))?)?.reshape(h.dims())?;
-                let y = xh.broadcast_mul(&p[0])?.broadcast_add(&p[1])?;
-                xhat = Some(xh);
-                y
+                xh.broadcast_mul(&p[0])?.broadcast_add(&p[1])?
             }
             Layer::GroupNorm { groups } => {
                 let c = step.input[0];
@@ -217,27 +333,12 @@ pub(super) fn forward(
                 let xh = normalise(&h.reshape((n * groups, per))?)?.reshape(h.dims())?;
                 let mut bshape = vec![1, c];
                 bshape.extend(std::iter::repeat_n(1, step.input.len() - 1));
-                let y = xh
-                    .broadcast_mul(&p[0].reshape(bshape.as_slice())?)?
-                    .broadcast_add(&p[1].reshape(bshape.as_slice())?)?;
-                xhat = Some(xh);
-                y
+                xh.broadcast_mul(&p[0].reshape(bshape.as_slice())?)?
+                    .broadcast_add(&p[1].reshape(bshape.as_slice())?)?
             }
         };
-        if probing && !step.params.is_empty() {
-            let probe = Var::zeros(out.dims(), DType::F32, &dev)?;
-            out = out.add(probe.as_tensor())?;
-            taps.push(Tap {
-                step: i,
-                input,
-                xhat,
-                probe,
-            });
-        }
-        h = out;
     }
-    let out = h.reshape((n, compiled.outputs))?;
-    Ok((out, taps))
+    h.reshape((n, compiled.outputs))
 }
 
 /// A categorical column's values as slot indices: a value that is not a whole number below
@@ -248,315 +349,130 @@ pub(super) fn category_ids(column: &Tensor, slots: usize) -> candle_core::Result
         .flatten_all()?
         .to_vec1::<f32>()?
         .into_iter()
-        .map(|v| {
-            if v >= 0.0 && v.fract() == 0.0 && (v as usize) < slots {
-                v as usize
-            } else {
-                slots - 1
-            }
-        })
+        .map(|v| category_id(v, slots))
         .collect())
 }
 
-/// Unfolds one example's input for a convolution: `[positions, C * k...]`, zero where the
-/// window reaches into the padding (the layout of the kernel's flattened `[C, k, (k)]`).
-fn unfold(step: &Step, a: &[f32]) -> (Vec<f32>, usize, usize) {
-    match &step.layer {
-        Layer::Conv1d {
-            kernel,
-            stride,
-            padding,
-            ..
-        } => {
-            let (c, l) = match step.input[..] {
-                [l] => (1, l),
-                [c, l] => (c, l),
-                _ => (0, 0),
-            };
-            let out_l = step.output[1];
-            let cols = c * kernel;
-            let mut u = vec![0f32; out_l * cols];
-            for pos in 0..out_l {
+/// One categorical value's slot (see [`category_ids`]).
+pub(super) fn category_id(v: f32, slots: usize) -> usize {
+    if v >= 0.0 && v.fract() == 0.0 && (v as usize) < slots {
+        v as usize
+    } else {
+        slots - 1
+    }
+}
+
+/// Where each value of a convolution's unfolded input (im2col, `[cols, positions]` per
+/// example: the kernel's flattened `[C, k, (k)]` by output position, so that the
+/// convolution is the kernel `[channels, cols]` times it) comes from: the index in the
+/// example's input, or none where the window reaches into the padding.
+pub(super) struct ConvIndex {
+    /// Output positions per channel.
+    pub positions: usize,
+    /// Values per window: `C * k` or `C * k * k`.
+    pub cols: usize,
+    /// The example's input length.
+    input: usize,
+    /// `[cols, positions]` input indices; `usize::MAX` for padding.
+    from: Vec<usize>,
+}
+
+impl ConvIndex {
+    pub(super) fn new(step: &Step) -> Self {
+        let input: usize = step.input.iter().product();
+        // A 1-d convolution is a 2-d one of height 1.
+        let (c, h, w, kh, k, stride, padding, ph) = match (&step.layer, &step.input[..]) {
+            (
+                Layer::Conv1d {
+                    kernel,
+                    stride,
+                    padding,
+                    ..
+                },
+                [l],
+            ) => (1, 1, *l, 1, *kernel, *stride, *padding, 0),
+            (
+                Layer::Conv1d {
+                    kernel,
+                    stride,
+                    padding,
+                    ..
+                },
+                [c, l],
+            ) => (*c, 1, *l, 1, *kernel, *stride, *padding, 0),
+            (
+                Layer::Conv2d {
+                    kernel,
+                    stride,
+                    padding,
+                    ..
+                },
+                [c, h, w],
+            ) => (*c, *h, *w, *kernel, *kernel, *stride, *padding, *padding),
+            _ => (0, 0, 0, 0, 0, 1, 0, 0),
+        };
+        let (oh, ow) = match step.output[..] {
+            [_, l] => (1, l),
+            [_, oh, ow] => (oh, ow),
+            _ => (0, 0),
+        };
+        let cols = c * kh * k;
+        let positions = oh * ow;
+        let mut from = vec![usize::MAX; positions * cols];
+        for y in 0..oh {
+            for x in 0..ow {
+                let pos = y * ow + x;
                 for ch in 0..c {
-                    for k in 0..*kernel {
-                        let at = (pos * stride + k) as isize - *padding as isize;
-                        if at >= 0 && (at as usize) < l {
-                            u[pos * cols + ch * kernel + k] = a[ch * l + at as usize];
+                    for ky in 0..kh {
+                        let iy = (y * stride + ky) as isize - ph as isize;
+                        if iy < 0 || iy as usize >= h {
+                            continue;
                         }
-                    }
-                }
-            }
-            (u, out_l, cols)
-        }
-        Layer::Conv2d {
-            kernel,
-            stride,
-            padding,
-            ..
-        } => {
-            let [c, h, w] = step.input[..] else {
-                return (Vec::new(), 0, 0);
-            };
-            let (oh, ow) = (step.output[1], step.output[2]);
-            let k = *kernel;
-            let cols = c * k * k;
-            let mut u = vec![0f32; oh * ow * cols];
-            for y in 0..oh {
-                for x in 0..ow {
-                    let row = (y * ow + x) * cols;
-                    for ch in 0..c {
-                        for ky in 0..k {
-                            let iy = (y * stride + ky) as isize - *padding as isize;
-                            if iy < 0 || iy as usize >= h {
-                                continue;
-                            }
-                            for kx in 0..k {
-                                let ix = (x * stride + kx) as isize - *padding as isize;
-                                if ix >= 0 && (ix as usize) < w {
-                                    u[row + (ch * k + ky) * k + kx] =
-                                        a[(ch * h + iy as usize) * w + ix as usize];
-                                }
+                        for kx in 0..k {
+                            let ix = (x * stride + kx) as isize - padding as isize;
+                            if ix >= 0 && (ix as usize) < w {
+                                from[((ch * kh + ky) * k + kx) * positions + pos] =
+                                    (ch * h + iy as usize) * w + ix as usize;
                             }
                         }
                     }
                 }
             }
-            (u, oh * ow, cols)
         }
-        _ => (Vec::new(), 0, 0),
+        Self {
+            positions,
+            cols,
+            input,
+            from,
+        }
     }
-}
 
-/// One layer's per-example gradients, ready to be scaled and summed.
-enum PerLayer {
-    /// Dense: the factors `a` `[n, in]` and `g` `[n, out]` (the gradient is their outer
-    /// product; the bias gradient is `g`).
-    Dense {
-        a: Vec<f32>,
-        g: Vec<f32>,
-        ins: usize,
-        outs: usize,
-    },
-    /// Every other kind: each example's gradient of each of the layer's tensors, flat,
-    /// `[n, len]` per tensor.
-    Explicit { tensors: Vec<(Vec<f32>, usize)> },
-    /// Embedding tables: per table `(slots, width, each example's row, each example's
-    /// gradient of its row [n, width])`; an example's gradient of a table is zero but for
-    /// its own row.
-    Embedding {
-        tables: Vec<(usize, usize, Vec<usize>, Vec<f32>)>,
-    },
-}
+    /// Examples' inputs `[n, input]` unfolded into `u` (`[n, cols, positions]`, zeroed),
+    /// zero in the padding.
+    pub(super) fn unfold_into(&self, x: &[f32], u: &mut [f32]) {
+        for (src, dst) in x.chunks(self.input).zip(u.chunks_mut(self.from.len())) {
+            for (v, &j) in dst.iter_mut().zip(&self.from) {
+                if j != usize::MAX {
+                    *v = src[j];
+                }
+            }
+        }
+    }
 
-/// Sum of squares in f64.
-fn sq(v: &[f32]) -> f64 {
-    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum()
-}
+    /// The transpose of [`Self::unfold_into`]: each unfolded value of `u` (`[n, cols,
+    /// positions]`) added to `x` (`[n, input]`, zeroed) where it came from.
+    pub(super) fn fold_into(&self, u: &[f32], x: &mut [f32]) {
+        for (src, dst) in u.chunks(self.from.len()).zip(x.chunks_mut(self.input)) {
+            for (&v, &j) in src.iter().zip(&self.from) {
+                if j != usize::MAX {
+                    dst[j] += v;
+                }
+            }
+        }
+    }
 
-/// The per-example gradient sum, each example clipped to `clip`; rows from `active` on are
-/// padding and count as zero. Returns the sum (spec order), the examples' unclipped norms
-/// (infinite for one that counts as zero) and the number clipped.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn clipped_sum(
-    compiled: &Compiled,
-    params: &[Tensor],
-    x: &Tensor,
-    targets: &super::Targets,
-    head: Head,
-    active: usize,
-    clip: f64,
-    seed: u64,
-    total_values: usize,
-) -> Result<(Vec<f32>, Vec<f64>, usize), TrainError> {
-    let n = x.dim(0)?;
-    let (z, taps) = forward(compiled, params, x, &Mode::Probe { seed })?;
-    let loss = super::per_example_loss(&z, targets, head)?.sum_all()?;
-    let grads = loss.backward()?;
-    let mut layers: Vec<PerLayer> = Vec::with_capacity(taps.len());
-    for tap in &taps {
-        let step = &compiled.steps[tap.step];
-        let g = grads
-            .get(tap.probe.as_tensor())
-            .cloned()
-            .unwrap_or(tap.probe.as_tensor().zeros_like()?);
-        let g_host = g.flatten_all()?.to_vec1::<f32>()?;
-        let layer = match &step.layer {
-            Layer::Dense { units } => PerLayer::Dense {
-                a: tap.input.flatten_all()?.to_vec1::<f32>()?,
-                g: g_host,
-                ins: step.input[0],
-                outs: *units,
-            },
-            Layer::Conv1d { channels, .. } | Layer::Conv2d { channels, .. } => {
-                let a = tap.input.flatten_all()?.to_vec1::<f32>()?;
-                let in_len: usize = step.input.iter().product();
-                let mut us = Vec::new();
-                let (mut positions, mut cols) = (0, 0);
-                for i in 0..n {
-                    let (u, p, c) = unfold(step, &a[i * in_len..(i + 1) * in_len]);
-                    us.extend(u);
-                    positions = p;
-                    cols = c;
-                }
-                let o = *channels;
-                let u = Tensor::from_vec(us, (n, positions, cols), x.device())?;
-                let gm = g.reshape((n, o, positions))?;
-                let w = gm.matmul(&u)?.flatten_all()?.to_vec1::<f32>()?;
-                let b = gm.sum(2)?.flatten_all()?.to_vec1::<f32>()?;
-                PerLayer::Explicit {
-                    tensors: vec![(w, o * cols), (b, o)],
-                }
-            }
-            Layer::LayerNorm | Layer::GroupNorm { .. } => {
-                let xhat = tap.xhat.as_ref().ok_or_else(|| {
-                    TrainError::Model("a norm layer lost its normalised input".into())
-                })?;
-                let xh = xhat.flatten_all()?.to_vec1::<f32>()?;
-                let len: usize = step.input.iter().product();
-                let width = step.params[0].numel().unwrap_or(0) as usize;
-                let mut gamma = vec![0f32; n * width];
-                let mut beta = vec![0f32; n * width];
-                for i in 0..n {
-                    let (gi, xi) = (&g_host[i * len..(i + 1) * len], &xh[i * len..(i + 1) * len]);
-                    for j in 0..len {
-                        // Layer norm: the last axis; group norm: the channel (first axis).
-                        let slot = if matches!(step.layer, Layer::LayerNorm) {
-                            j % width
-                        } else {
-                            j / (len / width)
-                        };
-                        gamma[i * width + slot] += gi[j] * xi[j];
-                        beta[i * width + slot] += gi[j];
-                    }
-                }
-                PerLayer::Explicit {
-                    tensors: vec![(gamma, width), (beta, width)],
-                }
-            }
-            Layer::Encode(enc) => {
-                let width = enc.width();
-                let mut tables = Vec::new();
-                let mut at = enc.numeric;
-                for (j, (slots, emb)) in enc.categorical.iter().enumerate() {
-                    let w = emb.unwrap_or(*slots);
-                    if emb.is_some() {
-                        let ids = category_ids(&tap.input.narrow(1, enc.numeric + j, 1)?, *slots)?;
-                        let mut seg = vec![0f32; n * w];
-                        for i in 0..n {
-                            seg[i * w..(i + 1) * w]
-                                .copy_from_slice(&g_host[i * width + at..i * width + at + w]);
-                        }
-                        tables.push((*slots, w, ids, seg));
-                    }
-                    at += w;
-                }
-                PerLayer::Embedding { tables }
-            }
-            other => {
-                return Err(TrainError::Model(format!(
-                    "layer {} has no parameters",
-                    other.kind()
-                )))
-            }
-        };
-        layers.push(layer);
+    /// The example's input length.
+    pub(super) fn input_len(&self) -> usize {
+        self.input
     }
-    // Squared norms per example, summed over layers, in f64.
-    let mut norms = vec![0f64; n];
-    for layer in &layers {
-        match layer {
-            PerLayer::Dense { a, g, ins, outs } => {
-                for (i, norm) in norms.iter_mut().enumerate() {
-                    *norm +=
-                        sq(&g[i * outs..(i + 1) * outs]) * (sq(&a[i * ins..(i + 1) * ins]) + 1.0);
-                }
-            }
-            PerLayer::Explicit { tensors } => {
-                for (t, len) in tensors {
-                    for (i, norm) in norms.iter_mut().enumerate() {
-                        *norm += sq(&t[i * len..(i + 1) * len]);
-                    }
-                }
-            }
-            PerLayer::Embedding { tables } => {
-                for (_, w, _, seg) in tables {
-                    for (i, norm) in norms.iter_mut().enumerate() {
-                        *norm += sq(&seg[i * w..(i + 1) * w]);
-                    }
-                }
-            }
-        }
-    }
-    let mut scales = vec![0f32; n];
-    let mut clipped = 0usize;
-    for (i, norm) in norms.iter_mut().enumerate() {
-        *norm = norm.sqrt();
-        if i >= active || !norm.is_finite() {
-            *norm = if i >= active { 0.0 } else { f64::INFINITY };
-            continue;
-        }
-        let padded = *norm * (1.0 + CLIP_MARGIN);
-        scales[i] = if padded > clip {
-            clipped += 1;
-            (clip / padded) as f32
-        } else {
-            1.0
-        };
-    }
-    norms.truncate(active);
-    let dev = x.device();
-    let mut sum = Vec::with_capacity(total_values);
-    for layer in layers {
-        match layer {
-            PerLayer::Dense { a, g, ins, outs } => {
-                // Zero rows for examples that count as zero, so that an infinite factor times a
-                // zero scale cannot make a NaN.
-                let mut gs = vec![0f32; n * outs];
-                let mut aa = vec![0f32; n * ins];
-                for (i, &s) in scales.iter().enumerate() {
-                    if s > 0.0 {
-                        for (o, &v) in gs[i * outs..(i + 1) * outs]
-                            .iter_mut()
-                            .zip(&g[i * outs..(i + 1) * outs])
-                        {
-                            *o = v * s;
-                        }
-                        aa[i * ins..(i + 1) * ins].copy_from_slice(&a[i * ins..(i + 1) * ins]);
-                    }
-                }
-                let gs = Tensor::from_vec(gs, (n, outs), dev)?;
-                let aa = Tensor::from_vec(aa, (n, ins), dev)?;
-                sum.extend(gs.t()?.matmul(&aa)?.flatten_all()?.to_vec1::<f32>()?);
-                sum.extend(gs.sum(0)?.to_vec1::<f32>()?);
-            }
-            PerLayer::Explicit { tensors } => {
-                for (t, len) in tensors {
-                    let mut acc = vec![0f64; len];
-                    for (i, &s) in scales.iter().enumerate() {
-                        if s > 0.0 {
-                            for (a, &v) in acc.iter_mut().zip(&t[i * len..(i + 1) * len]) {
-                                *a += f64::from(v) * f64::from(s);
-                            }
-                        }
-                    }
-                    sum.extend(acc.into_iter().map(|v| v as f32));
-                }
-            }
-            PerLayer::Embedding { tables } => {
-                for (slots, w, ids, seg) in tables {
-                    let mut acc = vec![0f64; slots * w];
-                    for (i, &s) in scales.iter().enumerate() {
-                        if s > 0.0 {
-                            let row = &mut acc[ids[i] * w..(ids[i] + 1) * w];
-                            for (a, &v) in row.iter_mut().zip(&seg[i * w..(i + 1) * w]) {
-                                *a += f64::from(v) * f64::from(s);
-                            }
-                        }
-                    }
-                    sum.extend(acc.into_iter().map(|v| v as f32));
-                }
-            }
-        }
-    }
-    Ok((sum, norms, clipped))
 }

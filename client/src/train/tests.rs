@@ -131,6 +131,33 @@ fn cases() -> Vec<(&'static str, Learner)> {
             ),
         ),
         (
+            // Above backprop's SMALL_PRODUCT: the per-example products go through candle.
+            "conv2d with 8 x 36 x 256 multiply-adds per example, conv2d, avg pool",
+            learner(
+                &Architecture::Layers(vec![
+                    Layer::Conv2d {
+                        channels: 8,
+                        kernel: 3,
+                        stride: 1,
+                        padding: 1,
+                    },
+                    Layer::Activation(Activation::Gelu),
+                    Layer::Conv2d {
+                        channels: 2,
+                        kernel: 3,
+                        stride: 1,
+                        padding: 1,
+                    },
+                    Layer::AvgPool { kernel: 4 },
+                    Layer::Flatten,
+                    Layer::Dense { units: 2 },
+                ]),
+                &[4, 16, 16],
+                Task::Multiclass,
+                2,
+            ),
+        ),
+        (
             "conv2d stride 2 without padding, dropout at rate 0",
             learner(
                 &Architecture::Layers(vec![
@@ -233,7 +260,7 @@ fn autograd_grad(l: &Learner, model: &FlatModel, x: &[f32], y: f32) -> Vec<f32> 
     let p: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let xt = Tensor::from_slice(x, (1, x.len()), &dev).unwrap();
     let t = Targets::new(&[y], l.head(), &dev).unwrap();
-    let (z, _) = net::forward(&l.compiled, &p, &xt, &net::Mode::Eval).unwrap();
+    let z = net::forward(&l.compiled, &p, &xt, &net::Mode::Eval).unwrap();
     let loss = per_example_loss(&z, &t, l.head())
         .unwrap()
         .sum_all()
@@ -310,6 +337,71 @@ fn per_example_gradients_equal_one_example_backward_pass_for_every_layer_kind() 
         assert_close(&g, &want, 1e-5, &format!("{what}, clipped"));
         assert!(stats.clipped_fraction > 0.0 && stats.clipped_fraction < 1.0);
     }
+}
+
+/// One example's loss under `model`, by the forward pass alone.
+fn loss_of(l: &Learner, model: &FlatModel, x: &[f32], y: f32) -> f64 {
+    let dev = Device::Cpu;
+    let p = param_tensors(model, &dev).unwrap();
+    let xt = Tensor::from_slice(x, (1, x.len()), &dev).unwrap();
+    let z = net::forward(&l.compiled, &p, &xt, &net::Mode::Eval).unwrap();
+    example_loss(
+        &z.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        y,
+        l.head(),
+    )
+    .0
+}
+
+#[test]
+fn max_pooling_gradients_match_finite_differences() {
+    // Outside truth for the autograd reference the per-example gradients are checked
+    // against: candle 0.9's own max-pool backward scaled the gradient below the pool by the
+    // share of the window holding the maximum (1/4 here), and the reference shared it.
+    let l = learner(
+        &Architecture::Layers(vec![
+            Layer::Conv2d {
+                channels: 3,
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            },
+            Layer::MaxPool { kernel: 2 },
+            Layer::Flatten,
+            Layer::Dense { units: 3 },
+        ]),
+        &[2, 4, 4],
+        Task::Multiclass,
+        3,
+    );
+    let model = random_model(&l, 5);
+    let (x, y) = random_batch(&l, 1, 6);
+    let grad = autograd_grad(&l, &model, &x, y[0]);
+    let h = 1e-3f32;
+    let numeric: Vec<f32> = (0..model.values.len())
+        .map(|j| {
+            let mut up = model.clone();
+            up.values[j] += h;
+            let mut down = model.clone();
+            down.values[j] -= h;
+            ((loss_of(&l, &up, &x, y[0]) - loss_of(&l, &down, &x, y[0])) / (2.0 * f64::from(h)))
+                as f32
+        })
+        .collect();
+    assert_close(
+        &grad,
+        &numeric,
+        1e-2,
+        "max pool, autograd vs finite differences",
+    );
+    let d = l.input_len();
+    let (per_example, _) = per_example_clipped_grad_sum(&l, &model, &x[..d], &y, 1, 1e9).unwrap();
+    assert_close(
+        &per_example,
+        &numeric,
+        1e-2,
+        "max pool, DP-SGD vs finite differences",
+    );
 }
 
 #[test]
