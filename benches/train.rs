@@ -11,10 +11,10 @@
 //! study's small CNN on 1x8x8 images: conv 8x3x3 (padding 1), relu, max pool 2, dense 10,
 //! softmax; batch 256). `tools/opacus_bench.py` measures the same MLP and CNN with Opacus
 //! for comparison (docs/performance.md):
-//! - `train_local`: non-private minibatch SGD with candle autograd, the loop that
-//!   site-level DP-FedAvg runs (tensors built once per call, many steps);
-//! - `sgd_step`: one non-private autograd step per call, converting the flat model to
-//!   tensors and back each time, as `dp_sgd_step` does;
+//! - `train_local`: non-private minibatch SGD, the loop that site-level DP-FedAvg runs (one
+//!   pass over the data per call, many steps);
+//! - `sgd_step`: one non-private step per call on a batch gathered from the data, as
+//!   `dp_sgd_step` gathers its batch;
 //! - `dp_sgd_step`: per-example clipped gradients, summed, plus a noise vector (zeros here:
 //!   drawing the noise is `common::dp`'s cost, not this step's).
 //!

@@ -664,23 +664,43 @@ fn sq(v: &[f32]) -> f64 {
     v.iter().map(|&x| f64::from(x) * f64::from(x)).sum()
 }
 
-/// The per-example gradient sum, each example clipped to `clip`; rows from `active` on are
-/// padding and count as zero. `params` are the model's tensors in spec order; `x` is `[n,
-/// input]`, `y` the labels (checked against the head by the caller). Returns the sum (spec
-/// order), the examples' unclipped norms (infinite for one that counts as zero) and the
-/// number clipped.
+/// How [`gradient_sum`] sums a batch's per-example gradients.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Summing {
+    /// DP-SGD: each example's gradient scaled to at most `clip`; rows from `active` on are
+    /// padding and count as zero.
+    Clipped { clip: f64, active: usize },
+    /// Non-private training: the plain sum, and the sum of the examples' losses.
+    Plain,
+}
+
+/// What [`gradient_sum`] returns.
+pub(super) struct Summed {
+    /// The sum, flat in spec order.
+    pub sum: Vec<f32>,
+    /// Clipped: the active examples' unclipped norms (infinite for one that counts as zero).
+    pub norms: Vec<f64>,
+    /// Clipped: how many examples were scaled down.
+    pub clipped: usize,
+    /// Plain: the sum of the examples' training losses (half the squared error for
+    /// regression).
+    pub loss: f64,
+}
+
+/// The sum of a batch's per-example gradients, summed as `summing` says. `params` are the
+/// model's tensors in spec order; `x` is `[n, input]`, `y` the labels (checked against the
+/// head by the caller); dropout masks come from `seed`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn clipped_sum(
+pub(super) fn gradient_sum(
     compiled: &Compiled,
     params: &[&[f32]],
     x: &[f32],
     y: &[f32],
     head: Head,
-    active: usize,
-    clip: f64,
+    summing: Summing,
     seed: u64,
     total_values: usize,
-) -> Result<(Vec<f32>, Vec<f64>, usize), TrainError> {
+) -> Result<Summed, TrainError> {
     let n = y.len();
     let Some(first) = compiled.steps.iter().position(|s| !s.params.is_empty()) else {
         return Err(TrainError::Model("the model has no parameters".into()));
@@ -692,6 +712,13 @@ pub(super) fn clipped_sum(
         let (out, s) = forward_step(compiled, params, i, h, n, seed)?;
         saved.push(s);
         h = out;
+    }
+    let mut loss = 0f64;
+    if let Summing::Plain = summing {
+        for (z, &label) in h.chunks(compiled.outputs).zip(y) {
+            let (l, _) = super::example_loss(z, label, head);
+            loss += if head == Head::Identity { 0.5 * l } else { l };
+        }
     }
     // Backward to the first layer with parameters.
     let mut g = output_gradient(&h, y, head, compiled.outputs);
@@ -722,9 +749,30 @@ pub(super) fn clipped_sum(
     spare(g);
     saved.into_iter().for_each(Saved::recycle);
     layers.reverse();
+    let (scales, norms, clipped) = match summing {
+        Summing::Clipped { clip, active } => clip_scales(&layers, n, clip, active),
+        Summing::Plain => (vec![1f32; n], Vec::new(), 0),
+    };
+    let sum = scaled_sum(layers, &scales, total_values)?;
+    Ok(Summed {
+        sum,
+        norms,
+        clipped,
+        loss,
+    })
+}
+
+/// Each example's scale (at most `clip` / its norm; zero for padding from `active` on and for
+/// a norm that is not finite), the active examples' norms, and how many were scaled down.
+fn clip_scales(
+    layers: &[PerLayer],
+    n: usize,
+    clip: f64,
+    active: usize,
+) -> (Vec<f32>, Vec<f64>, usize) {
     // Squared norms per example, summed over layers, in f64.
     let mut norms = vec![0f64; n];
-    for layer in &layers {
+    for layer in layers {
         match layer {
             PerLayer::Dense { a, g, ins, outs } => {
                 for (i, norm) in norms.iter_mut().enumerate() {
@@ -765,6 +813,16 @@ pub(super) fn clipped_sum(
         };
     }
     norms.truncate(active);
+    (scales, norms, clipped)
+}
+
+/// The per-example gradients of every layer, each example's scaled by its factor, summed.
+fn scaled_sum(
+    layers: Vec<PerLayer>,
+    scales: &[f32],
+    total_values: usize,
+) -> Result<Vec<f32>, TrainError> {
+    let n = scales.len();
     let dev = Device::Cpu;
     let mut sum = Vec::with_capacity(total_values);
     for layer in layers {
@@ -821,5 +879,5 @@ pub(super) fn clipped_sum(
             }
         }
     }
-    Ok((sum, norms, clipped))
+    Ok(sum)
 }

@@ -16,7 +16,7 @@
 mod backprop;
 mod net;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use fedpriv_common::arch::{self, Compiled};
 use fedpriv_common::config::Task;
 use fedpriv_common::model::{Architecture, FlatModel, ModelSpec};
@@ -281,86 +281,44 @@ fn param_tensors(model: &FlatModel, dev: &Device) -> candle_core::Result<Vec<Ten
         .collect()
 }
 
-/// Labels as tensors: `[n]` values, and `[n, k]` one-hot rows for a softmax head.
-struct Targets {
-    y: Tensor,
-    onehot: Option<Tensor>,
-}
-
-impl Targets {
-    fn new(y: &[f32], head: Head, dev: &Device) -> candle_core::Result<Self> {
-        let onehot = match head {
-            Head::Softmax(k) => {
-                let mut m = vec![0f32; y.len() * k];
-                for (i, &c) in y.iter().enumerate() {
-                    m[i * k + c as usize] = 1.0;
-                }
-                Some(Tensor::from_vec(m, (y.len(), k), dev)?)
-            }
-            _ => None,
-        };
-        Ok(Self {
-            y: Tensor::from_slice(y, y.len(), dev)?,
-            onehot,
-        })
-    }
-
-    fn rows(&self, ids: &Tensor) -> candle_core::Result<Self> {
-        Ok(Self {
-            y: self.y.index_select(ids, 0)?,
-            onehot: self
-                .onehot
-                .as_ref()
-                .map(|m| m.index_select(ids, 0))
-                .transpose()?,
-        })
-    }
-}
-
-/// Per-example losses `[n]` from differentiable ops, for autograd.
-fn per_example_loss(z: &Tensor, t: &Targets, head: Head) -> candle_core::Result<Tensor> {
-    match (head, &t.onehot) {
-        (Head::Softmax(_), Some(onehot)) => z.log_sum_exp(1)?.sub(&z.mul(onehot)?.sum(1)?),
-        (Head::Sigmoid, _) => {
-            // max(z, 0) - y z + ln(1 + e^-|z|): stable for any z. At z = 0 candle's
-            // derivatives of relu and abs are both 1, which still sums to sigmoid(0) - y.
-            let z = z.squeeze(1)?;
-            let soft = z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
-            z.relu()?.sub(&t.y.mul(&z)?)?.add(&soft)
-        }
-        (Head::Identity, _) => z.squeeze(1)?.sub(&t.y)?.sqr()?.affine(0.5, 0.0),
-        (Head::Softmax(_), None) => Err(candle_core::Error::Msg("missing one-hot labels".into())),
-    }
-}
-
-/// One autograd SGD step on the mean loss of a batch; returns that loss.
-fn autograd_step(
+/// One SGD step on the mean loss of a batch (`xb` `[n, input]`, labels `yb`), on `values` (in
+/// spec order) in place, with the gradient from [`backprop`]; returns the batch's mean loss
+/// before the step. Dropout masks come from `seed`.
+fn plain_step(
     learner: &Learner,
-    vars: &[Var],
-    x: &Tensor,
-    t: &Targets,
-    lr: f64,
+    values: &mut [f32],
+    xb: &[f32],
+    yb: &[f32],
+    learning_rate: f32,
     seed: u64,
-) -> candle_core::Result<f32> {
-    let p: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let z = net::forward(&learner.compiled, &p, x, &net::Mode::Train { seed })?;
-    let loss = per_example_loss(&z, t, learner.head)?.mean_all()?;
-    let grads = loss.backward()?;
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            v.set(&v.as_tensor().sub(&g.affine(lr, 0.0)?)?)?;
-        }
+) -> Result<f64, TrainError> {
+    let n = yb.len();
+    let summed = {
+        let p: Vec<&[f32]> = learner
+            .spec
+            .layout()
+            .map(|(_, _, off, len)| &values[off..off + len])
+            .collect();
+        backprop::gradient_sum(
+            &learner.compiled,
+            &p,
+            xb,
+            yb,
+            learner.head,
+            backprop::Summing::Plain,
+            seed,
+            values.len(),
+        )?
+    };
+    let loss = summed.loss / n as f64;
+    if !loss.is_finite() {
+        return Err(TrainError::NonFinite);
     }
-    loss.to_scalar::<f32>()
-}
-
-/// Model values from candle variables, checked finite.
-fn values_of(vars: &[Var], spec: &ModelSpec) -> Result<FlatModel, TrainError> {
-    let mut values = Vec::with_capacity(spec.num_values());
-    for v in vars {
-        values.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+    let step = learning_rate / n as f32;
+    for (v, g) in values.iter_mut().zip(&summed.sum) {
+        *v -= step * g;
     }
-    FlatModel::new(spec.clone(), values).map_err(|_| TrainError::NonFinite)
+    Ok(loss)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -376,7 +334,7 @@ fn check_lr(lr: f32) -> Result<(), TrainError> {
     }
 }
 
-/// Plain minibatch SGD on the mean loss, with candle autograd: `epochs` passes over the data
+/// Plain minibatch SGD on the mean loss (gradients by [`backprop`]): `epochs` passes over the data
 /// in an order shuffled from `seed`, the last batch of a pass possibly smaller. Returns the
 /// trained model; the input model is not changed. Not private by itself: under site-level
 /// DP the caller clips and noises the delta.
@@ -413,15 +371,11 @@ pub fn train_local_for(
     if data.n > u32::MAX as usize {
         return Err(TrainError::Config("more than 2^32 examples".into()));
     }
-    let dev = Device::Cpu;
-    let vars = param_tensors(model, &dev)?
-        .iter()
-        .map(Var::from_tensor)
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let targets = Targets::new(&data.y, learner.head, &dev)?;
+    let mut values = model.values.clone();
     let mut order: Vec<u32> = (0..data.n as u32).collect();
     let mut pass: Vec<u32> = Vec::with_capacity(examples_per_epoch);
     let mut rng = SplitMix64::new(seed);
+    let (mut xb, mut yb) = (Vec::new(), Vec::new());
     for _ in 0..cfg.epochs {
         pass.clear();
         while pass.len() < examples_per_epoch {
@@ -430,29 +384,26 @@ pub fn train_local_for(
             pass.extend_from_slice(&order[..take]);
         }
         for batch in pass.chunks(cfg.batch_size) {
-            let ids = Tensor::from_slice(batch, batch.len(), &dev)?;
             // Rows are gathered per batch, so image rows are read only when used.
             let rows: Vec<usize> = batch.iter().map(|&i| i as usize).collect();
-            let mut xb = Vec::with_capacity(rows.len() * data.d);
+            xb.clear();
             data.rows_into(&rows, &mut xb);
-            let x = Tensor::from_vec(xb, (rows.len(), data.d), &dev)?;
-            let loss = autograd_step(
+            yb.clear();
+            yb.extend(rows.iter().map(|&i| data.y[i]));
+            plain_step(
                 learner,
-                &vars,
-                &x,
-                &targets.rows(&ids)?,
-                f64::from(cfg.learning_rate),
+                &mut values,
+                &xb,
+                &yb,
+                cfg.learning_rate,
                 rng.next_u64(),
             )?;
-            if !loss.is_finite() {
-                return Err(TrainError::NonFinite);
-            }
         }
     }
-    values_of(&vars, &model.spec)
+    FlatModel::new(model.spec.clone(), values).map_err(|_| TrainError::NonFinite)
 }
 
-/// One non-private SGD step (autograd, mean loss) on the rows `batch` of `data`, in place.
+/// One non-private SGD step (mean loss) on the rows `batch` of `data`, in place.
 /// Returns the batch's mean loss before the step. The same step [`train_local`] takes; here
 /// for benchmarks and for callers that drive their own loop.
 pub fn sgd_step(
@@ -470,16 +421,10 @@ pub fn sgd_step(
     }
     let (xb, yb) = gather(data, batch)?;
     check_labels(&yb, learner.head)?;
-    let dev = Device::Cpu;
-    let vars = param_tensors(model, &dev)?
-        .iter()
-        .map(Var::from_tensor)
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let x = Tensor::from_vec(xb, (batch.len(), data.d), &dev)?;
-    let targets = Targets::new(&yb, learner.head, &dev)?;
-    let loss = autograd_step(learner, &vars, &x, &targets, f64::from(learning_rate), 0)?;
-    *model = values_of(&vars, &model.spec)?;
-    Ok(f64::from(loss))
+    let mut values = model.values.clone();
+    let loss = plain_step(learner, &mut values, &xb, &yb, learning_rate, 0)?;
+    *model = FlatModel::new(model.spec.clone(), values).map_err(|_| TrainError::NonFinite)?;
+    Ok(loss)
 }
 
 /// Copies the rows `batch` of `data` out, checking the indices.
@@ -561,14 +506,18 @@ fn clipped_sum(
         .layout()
         .map(|(_, _, off, len)| &model.values[off..off + len])
         .collect();
-    let (sum, norms, clipped) = backprop::clipped_sum(
+    let backprop::Summed {
+        sum,
+        norms,
+        clipped,
+        ..
+    } = backprop::gradient_sum(
         &learner.compiled,
         &p,
         x_batch,
         y_batch,
         learner.head,
-        active,
-        clip,
+        backprop::Summing::Clipped { clip, active },
         seed,
         model.values.len(),
     )?;
@@ -849,7 +798,7 @@ pub fn outputs(
         let mut xb = Vec::with_capacity(rows * data.d);
         data.range_into(start, rows, &mut xb);
         let x = Tensor::from_vec(xb, (rows, data.d), &dev)?;
-        let z = net::forward(&learner.compiled, &p, &x, &net::Mode::Eval)?;
+        let z = net::forward(&learner.compiled, &p, &x)?;
         out.extend(z.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)

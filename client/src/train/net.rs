@@ -6,23 +6,6 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use fedpriv_common::arch::{Activation, Compiled, Layer, Step};
 
-/// How a forward pass runs.
-pub(super) enum Mode {
-    /// As the model is used: dropout is the identity.
-    Eval,
-    /// Training: dropout masks drawn from this seed.
-    Train { seed: u64 },
-}
-
-impl Mode {
-    fn seed(&self) -> Option<u64> {
-        match self {
-            Self::Eval => None,
-            Self::Train { seed } => Some(*seed),
-        }
-    }
-}
-
 /// The parameters of step `i` out of the model's tensors (in spec order).
 fn params_of<'a>(compiled: &Compiled, params: &'a [Tensor], step: usize) -> &'a [Tensor] {
     let start: usize = compiled.steps[..step].iter().map(|s| s.params.len()).sum();
@@ -217,12 +200,12 @@ impl CustomOp2 for MaxPoolGrad {
     }
 }
 
-/// Runs `x` (`[n, input]`, flat) through the model; returns the outputs `[n, outputs]`.
+/// Runs `x` (`[n, input]`, flat) through the model as it is used (dropout is the identity);
+/// returns the outputs `[n, outputs]`.
 pub(super) fn forward(
     compiled: &Compiled,
     params: &[Tensor],
     x: &Tensor,
-    mode: &Mode,
 ) -> candle_core::Result<Tensor> {
     let n = x.dim(0)?;
     let dev = x.device().clone();
@@ -314,13 +297,7 @@ pub(super) fn forward(
                 // 1/(1 + e^-x) = (1 + tanh(x/2)) / 2, without e^-x overflowing.
                 Activation::Sigmoid => h.affine(0.5, 0.0)?.tanh()?.affine(0.5, 0.5)?,
             },
-            Layer::Dropout { rate } => match mode.seed() {
-                Some(seed) if *rate > 0.0 => {
-                    let mask = dropout_values(h.elem_count(), *rate, dropout_seed(seed, i));
-                    h.mul(&Tensor::from_vec(mask, h.dims(), &dev)?)?
-                }
-                _ => h,
-            },
+            Layer::Dropout { .. } => h,
             Layer::LayerNorm => {
                 let m = *step.input.last().unwrap_or(&1);
                 let rows = step.input.iter().product::<usize>() / m * n;

@@ -6,6 +6,49 @@ use crate::data::{
 use fedpriv_common::arch::{Activation, Layer};
 use fedpriv_common::model::l2_norm;
 
+use candle_core::Var;
+
+/// Labels as tensors: `[n]` values, and `[n, k]` one-hot rows for a softmax head.
+struct Targets {
+    y: Tensor,
+    onehot: Option<Tensor>,
+}
+
+impl Targets {
+    fn new(y: &[f32], head: Head, dev: &Device) -> candle_core::Result<Self> {
+        let onehot = match head {
+            Head::Softmax(k) => {
+                let mut m = vec![0f32; y.len() * k];
+                for (i, &c) in y.iter().enumerate() {
+                    m[i * k + c as usize] = 1.0;
+                }
+                Some(Tensor::from_vec(m, (y.len(), k), dev)?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            y: Tensor::from_slice(y, y.len(), dev)?,
+            onehot,
+        })
+    }
+}
+
+/// Per-example losses `[n]` from differentiable ops, for the autograd reference.
+fn per_example_loss(z: &Tensor, t: &Targets, head: Head) -> candle_core::Result<Tensor> {
+    match (head, &t.onehot) {
+        (Head::Softmax(_), Some(onehot)) => z.log_sum_exp(1)?.sub(&z.mul(onehot)?.sum(1)?),
+        (Head::Sigmoid, _) => {
+            // max(z, 0) - y z + ln(1 + e^-|z|): stable for any z. At z = 0 candle's
+            // derivatives of relu and abs are both 1, which still sums to sigmoid(0) - y.
+            let z = z.squeeze(1)?;
+            let soft = z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+            z.relu()?.sub(&t.y.mul(&z)?)?.add(&soft)
+        }
+        (Head::Identity, _) => z.squeeze(1)?.sub(&t.y)?.sqr()?.affine(0.5, 0.0),
+        (Head::Softmax(_), None) => Err(candle_core::Error::Msg("missing one-hot labels".into())),
+    }
+}
+
 fn learner(arch: &Architecture, input: &[usize], task: Task, outputs: usize) -> Learner {
     Learner::new(arch, input, task, outputs).unwrap()
 }
@@ -260,7 +303,7 @@ fn autograd_grad(l: &Learner, model: &FlatModel, x: &[f32], y: f32) -> Vec<f32> 
     let p: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let xt = Tensor::from_slice(x, (1, x.len()), &dev).unwrap();
     let t = Targets::new(&[y], l.head(), &dev).unwrap();
-    let z = net::forward(&l.compiled, &p, &xt, &net::Mode::Eval).unwrap();
+    let z = net::forward(&l.compiled, &p, &xt).unwrap();
     let loss = per_example_loss(&z, &t, l.head())
         .unwrap()
         .sum_all()
@@ -317,6 +360,20 @@ fn per_example_gradients_equal_one_example_backward_pass_for_every_layer_kind() 
             .map(|j| reference.iter().map(|r| r[j]).sum())
             .collect();
         assert_close(&g, &sum, 1e-5, &format!("{what}, batch"));
+        // A non-private step moves the model by the mean of the references.
+        let names = (0..d).map(|i| format!("f{i}")).collect();
+        let data = Dataset::new(x.clone(), y.clone(), names, "y".into()).unwrap();
+        let mut stepped = model.clone();
+        let lr = 0.5f32;
+        sgd_step(&l, &mut stepped, &data, &(0..n).collect::<Vec<_>>(), lr).unwrap();
+        let moved: Vec<f32> = model
+            .values
+            .iter()
+            .zip(&stepped.values)
+            .map(|(a, b)| (a - b) / lr)
+            .collect();
+        let mean: Vec<f32> = sum.iter().map(|v| v / n as f32).collect();
+        assert_close(&moved, &mean, 1e-4, &format!("{what}, plain step"));
         // Clipped at the median norm: each example's share is its reference scaled down.
         let mut norms: Vec<f64> = reference.iter().map(|r| l2_norm(r)).collect();
         norms.sort_by(f64::total_cmp);
@@ -344,7 +401,7 @@ fn loss_of(l: &Learner, model: &FlatModel, x: &[f32], y: f32) -> f64 {
     let dev = Device::Cpu;
     let p = param_tensors(model, &dev).unwrap();
     let xt = Tensor::from_slice(x, (1, x.len()), &dev).unwrap();
-    let z = net::forward(&l.compiled, &p, &xt, &net::Mode::Eval).unwrap();
+    let z = net::forward(&l.compiled, &p, &xt).unwrap();
     example_loss(
         &z.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         y,
