@@ -128,7 +128,9 @@ fn digits() -> Result<Part, String> {
             rounds: 30,
             steps: 10,
             batch: 64.0,
-            lr: 2.0,
+            // Re-chosen on the validation split after max pooling's gradient was mended
+            // (it had been a quarter of the true one): 2.0 before, out of {2, 1, 0.5, 0.25}.
+            lr: 0.5,
             clip: 1.0,
         },
         data_toml: "task = \"multiclass\"\nclasses = 10\nlabel = \"digit\"\nimage = { file_column = \"file\", channels = 1, height = 8, width = 8, mean = [0.3], std = [0.4] }\n".into(),

@@ -47,8 +47,10 @@ thread_local! {
     static SPARE_INDICES: RefCell<Vec<Vec<usize>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Arrays kept per thread, of each kind.
+/// Arrays kept per thread, of each kind, and their total size: a step whose working set
+/// is larger allocates the rest afresh.
 const SPARE_KEPT: usize = 48;
+const SPARE_BYTES: usize = 256 << 20;
 
 /// The spare buffer that fits `len` most tightly, emptied.
 fn take_spare<T>(spare: &RefCell<Vec<Vec<T>>>, len: usize) -> Option<Vec<T>> {
@@ -66,7 +68,8 @@ fn take_spare<T>(spare: &RefCell<Vec<Vec<T>>>, len: usize) -> Option<Vec<T>> {
 
 fn keep_spare<T>(spare: &RefCell<Vec<Vec<T>>>, v: Vec<T>) {
     let mut spare = spare.borrow_mut();
-    if spare.len() < SPARE_KEPT && v.capacity() > 0 {
+    let held: usize = spare.iter().map(Vec::capacity).sum::<usize>() + v.capacity();
+    if spare.len() < SPARE_KEPT && v.capacity() > 0 && held * size_of::<T>() <= SPARE_BYTES {
         spare.push(v);
     }
 }
