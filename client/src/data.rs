@@ -1008,13 +1008,20 @@ pub fn load_ranges(path: impl AsRef<Path>) -> Result<DeclaredRanges, DataError> 
 #[derive(Debug, Clone)]
 pub(crate) struct SplitMix64(u64);
 
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl SplitMix64 {
     pub(crate) fn new(seed: u64) -> Self {
         Self(seed)
     }
 
+    /// Moves the stream on by `k` values, as `k` calls of [`Self::next_u64`] would.
+    pub(crate) fn skip(&mut self, k: u64) {
+        self.0 = self.0.wrapping_add(k.wrapping_mul(SPLITMIX_GAMMA));
+    }
+
     pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(SPLITMIX_GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

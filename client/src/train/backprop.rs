@@ -248,6 +248,30 @@ enum Saved {
     Encode { ids: Vec<Vec<usize>> },
 }
 
+/// Values `start..start + len` of a dropout mask (0 or 1 / (1 - rate)) drawn from a
+/// SplitMix64 stream: a batch split over threads draws the same mask as the whole batch.
+/// Dropout's randomness is part of training, not of the privacy mechanism: it needs no
+/// cryptographic strength.
+fn dropout_values(start: usize, len: usize, rate: f32, seed: u64) -> Vec<f32> {
+    let mut rng = crate::data::SplitMix64::new(seed);
+    rng.skip(start as u64);
+    let keep = 1.0 / (1.0 - f64::from(rate));
+    (0..len)
+        .map(|_| {
+            if rng.next_f64() < f64::from(rate) {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
+        .collect()
+}
+
+/// The seed of step `step`'s dropout mask in a pass seeded with `seed`.
+fn dropout_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64) << 32
+}
+
 /// The planes, height and width a pooling layer works on, and its window.
 fn pool_geometry(step: &Step, kernel: usize) -> ((usize, usize, usize), (usize, usize)) {
     match step.input[..] {
@@ -264,11 +288,15 @@ fn params_of<'a>(compiled: &Compiled, params: &[&'a [f32]], step: usize) -> Vec<
 }
 
 /// Runs step `i` forward on `h` (`[n, input]`), returning its output and what it keeps.
+/// `h` holds `n` rows of the batch from row `first` on (dropout masks depend on where a row
+/// is in the batch, not on how the batch was split).
+#[allow(clippy::too_many_arguments)]
 fn forward_step(
     compiled: &Compiled,
     params: &[&[f32]],
     i: usize,
     h: Vec<f32>,
+    first: usize,
     n: usize,
     seed: u64,
 ) -> Result<(Vec<f32>, Saved), TrainError> {
@@ -366,7 +394,7 @@ fn forward_step(
             (out, Saved::Activation { kind, v: h })
         }
         Layer::Dropout { rate } if *rate > 0.0 => {
-            let mask = net::dropout_values(h.len(), *rate, net::dropout_seed(seed, i));
+            let mask = dropout_values(first * in_len, h.len(), *rate, dropout_seed(seed, i));
             let out = h.iter().zip(&mask).map(|(v, m)| v * m).collect();
             (out, Saved::Mask(mask))
         }
@@ -693,6 +721,10 @@ pub(super) struct Summed {
 /// The sum of a batch's per-example gradients, summed as `summing` says. `params` are the
 /// model's tensors in spec order; `x` is `[n, input]`, `y` the labels (checked against the
 /// head by the caller); dropout masks come from `seed`.
+///
+/// A batch of at least [`ROWS_PER_THREAD`] rows per thread is split over rayon's threads
+/// (examples do not interact) and the parts' sums added in order; the result then depends
+/// on the number of threads in the last bits, never on the data's order of arrival.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gradient_sum(
     compiled: &Compiled,
@@ -705,6 +737,77 @@ pub(super) fn gradient_sum(
     total_values: usize,
 ) -> Result<Summed, TrainError> {
     let n = y.len();
+    let threads = rayon::current_num_threads().min(n / ROWS_PER_THREAD).max(1);
+    let d = x.len() / n.max(1);
+    let per = n.div_ceil(threads).max(1);
+    let part = |row0: usize| {
+        let rows = per.min(n - row0);
+        let summing = match summing {
+            Summing::Clipped { clip, active } => Summing::Clipped {
+                clip,
+                active: active.saturating_sub(row0).min(rows),
+            },
+            Summing::Plain => Summing::Plain,
+        };
+        let (xs, ys) = (&x[row0 * d..(row0 + rows) * d], &y[row0..row0 + rows]);
+        rows_sum(
+            compiled,
+            params,
+            xs,
+            ys,
+            head,
+            summing,
+            seed,
+            total_values,
+            row0,
+        )
+    };
+    if threads == 1 {
+        return part(0);
+    }
+    use rayon::prelude::*;
+    let parts: Vec<Result<Summed, TrainError>> = (0..n)
+        .step_by(per)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(part)
+        .collect();
+    let mut whole = Summed {
+        sum: vec![0f32; total_values],
+        norms: Vec::with_capacity(n),
+        clipped: 0,
+        loss: 0.0,
+    };
+    for p in parts {
+        let p = p?;
+        for (a, b) in whole.sum.iter_mut().zip(&p.sum) {
+            *a += b;
+        }
+        whole.norms.extend(p.norms);
+        whole.clipped += p.clipped;
+        whole.loss += p.loss;
+    }
+    Ok(whole)
+}
+
+/// Rows per thread below which a batch is not split: smaller parts cost more in hand-over
+/// than they save.
+const ROWS_PER_THREAD: usize = 64;
+
+/// [`gradient_sum`] of the rows `row0..row0 + y.len()` of a batch.
+#[allow(clippy::too_many_arguments)]
+fn rows_sum(
+    compiled: &Compiled,
+    params: &[&[f32]],
+    x: &[f32],
+    y: &[f32],
+    head: Head,
+    summing: Summing,
+    seed: u64,
+    total_values: usize,
+    row0: usize,
+) -> Result<Summed, TrainError> {
+    let n = y.len();
     let Some(first) = compiled.steps.iter().position(|s| !s.params.is_empty()) else {
         return Err(TrainError::Model("the model has no parameters".into()));
     };
@@ -712,7 +815,7 @@ pub(super) fn gradient_sum(
     let mut h = copy_of(x);
     let mut saved = Vec::with_capacity(compiled.steps.len());
     for i in 0..compiled.steps.len() {
-        let (out, s) = forward_step(compiled, params, i, h, n, seed)?;
+        let (out, s) = forward_step(compiled, params, i, h, row0, n, seed)?;
         saved.push(s);
         h = out;
     }

@@ -1,7 +1,7 @@
 //! The model's forward pass with candle, for every layer kind of `common::arch`, as
-//! autograd runs it (non-private training, evaluation), and the host-side pieces both it and
-//! the DP-SGD backward pass (`backprop`) use: dropout masks, category slots, the unfolding
-//! of convolution inputs, max pooling's window maxima and row normalisation.
+//! used (evaluation, and the tests' autograd reference), and the host-side pieces both it
+//! and the training passes (`backprop`) use: category slots, the unfolding of convolution
+//! inputs, max pooling's window maxima and row normalisation.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use fedpriv_common::arch::{Activation, Compiled, Layer, Step};
@@ -33,28 +33,6 @@ pub(super) fn normalise_row(row: &mut [f32]) -> f32 {
         *v = (*v - mean) * inv;
     }
     inv
-}
-
-/// A dropout mask of `len` values (0 or 1 / (1 - rate)) from a SplitMix64 stream. Dropout's
-/// randomness is part of training, not of the privacy mechanism: it needs no cryptographic
-/// strength.
-pub(super) fn dropout_values(len: usize, rate: f32, seed: u64) -> Vec<f32> {
-    let mut rng = crate::data::SplitMix64::new(seed);
-    let keep = 1.0 / (1.0 - f64::from(rate));
-    (0..len)
-        .map(|_| {
-            if rng.next_f64() < f64::from(rate) {
-                0.0
-            } else {
-                keep as f32
-            }
-        })
-        .collect()
-}
-
-/// The seed of step `step`'s dropout mask in a pass seeded with `seed`.
-pub(super) fn dropout_seed(seed: u64, step: usize) -> u64 {
-    seed ^ (step as u64) << 32
 }
 
 /// For max pooling over `planes` planes of `h x w` in windows `(kh, kw)` that tile them

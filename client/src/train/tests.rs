@@ -462,6 +462,46 @@ fn max_pooling_gradients_match_finite_differences() {
 }
 
 #[test]
+fn a_batch_split_over_threads_gives_the_whole_batchs_sum_masks_and_norms() {
+    // 3 x 64 rows: split in three where rayon has three threads; with dropout, whose masks
+    // must follow the row's place in the batch, and padding rows from 150 on.
+    let l = learner(
+        &Architecture::Layers(vec![
+            Layer::Dense { units: 16 },
+            Layer::Activation(Activation::Relu),
+            Layer::Dropout { rate: 0.3 },
+            Layer::Dense { units: 3 },
+        ]),
+        &[5],
+        Task::Multiclass,
+        3,
+    );
+    let model = random_model(&l, 11);
+    let n = 192;
+    let (x, y) = random_batch(&l, n, 12);
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| clipped_sum(&l, &model, &x, &y, n, 150, 0.5, 99).unwrap())
+    };
+    let (one, one_stats) = run(1);
+    let (three, three_stats) = run(3);
+    assert_close(&three, &one, 1e-5, "split over three threads");
+    assert_eq!(one_stats.batch_n, three_stats.batch_n);
+    assert_eq!(one_stats.clipped_fraction, three_stats.clipped_fraction);
+    assert!((one_stats.mean_norm - three_stats.mean_norm).abs() <= 1e-6 * one_stats.mean_norm);
+    // The masks differ from row to row: a second seed gives another sum.
+    let other = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap()
+        .install(|| clipped_sum(&l, &model, &x, &y, n, 150, 0.5, 100).unwrap().0);
+    assert!(other.iter().zip(&three).any(|(a, b)| (a - b).abs() > 1e-3));
+}
+
+#[test]
 fn clipping_bounds_each_examples_contribution() {
     for (case, (what, l)) in cases().into_iter().enumerate() {
         let d = l.input_len();
