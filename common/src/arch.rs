@@ -217,7 +217,9 @@ impl Architecture {
 
 fn conv_out(len: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
     let padded = len.checked_add(padding.checked_mul(2)?)?;
-    if kernel == 0 || stride == 0 || padded < kernel {
+    // Padding of a kernel's width or more adds windows that see only zeros (and lets a
+    // study's spec grow a site's activations without bound).
+    if kernel == 0 || stride == 0 || padding >= kernel || padded < kernel {
         return None;
     }
     Some((padded - kernel) / stride + 1)
@@ -296,7 +298,7 @@ pub fn compile(
                 }
                 let out = conv_out(l, *kernel, *stride, *padding).ok_or_else(|| {
                     bad(format!(
-                        "kernel {kernel} with stride {stride} and padding {padding} does not fit a length of {l}"
+                        "kernel {kernel} with stride {stride} and padding {padding} does not fit a length of {l} (the padding must be below the kernel)"
                     ))
                 })?;
                 (
@@ -324,7 +326,7 @@ pub fn compile(
                 let fit = |len: usize| {
                     conv_out(len, *kernel, *stride, *padding).ok_or_else(|| {
                         bad(format!(
-                            "kernel {kernel} with stride {stride} and padding {padding} does not fit a {h}x{w} input"
+                            "kernel {kernel} with stride {stride} and padding {padding} does not fit a {h}x{w} input (the padding must be below the kernel)"
                         ))
                     })
                 };
@@ -378,6 +380,15 @@ pub fn compile(
             Layer::Encode(enc) => {
                 if index != 0 || shape != [enc.numeric + enc.categorical.len()] {
                     return Err(bad("an encoding only comes first, on a table".into()));
+                }
+                if let Some(j) = enc
+                    .categorical
+                    .iter()
+                    .position(|(slots, emb)| *slots == 0 || *emb == Some(0))
+                {
+                    return Err(bad(format!(
+                        "categorical column {j} needs at least one slot and an embedding of at least one value"
+                    )));
                 }
                 let params = enc
                     .categorical
@@ -745,6 +756,31 @@ mod tests {
                 vec![Layer::MaxPool { kernel: 2 }, Layer::Dense { units: 1 }],
                 vec![5],
                 "layer 0 (max_pool): needs channels first",
+            ),
+            (
+                vec![
+                    Layer::Conv1d {
+                        channels: 2,
+                        kernel: 3,
+                        stride: 1,
+                        padding: 3,
+                    },
+                    Layer::Flatten,
+                    Layer::Dense { units: 1 },
+                ],
+                vec![8],
+                "layer 0 (conv1d): kernel 3 with stride 1 and padding 3 does not fit a length of 8 (the padding must be below the kernel)",
+            ),
+            (
+                vec![
+                    Layer::Encode(Encoding {
+                        numeric: 1,
+                        categorical: vec![(3, None), (0, None)],
+                    }),
+                    Layer::Dense { units: 1 },
+                ],
+                vec![3],
+                "layer 0 (encode): categorical column 1 needs at least one slot",
             ),
         ];
         for (layers, input, want) in cases {

@@ -47,10 +47,11 @@ thread_local! {
     static SPARE_INDICES: RefCell<Vec<Vec<usize>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Arrays kept per thread, of each kind, and their total size: a step whose working set
-/// is larger allocates the rest afresh.
+/// Arrays kept per thread, of each kind, and their total size per kind: a step whose
+/// working set is larger allocates the rest afresh. rayon's threads live as long as the
+/// process, so this is held for good on each of them.
 const SPARE_KEPT: usize = 48;
-const SPARE_BYTES: usize = 256 << 20;
+const SPARE_BYTES: usize = 64 << 20;
 
 /// The spare buffer that fits `len` most tightly, emptied.
 fn take_spare<T>(spare: &RefCell<Vec<Vec<T>>>, len: usize) -> Option<Vec<T>> {
@@ -74,11 +75,16 @@ fn keep_spare<T>(spare: &RefCell<Vec<Vec<T>>>, v: Vec<T>) {
     }
 }
 
+/// An empty array with room for `len`, a spare one where one fits.
+fn empty(len: usize) -> Vec<f32> {
+    SPARE
+        .with(|s| take_spare(s, len))
+        .unwrap_or_else(|| Vec::with_capacity(len))
+}
+
 /// `len` zeros, in a spare array where one fits.
 fn zeros(len: usize) -> Vec<f32> {
-    let mut v = SPARE
-        .with(|s| take_spare(s, len))
-        .unwrap_or_else(|| Vec::with_capacity(len));
+    let mut v = empty(len);
     v.resize(len, 0.0);
     v
 }
@@ -97,7 +103,7 @@ fn spare(v: Vec<f32>) {
 
 /// A copy of `v` in a spare array.
 fn copy_of(v: &[f32]) -> Vec<f32> {
-    let mut c = zeros(0);
+    let mut c = empty(v.len());
     c.extend_from_slice(v);
     c
 }
@@ -182,8 +188,7 @@ fn each_times_each_t(
         let b = Tensor::from_slice(b, (count, k, n), &dev)?;
         return a.matmul(&b.transpose(1, 2)?)?.flatten_all()?.to_vec1();
     }
-    let mut c = zeros(count * m * k);
-    c.clear();
+    let mut c = empty(count * m * k);
     for (ai, bi) in a.chunks(m * n).zip(b.chunks(k * n)) {
         for arow in ai.chunks(n) {
             c.extend(bi.chunks(n).map(|brow| dot(arow, brow)));
@@ -273,18 +278,23 @@ fn dropout_seed(seed: u64, step: usize) -> u64 {
 }
 
 /// The planes, height and width a pooling layer works on, and its window.
-fn pool_geometry(step: &Step, kernel: usize) -> ((usize, usize, usize), (usize, usize)) {
+type PoolGeometry = ((usize, usize, usize), (usize, usize));
+
+fn pool_geometry(step: &Step, kernel: usize) -> Result<PoolGeometry, TrainError> {
     match step.input[..] {
-        [c, l] => ((c, 1, l), (1, kernel)),
-        [c, h, w] => ((c, h, w), (kernel, kernel)),
-        _ => ((0, 0, 0), (kernel, kernel)),
+        [c, l] => Ok(((c, 1, l), (1, kernel))),
+        [c, h, w] => Ok(((c, h, w), (kernel, kernel))),
+        _ => Err(shape_error(step)),
     }
 }
 
-/// The slices of the flat model that belong to step `i`, in spec order.
-fn params_of<'a>(compiled: &Compiled, params: &[&'a [f32]], step: usize) -> Vec<&'a [f32]> {
-    let start: usize = compiled.steps[..step].iter().map(|s| s.params.len()).sum();
-    params[start..start + compiled.steps[step].params.len()].to_vec()
+/// A step whose shapes its layer kind does not take (`compile` refuses them: ours).
+fn shape_error(step: &Step) -> TrainError {
+    TrainError::Model(format!(
+        "layer {} got an input of shape {:?}",
+        step.layer.kind(),
+        step.input
+    ))
 }
 
 /// Runs step `i` forward on `h` (`[n, input]`), returning its output and what it keeps.
@@ -301,7 +311,7 @@ fn forward_step(
     seed: u64,
 ) -> Result<(Vec<f32>, Saved), TrainError> {
     let step = &compiled.steps[i];
-    let p = params_of(compiled, params, i);
+    let p = net::params_of(compiled, params, i);
     let in_len: usize = step.input.iter().product();
     let out_len: usize = step.output.iter().product();
     Ok(match &step.layer {
@@ -315,7 +325,7 @@ fn forward_step(
             (out, Saved::Dense { a: h })
         }
         Layer::Conv1d { channels, .. } | Layer::Conv2d { channels, .. } => {
-            let index = ConvIndex::new(step);
+            let index = ConvIndex::new(step).ok_or_else(|| shape_error(step))?;
             let mut u = zeros(n * index.cols * index.positions);
             index.unfold_into(&h, &mut u);
             spare(h);
@@ -329,7 +339,7 @@ fn forward_step(
             (out, Saved::Conv { u, index })
         }
         Layer::MaxPool { kernel } => {
-            let (dims, window) = pool_geometry(step, *kernel);
+            let (dims, window) = pool_geometry(step, *kernel)?;
             let mut from = indices(n * out_len);
             net::max_pool_argmax_into(&h, n * dims.0, dims.1, dims.2, window, &mut from);
             let mut out = zeros(n * out_len);
@@ -341,8 +351,8 @@ fn forward_step(
             (out, Saved::MaxPool { from, input_len })
         }
         Layer::AvgPool { kernel } => {
-            let (dims, window) = pool_geometry(step, *kernel);
-            let (planes, ht, wd) = dims;
+            let (dims, window) = pool_geometry(step, *kernel)?;
+            let (_, ht, wd) = dims;
             let (kh, kw) = window;
             let (oh, ow) = (ht / kh, wd / kw);
             let scale = 1.0 / (kh * kw) as f32;
@@ -357,7 +367,6 @@ fn forward_step(
                     *v *= scale;
                 }
             }
-            debug_assert_eq!(out.len(), n * planes * oh * ow);
             spare(h);
             (out, Saved::AvgPool { dims, window })
         }
@@ -395,7 +404,10 @@ fn forward_step(
         }
         Layer::Dropout { rate } if *rate > 0.0 => {
             let mask = dropout_values(first * in_len, h.len(), *rate, dropout_seed(seed, i));
-            let out = h.iter().zip(&mask).map(|(v, m)| v * m).collect();
+            let mut out = h;
+            for (v, m) in out.iter_mut().zip(&mask) {
+                *v *= m;
+            }
             (out, Saved::Mask(mask))
         }
         Layer::Dropout { .. } => (h, Saved::Nothing),
@@ -477,10 +489,14 @@ fn backward_step(
     n: usize,
 ) -> Result<Vec<f32>, TrainError> {
     let step = &compiled.steps[i];
-    let p = params_of(compiled, params, i);
+    let p = net::params_of(compiled, params, i);
     let in_len: usize = step.input.iter().product();
     Ok(match (saved, &step.layer) {
-        (Saved::Dense { .. }, Layer::Dense { units }) => mm_nn(&g, n, *units, p[0], in_len)?,
+        (Saved::Dense { .. }, Layer::Dense { units }) => {
+            let gi = mm_nn(&g, n, *units, p[0], in_len)?;
+            spare(g);
+            gi
+        }
         (
             Saved::Conv { index, .. },
             Layer::Conv1d { channels, .. } | Layer::Conv2d { channels, .. },
@@ -603,7 +619,7 @@ fn per_layer(step: &Step, saved: Saved, g: &[f32], n: usize) -> Result<PerLayer,
             let (o, positions) = (*channels, index.positions);
             let w = each_times_each_t(g, &u, n, (o, positions, index.cols))?;
             spare(u);
-            let mut b = zeros(0);
+            let mut b = empty(n * o);
             b.extend(g.chunks(positions).map(|plane| plane.iter().sum::<f32>()));
             PerLayer::Explicit {
                 tensors: vec![(w, o * index.cols), (b, o)],
@@ -855,11 +871,17 @@ fn rows_sum(
     spare(g);
     saved.into_iter().for_each(Saved::recycle);
     layers.reverse();
-    let (scales, norms, clipped) = match summing {
-        Summing::Clipped { clip, active } => clip_scales(&layers, n, clip, active),
-        Summing::Plain => (vec![1f32; n], Vec::new(), 0),
+    let (sum, norms, clipped) = match summing {
+        Summing::Clipped { clip, active } => {
+            let (mut scales, norms, clipped, others) = clip_scales(&layers, n, clip, active);
+            let sum = scaled_sum(layers, &mut scales, &others, Some(clip), total_values)?;
+            (sum, norms, clipped)
+        }
+        Summing::Plain => {
+            let sum = scaled_sum(layers, &mut vec![1.0; n], &vec![0.0; n], None, total_values)?;
+            (sum, Vec::new(), 0)
+        }
     };
-    let sum = scaled_sum(layers, &scales, total_values)?;
     Ok(Summed {
         sum,
         norms,
@@ -869,40 +891,43 @@ fn rows_sum(
 }
 
 /// Each example's scale (at most `clip` / its norm; zero for padding from `active` on and for
-/// a norm that is not finite), the active examples' norms, and how many were scaled down.
+/// a norm that is not finite), the active examples' norms, how many were scaled down, and
+/// each example's squared norm outside dense layers.
 fn clip_scales(
     layers: &[PerLayer],
     n: usize,
     clip: f64,
     active: usize,
-) -> (Vec<f32>, Vec<f64>, usize) {
-    // Squared norms per example, summed over layers, in f64.
-    let mut norms = vec![0f64; n];
+) -> (Vec<f64>, Vec<f64>, usize, Vec<f64>) {
+    // Squared norms per example, dense layers apart from the rest, in f64.
+    let mut dense = vec![0f64; n];
+    let mut others = vec![0f64; n];
     for layer in layers {
         match layer {
             PerLayer::Dense { a, g, ins, outs } => {
-                for (i, norm) in norms.iter_mut().enumerate() {
+                for (i, norm) in dense.iter_mut().enumerate() {
                     *norm +=
                         sq(&g[i * outs..(i + 1) * outs]) * (sq(&a[i * ins..(i + 1) * ins]) + 1.0);
                 }
             }
             PerLayer::Explicit { tensors } => {
                 for (t, len) in tensors {
-                    for (i, norm) in norms.iter_mut().enumerate() {
+                    for (i, norm) in others.iter_mut().enumerate() {
                         *norm += sq(&t[i * len..(i + 1) * len]);
                     }
                 }
             }
             PerLayer::Embedding { tables } => {
                 for (_, w, _, seg) in tables {
-                    for (i, norm) in norms.iter_mut().enumerate() {
+                    for (i, norm) in others.iter_mut().enumerate() {
                         *norm += sq(&seg[i * w..(i + 1) * w]);
                     }
                 }
             }
         }
     }
-    let mut scales = vec![0f32; n];
+    let mut norms: Vec<f64> = dense.iter().zip(&others).map(|(d, o)| d + o).collect();
+    let mut scales = vec![0f64; n];
     let mut clipped = 0usize;
     for (i, norm) in norms.iter_mut().enumerate() {
         *norm = norm.sqrt();
@@ -913,42 +938,84 @@ fn clip_scales(
         let padded = *norm * (1.0 + CLIP_MARGIN);
         scales[i] = if padded > clip {
             clipped += 1;
-            (clip / padded) as f32
+            clip / padded
         } else {
             1.0
         };
     }
     norms.truncate(active);
-    (scales, norms, clipped)
+    (scales, norms, clipped, others)
 }
 
 /// The per-example gradients of every layer, each example's scaled by its factor, summed.
+///
+/// With a clip norm, each example's contribution is checked as it will be summed: dense
+/// layers' scaled factors are rounded to f32 (the rest is scaled in f64), and a product
+/// that lands among f32's subnormals can round up far beyond the margin (a gradient norm
+/// beyond about 1e37 times the clip norm, which a crafted model can cause). An example whose
+/// rounded contribution exceeds the clip norm counts as zero.
 fn scaled_sum(
     layers: Vec<PerLayer>,
-    scales: &[f32],
+    scales: &mut [f64],
+    others: &[f64],
+    clip: Option<f64>,
     total_values: usize,
 ) -> Result<Vec<f32>, TrainError> {
     let n = scales.len();
+    // Dense layers' scaled factors, zero rows for examples that count as zero (so that an
+    // infinite factor times a zero scale cannot make a NaN).
+    let mut factors: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+    for layer in &layers {
+        if let PerLayer::Dense { a, g, ins, outs } = layer {
+            let (ins, outs) = (*ins, *outs);
+            let mut gs = zeros(n * outs);
+            let mut aa = zeros(n * ins);
+            for (i, &s) in scales.iter().enumerate() {
+                if s > 0.0 {
+                    for (o, &v) in gs[i * outs..(i + 1) * outs]
+                        .iter_mut()
+                        .zip(&g[i * outs..(i + 1) * outs])
+                    {
+                        *o = (f64::from(v) * s) as f32;
+                    }
+                    aa[i * ins..(i + 1) * ins].copy_from_slice(&a[i * ins..(i + 1) * ins]);
+                }
+            }
+            factors.push((gs, aa));
+        }
+    }
+    if let Some(clip) = clip {
+        for (i, s) in scales.iter_mut().enumerate() {
+            if *s == 0.0 {
+                continue;
+            }
+            let mut total = *s * *s * others[i];
+            for (gs, aa) in &factors {
+                let (outs, ins) = (gs.len() / n, aa.len() / n);
+                total +=
+                    sq(&gs[i * outs..(i + 1) * outs]) * (sq(&aa[i * ins..(i + 1) * ins]) + 1.0);
+            }
+            // A NaN total counts as too large; the slack covers the rounding of the f32
+            // products when the factors are multiplied out below.
+            if total.is_nan() || total.sqrt() > clip * (1.0 - 4.0 * f64::from(f32::EPSILON)) {
+                *s = 0.0;
+                for (gs, aa) in &mut factors {
+                    let (outs, ins) = (gs.len() / n, aa.len() / n);
+                    gs[i * outs..(i + 1) * outs].fill(0.0);
+                    aa[i * ins..(i + 1) * ins].fill(0.0);
+                }
+            }
+        }
+    }
     let dev = Device::Cpu;
     let mut sum = Vec::with_capacity(total_values);
+    let mut factors = factors.into_iter();
     for layer in layers {
         match layer {
             PerLayer::Dense { a, g, ins, outs } => {
-                // Zero rows for examples that count as zero, so that an infinite factor times a
-                // zero scale cannot make a NaN.
-                let mut gs = zeros(n * outs);
-                let mut aa = zeros(n * ins);
-                for (i, &s) in scales.iter().enumerate() {
-                    if s > 0.0 {
-                        for (o, &v) in gs[i * outs..(i + 1) * outs]
-                            .iter_mut()
-                            .zip(&g[i * outs..(i + 1) * outs])
-                        {
-                            *o = v * s;
-                        }
-                        aa[i * ins..(i + 1) * ins].copy_from_slice(&a[i * ins..(i + 1) * ins]);
-                    }
-                }
+                let (gs, aa) = factors
+                    .next()
+                    .ok_or_else(|| TrainError::Model("a dense layer lost its factors".into()))?;
                 let gt = Tensor::from_slice(&gs, (n, outs), &dev)?;
                 let at = Tensor::from_slice(&aa, (n, ins), &dev)?;
                 sum.extend(gt.t()?.matmul(&at)?.flatten_all()?.to_vec1::<f32>()?);
@@ -961,7 +1028,7 @@ fn scaled_sum(
                     for (i, &s) in scales.iter().enumerate() {
                         if s > 0.0 {
                             for (a, &v) in acc.iter_mut().zip(&t[i * len..(i + 1) * len]) {
-                                *a += f64::from(v) * f64::from(s);
+                                *a += f64::from(v) * s;
                             }
                         }
                     }
@@ -976,11 +1043,12 @@ fn scaled_sum(
                         if s > 0.0 {
                             let row = &mut acc[ids[i] * w..(ids[i] + 1) * w];
                             for (a, &v) in row.iter_mut().zip(&seg[i * w..(i + 1) * w]) {
-                                *a += f64::from(v) * f64::from(s);
+                                *a += f64::from(v) * s;
                             }
                         }
                     }
                     sum.extend(acc.into_iter().map(|v| v as f32));
+                    spare(seg);
                 }
             }
         }

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use fedpriv_common::arch::{Activation, Compiled, Layer, Step};
 
 /// The parameters of step `i` out of the model's tensors (in spec order).
-fn params_of<'a>(compiled: &Compiled, params: &'a [Tensor], step: usize) -> &'a [Tensor] {
+pub(super) fn params_of<'a, T>(compiled: &Compiled, params: &'a [T], step: usize) -> &'a [T] {
     let start: usize = compiled.steps[..step].iter().map(|s| s.params.len()).sum();
     &params[start..start + compiled.steps[step].params.len()]
 }
@@ -333,7 +333,8 @@ pub(super) struct ConvIndex {
 }
 
 impl ConvIndex {
-    pub(super) fn new(step: &Step) -> Self {
+    /// `None` for a step that is not a convolution of the shapes `compile` gives one.
+    pub(super) fn new(step: &Step) -> Option<Self> {
         let input: usize = step.input.iter().product();
         // A 1-d convolution is a 2-d one of height 1.
         let (c, h, w, kh, k, stride, padding, ph) = match (&step.layer, &step.input[..]) {
@@ -364,12 +365,12 @@ impl ConvIndex {
                 },
                 [c, h, w],
             ) => (*c, *h, *w, *kernel, *kernel, *stride, *padding, *padding),
-            _ => (0, 0, 0, 0, 0, 1, 0, 0),
+            _ => return None,
         };
         let (oh, ow) = match step.output[..] {
             [_, l] => (1, l),
             [_, oh, ow] => (oh, ow),
-            _ => (0, 0),
+            _ => return None,
         };
         let cols = c * kh * k;
         let positions = oh * ow;
@@ -394,12 +395,12 @@ impl ConvIndex {
                 }
             }
         }
-        Self {
+        Some(Self {
             positions,
             cols,
             input,
             from,
-        }
+        })
     }
 
     /// Examples' inputs `[n, input]` unfolded into `u` (`[n, cols, positions]`, zeroed),

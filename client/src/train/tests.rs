@@ -201,6 +201,77 @@ fn cases() -> Vec<(&'static str, Learner)> {
             ),
         ),
         (
+            "conv1d, group norm on [c, l], relu, 1-d max pool, conv1d padded, layer norm on [c, l]",
+            learner(
+                &Architecture::Layers(vec![
+                    Layer::Conv1d {
+                        channels: 3,
+                        kernel: 3,
+                        stride: 1,
+                        padding: 1,
+                    },
+                    Layer::GroupNorm { groups: 3 },
+                    Layer::Activation(Activation::Relu),
+                    Layer::MaxPool { kernel: 2 },
+                    Layer::Conv1d {
+                        channels: 2,
+                        kernel: 2,
+                        stride: 1,
+                        padding: 1,
+                    },
+                    Layer::LayerNorm,
+                    Layer::Flatten,
+                    Layer::Dense { units: 2 },
+                ]),
+                &[8],
+                Task::Multiclass,
+                2,
+            ),
+        ),
+        (
+            "non-square conv2d, stride 2 and padding 1, layer norm on [c, h, w], tanh",
+            learner(
+                &Architecture::Layers(vec![
+                    Layer::Conv2d {
+                        channels: 3,
+                        kernel: 3,
+                        stride: 2,
+                        padding: 1,
+                    },
+                    Layer::LayerNorm,
+                    Layer::Activation(Activation::Tanh),
+                    Layer::Flatten,
+                    Layer::Dense { units: 2 },
+                ]),
+                &[2, 6, 4],
+                Task::Multiclass,
+                2,
+            ),
+        ),
+        (
+            "parameterless layers first: max pool, flatten, dense, gelu, dense",
+            learner(
+                &Architecture::Layers(vec![
+                    Layer::MaxPool { kernel: 2 },
+                    Layer::Flatten,
+                    Layer::Dense { units: 4 },
+                    Layer::Activation(Activation::Gelu),
+                    Layer::Dense { units: 3 },
+                ]),
+                &[2, 4, 4],
+                Task::Multiclass,
+                3,
+            ),
+        ),
+        (
+            "mlp over one-hot columns only",
+            Learner::for_data(
+                &Architecture::mlp(4),
+                &table_spec(2, &[(3, None), (2, None)], Task::Binary, 2),
+            )
+            .unwrap(),
+        ),
+        (
             "conv2d stride 2 without padding, dropout at rate 0",
             learner(
                 &Architecture::Layers(vec![
@@ -410,6 +481,99 @@ fn loss_of(l: &Learner, model: &FlatModel, x: &[f32], y: f32) -> f64 {
     .0
 }
 
+/// Central differences of `loss` at `values`, one value at a time.
+fn finite_differences(values: &[f32], h: f32, loss: impl Fn(&[f32]) -> f64) -> Vec<f32> {
+    (0..values.len())
+        .map(|j| {
+            let mut up = values.to_vec();
+            up[j] += h;
+            let mut down = values.to_vec();
+            down[j] -= h;
+            ((loss(&up) - loss(&down)) / (2.0 * f64::from(h))) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn dropouts_backward_matches_finite_differences_with_its_masks_fixed() {
+    // No autograd reference has dropout in training; the training loss with the masks the
+    // seed fixes is a function of the model, and its gradient is what the pass returns.
+    let l = learner(
+        &Architecture::Layers(vec![
+            Layer::Dense { units: 6 },
+            Layer::Activation(Activation::Tanh),
+            Layer::Dropout { rate: 0.5 },
+            Layer::Dense { units: 1 },
+        ]),
+        &[3],
+        Task::Regression,
+        1,
+    );
+    let model = random_model(&l, 3);
+    let (x, y) = random_batch(&l, 4, 9);
+    let run = |values: &[f32]| {
+        let p: Vec<&[f32]> = l
+            .spec
+            .layout()
+            .map(|(_, _, off, len)| &values[off..off + len])
+            .collect();
+        backprop::gradient_sum(
+            &l.compiled,
+            &p,
+            &x,
+            &y,
+            l.head,
+            backprop::Summing::Plain,
+            77,
+            values.len(),
+        )
+        .unwrap()
+    };
+    let grad = run(&model.values).sum;
+    let numeric = finite_differences(&model.values, 1e-2, |v| run(v).loss);
+    assert_close(
+        &grad,
+        &numeric,
+        2e-2,
+        "dropout, backward pass vs finite differences",
+    );
+}
+
+#[test]
+fn an_example_whose_scaled_gradient_is_subnormal_stays_within_the_clip_norm() {
+    // A crafted model (found in review): an activation of 3e38 into the last layer, so that
+    // the clipped output gradient lands among f32's subnormals, where rounding can add up to
+    // half of its value. Clip norms sweep the rounding's range.
+    let l = learner(
+        &Architecture::Layers(vec![Layer::Dense { units: 1 }, Layer::Dense { units: 1 }]),
+        &[1],
+        Task::Regression,
+        1,
+    );
+    let model = FlatModel::new(l.spec().clone(), vec![3e38, 0.0, 1e-38, 0.0]).unwrap();
+    let (_, unclipped) = per_example_clipped_grad_sum(&l, &model, &[1.0], &[0.0], 1, 1e30).unwrap();
+    let norm = unclipped.mean_norm;
+    let (mut kept, mut zeroed) = (0, 0);
+    for t in 0..200 {
+        // The clipped output gradient at 1 + t/100 times the smallest subnormal.
+        let clip =
+            (1.0 + f64::from(t) / 100.0) * 1.401_298_5e-45 * norm * (1.0 + CLIP_MARGIN) / 3.0;
+        let (g, _) = per_example_clipped_grad_sum(&l, &model, &[1.0], &[0.0], 1, clip).unwrap();
+        let contribution = l2_norm(&g);
+        assert!(
+            contribution <= clip,
+            "clip {clip:e} exceeded: {contribution:e}"
+        );
+        if contribution > 0.0 {
+            kept += 1;
+        } else {
+            zeroed += 1;
+        }
+    }
+    // Rounding down keeps an example, rounding up past the clip norm drops it.
+    assert!(kept > 0 && zeroed > 0, "kept {kept}, zeroed {zeroed}");
+}
+
 #[test]
 fn max_pooling_gradients_match_finite_differences() {
     // Outside truth for the autograd reference the per-example gradients are checked
@@ -431,34 +595,39 @@ fn max_pooling_gradients_match_finite_differences() {
         Task::Multiclass,
         3,
     );
-    let model = random_model(&l, 5);
-    let (x, y) = random_batch(&l, 1, 6);
-    let grad = autograd_grad(&l, &model, &x, y[0]);
-    let h = 1e-3f32;
-    let numeric: Vec<f32> = (0..model.values.len())
-        .map(|j| {
-            let mut up = model.clone();
-            up.values[j] += h;
-            let mut down = model.clone();
-            down.values[j] -= h;
-            ((loss_of(&l, &up, &x, y[0]) - loss_of(&l, &down, &x, y[0])) / (2.0 * f64::from(h)))
-                as f32
-        })
-        .collect();
-    assert_close(
-        &grad,
-        &numeric,
-        1e-2,
-        "max pool, autograd vs finite differences",
+    let pool_1d = learner(
+        &Architecture::Layers(vec![
+            Layer::Conv1d {
+                channels: 2,
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            },
+            Layer::MaxPool { kernel: 3 },
+            Layer::Flatten,
+            Layer::Dense { units: 2 },
+        ]),
+        &[2, 9],
+        Task::Multiclass,
+        2,
     );
-    let d = l.input_len();
-    let (per_example, _) = per_example_clipped_grad_sum(&l, &model, &x[..d], &y, 1, 1e9).unwrap();
-    assert_close(
-        &per_example,
-        &numeric,
-        1e-2,
-        "max pool, DP-SGD vs finite differences",
-    );
+    for (what, l) in [("2-d", l), ("1-d", pool_1d)] {
+        let model = random_model(&l, 5);
+        let (x, y) = random_batch(&l, 1, 6);
+        let grad = autograd_grad(&l, &model, &x, y[0]);
+        let numeric = finite_differences(&model.values, 1e-3, |v| {
+            let m = FlatModel::new(model.spec.clone(), v.to_vec()).unwrap();
+            loss_of(&l, &m, &x, y[0])
+        });
+        assert_close(&grad, &numeric, 1e-2, &format!("{what} max pool, autograd"));
+        let (per_example, _) = per_example_clipped_grad_sum(&l, &model, &x, &y, 1, 1e9).unwrap();
+        assert_close(
+            &per_example,
+            &numeric,
+            1e-2,
+            &format!("{what} max pool, DP-SGD"),
+        );
+    }
 }
 
 #[test]
