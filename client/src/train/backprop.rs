@@ -1,6 +1,6 @@
-//! Per-example clipped gradient sums for DP-SGD: one forward and one backward pass over the
-//! whole batch, written out for each layer kind on plain arrays, with candle only
-//! multiplying matrices.
+//! Gradient sums for training, per-example clipped (DP-SGD) or plain (non-private local
+//! training): one forward and one backward pass over the whole batch, written out for each
+//! layer kind on plain arrays, with candle only multiplying the larger matrices.
 //!
 //! Why not candle's autograd: at the sizes sites train (an 8x8 image, a few dozen table
 //! columns) a step's cost is per tensor operation (allocations, page faults, the generic
@@ -27,8 +27,10 @@
 //! autograd backward pass, and the autograd path against finite differences.
 //!
 //! Squared norms are summed over layers in f64. Each example's gradient is scaled to at most
-//! the clip norm; one whose norm is not finite contributes nothing (a row's NaN or infinity
-//! stays in its row: every operation here is row by row or a matmul with the parameters).
+//! the clip norm, and its contribution is checked again as it will be summed (f32 rounding
+//! included); one whose norm is not finite, or whose rounded contribution exceeds the clip
+//! norm, contributes nothing (a row's NaN or infinity stays in its row: every operation
+//! here is row by row or a matmul with the parameters).
 
 use std::cell::RefCell;
 
@@ -42,7 +44,6 @@ thread_local! {
     /// Arrays of this thread's earlier steps, kept for its next: a step allocates a few
     /// arrays of the batch's size per layer, and glibc hands freed memory of that size back
     /// to the OS, so that every step paid for fresh pages (a quarter of a small CNN's step).
-    /// What is kept is one step's working set at most.
     static SPARE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
     static SPARE_INDICES: RefCell<Vec<Vec<usize>>> = const { RefCell::new(Vec::new()) };
 }
