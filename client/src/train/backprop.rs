@@ -735,31 +735,32 @@ pub(super) struct Summed {
     pub loss: f64,
 }
 
-/// The sum of a batch's per-example gradients, summed as `summing` says. `params` are the
-/// model's tensors in spec order; `x` is `[n, input]`, `y` the labels (checked against the
-/// head by the caller); dropout masks come from `seed`.
+/// What every part of a batch's pass shares: the model (`params`, its tensors in spec
+/// order, `total_values` values in all), the head, how to sum, and the dropout seed.
+#[derive(Clone, Copy)]
+pub(super) struct Pass<'a> {
+    pub compiled: &'a Compiled,
+    pub params: &'a [&'a [f32]],
+    pub head: Head,
+    pub summing: Summing,
+    pub seed: u64,
+    pub total_values: usize,
+}
+
+/// The sum of a batch's per-example gradients, summed as `pass.summing` says. `x` is `[n,
+/// input]`, `y` the labels (checked against the head by the caller).
 ///
 /// A batch of at least [`ROWS_PER_THREAD`] rows per thread is split over rayon's threads
 /// (examples do not interact) and the parts' sums added in order; the result then depends
 /// on the number of threads in the last bits, never on the data's order of arrival.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gradient_sum(
-    compiled: &Compiled,
-    params: &[&[f32]],
-    x: &[f32],
-    y: &[f32],
-    head: Head,
-    summing: Summing,
-    seed: u64,
-    total_values: usize,
-) -> Result<Summed, TrainError> {
+pub(super) fn gradient_sum(pass: Pass<'_>, x: &[f32], y: &[f32]) -> Result<Summed, TrainError> {
     let n = y.len();
     let threads = rayon::current_num_threads().min(n / ROWS_PER_THREAD).max(1);
     let d = x.len() / n.max(1);
     let per = n.div_ceil(threads).max(1);
     let part = |row0: usize| {
         let rows = per.min(n - row0);
-        let summing = match summing {
+        let summing = match pass.summing {
             Summing::Clipped { clip, active } => Summing::Clipped {
                 clip,
                 active: active.saturating_sub(row0).min(rows),
@@ -767,17 +768,7 @@ pub(super) fn gradient_sum(
             Summing::Plain => Summing::Plain,
         };
         let (xs, ys) = (&x[row0 * d..(row0 + rows) * d], &y[row0..row0 + rows]);
-        rows_sum(
-            compiled,
-            params,
-            xs,
-            ys,
-            head,
-            summing,
-            seed,
-            total_values,
-            row0,
-        )
+        rows_sum(Pass { summing, ..pass }, xs, ys, row0)
     };
     if threads == 1 {
         return part(0);
@@ -790,7 +781,7 @@ pub(super) fn gradient_sum(
         .map(part)
         .collect();
     let mut whole = Summed {
-        sum: vec![0f32; total_values],
+        sum: vec![0f32; pass.total_values],
         norms: Vec::with_capacity(n),
         clipped: 0,
         loss: 0.0,
@@ -812,18 +803,15 @@ pub(super) fn gradient_sum(
 const ROWS_PER_THREAD: usize = 64;
 
 /// [`gradient_sum`] of the rows `row0..row0 + y.len()` of a batch.
-#[allow(clippy::too_many_arguments)]
-fn rows_sum(
-    compiled: &Compiled,
-    params: &[&[f32]],
-    x: &[f32],
-    y: &[f32],
-    head: Head,
-    summing: Summing,
-    seed: u64,
-    total_values: usize,
-    row0: usize,
-) -> Result<Summed, TrainError> {
+fn rows_sum(pass: Pass<'_>, x: &[f32], y: &[f32], row0: usize) -> Result<Summed, TrainError> {
+    let Pass {
+        compiled,
+        params,
+        head,
+        summing,
+        seed,
+        total_values,
+    } = pass;
     let n = y.len();
     let Some(first) = compiled.steps.iter().position(|s| !s.params.is_empty()) else {
         return Err(TrainError::Model("the model has no parameters".into()));

@@ -248,6 +248,32 @@ impl Learner {
         self.check_shape(data)?;
         check_labels(&data.y, self.head)
     }
+
+    /// The gradient sum of a batch (`x` `[n, input]`, labels `y`, checked by the caller) at
+    /// the model values `values` (spec order), by [`backprop`].
+    fn gradient_sum(
+        &self,
+        values: &[f32],
+        x: &[f32],
+        y: &[f32],
+        summing: backprop::Summing,
+        seed: u64,
+    ) -> Result<backprop::Summed, TrainError> {
+        let params: Vec<&[f32]> = self
+            .spec
+            .layout()
+            .map(|(_, _, off, len)| &values[off..off + len])
+            .collect();
+        let pass = backprop::Pass {
+            compiled: &self.compiled,
+            params: &params,
+            head: self.head,
+            summing,
+            seed,
+            total_values: values.len(),
+        };
+        backprop::gradient_sum(pass, x, y)
+    }
 }
 
 fn check_labels(y: &[f32], head: Head) -> Result<(), TrainError> {
@@ -293,23 +319,7 @@ fn plain_step(
     seed: u64,
 ) -> Result<f64, TrainError> {
     let n = yb.len();
-    let summed = {
-        let p: Vec<&[f32]> = learner
-            .spec
-            .layout()
-            .map(|(_, _, off, len)| &values[off..off + len])
-            .collect();
-        backprop::gradient_sum(
-            &learner.compiled,
-            &p,
-            xb,
-            yb,
-            learner.head,
-            backprop::Summing::Plain,
-            seed,
-            values.len(),
-        )?
-    };
+    let summed = learner.gradient_sum(values, xb, yb, backprop::Summing::Plain, seed)?;
     let loss = summed.loss / n as f64;
     if !loss.is_finite() {
         return Err(TrainError::NonFinite);
@@ -501,25 +511,17 @@ fn clipped_sum(
     if batch_n == 0 {
         return Ok((vec![0.0; model.values.len()], PerExampleStats::default()));
     }
-    let p: Vec<&[f32]> = model
-        .spec
-        .layout()
-        .map(|(_, _, off, len)| &model.values[off..off + len])
-        .collect();
     let backprop::Summed {
         sum,
         norms,
         clipped,
         ..
-    } = backprop::gradient_sum(
-        &learner.compiled,
-        &p,
+    } = learner.gradient_sum(
+        &model.values,
         x_batch,
         y_batch,
-        learner.head,
         backprop::Summing::Clipped { clip, active },
         seed,
-        model.values.len(),
     )?;
     let counted: Vec<f64> = norms.iter().copied().filter(|v| v.is_finite()).collect();
     let stats = PerExampleStats {

@@ -512,22 +512,8 @@ fn dropouts_backward_matches_finite_differences_with_its_masks_fixed() {
     let model = random_model(&l, 3);
     let (x, y) = random_batch(&l, 4, 9);
     let run = |values: &[f32]| {
-        let p: Vec<&[f32]> = l
-            .spec
-            .layout()
-            .map(|(_, _, off, len)| &values[off..off + len])
-            .collect();
-        backprop::gradient_sum(
-            &l.compiled,
-            &p,
-            &x,
-            &y,
-            l.head,
-            backprop::Summing::Plain,
-            77,
-            values.len(),
-        )
-        .unwrap()
+        l.gradient_sum(values, &x, &y, backprop::Summing::Plain, 77)
+            .unwrap()
     };
     let grad = run(&model.values).sum;
     let numeric = finite_differences(&model.values, 1e-2, |v| run(v).loss);
