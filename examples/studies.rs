@@ -6,6 +6,7 @@
 //! ```text
 //! cargo run --release --example studies                          # test-set tables, 5 seeds
 //! cargo run --release --example studies -- --validate            # the plan check (validation only)
+//! cargo run --release --example studies -- --validate --parts digits --epsilons 1,4 --seeds 3 --lr 0.5   # a learning rate on validation
 //! ```
 //!
 //! - wine (3 cultivars, 13 features, 178 records): multi-class logistic regression;
@@ -35,11 +36,16 @@ struct Args {
     seeds: u64,
     #[arg(long, value_delimiter = ',', default_value = "wine,digits")]
     parts: Vec<String>,
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
-    epsilons: Vec<f64>,
-    /// Score on a validation split of the training part (20%) at epsilon 4 only.
+    /// The epsilons to run (default 1, 4, 8; with `--validate`, 4).
+    #[arg(long, value_delimiter = ',')]
+    epsilons: Option<Vec<f64>>,
+    /// Score on a validation split of the training part (20%), not on the test set.
     #[arg(long)]
     validate: bool,
+    /// A learning rate instead of each part's planned one, for choosing it on the
+    /// validation split (refused without `--validate`: test-set figures use the plan).
+    #[arg(long)]
+    lr: Option<f32>,
 }
 
 const SITES: [&str; 3] = ["st-marys", "general", "childrens"];
@@ -261,18 +267,26 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), String> {
     let args = Args::parse();
-    let epsilons = if args.validate {
-        vec![4.0]
-    } else {
-        args.epsilons.clone()
+    if args.lr.is_some() && !args.validate {
+        return Err(
+            "--lr is for choosing a learning rate on the validation split: add --validate".into(),
+        );
+    }
+    let epsilons = match (&args.epsilons, args.validate) {
+        (Some(e), _) => e.clone(),
+        (None, true) => vec![4.0],
+        (None, false) => vec![1.0, 4.0, 8.0],
     };
     let mut tables = Vec::new();
     for name in &args.parts {
-        let part = match name.as_str() {
+        let mut part = match name.as_str() {
             "wine" => wine()?,
             "digits" => digits()?,
             other => return Err(format!("unknown part {other}")),
         };
+        if let Some(lr) = args.lr {
+            part.plan.lr = lr;
+        }
         let mut lines = Vec::new();
         for &eps in &epsilons {
             let (mut dp, mut np) = (Vec::new(), Vec::new());
@@ -290,7 +304,7 @@ async fn main() -> Result<(), String> {
                 println!(
                     "json {}",
                     serde_json::json!({"part": part.name, "epsilon": eps, "seed": seed, "sigma": sigma,
-                        "accuracy": acc, "non_private": base, "rounds": report.rounds.len(),
+                        "accuracy": acc, "non_private": base, "rounds": report.rounds.len(), "lr": part.plan.lr,
                         "epsilon_spent": report.rounds.last().map(|r| r.epsilon),
                         "end": report.end_reason, "seconds": started.elapsed().as_secs_f64(),
                         "validation": args.validate})
