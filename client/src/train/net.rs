@@ -104,12 +104,6 @@ struct MaxPool {
     window: (usize, usize),
 }
 
-impl MaxPool {
-    fn dims(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
-        layout.shape().dims4()
-    }
-}
-
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
         "fedpriv-max-pool"
@@ -121,7 +115,7 @@ impl CustomOp1 for MaxPool {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_values(self.name(), storage, layout)?;
-        let (n, c, h, w) = self.dims(layout)?;
+        let (n, c, h, w) = layout.shape().dims4()?;
         let from = max_pool_argmax(x, n * c, h, w, self.window);
         let out = from.iter().map(|&j| x[j]).collect();
         let shape = Shape::from((n, c, h / self.window.0, w / self.window.1));
