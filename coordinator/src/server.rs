@@ -274,22 +274,18 @@ async fn serve(
     }
     // Rounds the last run left reserved (it stopped during them, or before their model
     // version was written) are aborted as the studies load: on the trail first.
-    for row in store.studies()? {
-        for round in store.rounds(&row.id)? {
-            if round.status == crate::store::RoundStatus::Reserved {
-                let finished = RoundFinished {
-                    study: row.id.clone(),
-                    round: round.round,
-                    outcome: RoundOutcome::Aborted {
-                        reason: studies::INTERRUPTED.to_string(),
-                    },
-                };
-                audit
-                    .record(COORDINATOR, &finished)
-                    .await
-                    .map_err(audit_err)?;
-            }
-        }
+    for (study, round) in studies::interrupted_rounds(&store)? {
+        let finished = RoundFinished {
+            study,
+            round,
+            outcome: RoundOutcome::Aborted {
+                reason: studies::INTERRUPTED.to_string(),
+            },
+        };
+        audit
+            .record(COORDINATOR, &finished)
+            .await
+            .map_err(audit_err)?;
     }
     let studies = studies::load_studies(
         &mut store,

@@ -9,8 +9,12 @@
 //! a new directory for the connection tasks, a model version to write) comes back as
 //! [`Effect`]s, which [`run`] carries out after the step.
 //! So an effect that sends a round's task is only ever produced after that round's spend
-//! was committed by the store, and a failed write stops the study before anything it would
-//! have paid for can leave (fail closed). The simulation in `owner_sim.rs` drives this very
+//! was committed by the store, and a failed ledger or audit write stops the study before
+//! anything it would have paid for can leave (fail closed). A model version is the one
+//! exception to "durable before it leaves": the next round's tasks may carry it while its
+//! checkpoint is still being written (see [`super::checkpointer`]); if that write fails,
+//! the study stops, later versions are not recorded, and the rounds stay reserved until
+//! the next start aborts them (their spends stand). The simulation in `owner_sim.rs` drives this very
 //! code over the real store with injected failures and checks that after every step.
 //!
 //! [`run`] is the thin glue around it, on a thread of its own (like the audit writer): it
@@ -204,7 +208,7 @@ impl<S: StateStore> Owner<S> {
         self.ctx.fatal.is_some()
             || (self.ctx.exit_when_done
                 && self.studies.all_finished()
-                && self.ctx.checkpoints_pending.is_empty())
+                && !self.checkpoints_pending())
     }
 
     /// Whether a model version is still being written (a run that stops waits for it, unless
@@ -338,8 +342,15 @@ impl<S: StateStore> Owner<S> {
     fn checkpoint_written(&mut self, done: CheckpointDone, now: Now) {
         let Self { studies, ctx, .. } = self;
         let study = done.version.study.clone();
-        ctx.checkpoints_pending
-            .remove(&(study.clone(), done.version.round));
+        // A version whose study was stopped by a failure after it was handed over (an
+        // earlier version's write, the ledger) is not recorded: its round stays reserved
+        // and is aborted at the next start, like any round after the failure.
+        if !ctx
+            .checkpoints_pending
+            .remove(&(study.clone(), done.version.round))
+        {
+            return;
+        }
         let Some(rt) = studies.get_mut(&study) else {
             return;
         };
@@ -446,13 +457,8 @@ impl<S: StateStore> Ctx<S> {
             .set_study_status(study, StudyStatus::Stopped, Some(&reason));
         engine.mark_ended(&reason);
         self.ends_deferred.remove(study);
-        self.round_opened.retain(|(s, _), _| s != study);
-        let ended = CoordinatorMessage::StudyEnded {
-            study: study.to_string(),
-            reason,
-        };
-        let enrolled = engine.config().enrolled.clone();
-        self.broadcast(&enrolled, &ended);
+        self.checkpoints_pending.retain(|(s, _)| s != study);
+        self.tell_sites_ended(study, engine, reason);
         match e {
             ActError::Store(e @ (StoreError::Sqlite(_) | StoreError::Io { .. })) => {
                 self.fatal.get_or_insert(ServerError::Store(e));
@@ -463,6 +469,18 @@ impl<S: StateStore> Ctx<S> {
             }
             ActError::Store(_) => {}
         }
+    }
+
+    /// The last of a study's end, however it ended: no round of it is open any more, and
+    /// its enrolled sites are told.
+    fn tell_sites_ended(&mut self, study: &str, eng: &StudyEngine, reason: String) {
+        self.round_opened.retain(|(s, _), _| s != study);
+        let ended = CoordinatorMessage::StudyEnded {
+            study: study.to_string(),
+            reason,
+        };
+        let enrolled = eng.config().enrolled.clone();
+        self.broadcast(&enrolled, &ended);
     }
 
     /// A round's duration into the metrics, if this process saw its spend recorded.
@@ -494,14 +512,8 @@ impl<S: StateStore> Ctx<S> {
         })?;
         self.store
             .set_study_status(study, StudyStatus::Completed, Some(&reason))?;
-        self.round_opened.retain(|(s, _), _| s != study);
         tracing::info!(%study, %reason, "study ended");
-        let ended = CoordinatorMessage::StudyEnded {
-            study: study.to_string(),
-            reason: reason.clone(),
-        };
-        let enrolled = eng.config().enrolled.clone();
-        self.broadcast(&enrolled, &ended);
+        self.tell_sites_ended(study, eng, reason.clone());
         self.effects.push(Effect::Notify(Notification::StudyEnded {
             study: study.to_string(),
             reason,

@@ -228,13 +228,30 @@ pub fn study_spec(cfg: &StudyConfig) -> Result<ModelSpec, ServerError> {
         .map_err(|e| ServerError::Config(format!("study {}: {e}", cfg.id)))
 }
 
-/// Builds each study's engine, creating new studies and resuming known ones from their
-/// last completed round. Active studies in the store that `studies` does not list (created
-/// by an operator at runtime) resume from their stored config.
-/// Why a round the previous run left reserved is aborted when the study loads.
+/// Why a round the previous run left reserved is aborted when the studies load.
 pub const INTERRUPTED: &str = "the coordinator stopped during the round (a model version \
                                    aggregated in it, if any, was not written)";
 
+/// The rounds the last run left reserved, in every stored study (loaded or not: a study
+/// stopped by a failed write keeps its reserved round), as `(study, round)`: the ones
+/// [`load_studies`] aborts, for the caller to put on the audit trail first.
+pub fn interrupted_rounds(store: &impl StateStore) -> Result<Vec<(String, u64)>, ServerError> {
+    let mut out = Vec::new();
+    for row in store.studies()? {
+        for r in store.rounds(&row.id)? {
+            if r.status == RoundStatus::Reserved {
+                out.push((row.id.clone(), r.round));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Builds each study's engine, creating new studies and resuming known ones from their
+/// last completed round, after aborting the [`interrupted_rounds`] (every round ever
+/// reserved is consumed, completed or not: its spend stands). Active studies in the store
+/// that `studies` does not list (created by an operator at runtime) resume from their
+/// stored config.
 pub fn load_studies(
     store: &mut impl StateStore,
     state_dir: &Path,
@@ -242,6 +259,9 @@ pub fn load_studies(
     key: &SealKey,
     now: i64,
 ) -> Result<Studies, ServerError> {
+    for (study, round) in interrupted_rounds(store)? {
+        store.abort_round(&study, round, INTERRUPTED, now)?;
+    }
     let mut out = Studies::default();
     for (cfg, toml_text) in studies {
         out.insert(study_runtime(store, state_dir, cfg, toml_text, key, now)?);
@@ -333,14 +353,9 @@ pub fn study_runtime(
                 .values
         }
     };
-    // Every round ever reserved is consumed, completed or not: its spend stands.
+    // Every round ever reserved is consumed, completed or not.
     let rounds = store.rounds(&cfg.id)?;
     let next_round = rounds.iter().map(|r| r.round).max().unwrap_or(0) + 1;
-    for r in &rounds {
-        if r.status == RoundStatus::Reserved {
-            store.abort_round(&cfg.id, r.round, INTERRUPTED, now)?;
-        }
-    }
     let spent = store.spent_by_site(&cfg.id)?;
     let records = store.site_records(&cfg.id)?;
     let mut engine = StudyEngine::new(
