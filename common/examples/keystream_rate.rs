@@ -9,20 +9,13 @@
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
-/// CPU seconds used by this thread so far (Linux).
-fn thread_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("Linux /proc");
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
-    ticks / 100.0
-}
+#[path = "support/cpu.rs"]
+mod cpu;
+use cpu::load;
 
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_default()
+/// CPU seconds used by this thread so far.
+fn thread_cpu_seconds() -> f64 {
+    cpu::thread_cpu_seconds().expect("Linux /proc")
 }
 
 /// Bytes per CPU-second of `fill` over a buffer of `len` bytes, for about `seconds`.
