@@ -105,7 +105,7 @@ impl Fixture {
         exit_when_done: bool,
         limits: Limits,
     ) {
-        let tls = pki_files::server_tls(&self.root);
+        let tls = pki_files::server_tls(&self.root, &[]);
         let studies = studies
             .into_iter()
             .map(|t| {
@@ -1169,15 +1169,7 @@ async fn a_site_that_stops_one_message_still_gets_the_next() {
 async fn a_site_refusing_the_coordinators_certificate_puts_it_on_record_once() {
     let fx = Fixture::start().await;
     // Another CA: what the site trusts; the coordinator's certificate is not from it.
-    pki_cli::run(&PkiCommand::Init {
-        out: fx.root.join("other-ca"),
-        names: vec!["localhost".into()],
-        ips: vec!["127.0.0.1".parse().unwrap()],
-        days: 30,
-        ca_days: 60,
-        ca_name: "another hospital CA".into(),
-    })
-    .unwrap();
+    pki_files::init(&fx.root.join("other-ca"), "another hospital CA");
     let dir = fx.root.join("site-a");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("patients.csv"), "a,b,y\n0.1,0.2,1\n").unwrap();

@@ -57,7 +57,7 @@ struct Coordinator {
 }
 
 async fn start(root: &Path, studies: &[String]) -> Coordinator {
-    let tls = pki_files::server_tls(root);
+    let tls = pki_files::server_tls(root, &[]);
     let opts = Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: root.join("state"),

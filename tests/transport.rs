@@ -24,6 +24,9 @@ use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+#[path = "support/pki_files.rs"]
+mod pki_files;
+
 const WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,15 +75,7 @@ impl Pki {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_owned();
         let ca_dir = root.join("ca");
-        pki_cli::run(&PkiCommand::Init {
-            out: ca_dir.clone(),
-            names: vec!["localhost".into()],
-            ips: vec!["127.0.0.1".parse().unwrap()],
-            days: 30,
-            ca_days: 60,
-            ca_name: "test study CA".into(),
-        })
-        .unwrap();
+        pki_files::init(&ca_dir, "test study CA");
         Self {
             _dir: dir,
             root,
@@ -89,19 +84,7 @@ impl Pki {
     }
 
     fn issue(&self, role: Role, name: &str) -> (PathBuf, PathBuf) {
-        let out = self.root.join("issued");
-        pki_cli::run(&PkiCommand::Issue {
-            ca_dir: self.ca_dir.clone(),
-            role,
-            name: name.into(),
-            out: out.clone(),
-            days: 5,
-        })
-        .unwrap();
-        (
-            out.join(format!("{name}.pem")),
-            out.join(format!("{name}.key")),
-        )
+        pki_files::issue(&self.root, role, name)
     }
 
     fn ca_pem(&self) -> Vec<u8> {
@@ -109,13 +92,7 @@ impl Pki {
     }
 
     fn server_tls(&self, crls: &[Vec<u8>]) -> rustls::ServerConfig {
-        pki::server_config(
-            &self.ca_pem(),
-            &read(&self.ca_dir.join(pki_cli::SERVER_CERT)),
-            &read(&self.ca_dir.join(pki_cli::SERVER_KEY)),
-            crls,
-        )
-        .unwrap()
+        pki_files::server_tls(&self.root, crls)
     }
 
     fn client_tls(&self, cert: &Path, key: &Path) -> rustls::ClientConfig {
