@@ -248,8 +248,8 @@ pub fn interrupted_rounds(store: &impl StateStore) -> Result<Vec<(String, u64)>,
 }
 
 /// Builds each study's engine, creating new studies and resuming known ones from their
-/// last completed round, after aborting the [`interrupted_rounds`] (every round ever
-/// reserved is consumed, completed or not: its spend stands). Active studies in the store
+/// last completed round, then aborts the [`interrupted_rounds`] (every round ever reserved
+/// is consumed, completed or not: its spend stands). Active studies in the store
 /// that `studies` does not list (created by an operator at runtime) resume from their
 /// stored config.
 pub fn load_studies(
@@ -259,9 +259,7 @@ pub fn load_studies(
     key: &SealKey,
     now: i64,
 ) -> Result<Studies, ServerError> {
-    for (study, round) in interrupted_rounds(store)? {
-        store.abort_round(&study, round, INTERRUPTED, now)?;
-    }
+    let interrupted = interrupted_rounds(store)?;
     let mut out = Studies::default();
     for (cfg, toml_text) in studies {
         out.insert(study_runtime(store, state_dir, cfg, toml_text, key, now)?);
@@ -281,6 +279,11 @@ pub fn load_studies(
             key,
             now,
         )?);
+    }
+    // Only once every study loaded: a refused start (a wrong key, a damaged checkpoint)
+    // changes nothing.
+    for (study, round) in interrupted {
+        store.abort_round(&study, round, INTERRUPTED, now)?;
     }
     Ok(out)
 }
