@@ -104,6 +104,10 @@ struct Args {
     /// Keep the coordinator's log and state here instead of a temporary directory.
     #[arg(long)]
     keep_dir: Option<PathBuf>,
+    /// The coordinator's limits file (`run --limits`), e.g. to set
+    /// `upload_spool_memory_mib`.
+    #[arg(long)]
+    limits: Option<PathBuf>,
     /// Internal: run as one bench site.
     #[arg(long, hide = true)]
     site_mode: bool,
@@ -455,8 +459,13 @@ fn run_coordinator(
 ) -> Result<CoordinatorRun, BoxError> {
     let addr = free_udp_port()?;
     let state = dir.join("state");
-    let mut child = Command::new(coordinator)
-        .arg("run")
+    let mut cmd = Command::new(coordinator);
+    if let Some(limits) = &args.limits {
+        cmd.arg("run").arg("--limits").arg(limits);
+    } else {
+        cmd.arg("run");
+    }
+    let mut child = cmd
         .arg("--study")
         .arg(study)
         .arg("--state")

@@ -271,7 +271,13 @@ fn check_package(exp: &Expected, deb: &Path, scratch: &Path) {
     let state_name = exp.state_dir.trim_start_matches("/var/lib/");
     assert!(has(&format!("StateDirectory={state_name}")), "{pkg}");
     assert!(has("StateDirectoryMode=0700"), "{pkg}");
-    for hardening in ["NoNewPrivileges=yes", "ProtectSystem=strict", "UMask=0077"] {
+    for hardening in [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "UMask=0077",
+        "MemorySwapMax=0",
+        "LimitCORE=0",
+    ] {
         assert!(has(hardening), "{pkg}: {hardening}");
     }
     let exec = unit_lines

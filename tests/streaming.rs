@@ -1,8 +1,8 @@
 //! Streaming aggregation through the real server, end to end over loopback QUIC: a site
 //! whose update breaks the norm bound part-way through (after earlier chunks were already
 //! folded into the round's aggregate) is refused, what it folded is taken back out from its
-//! spool, and when it then sends a proper update the round's model is exactly what the two
-//! good updates make.
+//! spool (held in memory, in its sealed file, or part in each), and when it then sends a
+//! proper update the round's model is exactly what the two good updates make.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -96,8 +96,34 @@ async fn site(
     Ok(())
 }
 
+/// The refused upload's folded part is held in memory (the default budget has room for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
+    refused_upload_is_taken_back_out(Limits::default()).await;
+}
+
+/// No spool memory: every upload goes to its sealed file and is read back from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_is_taken_back_out_of_its_sealed_file() {
+    refused_upload_is_taken_back_out(Limits {
+        upload_spool_memory: 0,
+        ..Limits::default()
+    })
+    .await;
+}
+
+/// Room for one slab (256 KiB, two chunks): the refused upload's first two chunks come back
+/// from memory, its third from its file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_is_taken_back_out_of_memory_and_file() {
+    refused_upload_is_taken_back_out(Limits {
+        upload_spool_memory: 2 * server::UPLOAD_CHUNK_VALUES * 4,
+        ..Limits::default()
+    })
+    .await;
+}
+
+async fn refused_upload_is_taken_back_out(limits: Limits) {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = test_pki::ca("test CA");
     let server_tls = test_pki::server_tls(&ca);
@@ -111,12 +137,12 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
     let spec = arch::model_spec(&cfg.model, FEATURES, 1).expect("spec");
     let d = spec.num_values();
     let chunk = server::UPLOAD_CHUNK_VALUES;
-    assert!(d > 3 * chunk, "the update must span several chunks");
+    assert!(d > 3 * chunk + 100, "the update must span several chunks");
 
     // The flaky site's first update: small values (so its first chunks pass every check
-    // and are folded), then one value that breaks the norm bound in its third chunk.
+    // and are folded), then one value that breaks the norm bound in its fourth chunk.
     let mut bad = vec![0.01f32; d];
-    bad[2 * chunk + 100] = 1e5;
+    bad[3 * chunk + 100] = 1e5;
     let good = good_update(d, 1);
     let flaky_good = good_update(d, 2);
     let init = arch::init_model(&cfg.model, FEATURES, 1, 0)
@@ -148,7 +174,7 @@ async fn a_refused_upload_leaves_no_trace_in_the_aggregate() {
     let study_id = opts.studies[0].0.id.clone();
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (note_tx, mut note_rx) = tokio::sync::mpsc::unbounded_channel();
-    let running = server::start(opts, Limits::default(), stop_rx, Some(note_tx), true)
+    let running = server::start(opts, limits, stop_rx, Some(note_tx), true)
         .await
         .expect("coordinator starts");
     let addr = running.addr;

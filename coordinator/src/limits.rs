@@ -83,6 +83,13 @@ pub struct Limits {
     /// upload beyond it is cut off (its stream stopped) before a byte of its body is read,
     /// and the refusal audited.
     pub upload_bodies_per_task: u32,
+    /// Bytes of memory the uploads in flight may hold, all together, for taking a refused
+    /// upload's folded part back out of the round's aggregate (`upload_spool_memory_mib`
+    /// in the file; default 256 MiB). What does not fit goes to a sealed, unlinked file in
+    /// the state directory, which costs the coordinator a kernel copy and an AES-GCM pass
+    /// per value. Once used, the memory is kept for later rounds. 0: every upload goes to
+    /// its file.
+    pub upload_spool_memory: usize,
 }
 
 impl Default for Limits {
@@ -104,6 +111,7 @@ impl Default for Limits {
                 burst: 200,
             },
             upload_bodies_per_task: 2,
+            upload_spool_memory: 256 << 20,
         }
     }
 }
@@ -246,7 +254,7 @@ impl Limits {
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let file: LimitsFile =
             toml::from_str(text).map_err(|e| format!("config error: {}", e.to_string().trim()))?;
-        let limits = file.apply(Limits::default());
+        let limits = file.apply(Limits::default())?;
         limits.validate()?;
         Ok(limits)
     }
@@ -265,6 +273,7 @@ struct LimitsFile {
     connections_per_identity: Option<usize>,
     message_rate: Option<RateFile>,
     upload_bodies_per_task: Option<u32>,
+    upload_spool_memory_mib: Option<u64>,
     transport: Option<TransportFile>,
 }
 
@@ -296,10 +305,19 @@ struct TransportFile {
 }
 
 impl LimitsFile {
-    fn apply(self, d: Limits) -> Limits {
+    fn apply(self, d: Limits) -> Result<Limits, String> {
         let t = self.transport.unwrap_or_default();
         let dt = d.transport;
-        Limits {
+        let upload_spool_memory = match self.upload_spool_memory_mib {
+            None => d.upload_spool_memory,
+            Some(mib) => usize::try_from(mib)
+                .ok()
+                .and_then(|m| m.checked_mul(1 << 20))
+                .ok_or_else(|| {
+                    format!("config error: upload_spool_memory_mib: {mib} MiB is more than this machine can address")
+                })?,
+        };
+        Ok(Limits {
             transport: TransportLimits {
                 idle_timeout: t
                     .idle_timeout_secs
@@ -329,7 +347,8 @@ impl LimitsFile {
             upload_bodies_per_task: self
                 .upload_bodies_per_task
                 .unwrap_or(d.upload_bodies_per_task),
-        }
+            upload_spool_memory,
+        })
     }
 }
 
@@ -812,6 +831,19 @@ mod tests {
         );
         assert_eq!(l.transport.idle_timeout, Duration::from_secs(30));
         assert_eq!(l.transport.max_uni_streams, 8);
+        assert_eq!(l.upload_spool_memory, 256 << 20);
+        assert_eq!(
+            Limits::from_toml("upload_spool_memory_mib = 0")
+                .unwrap()
+                .upload_spool_memory,
+            0
+        );
+        assert_eq!(
+            Limits::from_toml("upload_spool_memory_mib = 3")
+                .unwrap()
+                .upload_spool_memory,
+            3 << 20
+        );
         // An integer rate is a rate.
         assert_eq!(
             Limits::from_toml("[handshake_rate]\nper_second = 4")
@@ -853,6 +885,10 @@ mod tests {
         refused("incoming_queue = 0", "incoming_queue");
         refused("connections_per_identity = 0", "connections_per_identity");
         refused("upload_bodies_per_task = 0", "upload_bodies_per_task");
+        refused(
+            "upload_spool_memory_mib = 9223372036854775807",
+            "upload_spool_memory_mib",
+        );
         refused(
             "[transport]\nidle_timeout_secs = 5",
             "transport.idle_timeout_secs",

@@ -361,6 +361,7 @@ async fn serve(
             opts.max_concurrent_uploads.max(1) * CHUNKS_PER_UPLOAD,
         )),
         spool_dir,
+        spool_memory: crate::node::spool::SpoolMemory::new(limits.upload_spool_memory),
         next_upload: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         shutdown: stop.clone(),
         audit: audit.clone(),

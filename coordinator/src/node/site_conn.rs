@@ -19,7 +19,7 @@ use fedpriv_common::wire::{CloseCode, TensorHeader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::refusals::Refusals;
-use super::spool::Spool;
+use super::spool::{Spool, SpoolMemory};
 use super::studies::Directory;
 use super::{Event, Outgoing, OwnerTx};
 use crate::audit::AuditHandle;
@@ -50,6 +50,8 @@ pub struct SiteCtx {
     /// Chunk permits: decoded upload chunks waiting for the aggregator.
     pub uploads: Arc<Semaphore>,
     pub spool_dir: PathBuf,
+    /// The memory every upload's spool draws from before it spills to its file.
+    pub spool_memory: Arc<SpoolMemory>,
     pub next_upload: Arc<AtomicU64>,
     pub shutdown: watch::Receiver<bool>,
     pub audit: AuditHandle,
@@ -368,7 +370,7 @@ struct Upload<'a> {
 }
 
 /// Streams an update body to the aggregator chunk by chunk (sized by our model, never by
-/// the peer's claim): each chunk is first written to the upload's spool file (so that,
+/// the peer's claim): each chunk is first written to the upload's spool (so that,
 /// should the upload be refused or cut short after part of it was folded, that part can
 /// be taken back out), then sent to the owner, holding a chunk permit until it is folded.
 /// Memory: the chunks in flight, whatever the model size and the number of uploads.
@@ -419,10 +421,7 @@ async fn stream_update(
         return Err(over.to_string());
     }
     let upload = ctx.next_upload.fetch_add(1, Ordering::Relaxed);
-    let spool = Spool::open(&ctx.spool_dir, upload).map_err(|e| {
-        let _ = recv.stop(transport::quic_io::var_int(CloseCode::Normal));
-        format!("cannot open a spool file for the upload: {e}")
-    })?;
+    let spool = Spool::new(&ctx.spool_memory, &ctx.spool_dir, upload);
     let send = |input: Input, spool: Option<(u64, Spool)>, permit: Option<OwnedSemaphorePermit>| {
         ctx.owner
             .send(Event::Upload {
@@ -450,10 +449,9 @@ async fn stream_update(
     let mut buf_at = 0usize;
     let flush = |buf: &mut Vec<f32>, buf_at: &mut usize, permit| -> Result<(), String> {
         let values = std::mem::replace(buf, Vec::with_capacity(UPLOAD_CHUNK_VALUES + 1));
-        // Spool before the values can be folded: every folded value is on file.
-        let bytes = fedpriv_common::wire::f32_body_bytes(&values);
+        // Spool before the values can be folded: every folded value is kept.
         spool
-            .write(&bytes, *buf_at)
+            .write(&values, *buf_at)
             .map_err(|e| format!("spool write failed: {e}"))?;
         let offset = *buf_at;
         *buf_at += values.len();
