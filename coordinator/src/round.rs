@@ -137,18 +137,7 @@ pub fn norm_floor(cfg: &StudyConfig, d: usize) -> f64 {
 }
 
 fn sum_squares(values: &[f32]) -> Result<f64, usize> {
-    let mut lanes = [0f64; 8];
-    let mut chunks = values.chunks_exact(8);
-    for c in &mut chunks {
-        for (acc, &v) in lanes.iter_mut().zip(c) {
-            let x = f64::from(v);
-            *acc += x * x;
-        }
-    }
-    let mut total: f64 = lanes.iter().sum();
-    for &v in chunks.remainder() {
-        total += f64::from(v) * f64::from(v);
-    }
+    let total = fedpriv_common::model::sum_squares(values);
     if total.is_finite() {
         Ok(total)
     } else {

@@ -491,7 +491,7 @@ async fn stream_update(
                 continue;
             }
             if let Err(e) = decoder.feed(&chunk.bytes, &mut |_, v: &[f32]| {
-                sq_norm += v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+                sq_norm += fedpriv_common::model::sum_squares(v);
                 buf.extend_from_slice(v);
             }) {
                 let _ = recv.stop(transport::quic_io::var_int(e.close_code()));
