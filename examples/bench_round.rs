@@ -33,7 +33,7 @@ use clap::{Parser, ValueEnum};
 use fedpriv_client::transport::{client_endpoint, connect};
 use fedpriv_common::arch;
 use fedpriv_common::dp::accountant::{self, AccountantKind};
-use fedpriv_common::dp::clip::{clip_factor, scale};
+use fedpriv_common::dp::clip::clip_factor;
 use fedpriv_common::dp::noise::{available_threads, NoiseSource};
 use fedpriv_common::dp::{ClipNorm, Delta, SgmEvent};
 use fedpriv_common::model::Architecture;
@@ -782,11 +782,15 @@ impl BenchUpdate {
         let mut at = 0;
         while at < self.len {
             let n = PIECE.min(self.len - at);
-            let mut piece = self.piece[..n].to_vec();
+            // A site scales its update in place; here the scaled copy is the one pass.
+            let mut piece: Vec<f32> = match factor {
+                Some(f) => self.piece[..n]
+                    .iter()
+                    .map(|&v| (f64::from(v) * f) as f32)
+                    .collect(),
+                None => self.piece[..n].to_vec(),
+            };
             if let Some((noise, _, sigma_c)) = dp.as_mut() {
-                if let Some(f) = factor {
-                    scale(&mut piece, f);
-                }
                 noise.add_gaussian(&mut piece, *sigma_c, threads);
             }
             if tx.blocking_send(piece).is_err() {
