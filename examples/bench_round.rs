@@ -427,6 +427,7 @@ fn bench_main(args: &Args) -> Result<(), BoxError> {
         "rounds": args.rounds,
         "dp": args.dp == OnOff::On,
         "encoding": args.encoding.dtype().as_str(),
+        "limits": args.limits.as_ref().map(|p| p.display().to_string()),
         "round_s": fedpriv,
         "rounds_s": run.round_secs.iter().map(|x| (x * 10_000.0).round() / 10_000.0).collect::<Vec<_>>(),
         "coordinator_peak_rss_mib": (run.peak_rss_kib as f64 / 1024.0).round(),
@@ -460,10 +461,9 @@ fn run_coordinator(
     let addr = free_udp_port()?;
     let state = dir.join("state");
     let mut cmd = Command::new(coordinator);
+    cmd.arg("run");
     if let Some(limits) = &args.limits {
-        cmd.arg("run").arg("--limits").arg(limits);
-    } else {
-        cmd.arg("run");
+        cmd.arg("--limits").arg(limits);
     }
     let mut child = cmd
         .arg("--study")

@@ -373,7 +373,8 @@ struct Upload<'a> {
 /// the peer's claim): each chunk is first written to the upload's spool (so that,
 /// should the upload be refused or cut short after part of it was folded, that part can
 /// be taken back out), then sent to the owner, holding a chunk permit until it is folded.
-/// Memory: the chunks in flight, whatever the model size and the number of uploads.
+/// Memory: the chunks in flight and the spools' shared pool (both bounded), whatever the
+/// model size and the number of uploads.
 async fn stream_update(
     recv: &mut quinn::RecvStream,
     up: Upload<'_>,

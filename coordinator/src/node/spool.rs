@@ -8,6 +8,8 @@
 //! file costs the coordinator a kernel copy into the page cache and an AES-GCM pass per
 //! value (about 14% of its CPU at 4 sites x 10M values); the file because a model of
 //! hundreds of millions of values would otherwise hold a model-sized buffer per upload.
+//! The slabs are plain process memory, like the aggregate they are folded into: the
+//! packaged systemd unit keeps that memory out of swap and core dumps.
 //!
 //! The connection task that receives an upload writes its spool; the studies' owner reads
 //! it back (on its own thread) when the engine asks for an unfold. The `refused` flag is
