@@ -35,9 +35,9 @@
 //! from the same stream (the tests check it against rand_distr itself). A word's fast
 //! result (its draw if it lies inside its layer's rectangle) depends on that word alone, so
 //! it is worked out for a whole block of words in one branch-free pass, vectorised where
-//! the CPU has AVX-512 or AVX2 (chosen at run time); the sampler then walks the block: in about 94% of
-//! values all four draws are inside and the value is their sum; otherwise the draws from
-//! the first that is not are finished one by one, in order, as rand_distr does.
+//! the CPU has AVX-512 or AVX2 (chosen at run time); the sampler then walks the block: in
+//! about 94% of values all four draws are inside and the value is their sum; otherwise the
+//! draws from the first that is not are finished one by one, in order, as rand_distr does.
 //!
 //! [`StandardNormal`]: https://docs.rs/rand_distr/0.5/rand_distr/struct.StandardNormal.html
 //!
