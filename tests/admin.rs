@@ -1220,6 +1220,36 @@ async fn a_site_refusing_the_coordinators_certificate_puts_it_on_record_once() {
         .any(|r| r["event"] == "connection_accepted" && r["actor"] == "site/site-a"));
 }
 
+/// A runtime dropped under a running coordinator, with no shutdown sent (a panic elsewhere
+/// in `main`, or a test that ends without stopping its coordinator), still finishes
+/// dropping: the coordinator's owner thread is told to stop. Before, the owner and the
+/// checkpoint writer waited on each other's channels and the drop never returned (a test of
+/// this file hung that way in CI).
+#[test]
+fn a_runtime_dropped_under_a_running_coordinator_still_ends() {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (fx, stop) = rt.block_on(async {
+            let mut fx = Fixture::start().await;
+            // Keep the real stop sender alive and unsent past the runtime's end; the
+            // fixture's drop then sends on a stand-in that no one listens to.
+            let stop = std::mem::replace(&mut fx.stop, watch::channel(false).0);
+            (fx, stop)
+        });
+        drop(rt);
+        let _ = done_tx.send(());
+        drop((fx, stop));
+    });
+    done_rx
+        .recv_timeout(3 * WAIT)
+        .expect("the runtime never finished dropping: the coordinator's threads did not stop");
+}
+
 /// Site `site-a`'s config: the given CA, its issued certificate, `patients.csv` beside the
 /// config with `records` declared, and study `s1`'s terms pinned with a cap of 2.
 fn site_toml(

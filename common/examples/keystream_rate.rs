@@ -1,7 +1,8 @@
 //! AES-256 counter-mode keystream per CPU-second, two ways, on one core: counter blocks
 //! encrypted in place by RustCrypto's `aes` (what the noise used before; AES-NI only on a
 //! CPU without AVX-512, see `dp::noise`) and ring's AES-256-GCM over zeros (what the noise
-//! uses now; VAES where present). The figures behind docs/performance.md's choice of ring.
+//! uses now; VAES where present); and, as a bound, `aes` encrypting blocks with no counters
+//! to write. The figures behind docs/performance.md's choice of ring.
 //! One JSON line per way; the load is printed with them, as with `noise_rate`.
 //!
 //! Run: `cargo run --release --locked -p fedpriv-common --example keystream_rate [-- SECONDS]`
@@ -51,6 +52,13 @@ fn main() {
         cipher.encrypt_blocks(blocks);
     });
 
+    // The cipher alone, the same 8 KiB encrypted again and again (no counters to write):
+    // what any counter mode built on `aes` could at best reach.
+    let blocks_only = rate(seconds, 8192, |buf| {
+        let (blocks, _) = aes::Block::slice_as_chunks_mut(bytemuck::cast_slice_mut::<u64, u8>(buf));
+        cipher.encrypt_blocks(blocks);
+    });
+
     let gcm = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).expect("a 256-bit key"));
     let mut message = 0u32;
     let ring_gcm = rate(seconds, 8192, |buf| {
@@ -66,6 +74,10 @@ fn main() {
 
     for (way, r) in [
         ("rustcrypto-aes counter blocks, 4 KiB", counter_blocks),
+        (
+            "rustcrypto-aes blocks only, no counters, 8 KiB",
+            blocks_only,
+        ),
         ("ring aes-256-gcm over zeros, 8 KiB", ring_gcm),
     ] {
         println!(

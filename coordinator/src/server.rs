@@ -234,6 +234,20 @@ pub async fn start(
     }
 }
 
+/// Tells the owner thread to stop when dropped. [`serve`] holds one while it waits for the
+/// owner: if its future is dropped instead (the runtime shut down under it, say after a
+/// panic elsewhere), nobody else would tell the owner, and the owner and the checkpoint
+/// writer, each holding the sender the other waits on, would keep the runtime's blocking
+/// pool, and with it the process, from ever ending.
+struct StopOwnerOnDrop(crate::node::OwnerTx);
+
+impl Drop for StopOwnerOnDrop {
+    fn drop(&mut self) {
+        // Once the owner has stopped nobody receives this; that is fine.
+        let _ = self.0.send(Event::Shutdown);
+    }
+}
+
 /// Everything of [`run`] after the store and the audit log are open.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
@@ -396,6 +410,7 @@ async fn serve(
 
     // Until the owner stops: on its own (every study ended, or a fatal failure), or when
     // told to.
+    let stop_owner_if_dropped = StopOwnerOnDrop(owner_tx.clone());
     let mut owner_done = tokio::task::spawn_blocking(move || owner_thread.join());
     let joined = tokio::select! {
         joined = &mut owner_done => joined,
@@ -405,6 +420,7 @@ async fn serve(
         }
     };
     drop(owner_tx);
+    drop(stop_owner_if_dropped);
     let result = match joined {
         Ok(Ok(result)) => result,
         Ok(Err(_)) | Err(_) => Err(ServerError::Internal("the owner thread panicked".into())),
