@@ -467,19 +467,7 @@ mod tests {
         assert!(write_spool(&spool, &bytes[..4], values.len() + 1).is_err());
         assert!(write_spool(&spool, &bytes[..6], values.len()).is_err());
         let unfold = |spool: &Arc<SpoolFile>, len: usize| {
-            let mut got = Vec::new();
-            let ok = unfold_from_spool(Some(spool), 7, 0, len, &mut |input| match input {
-                Input::Unfold {
-                    upload: 7,
-                    offset,
-                    values,
-                } => {
-                    assert_eq!(offset, got.len());
-                    got.extend(values);
-                }
-                other => panic!("{other:?}"),
-            });
-            ok.then_some(got)
+            collect_unfold(|feed| unfold_from_spool(Some(spool), 7, 0, len, feed))
         };
         for len in [1, 1000, 1005, UPLOAD_CHUNK_VALUES + 3, values.len()] {
             assert_eq!(unfold(&spool, len).unwrap(), values[..len], "len {len}");
@@ -507,10 +495,11 @@ mod tests {
         assert!(unfold(&spool, 1001).is_none());
     }
 
-    /// Unfolds `len` values of upload 7 from `spool`, checking the pieces come in order.
-    fn unfold_all(spool: &Spool, len: usize) -> Option<Vec<f32>> {
+    /// The values an unfold of upload 7 feeds, checking the pieces come in order; `None`
+    /// when the unfold reports failure.
+    fn collect_unfold(unfold: impl FnOnce(&mut dyn FnMut(Input)) -> bool) -> Option<Vec<f32>> {
         let mut got = Vec::new();
-        let ok = spool.unfold(7, len, &mut |input| match input {
+        let ok = unfold(&mut |input| match input {
             Input::Unfold {
                 upload: 7,
                 offset,
@@ -522,6 +511,11 @@ mod tests {
             other => panic!("{other:?}"),
         });
         ok.then_some(got)
+    }
+
+    /// Unfolds `len` values of upload 7 from `spool`.
+    fn unfold_all(spool: &Spool, len: usize) -> Option<Vec<f32>> {
+        collect_unfold(|feed| spool.unfold(7, len, feed))
     }
 
     fn entries(dir: &Path) -> usize {
