@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Medians over several runs of compare.sh: for each size, each figure's median over the
 runs (each run's own figure is already the median of its rounds), its range, and the
-figures run by run. Standard library only.
+figures run by run. Standard library only. Where a run has fedpriv with DP on and off, also
+the sites' noise (their CPU with DP on less with DP off) and how many times cheaper it would
+have to be for DP on's interval to come to 1.5x bare quinn's, everything else at DP off's
+CPU and perfectly packed on the run's cores (below 1: there is room already).
 
 With --checkpoint-ns-per-value X (the coordinator's sealed, hashed checkpoint per model
 value, from `cargo bench --locked --bench codec -- checkpoint_4MB`: the
@@ -47,6 +50,14 @@ def main(paths, checkpoint_ns):
         on, off = figs.get("fedpriv dp on sites cpu_s", {}), figs.get("fedpriv dp off sites cpu_s", {})
         for run in sorted(set(on) & set(off)):
             figs.setdefault("noise cpu_s (sites, dp on - off)", {})[run] = on[run] - off[run]
+        # How many times cheaper the noise would have to be for DP on's interval to be 1.5x
+        # bare quinn's, with everything else at DP off's measured CPU and packed perfectly.
+        dp_off, bare_s = figs.get("fedpriv dp off cpu_s", {}), figs.get("bare quinn round_s", {})
+        for run in sorted(set(on) & set(off) & set(dp_off) & set(bare_s)):
+            room = 1.5 * bare_s[run] * cores[run] - dp_off[run]
+            if room > 0:
+                figs.setdefault("noise must be this much cheaper for 1.5x", {})[run] = (
+                    (on[run] - off[run]) / room)
     if checkpoint_ns is not None:
         for (n, d), figs in sizes.items():
             noise, bare = figs.get("noise cpu_s (sites, dp on - off)", {}), figs.get("bare quinn cpu_s", {})
@@ -58,7 +69,7 @@ def main(paths, checkpoint_ns):
         print(f"{n} x {d}")
         for name, by_run in figs.items():
             v = [by_run[k] for k in sorted(by_run)]
-            print(f"  {name:36} median {statistics.median(v):.3f} [{min(v):.3f}-{max(v):.3f}]  runs: "
+            print(f"  {name:42} median {statistics.median(v):.3f} [{min(v):.3f}-{max(v):.3f}]  runs: "
                   + ", ".join(f"{x:.3f}" for x in v))
 
 
