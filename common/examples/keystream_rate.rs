@@ -1,8 +1,10 @@
 //! AES-256 counter-mode keystream per CPU-second, two ways, on one core: counter blocks
-//! encrypted in place by RustCrypto's `aes` (what the noise used before; AES-NI only on a
-//! CPU without AVX-512, see `dp::noise`) and ring's AES-256-GCM over zeros (what the noise
-//! uses now; VAES where present); and, as a bound, `aes` encrypting blocks with no counters
-//! to write. The figures behind docs/performance.md's choice of ring.
+//! encrypted in place by RustCrypto's `aes` (what the noise uses where the CPU has VAES with
+//! AVX-512, which `aes` takes there; AES-NI only on a CPU without AVX-512) and ring's
+//! AES-256-GCM over zeros (what the noise uses elsewhere; 256-bit VAES or AES-NI); and, as
+//! a bound, `aes` encrypting blocks with no counters to write. The figures behind
+//! docs/performance.md's choice between them. (The counter blocks here are written one by
+//! one; `dp::noise` writes them from a table, vectorised.)
 //! One JSON line per way; the load is printed with them, as with `noise_rate`.
 //!
 //! Run: `cargo run --release --locked -p fedpriv-common --example keystream_rate [-- SECONDS]`

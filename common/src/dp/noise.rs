@@ -6,15 +6,16 @@
 //! does not depend on how many. The keystream ([`Generator`]) is AES-256 in counter mode
 //! where the CPU has AES instructions, and ChaCha20 (the chunk index as its stream number)
 //! elsewhere. The AES stream of a chunk is a sequence of messages of [`WORDS`] words, each
-//! the ciphertext of AES-256-GCM (ring's, which uses VAES or AES-NI as the CPU offers)
-//! over zeros under the nonce (chunk index, message number): that ciphertext is exactly
-//! the counter-mode keystream E_K(nonce || 2), E_K(nonce || 3), ...; the tag is discarded.
-//! ring's VAES code was measured faster here than counter blocks through RustCrypto's
-//! `aes` crate, whose run-time detection does not take VAES on CPUs without AVX-512
-//! (docs/performance.md). Both are stream ciphers used as the CSPRNGs they are: with a
-//! uniformly random key, their output is indistinguishable from uniform bits without the
-//! key, and a key is used for one call only, its nonces never repeated (a chunk reads a few
-//! hundred messages, 2 MiB). AES-256-CTR under a fresh key per call is NIST's CTR_DRBG
+//! the counter-mode keystream E_K(nonce || 2), E_K(nonce || 3), ... under the nonce (chunk
+//! index, message number). Two implementations give it, bit for bit the same (tested):
+//! where the CPU has VAES with AVX-512, RustCrypto's `aes` encrypting the counter blocks
+//! (it takes 512-bit VAES there); elsewhere, ring's AES-256-GCM over zeros, whose
+//! ciphertext is exactly that keystream (the tag is discarded; ring uses 256-bit VAES or
+//! AES-NI). Each was measured the faster on its kind of CPU (docs/performance.md). AES-CTR
+//! and ChaCha20 are stream ciphers used as the CSPRNGs they are: with a uniformly random
+//! key, their output is indistinguishable from uniform bits without the key, and a key is
+//! used for one call only, its nonces never repeated (a chunk reads a few hundred messages,
+//! 2 MiB). AES-256-CTR under a fresh key per call is NIST's CTR_DRBG
 //! construction without its reseeding bookkeeping. With AES instructions it is about three
 //! times faster than ChaCha20's vectorised software; without them, software AES would be
 //! slower than ChaCha20, hence the fallback. The output for a key is fixed per generator by
@@ -102,25 +103,68 @@ fn aes_instructions() -> bool {
     false
 }
 
+/// Which code computes the AES-256-CTR keystream: the same words either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AesImpl {
+    /// ring's AES-256-GCM over zeros (256-bit VAES or AES-NI).
+    RingGcm,
+    /// RustCrypto's `aes` over counter blocks (512-bit VAES where the CPU has AVX-512).
+    CounterBlocks,
+}
+
+impl AesImpl {
+    /// The one measured faster on this kind of CPU.
+    fn detect() -> Self {
+        if vaes_512() {
+            Self::CounterBlocks
+        } else {
+            Self::RingGcm
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vaes_512() -> bool {
+    std::arch::is_x86_feature_detected!("vaes") && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vaes_512() -> bool {
+    false
+}
+
 /// One chunk's keystream.
 enum Keystream {
     /// The cipher, the chunk index and the number of the chunk's next message.
     Aes(Box<LessSafeKey>, u64, u32),
+    /// The same keystream from counter blocks: the cipher, the chunk index and the number
+    /// of the chunk's next message.
+    AesBlocks(Box<aes::Aes256>, u64, u32),
     ChaCha(Box<NoiseRng>),
 }
 
 impl Keystream {
     fn new(generator: Generator, key: [u8; 32], chunk: usize) -> Self {
         match generator {
-            Generator::Aes256Ctr => {
-                // A 32-byte key is what AES-256 takes: this cannot fail.
-                let key = UnboundKey::new(&AES_256_GCM, &key).expect("a 256-bit key");
-                Self::Aes(Box::new(LessSafeKey::new(key)), chunk as u64, 0)
-            }
+            Generator::Aes256Ctr => Self::aes(AesImpl::detect(), key, chunk),
             Generator::ChaCha20 => {
                 let mut rng = NoiseRng::from_seed(key);
                 rng.set_stream(chunk as u64);
                 Self::ChaCha(Box::new(rng))
+            }
+        }
+    }
+
+    fn aes(imp: AesImpl, key: [u8; 32], chunk: usize) -> Self {
+        match imp {
+            AesImpl::RingGcm => {
+                // A 32-byte key is what AES-256 takes: this cannot fail.
+                let key = UnboundKey::new(&AES_256_GCM, &key).expect("a 256-bit key");
+                Self::Aes(Box::new(LessSafeKey::new(key)), chunk as u64, 0)
+            }
+            AesImpl::CounterBlocks => {
+                use aes::cipher::KeyInit;
+                Self::AesBlocks(Box::new(aes::Aes256::new(&key.into())), chunk as u64, 0)
             }
         }
     }
@@ -155,6 +199,47 @@ impl Keystream {
                     buf.iter_mut().for_each(|w| *w = u64::from_le(*w));
                 }
             }
+            Self::AesBlocks(cipher, chunk, message) => {
+                use aes::cipher::BlockCipherEncrypt;
+                // The counter blocks GCM's encryption uses: nonce || 2, nonce || 3, ...,
+                // written as word pairs whose bytes in memory are the block's.
+                let head = u64::from_ne_bytes(chunk.to_be_bytes());
+                let m = message.to_be_bytes();
+                let m = u64::from_ne_bytes([m[0], m[1], m[2], m[3], 0, 0, 0, 0]);
+                // A message is at most a few thousand blocks: the u32 counter cannot wrap.
+                let tail = |n: u32| m | counter_half(n);
+                *message = message
+                    .checked_add(1)
+                    .expect("a chunk reads far fewer than 2^32 messages");
+                // The sampler's messages take their counters from the table: a plain OR
+                // per block that the compiler vectorises. Longer ones go on one by one.
+                let table = COUNTER_HALVES.len().min(buf.len() / 2);
+                let (front, back) = buf.split_at_mut(2 * table);
+                pulp::Arch::new().dispatch(|| counter_blocks(front, head, m));
+                let mut n = 2 + table as u32;
+                let mut pairs = back.chunks_exact_mut(2);
+                for pair in &mut pairs {
+                    pair[0] = head;
+                    pair[1] = tail(n);
+                    n += 1;
+                }
+                let odd = !pairs.into_remainder().is_empty();
+                let whole = buf.len() / 2 * 2;
+                let bytes = bytemuck::cast_slice_mut::<u64, u8>(&mut buf[..whole]);
+                let (blocks, _) = aes::Block::slice_as_chunks_mut(bytes);
+                cipher.encrypt_blocks(blocks);
+                if odd {
+                    // A message that ends mid-block takes the first half of the next block.
+                    let mut last = [head, tail(n)];
+                    let bytes = bytemuck::cast_slice_mut::<u64, u8>(&mut last);
+                    let (block, _) = aes::Block::slice_as_chunks_mut(bytes);
+                    cipher.encrypt_block(&mut block[0]);
+                    buf[whole] = last[0];
+                }
+                if cfg!(target_endian = "big") {
+                    buf.iter_mut().for_each(|w| *w = u64::from_le(*w));
+                }
+            }
             // The same words `next_u64` would return.
             Self::ChaCha(r) => r.fill(buf),
         }
@@ -162,6 +247,35 @@ impl Keystream {
 }
 
 mod tables;
+
+/// The counter's half of a counter block's second word: `n` big-endian in the block's last
+/// four bytes, the message number's four bytes left zero.
+const fn counter_half(n: u32) -> u64 {
+    let c = n.to_be_bytes();
+    u64::from_ne_bytes([0, 0, 0, 0, c[0], c[1], c[2], c[3]])
+}
+
+/// Counter blocks 2, 3, ... of a message into `pairs` (at most [`COUNTER_HALVES`]' worth),
+/// their first words `head`, their second `m` with the counter's half. Inlined into each
+/// instruction set's build, where the compiler vectorises it.
+#[inline(always)]
+fn counter_blocks(pairs: &mut [u64], head: u64, m: u64) {
+    for (pair, &c) in pairs.chunks_exact_mut(2).zip(&COUNTER_HALVES) {
+        pair[0] = head;
+        pair[1] = m | c;
+    }
+}
+
+/// [`counter_half`] of every block of a [`WORDS`]-long message: n = 2, 3, ...
+const COUNTER_HALVES: [u64; WORDS / 2] = {
+    let mut t = [0u64; WORDS / 2];
+    let mut i = 0;
+    while i < t.len() {
+        t[i] = counter_half(i as u32 + 2);
+        i += 1;
+    }
+    t
+};
 
 /// Values per independently seeded stream; fixed so output is independent of thread count.
 pub const CHUNK: usize = 1 << 16;
@@ -640,38 +754,66 @@ mod tests {
 
     #[test]
     fn the_aes_keystream_is_aes256_ctr() {
-        // The GCM specification's test case 14 (AES-256, zero key, zero 96-bit IV, one zero
-        // block): its ciphertext is the first keystream block, E_K(IV || 2).
-        let mut words = [0u64; 2];
-        Keystream::new(Generator::Aes256Ctr, [0; 32], 0).fill(&mut words);
-        assert_eq!(
-            bytemuck::cast_slice::<u64, u8>(&words),
-            &hex64("cea7403d4d606b6e074ec5d3baf39d18")[..]
-        );
-        // Every block of a message is E_K(chunk || message || n) for n = 2, 3, ...: checked
-        // against the bare block cipher (RustCrypto's, an independent implementation).
-        use aes::cipher::{BlockCipherEncrypt, KeyInit};
-        let key = hex32("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
-        let cipher = aes::Aes256::new(&key.into());
-        let mut stream = Keystream::new(Generator::Aes256Ctr, key, 5);
-        let mut words = vec![0u64; WORDS];
-        for message in 0..3u32 {
-            stream.fill(&mut words);
-            for (n, got) in words.chunks_exact(2).enumerate() {
-                let mut counter = [0u8; 16];
-                counter[..8].copy_from_slice(&5u64.to_be_bytes());
-                counter[8..12].copy_from_slice(&message.to_be_bytes());
-                counter[12..].copy_from_slice(&(n as u32 + 2).to_be_bytes());
-                let mut b = counter.into();
-                cipher.encrypt_block(&mut b);
-                let want: [u8; 16] = b.into();
-                assert_eq!(
-                    bytemuck::cast_slice::<u64, u8>(got),
-                    &want[..],
-                    "message {message} block {n}"
-                );
+        for imp in [AesImpl::RingGcm, AesImpl::CounterBlocks] {
+            // The GCM specification's test case 14 (AES-256, zero key, zero 96-bit IV, one
+            // zero block): its ciphertext is the first keystream block, E_K(IV || 2).
+            let mut words = [0u64; 2];
+            Keystream::aes(imp, [0; 32], 0).fill(&mut words);
+            assert_eq!(
+                bytemuck::cast_slice::<u64, u8>(&words),
+                &hex64("cea7403d4d606b6e074ec5d3baf39d18")[..],
+                "{imp:?}"
+            );
+            // Every block of a message is E_K(chunk || message || n) for n = 2, 3, ...:
+            // checked block by block against the bare block cipher (for ring's keystream,
+            // an independent implementation).
+            use aes::cipher::{BlockCipherEncrypt, KeyInit};
+            let key = hex32("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
+            let cipher = aes::Aes256::new(&key.into());
+            let mut stream = Keystream::aes(imp, key, 5);
+            let mut words = vec![0u64; WORDS];
+            for message in 0..3u32 {
+                stream.fill(&mut words);
+                for (n, got) in words.chunks_exact(2).enumerate() {
+                    let mut counter = [0u8; 16];
+                    counter[..8].copy_from_slice(&5u64.to_be_bytes());
+                    counter[8..12].copy_from_slice(&message.to_be_bytes());
+                    counter[12..].copy_from_slice(&(n as u32 + 2).to_be_bytes());
+                    let mut b = counter.into();
+                    cipher.encrypt_block(&mut b);
+                    let want: [u8; 16] = b.into();
+                    assert_eq!(
+                        bytemuck::cast_slice::<u64, u8>(got),
+                        &want[..],
+                        "{imp:?} message {message} block {n}"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn both_aes_implementations_give_the_same_words() {
+        // Whichever this CPU picks, the keystream (and so every noise value) is the same:
+        // ring's GCM and RustCrypto's counter blocks, message by message, under several
+        // keys and chunks, for whole messages and for lengths that end mid-block.
+        let mut picked = 0;
+        for (key, chunk) in [([0u8; 32], 0usize), ([0xa5; 32], 7), ([3; 32], 1 << 20)] {
+            let mut ring = Keystream::aes(AesImpl::RingGcm, key, chunk);
+            let mut blocks = Keystream::aes(AesImpl::CounterBlocks, key, chunk);
+            let mut detected = Keystream::new(Generator::Aes256Ctr, key, chunk);
+            for len in [WORDS, 1, 3, WORDS, 2 * WORDS + 1, 5] {
+                let (mut a, mut b, mut c) = (vec![0u64; len], vec![0u64; len], vec![0u64; len]);
+                ring.fill(&mut a);
+                blocks.fill(&mut b);
+                detected.fill(&mut c);
+                assert_eq!(a, b, "chunk {chunk}, a message of {len} words");
+                assert_eq!(a, c, "the detected implementation");
+                picked += 1;
+            }
+        }
+        assert_eq!(picked, 18);
+        println!("this CPU's keystream: {:?}", AesImpl::detect());
     }
 
     #[test]
