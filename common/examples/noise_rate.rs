@@ -50,8 +50,9 @@ fn main() {
         }
         let kcpu = thread_cpu_seconds().unwrap_or(kstart) - kstart;
         println!(
-            "{{\"generator\":\"{}\",\"detected\":\"{}\",\"secure_values_per_cpu_s\":{:.4e},\"secure_values_per_wall_s\":{:.4e},\"keystream_bytes_per_cpu_s\":{:.4e},\"cpu_s\":{cpu:.2},\"load_1m\":{}}}",
+            "{{\"generator\":\"{}\",\"implementation\":\"{}\",\"detected\":\"{}\",\"secure_values_per_cpu_s\":{:.4e},\"secure_values_per_wall_s\":{:.4e},\"keystream_bytes_per_cpu_s\":{:.4e},\"cpu_s\":{cpu:.2},\"load_1m\":{}}}",
             g.as_str(),
+            g.implementation(),
             Generator::detect().as_str(),
             n as f64 / cpu,
             n as f64 / wall,

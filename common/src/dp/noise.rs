@@ -86,6 +86,18 @@ impl Generator {
             Self::ChaCha20 => "chacha20",
         }
     }
+
+    /// Which code computes this keystream on this CPU (for benchmark records: the output
+    /// is the same whichever it is).
+    pub fn implementation(self) -> &'static str {
+        match self {
+            Self::Aes256Ctr => match AesImpl::detect() {
+                AesImpl::CounterBlocks => "rustcrypto aes, 512-bit vaes, counter blocks",
+                AesImpl::RingGcm => "ring aes-256-gcm over zeros",
+            },
+            Self::ChaCha20 => "rand_chacha chacha20",
+        }
+    }
 }
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
