@@ -11,12 +11,13 @@
 //! where the CPU has VAES with AVX-512, RustCrypto's `aes` encrypting the counter blocks
 //! (it takes 512-bit VAES there); elsewhere, ring's AES-256-GCM over zeros, whose
 //! ciphertext is exactly that keystream (the tag is discarded; ring uses 256-bit VAES or
-//! AES-NI). Each was measured the faster on its kind of CPU (docs/performance.md). AES-CTR
-//! and ChaCha20 are stream ciphers used as the CSPRNGs they are: with a uniformly random
-//! key, their output is indistinguishable from uniform bits without the key, and a key is
-//! used for one call only, its nonces never repeated (a chunk reads a few hundred messages,
-//! 2 MiB). AES-256-CTR under a fresh key per call is NIST's CTR_DRBG
-//! construction without its reseeding bookkeeping. With AES instructions it is about three
+//! AES-NI): `aes` measured faster on an Intel Xeon with AVX-512, ring on an AMD Zen 3
+//! without it (docs/performance.md); the choice is by CPU feature. AES-CTR and ChaCha20
+//! are stream ciphers used as the CSPRNGs they are: with a uniformly random key, their
+//! output is indistinguishable from uniform bits without the key, and a key is used for one
+//! call only, its nonces never repeated (a chunk reads a few hundred messages, 2 MiB).
+//! AES-256-CTR under a fresh key per call is NIST's CTR_DRBG construction without its
+//! reseeding bookkeeping. With AES instructions it is about three
 //! times faster than ChaCha20's vectorised software; without them, software AES would be
 //! slower than ChaCha20, hence the fallback. The output for a key is fixed per generator by
 //! known-answer tests.
@@ -137,7 +138,11 @@ impl AesImpl {
 
 #[cfg(target_arch = "x86_64")]
 fn vaes_512() -> bool {
-    std::arch::is_x86_feature_detected!("vaes") && std::arch::is_x86_feature_detected!("avx512f")
+    // `aes` as well: `aes` picks its VAES code on VAES and AVX-512 alone, and would run it
+    // on a software key schedule where AES-NI is hidden (a virtual machine can do that).
+    std::arch::is_x86_feature_detected!("aes")
+        && std::arch::is_x86_feature_detected!("vaes")
+        && std::arch::is_x86_feature_detected!("avx512f")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -151,7 +156,7 @@ enum Keystream {
     Aes(Box<LessSafeKey>, u64, u32),
     /// The same keystream from counter blocks: the cipher, the chunk index and the number
     /// of the chunk's next message.
-    AesBlocks(Box<aes::Aes256>, u64, u32),
+    AesBlocks(Box<aes::Aes256Enc>, u64, u32),
     ChaCha(Box<NoiseRng>),
 }
 
@@ -176,7 +181,7 @@ impl Keystream {
             }
             AesImpl::CounterBlocks => {
                 use aes::cipher::KeyInit;
-                Self::AesBlocks(Box::new(aes::Aes256::new(&key.into())), chunk as u64, 0)
+                Self::AesBlocks(Box::new(aes::Aes256Enc::new(&key.into())), chunk as u64, 0)
             }
         }
     }
@@ -218,7 +223,11 @@ impl Keystream {
                 let head = u64::from_ne_bytes(chunk.to_be_bytes());
                 let m = message.to_be_bytes();
                 let m = u64::from_ne_bytes([m[0], m[1], m[2], m[3], 0, 0, 0, 0]);
-                // A message is at most a few thousand blocks: the u32 counter cannot wrap.
+                // The u32 block counter must not wrap (GCM's own limit; ring refuses too).
+                assert!(
+                    buf.len() / 2 < (u32::MAX - 2) as usize,
+                    "a message far below AES-GCM's limit"
+                );
                 let tail = |n: u32| m | counter_half(n);
                 *message = message
                     .checked_add(1)
@@ -809,22 +818,46 @@ mod tests {
         // Whichever this CPU picks, the keystream (and so every noise value) is the same:
         // ring's GCM and RustCrypto's counter blocks, message by message, under several
         // keys and chunks, for whole messages and for lengths that end mid-block.
-        let mut picked = 0;
         for (key, chunk) in [([0u8; 32], 0usize), ([0xa5; 32], 7), ([3; 32], 1 << 20)] {
             let mut ring = Keystream::aes(AesImpl::RingGcm, key, chunk);
             let mut blocks = Keystream::aes(AesImpl::CounterBlocks, key, chunk);
             let mut detected = Keystream::new(Generator::Aes256Ctr, key, chunk);
-            for len in [WORDS, 1, 3, WORDS, 2 * WORDS + 1, 5] {
+            for len in [
+                WORDS,
+                1,
+                3,
+                0,
+                WORDS,
+                2 * WORDS + 1,
+                2 * WORDS,
+                5,
+                WORDS - 1,
+            ] {
                 let (mut a, mut b, mut c) = (vec![0u64; len], vec![0u64; len], vec![0u64; len]);
                 ring.fill(&mut a);
                 blocks.fill(&mut b);
                 detected.fill(&mut c);
                 assert_eq!(a, b, "chunk {chunk}, a message of {len} words");
                 assert_eq!(a, c, "the detected implementation");
-                picked += 1;
             }
         }
-        assert_eq!(picked, 18);
+        // Message numbers with every byte set (a chunk never reads this many messages, but
+        // each byte of the counter block must land in its place).
+        let key = [0x3c; 32];
+        let message = 0x0a0b_0c0d;
+        for len in [WORDS, 7, WORDS + 1] {
+            let mut ring = Keystream::aes(AesImpl::RingGcm, key, 0x0102_0304_0506_0708);
+            let mut blocks = Keystream::aes(AesImpl::CounterBlocks, key, 0x0102_0304_0506_0708);
+            for k in [&mut ring, &mut blocks] {
+                if let Keystream::Aes(_, _, m) | Keystream::AesBlocks(_, _, m) = k {
+                    *m = message;
+                }
+            }
+            let (mut a, mut b) = (vec![0u64; len], vec![0u64; len]);
+            ring.fill(&mut a);
+            blocks.fill(&mut b);
+            assert_eq!(a, b, "message {message:#x}, {len} words");
+        }
         println!("this CPU's keystream: {:?}", AesImpl::detect());
     }
 
