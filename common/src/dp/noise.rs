@@ -17,10 +17,10 @@
 //! output is indistinguishable from uniform bits without the key, and a key is used for one
 //! call only, its nonces never repeated (a chunk reads a few hundred messages, 2 MiB).
 //! AES-256-CTR under a fresh key per call is NIST's CTR_DRBG construction without its
-//! reseeding bookkeeping. With AES instructions it is about three
-//! times faster than ChaCha20's vectorised software; without them, software AES would be
-//! slower than ChaCha20, hence the fallback. The output for a key is fixed per generator by
-//! known-answer tests.
+//! reseeding bookkeeping. With AES instructions it is about three times faster than
+//! ChaCha20's vectorised software; without them, software AES would be slower than
+//! ChaCha20, hence the fallback. The output for a key is fixed per generator by known-answer
+//! tests.
 //!
 //! Floating-point attack (Mironov 2012): a Gaussian sample computed in floating point takes
 //! only some values, and which ones can reveal the unnoised input from the low bits of the
