@@ -52,12 +52,13 @@ def main(paths, checkpoint_ns):
             figs.setdefault("noise cpu_s (sites, dp on - off)", {})[run] = on[run] - off[run]
         # How many times cheaper the noise would have to be for DP on's interval to be 1.5x
         # bare quinn's, with everything else at DP off's measured CPU and packed perfectly.
+        noise = figs.get("noise cpu_s (sites, dp on - off)", {})
         dp_off, bare_s = figs.get("fedpriv dp off cpu_s", {}), figs.get("bare quinn round_s", {})
-        for run in sorted(set(on) & set(off) & set(dp_off) & set(bare_s)):
+        for run in sorted(set(noise) & set(dp_off) & set(bare_s)):
             # inf: DP off alone leaves no room.
             room = 1.5 * bare_s[run] * cores[run] - dp_off[run]
             figs.setdefault("noise must be this much cheaper for 1.5x", {})[run] = (
-                (on[run] - off[run]) / room if room > 0 else float("inf"))
+                noise[run] / room if room > 0 else float("inf"))
     if checkpoint_ns is not None:
         for (n, d), figs in sizes.items():
             noise, bare = figs.get("noise cpu_s (sites, dp on - off)", {}), figs.get("bare quinn cpu_s", {})
